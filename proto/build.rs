@@ -1,0 +1,32 @@
+//! Compiles proto/ with protox (pure Rust, no system protoc) and hands the descriptor set to
+//! tonic-prost-build. The descriptor set is kept in OUT_DIR for server reflection.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "pm/v1/tenant.proto",
+    "pm/v1/auth.proto",
+    "pm/v1/pipeline.proto",
+    "pm/v1/task.proto",
+    "pm/v1/agent.proto",
+    "pm/v1/runner.proto",
+    "pm/internal/v1/shard.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=pm");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let fds = protox::compile(PROTOS, ["."])?;
+    std::fs::write(
+        out_dir.join("pm_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // `AgentService.Connect` would clash with the generated `connect` constructor;
+        // clients are built from a Channel by `pm_proto::client` instead.
+        .build_transport(false)
+        .compile_fds(fds)?;
+    Ok(())
+}

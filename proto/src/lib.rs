@@ -1,0 +1,31 @@
+//! The wire of pipeline-manager, generated at build time from `proto/` (the one source of
+//! truth): [`v1`] is the public API, [`internal::v1`] the gateway <-> shard protocol. Hand-written
+//! helpers for resource names sit in [`names`].
+
+pub mod client;
+pub mod names;
+
+/// The public API, `pm.v1`.
+#[allow(clippy::large_enum_variant)] // generated oneofs; boxing would change the API
+pub mod v1 {
+    tonic::include_proto!("pm.v1");
+}
+
+/// Internal protocols.
+pub mod internal {
+    /// `pm.internal.v1`: gateway -> shard.
+    #[allow(clippy::large_enum_variant)]
+    pub mod v1 {
+        tonic::include_proto!("pm.internal.v1");
+    }
+}
+
+/// The encoded descriptor set of every proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/pm_descriptor.bin"));
+
+/// Largest message a server or client of ours accepts, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The agent protocol version this build speaks.
+pub const AGENT_PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,244 @@
+//! AIP-style resource names: parsing and formatting in one place, so every service agrees
+//! on `tenants/{t}/applications/{a}/pipelines/{p}/tasks/{id}`.
+
+use std::fmt;
+
+/// Why a name did not parse; the caller adds the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameError(pub String);
+
+impl fmt::Display for NameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NameError {}
+
+/// Checks a resource id: 1..=63 of lowercase ASCII letters, digits and '-', starting with a
+/// letter (the DNS-label shape Kubernetes users know).
+pub fn check_id(id: &str) -> Result<(), NameError> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id.as_bytes()[0].is_ascii_lowercase()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError(format!(
+            "{id:?} is not a valid id: use 1 to 63 lowercase letters, digits and '-', starting with a letter"
+        )))
+    }
+}
+
+fn segments<'a>(name: &'a str, collections: &[&str]) -> Result<Vec<&'a str>, NameError> {
+    let parts: Vec<&str> = name.split('/').collect();
+    let shape = || {
+        let want: Vec<String> = collections.iter().map(|c| format!("{c}/{{id}}")).collect();
+        NameError(format!("{name:?} is not of the form {}", want.join("/")))
+    };
+    if parts.len() != collections.len() * 2 {
+        return Err(shape());
+    }
+    let mut ids = Vec::with_capacity(collections.len());
+    for (pair, collection) in parts.chunks(2).zip(collections) {
+        if pair[0] != *collection {
+            return Err(shape());
+        }
+        ids.push(pair[1]);
+    }
+    Ok(ids)
+}
+
+/// `tenants/{tenant}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantName {
+    pub tenant: String,
+}
+
+/// `tenants/{tenant}/applications/{application}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ApplicationName {
+    pub tenant: String,
+    pub application: String,
+}
+
+/// `tenants/{tenant}/applications/{application}/pipelines/{pipeline}`: also the ring key
+/// of the pipeline's tasks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PipelineName {
+    pub tenant: String,
+    pub application: String,
+    pub pipeline: String,
+}
+
+/// `tenants/{t}/applications/{a}/pipelines/{p}/tasks/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskName {
+    pub pipeline: PipelineName,
+    pub task: String,
+}
+
+/// `tenants/{tenant}/clients/{client}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientName {
+    pub tenant: String,
+    pub client: String,
+}
+
+impl TenantName {
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let ids = segments(name, &["tenants"])?;
+        check_id(ids[0])?;
+        Ok(Self {
+            tenant: ids[0].to_owned(),
+        })
+    }
+}
+
+impl ApplicationName {
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let ids = segments(name, &["tenants", "applications"])?;
+        for id in &ids {
+            check_id(id)?;
+        }
+        Ok(Self {
+            tenant: ids[0].to_owned(),
+            application: ids[1].to_owned(),
+        })
+    }
+
+    pub fn tenant(&self) -> TenantName {
+        TenantName {
+            tenant: self.tenant.clone(),
+        }
+    }
+}
+
+impl PipelineName {
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let ids = segments(name, &["tenants", "applications", "pipelines"])?;
+        for id in &ids {
+            check_id(id)?;
+        }
+        Ok(Self {
+            tenant: ids[0].to_owned(),
+            application: ids[1].to_owned(),
+            pipeline: ids[2].to_owned(),
+        })
+    }
+
+    pub fn application(&self) -> ApplicationName {
+        ApplicationName {
+            tenant: self.tenant.clone(),
+            application: self.application.clone(),
+        }
+    }
+
+    /// The short `tenant/app/pipeline` form pmctl accepts.
+    pub fn parse_short(short: &str) -> Result<Self, NameError> {
+        let parts: Vec<&str> = short.split('/').collect();
+        match parts.as_slice() {
+            [t, a, p] => Self::parse(&format!("tenants/{t}/applications/{a}/pipelines/{p}")),
+            _ => Self::parse(short),
+        }
+    }
+}
+
+impl TaskName {
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let ids = segments(name, &["tenants", "applications", "pipelines", "tasks"])?;
+        for id in &ids[..3] {
+            check_id(id)?;
+        }
+        if ids[3].is_empty() || ids[3].len() > 128 {
+            return Err(NameError(format!("{:?} is not a valid task id", ids[3])));
+        }
+        Ok(Self {
+            pipeline: PipelineName {
+                tenant: ids[0].to_owned(),
+                application: ids[1].to_owned(),
+                pipeline: ids[2].to_owned(),
+            },
+            task: ids[3].to_owned(),
+        })
+    }
+}
+
+impl ClientName {
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let ids = segments(name, &["tenants", "clients"])?;
+        check_id(ids[0])?;
+        if ids[1].is_empty() || ids[1].len() > 128 {
+            return Err(NameError(format!("{:?} is not a valid client id", ids[1])));
+        }
+        Ok(Self {
+            tenant: ids[0].to_owned(),
+            client: ids[1].to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for TenantName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tenants/{}", self.tenant)
+    }
+}
+
+impl fmt::Display for ApplicationName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "tenants/{}/applications/{}",
+            self.tenant, self.application
+        )
+    }
+}
+
+impl fmt::Display for PipelineName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "tenants/{}/applications/{}/pipelines/{}",
+            self.tenant, self.application, self.pipeline
+        )
+    }
+}
+
+impl fmt::Display for TaskName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/tasks/{}", self.pipeline, self.task)
+    }
+}
+
+impl fmt::Display for ClientName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tenants/{}/clients/{}", self.tenant, self.client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_reject_bad_shapes() {
+        let t = "tenants/acme/applications/ocr/pipelines/scan/tasks/01ab";
+        let parsed = TaskName::parse(t).unwrap();
+        assert_eq!(parsed.to_string(), t);
+        assert_eq!(parsed.pipeline.pipeline, "scan");
+        assert_eq!(
+            PipelineName::parse_short("acme/ocr/scan").unwrap(),
+            parsed.pipeline
+        );
+        assert!(PipelineName::parse("tenants/acme/applications/ocr").is_err());
+        assert!(PipelineName::parse("tenants/Acme/applications/ocr/pipelines/x").is_err());
+        assert!(TenantName::parse("tenants/").is_err());
+        assert!(TenantName::parse("tenant/x").is_err());
+        assert!(check_id(&"a".repeat(64)).is_err());
+        assert!(check_id("9a").is_err());
+        assert!(check_id("a-9").is_ok());
+    }
+}
