@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "pm/v1/agent.proto",
     "pm/v1/runner.proto",
     "pm/internal/v1/shard.proto",
+    "pm/internal/v1/metadata.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod names;
+pub mod server;
+pub mod status;
 
 /// The public API, `pm.v1`.
 #[allow(clippy::large_enum_variant)] // generated oneofs; boxing would change the API
@@ -29,3 +31,10 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The agent protocol version this build speaks.
 pub const AGENT_PROTOCOL_VERSION: u32 = 1;
+
+/// Milliseconds since the Unix epoch, the unit of every `*_ms` time field.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,1 +1,63 @@
+//! scheduler-shard: owns a slice of pipelines, queues their tasks, leases them to agents
+//! over their streams, and records results.
+//!
+//! - [`task`]: the state machine, the one owner of state transitions.
+//! - [`queue`]: the ready queue and its dispatch order.
+//! - [`lease`]: the lease table (grant, renew, expire, reclaim).
+//! - [`scheduler`]: the tasks, queue, leases and agent sessions together, and every operation.
+//! - [`agent_stream`]: the agents' `Connect` streams.
+//! - [`service`]: `pm.internal.v1.ShardService`, the gateway's calls.
 
+pub mod agent_stream;
+pub mod error;
+pub mod lease;
+pub mod queue;
+pub mod scheduler;
+pub mod service;
+pub mod task;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use pm_proto::MAX_MESSAGE_BYTES;
+use pm_proto::internal::v1::shard_service_server::ShardServiceServer;
+use pm_proto::v1::agent_service_server::AgentServiceServer;
+
+pub use error::Error;
+pub use scheduler::{Options, Scheduler};
+
+/// Serves a shard on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    options: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let scheduler = Scheduler::new(options);
+    let cancel = CancellationToken::new();
+    let reaper = tokio::spawn(scheduler.clone().run_reaper(cancel.clone()));
+    let (_health, health_service) = pm_proto::server::health();
+    tracing::info!(addr = ?listener.local_addr().ok(), "shard serving");
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(pm_proto::server::reflection())
+        .add_service(
+            ShardServiceServer::new(service::Shard::new(scheduler.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AgentServiceServer::new(agent_stream::AgentStreams::new(scheduler))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    cancel.cancel();
+    let _ = reaper.await;
+    served
+}

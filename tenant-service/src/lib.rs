@@ -1,1 +1,45 @@
+//! tenant-service: CRUD for tenants, clients, applications and versioned pipelines.
+//!
+//! State lives in the metadata store ([`pm_cluster::MetadataStore`]); the service itself is
+//! stateless, so any number of replicas can serve. [`service::Catalog`] holds the handlers,
+//! [`keys`] the key layout, [`error`] the one mapping to `tonic::Status`.
 
+pub mod error;
+pub mod keys;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use pm_cluster::MetadataStore;
+use pm_proto::MAX_MESSAGE_BYTES;
+use pm_proto::v1::pipeline_service_server::PipelineServiceServer;
+use pm_proto::v1::tenant_service_server::TenantServiceServer;
+
+pub use error::Error;
+pub use service::Catalog;
+
+/// Serves tenant-service on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    store: Arc<dyn MetadataStore>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let catalog = Catalog::new(store);
+    let (_health, health_service) = pm_proto::server::health();
+    tracing::info!(addr = ?listener.local_addr().ok(), "tenant-service serving");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(pm_proto::server::reflection())
+        .add_service(
+            TenantServiceServer::new(catalog.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            PipelineServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

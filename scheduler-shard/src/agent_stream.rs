@@ -1,0 +1,148 @@
+//! The agent stream (`pm.v1.AgentService.Connect`) on the shard side: the Hello handshake
+//! under a timeout, then one reader task per stream that feeds the scheduler, while the
+//! scheduler pushes Assign/Cancel down the stream's channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use pm_proto::AGENT_PROTOCOL_VERSION;
+use pm_proto::names::PipelineName;
+use pm_proto::status::invalid_argument;
+use pm_proto::v1::agent_service_server::AgentService;
+use pm_proto::v1::{AgentMessage, Hello, ServerMessage, Welcome, agent_message, server_message};
+
+use crate::scheduler::Scheduler;
+
+/// How long a new stream may take to say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most tasks one agent may run at once.
+pub const MAX_SLOTS: u32 = 4096;
+
+pub struct AgentStreams {
+    scheduler: Arc<Scheduler>,
+}
+
+impl AgentStreams {
+    pub fn new(scheduler: Arc<Scheduler>) -> Self {
+        Self { scheduler }
+    }
+}
+
+fn check_hello(hello: &Hello) -> Result<(), Status> {
+    if hello.agent_id.is_empty() || hello.agent_id.len() > 253 {
+        return Err(invalid_argument("hello.agent_id", "must be 1..=253 bytes"));
+    }
+    if hello.slots == 0 || hello.slots > MAX_SLOTS {
+        return Err(invalid_argument(
+            "hello.slots",
+            &format!("{} is out of range 1..={MAX_SLOTS}", hello.slots),
+        ));
+    }
+    if !(hello.protocol_min..=hello.protocol_max).contains(&AGENT_PROTOCOL_VERSION) {
+        return Err(Status::failed_precondition(format!(
+            "agent speaks protocol {}..={}, this shard speaks {AGENT_PROTOCOL_VERSION}",
+            hello.protocol_min, hello.protocol_max
+        )));
+    }
+    for (i, p) in hello.pipelines.iter().enumerate() {
+        PipelineName::parse(p)
+            .map_err(|e| invalid_argument(&format!("hello.pipelines[{i}]"), &e.to_string()))?;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentStreams {
+    type ConnectStream = UnboundedReceiverStream<Result<ServerMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s of connecting"))??;
+        let Some(AgentMessage {
+            message: Some(agent_message::Message::Hello(hello)),
+        }) = first
+        else {
+            return Err(invalid_argument(
+                "message",
+                "the first message of a stream must be Hello",
+            ));
+        };
+        check_hello(&hello)?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session_id = format!("{}#{}", hello.agent_id, pm_proto::unix_ms());
+        // Welcome goes first: opening the session may push Assigns right away.
+        let _ = tx.send(Ok(ServerMessage {
+            message: Some(server_message::Message::Welcome(Welcome {
+                protocol_version: AGENT_PROTOCOL_VERSION,
+                session_id,
+                lease_ttl_ms: self.scheduler.options().lease_ttl.as_millis() as u32,
+            })),
+        }));
+        let session = self.scheduler.open_session(&hello, tx.clone());
+        tracing::info!(agent = %hello.agent_id, slots = hello.slots, session, "agent connected");
+
+        let scheduler = self.scheduler.clone();
+        tokio::spawn(async move {
+            read_stream(&scheduler, session, &mut inbound, &tx).await;
+            scheduler.close_session(session);
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+/// Feeds one stream's messages to the scheduler until it ends or breaks the protocol.
+async fn read_stream(
+    scheduler: &Scheduler,
+    session: u64,
+    inbound: &mut Streaming<AgentMessage>,
+    tx: &mpsc::UnboundedSender<Result<ServerMessage, Status>>,
+) {
+    use agent_message::Message;
+    loop {
+        let message = match inbound.message().await {
+            Ok(Some(AgentMessage { message: Some(m) })) => m,
+            Ok(Some(AgentMessage { message: None })) => continue,
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(session, %status, "agent stream broke");
+                return;
+            }
+        };
+        match message {
+            Message::Credit(c) => scheduler.credit(session, c.slots.min(MAX_SLOTS)),
+            Message::Renew(r) => scheduler.renew(session, &r.leases),
+            Message::Progress(p) => {
+                if let (Some(lease), Some(event)) = (p.lease, p.event) {
+                    scheduler.progress(&lease, event);
+                }
+            }
+            Message::Result(r) => {
+                if let Some(lease) = r.lease {
+                    scheduler.complete(session, &lease, r.result.unwrap_or_default());
+                }
+            }
+            Message::Reject(r) => {
+                if let Some(lease) = r.lease {
+                    scheduler.reject(session, &lease, &r.reason);
+                }
+            }
+            Message::Hello(_) => {
+                let _ = tx.send(Err(invalid_argument(
+                    "message",
+                    "Hello is only valid as the first message",
+                )));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The shard's errors and their one mapping to `tonic::Status`.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use pm_spec::Violation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(Violation),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{what}")]
+    ResourceExhausted { what: String, retry_after: Duration },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidArgument(Violation::new(field, description))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument(v) => {
+                pm_proto::status::invalid_argument(&v.field, &v.description)
+            }
+            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
+            Error::FailedPrecondition(why) => Status::failed_precondition(why),
+            Error::ResourceExhausted { what, retry_after } => {
+                pm_proto::status::resource_exhausted(what, retry_after)
+            }
+            Error::Unavailable(why) => pm_proto::status::unavailable(why, Duration::from_secs(1)),
+        }
+    }
+}
+
+/// The same mapping for one refused task of a batch.
+impl From<Error> for pm_proto::v1::Error {
+    fn from(e: Error) -> Self {
+        let field = match &e {
+            Error::InvalidArgument(v) => v.field.clone(),
+            _ => String::new(),
+        };
+        let status = Status::from(e);
+        pm_proto::v1::Error {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            field,
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The lease table: which agent session holds which task attempt, until when.
+//!
+//! A lease is granted on dispatch, renewed by the agent while it runs, released by its
+//! result, and, when its deadline passes unrenewed, expired so the task is delivered again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A lease id: this shard incarnation's tag and a counter, e.g. `l5f3a-2a`. Unique across
+/// restarts, so a lease from before a crash never matches a new one by accident.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(pub Arc<str>);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub task: Arc<str>,
+    pub attempt: u32,
+    /// The agent stream holding it; changes when a reconnecting agent reclaims it.
+    pub session: u64,
+    pub deadline: Instant,
+}
+
+pub struct LeaseTable {
+    incarnation: String,
+    next: u64,
+    by_id: HashMap<LeaseId, Lease>,
+    deadlines: BTreeSet<(Instant, LeaseId)>,
+}
+
+impl LeaseTable {
+    pub fn new(incarnation: String) -> Self {
+        Self {
+            incarnation,
+            next: 0,
+            by_id: HashMap::new(),
+            deadlines: BTreeSet::new(),
+        }
+    }
+
+    pub fn grant(
+        &mut self,
+        task: Arc<str>,
+        attempt: u32,
+        session: u64,
+        ttl: Duration,
+    ) -> (LeaseId, Lease) {
+        self.next += 1;
+        let id = LeaseId(format!("l{}-{:x}", self.incarnation, self.next).into());
+        let lease = Lease {
+            task,
+            attempt,
+            session,
+            deadline: Instant::now() + ttl,
+        };
+        self.deadlines.insert((lease.deadline, id.clone()));
+        self.by_id.insert(id.clone(), lease.clone());
+        (id, lease)
+    }
+
+    pub fn get(&self, id: &LeaseId) -> Option<&Lease> {
+        self.by_id.get(id)
+    }
+
+    /// Extends a lease held by `session`; `None` when it is not (or no longer) theirs.
+    pub fn renew(&mut self, id: &LeaseId, session: u64, ttl: Duration) -> Option<Instant> {
+        let lease = self.by_id.get_mut(id)?;
+        if lease.session != session {
+            return None;
+        }
+        self.deadlines.remove(&(lease.deadline, id.clone()));
+        lease.deadline = Instant::now() + ttl;
+        self.deadlines.insert((lease.deadline, id.clone()));
+        Some(lease.deadline)
+    }
+
+    /// Moves a lease to a new session (an agent reconnected and still runs the task).
+    pub fn rebind(&mut self, id: &LeaseId, session: u64, ttl: Duration) -> Option<&Lease> {
+        let lease = self.by_id.get_mut(id)?;
+        lease.session = session;
+        self.renew(id, session, ttl)?;
+        self.by_id.get(id)
+    }
+
+    pub fn release(&mut self, id: &LeaseId) -> Option<Lease> {
+        let lease = self.by_id.remove(id)?;
+        self.deadlines.remove(&(lease.deadline, id.clone()));
+        Some(lease)
+    }
+
+    /// Removes and returns every lease whose deadline is at or before `now`.
+    pub fn take_expired(&mut self, now: Instant) -> Vec<(LeaseId, Lease)> {
+        let mut out = Vec::new();
+        while let Some((deadline, _)) = self.deadlines.first() {
+            if *deadline > now {
+                break;
+            }
+            let (_, id) = self.deadlines.pop_first().expect("first exists");
+            if let Some(lease) = self.by_id.remove(&id) {
+                out.push((id, lease));
+            }
+        }
+        out
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(d, _)| *d)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_postpones_expiry_and_fences_sessions() {
+        let ttl = Duration::from_secs(10);
+        let mut t = LeaseTable::new("t".into());
+        let (a, _) = t.grant("task-a".into(), 1, 7, ttl);
+        let (b, _) = t.grant("task-b".into(), 1, 7, ttl);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(
+            t.renew(&a, 8, ttl).is_none(),
+            "another session cannot renew"
+        );
+        assert!(t.renew(&a, 7, ttl).is_some());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let expired = t.take_expired(Instant::now());
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].0, b);
+        assert!(t.get(&a).is_some());
+        assert!(t.rebind(&a, 9, ttl).is_some());
+        assert_eq!(t.get(&a).unwrap().session, 9);
+        assert!(t.release(&a).is_some());
+        assert!(t.is_empty() && t.next_deadline().is_none());
+    }
+}

@@ -1,0 +1,48 @@
+//! `pm-shard`: one scheduler shard as its own process.
+
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "pipeline-manager scheduler shard")]
+struct Args {
+    /// Address to serve gRPC on (gateways and agents' streams).
+    #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50053")]
+    listen: String,
+    /// Seconds a lease lasts unless the agent renews it.
+    #[arg(long, env = "PM_LEASE_TTL_SECONDS", default_value_t = 30)]
+    lease_ttl_seconds: u64,
+    /// Most unfinished tasks the shard holds before refusing submits.
+    #[arg(long, env = "PM_MAX_ACTIVE_TASKS", default_value_t = 1_000_000)]
+    max_active_tasks: usize,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    pm_proto::server::init_tracing();
+    let args = Args::parse();
+    if args.lease_ttl_seconds == 0 {
+        eprintln!("pm-shard: --lease-ttl-seconds must be at least 1");
+        return std::process::ExitCode::from(64);
+    }
+    let options = pm_scheduler_shard::Options {
+        lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
+        max_active_tasks: args.max_active_tasks,
+        ..Default::default()
+    };
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pm-shard: cannot listen on {}: {e}", args.listen);
+            return std::process::ExitCode::from(64);
+        }
+    };
+    match pm_scheduler_shard::run(listener, options, pm_proto::server::shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pm-shard: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

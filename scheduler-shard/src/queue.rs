@@ -1,0 +1,114 @@
+//! The ready queue: which READY task an agent gets next.
+//!
+//! Order: client priority, then task priority (smaller first), then FIFO by arrival. Each
+//! pipeline has its own ordered set, so an agent serving one pipeline finds its next task
+//! in O(log n); an agent serving every pipeline takes the best head among them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Dispatch order key; derives `Ord` field by field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rank {
+    pub client_priority: u32,
+    pub task_priority: u32,
+    /// Arrival order on this shard.
+    pub seq: u64,
+}
+
+#[derive(Default)]
+pub struct ReadyQueue {
+    by_pipeline: BTreeMap<Arc<str>, BTreeSet<(Rank, Arc<str>)>>,
+    len: usize,
+}
+
+impl ReadyQueue {
+    pub fn push(&mut self, pipeline: &Arc<str>, rank: Rank, task: Arc<str>) {
+        if self
+            .by_pipeline
+            .entry(pipeline.clone())
+            .or_default()
+            .insert((rank, task))
+        {
+            self.len += 1;
+        }
+    }
+
+    pub fn remove(&mut self, pipeline: &str, rank: Rank, task: &Arc<str>) -> bool {
+        let Some(set) = self.by_pipeline.get_mut(pipeline) else {
+            return false;
+        };
+        let removed = set.remove(&(rank, task.clone()));
+        if set.is_empty() {
+            self.by_pipeline.remove(pipeline);
+        }
+        if removed {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    /// Takes the first task among `pipelines` (all pipelines when `None`).
+    pub fn pop(&mut self, pipelines: Option<&BTreeSet<String>>) -> Option<Arc<str>> {
+        let best = match pipelines {
+            None => self
+                .by_pipeline
+                .iter()
+                .filter_map(|(p, set)| set.first().map(|(rank, _)| (*rank, p.clone())))
+                .min(),
+            Some(names) => names
+                .iter()
+                .filter_map(|p| {
+                    let (key, set) = self.by_pipeline.get_key_value(p.as_str())?;
+                    set.first().map(|(rank, _)| (*rank, key.clone()))
+                })
+                .min(),
+        };
+        let (_, pipeline) = best?;
+        let set = self.by_pipeline.get_mut(&pipeline)?;
+        let (_, task) = set.pop_first()?;
+        if set.is_empty() {
+            self.by_pipeline.remove(&pipeline);
+        }
+        self.len -= 1;
+        Some(task)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(c: u32, t: u32, seq: u64) -> Rank {
+        Rank {
+            client_priority: c,
+            task_priority: t,
+            seq,
+        }
+    }
+
+    #[test]
+    fn priority_then_fifo_and_pipeline_filter() {
+        let mut q = ReadyQueue::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("p/a".into(), "p/b".into());
+        q.push(&a, rank(10, 10, 1), "a1".into());
+        q.push(&a, rank(10, 5, 2), "a2".into());
+        q.push(&b, rank(10, 10, 0), "b0".into());
+        q.push(&b, rank(1, 99, 3), "b3".into());
+        let only_a: BTreeSet<String> = ["p/a".to_owned()].into();
+        assert_eq!(q.pop(Some(&only_a)).as_deref(), Some("a2"));
+        assert_eq!(q.pop(None).as_deref(), Some("b3"), "client priority first");
+        assert_eq!(q.pop(None).as_deref(), Some("b0"), "then FIFO");
+        assert!(q.remove("p/a", rank(10, 10, 1), &"a1".into()));
+        assert!(q.is_empty());
+        assert_eq!(q.pop(None), None);
+    }
+}

@@ -1,0 +1,155 @@
+//! `pm.internal.v1.ShardService`: the task calls a gateway forwards, already validated and
+//! resolved against the pipeline version.
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use pm_proto::internal::v1::shard_service_server::ShardService;
+use pm_proto::internal::v1::{EnqueueRequest, EnqueueResponse};
+use pm_proto::names::{PipelineName, TaskName};
+use pm_proto::v1::{
+    CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, SubmitTaskResult, Task,
+    TaskEvent, TaskState, WatchTaskRequest, submit_task_result, task_event,
+};
+
+use crate::error::Error;
+use crate::scheduler::Scheduler;
+
+const MAX_PAGE_SIZE: u32 = 1000;
+const DEFAULT_PAGE_SIZE: u32 = 100;
+
+pub struct Shard {
+    scheduler: Arc<Scheduler>,
+}
+
+impl Shard {
+    pub fn new(scheduler: Arc<Scheduler>) -> Self {
+        Self { scheduler }
+    }
+}
+
+fn task_name(name: &str) -> Result<String, Error> {
+    TaskName::parse(name)
+        .map(|n| n.to_string())
+        .map_err(|e| Error::invalid("name", e.to_string()))
+}
+
+#[tonic::async_trait]
+impl ShardService for Shard {
+    async fn enqueue(
+        &self,
+        request: Request<EnqueueRequest>,
+    ) -> Result<Response<EnqueueResponse>, Status> {
+        let results = self
+            .scheduler
+            .enqueue(request.into_inner().tasks)
+            .into_iter()
+            .map(|r| SubmitTaskResult {
+                outcome: Some(match r {
+                    Ok(task) => submit_task_result::Outcome::Task(task),
+                    Err(e) => submit_task_result::Outcome::Error(e.into()),
+                }),
+            })
+            .collect();
+        Ok(Response::new(EnqueueResponse { results }))
+    }
+
+    async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        let name = task_name(&request.get_ref().name)?;
+        Ok(Response::new(self.scheduler.get(&name)?))
+    }
+
+    type WatchTaskStream = ReceiverStream<Result<TaskEvent, Status>>;
+
+    async fn watch_task(
+        &self,
+        request: Request<WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let name = task_name(&request.get_ref().name)?;
+        let watch = self.scheduler.watch(&name)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let snapshot = watch.snapshot;
+            let now = pm_proto::unix_ms();
+            let send = |e| TaskEvent {
+                time_ms: now,
+                event: Some(e),
+            };
+            if tx
+                .send(Ok(send(task_event::Event::Snapshot(snapshot.clone()))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let Some(mut events) = watch.events else {
+                // Already final: the finished event closes the watch.
+                let _ = tx
+                    .send(Ok(send(task_event::Event::Finished(snapshot))))
+                    .await;
+                return;
+            };
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let last = matches!(event.event, Some(task_event::Event::Finished(_)));
+                        if tx.send(Ok(event)).await.is_err() || last {
+                            return;
+                        }
+                    }
+                    // A slow watcher misses some progress; state and the final result
+                    // still arrive.
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(skipped = n, "watcher lagged");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<CancelTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
+        let name = task_name(&request.get_ref().name)?;
+        Ok(Response::new(self.scheduler.cancel(&name)?))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let req = request.into_inner();
+        let pipeline = PipelineName::parse(&req.parent)
+            .map_err(|e| Error::invalid("parent", e.to_string()))?;
+        let state = TaskState::try_from(req.state)
+            .map_err(|_| Error::invalid("state", format!("{} is not a task state", req.state)))?;
+        if req.page_size > MAX_PAGE_SIZE {
+            return Err(Error::invalid(
+                "page_size",
+                format!("{} is more than {MAX_PAGE_SIZE}", req.page_size),
+            )
+            .into());
+        }
+        if req.page_token.contains('/') || req.page_token.len() > 128 {
+            return Err(Error::invalid("page_token", "not a token this server issued").into());
+        }
+        let size = if req.page_size == 0 {
+            DEFAULT_PAGE_SIZE
+        } else {
+            req.page_size
+        };
+        let (tasks, next_page_token) =
+            self.scheduler
+                .list(&pipeline.to_string(), state, size as usize, &req.page_token);
+        Ok(Response::new(ListTasksResponse {
+            tasks,
+            next_page_token,
+        }))
+    }
+}

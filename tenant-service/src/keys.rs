@@ -1,0 +1,60 @@
+//! The key layout under `/pm/v1/`. Each collection has its own prefix, so listing one never
+//! walks another's keys.
+
+use pm_proto::names::{ApplicationName, ClientName, PipelineName, TenantName};
+
+pub const TENANTS: &str = "/pm/v1/tenants/";
+pub const CLIENTS: &str = "/pm/v1/clients/";
+pub const CLIENT_IDS: &str = "/pm/v1/client-ids/";
+pub const APPLICATIONS: &str = "/pm/v1/applications/";
+pub const PIPELINES: &str = "/pm/v1/pipelines/";
+pub const PIPELINE_VERSIONS: &str = "/pm/v1/pipeline-versions/";
+
+pub fn tenant(n: &TenantName) -> String {
+    format!("{TENANTS}{}", n.tenant)
+}
+
+pub fn clients_of(n: &TenantName) -> String {
+    format!("{CLIENTS}{}/", n.tenant)
+}
+
+pub fn client(n: &ClientName) -> String {
+    format!("{CLIENTS}{}/{}", n.tenant, n.client)
+}
+
+pub fn client_id(id: &str) -> String {
+    format!("{CLIENT_IDS}{id}")
+}
+
+pub fn applications_of(n: &TenantName) -> String {
+    format!("{APPLICATIONS}{}/", n.tenant)
+}
+
+pub fn application(n: &ApplicationName) -> String {
+    format!("{APPLICATIONS}{}/{}", n.tenant, n.application)
+}
+
+pub fn pipelines_of(n: &ApplicationName) -> String {
+    format!("{PIPELINES}{}/{}/", n.tenant, n.application)
+}
+
+pub fn pipeline(n: &PipelineName) -> String {
+    format!("{PIPELINES}{}/{}/{}", n.tenant, n.application, n.pipeline)
+}
+
+pub fn pipeline_versions_of(n: &PipelineName) -> String {
+    format!(
+        "{PIPELINE_VERSIONS}{}/{}/{}/",
+        n.tenant, n.application, n.pipeline
+    )
+}
+
+/// Zero-padded so key order is version order.
+pub fn pipeline_version(n: &PipelineName, version: u64) -> String {
+    format!("{}{version:020}", pipeline_versions_of(n))
+}
+
+/// The id at the end of a key (the part after the prefix).
+pub fn last_segment(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}

@@ -1,0 +1,50 @@
+//! `pm-tenant-service`: tenant-service as its own process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "pipeline-manager tenant-service")]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: String,
+    /// Directory of the embedded metadata store (until the etcd backend lands).
+    #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/tenant-service")]
+    data_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    pm_proto::server::init_tracing();
+    let args = Args::parse();
+    let store = match std::fs::create_dir_all(&args.data_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            Ok(pm_cluster::EmbeddedStore::open(
+                args.data_dir.join("metadata.bin"),
+            )?)
+        }) {
+        Ok(store) => Arc::new(store),
+        Err(e) => {
+            eprintln!("pm-tenant-service: {e:#}");
+            return std::process::ExitCode::from(64);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pm-tenant-service: cannot listen on {}: {e}", args.listen);
+            return std::process::ExitCode::from(64);
+        }
+    };
+    match pm_tenant_service::run(listener, store, pm_proto::server::shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pm-tenant-service: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

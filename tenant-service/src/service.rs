@@ -1,0 +1,560 @@
+//! The handlers of `pm.v1.TenantService` and `pm.v1.PipelineService`. Stateless: every call
+//! reads and writes the metadata store, and concurrent writers are fenced by revisions.
+
+use std::sync::Arc;
+
+use prost::Message;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use pm_cluster::{Expect, KeyValue, MetadataStore};
+use pm_proto::internal::v1::StoredClient;
+use pm_proto::names::{ApplicationName, ClientName, NameError, PipelineName, TenantName, check_id};
+use pm_proto::unix_ms;
+use pm_proto::v1::pipeline_service_server::PipelineService;
+use pm_proto::v1::tenant_service_server::TenantService;
+use pm_proto::v1::*;
+
+use crate::error::Error;
+use crate::keys;
+
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+/// Serves tenants, clients, applications and pipelines over a [`MetadataStore`].
+#[derive(Clone)]
+pub struct Catalog {
+    store: Arc<dyn MetadataStore>,
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn name_field<T>(field: &str, parsed: Result<T, NameError>) -> Result<T> {
+    parsed.map_err(|e| Error::invalid(field, e.to_string()))
+}
+
+fn decode<M: Message + Default>(kv: &KeyValue) -> Result<M> {
+    M::decode(kv.value.as_slice()).map_err(|e| {
+        Error::Store(pm_cluster::Error::Unavailable(format!(
+            "undecodable value at {}: {e}",
+            kv.key
+        )))
+    })
+}
+
+/// One page of a collection: values after `page_token` (the last id of the previous page).
+struct Page<M> {
+    items: Vec<M>,
+    next_page_token: String,
+}
+
+impl Catalog {
+    pub fn new(store: Arc<dyn MetadataStore>) -> Self {
+        Self { store }
+    }
+
+    async fn page<M: Message + Default>(
+        &self,
+        prefix: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<Page<M>> {
+        if page_size > MAX_PAGE_SIZE {
+            return Err(Error::invalid(
+                "page_size",
+                format!("{page_size} is more than {MAX_PAGE_SIZE}"),
+            ));
+        }
+        if !page_token.is_empty() && (page_token.contains('/') || page_token.len() > 128) {
+            return Err(Error::invalid(
+                "page_token",
+                "not a token this server issued",
+            ));
+        }
+        let size = if page_size == 0 {
+            DEFAULT_PAGE_SIZE
+        } else {
+            page_size
+        } as usize;
+        let start_after = if page_token.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}{page_token}")
+        };
+        // One extra entry tells whether another page follows.
+        let mut kvs = self.store.list(prefix, &start_after, size + 1).await?;
+        let more = kvs.len() > size;
+        kvs.truncate(size);
+        let next_page_token = match (more, kvs.last()) {
+            (true, Some(last)) => keys::last_segment(&last.key).to_owned(),
+            _ => String::new(),
+        };
+        let items = kvs.iter().map(decode).collect::<Result<_>>()?;
+        Ok(Page {
+            items,
+            next_page_token,
+        })
+    }
+
+    async fn get_decoded<M: Message + Default>(&self, key: &str, what: &str) -> Result<(M, u64)> {
+        let kv = self
+            .store
+            .get(key)
+            .await?
+            .ok_or_else(|| Error::NotFound(what.to_owned()))?;
+        Ok((decode(&kv)?, kv.mod_revision))
+    }
+
+    async fn create<M: Message>(&self, key: &str, value: &M, what: &str) -> Result<()> {
+        match self
+            .store
+            .put(key, value.encode_to_vec(), Expect::Absent)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(pm_cluster::Error::Conflict { .. }) => Err(Error::AlreadyExists(what.to_owned())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn has_any(&self, prefix: &str) -> Result<bool> {
+        Ok(!self.store.list(prefix, "", 1).await?.is_empty())
+    }
+
+    /// Makes sure a tenant exists, creating it if needed (`pm dev` seeds `default` this way).
+    pub async fn ensure_tenant(&self, tenant_id: &str) -> Result<Tenant> {
+        let name = TenantName {
+            tenant: tenant_id.to_owned(),
+        };
+        match self
+            .get_decoded(&keys::tenant(&name), &name.to_string())
+            .await
+        {
+            Ok((tenant, _)) => Ok(tenant),
+            Err(Error::NotFound(_)) => {
+                let tenant = Tenant {
+                    name: name.to_string(),
+                    display_name: tenant_id.to_owned(),
+                    create_time_ms: unix_ms(),
+                    quota: None,
+                };
+                self.create(&keys::tenant(&name), &tenant, &tenant.name)
+                    .await?;
+                Ok(tenant)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn require_tenant(&self, name: &TenantName) -> Result<Tenant> {
+        Ok(self
+            .get_decoded(&keys::tenant(name), &name.to_string())
+            .await?
+            .0)
+    }
+
+    async fn require_application(&self, name: &ApplicationName) -> Result<Application> {
+        Ok(self
+            .get_decoded(&keys::application(name), &name.to_string())
+            .await?
+            .0)
+    }
+
+    /// The latest (version 0) or a given version of a pipeline.
+    pub async fn pipeline(&self, name: &PipelineName, version: u64) -> Result<Pipeline> {
+        let key = if version == 0 {
+            keys::pipeline(name)
+        } else {
+            keys::pipeline_version(name, version)
+        };
+        let what = if version == 0 {
+            name.to_string()
+        } else {
+            format!("{name} version {version}")
+        };
+        Ok(self.get_decoded(&key, &what).await?.0)
+    }
+
+    async fn apply(&self, req: ApplyPipelineRequest) -> Result<Pipeline> {
+        let app = name_field("parent", ApplicationName::parse(&req.parent))?;
+        let spec = match req.source {
+            Some(apply_pipeline_request::Source::Spec(spec)) => {
+                pm_spec::validate(&spec).map_err(|v| v.under("spec"))?;
+                spec
+            }
+            Some(apply_pipeline_request::Source::SpecDocument(doc)) => {
+                let spec = pm_spec::parse_document(&doc).map_err(|v| v.under("spec_document"))?;
+                pm_spec::validate(&spec).map_err(|v| v.under("spec_document"))?;
+                spec
+            }
+            None => {
+                return Err(Error::invalid(
+                    "source",
+                    "give the pipeline as `spec` or `spec_document`",
+                ));
+            }
+        };
+        let (id, id_field) = if req.pipeline_id.is_empty() {
+            (spec.name.clone(), "spec.name")
+        } else {
+            (req.pipeline_id.clone(), "pipeline_id")
+        };
+        if id.is_empty() {
+            return Err(Error::invalid(
+                "pipeline_id",
+                "give a pipeline_id or a name in the spec",
+            ));
+        }
+        check_id(&id).map_err(|e| Error::invalid(id_field, e.to_string()))?;
+        self.require_application(&app).await?;
+        let name = PipelineName {
+            tenant: app.tenant.clone(),
+            application: app.application.clone(),
+            pipeline: id,
+        };
+        let latest_key = keys::pipeline(&name);
+        let now = unix_ms();
+        let (pipeline, expect) = match self.store.get(&latest_key).await? {
+            Some(kv) => {
+                let latest: Pipeline = decode(&kv)?;
+                if latest.spec.as_ref() == Some(&spec) {
+                    return Ok(latest);
+                }
+                let next = Pipeline {
+                    name: name.to_string(),
+                    version: latest.version + 1,
+                    spec: Some(spec),
+                    create_time_ms: latest.create_time_ms,
+                    update_time_ms: now,
+                };
+                (next, Expect::Revision(kv.mod_revision))
+            }
+            None => (
+                Pipeline {
+                    name: name.to_string(),
+                    version: 1,
+                    spec: Some(spec),
+                    create_time_ms: now,
+                    update_time_ms: now,
+                },
+                Expect::Absent,
+            ),
+        };
+        let bytes = pipeline.encode_to_vec();
+        // The version record first: a version is never the latest before it is readable.
+        // Two concurrent appliers collide on it (Absent), and the loser gets ABORTED.
+        self.store
+            .put(
+                &keys::pipeline_version(&name, pipeline.version),
+                bytes.clone(),
+                Expect::Absent,
+            )
+            .await?;
+        self.store.put(&latest_key, bytes, expect).await?;
+        tracing::info!(pipeline = %pipeline.name, version = pipeline.version, "pipeline applied");
+        Ok(pipeline)
+    }
+}
+
+fn secret_hash(salt: &[u8], secret: &str) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(secret.as_bytes());
+    h.finalize().to_vec()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl TenantService for Catalog {
+    async fn create_tenant(
+        &self,
+        request: Request<CreateTenantRequest>,
+    ) -> Result<Response<Tenant>, Status> {
+        let req = request.into_inner();
+        check_id(&req.tenant_id).map_err(|e| Error::invalid("tenant_id", e.to_string()))?;
+        let given = req.tenant.unwrap_or_default();
+        let tenant = Tenant {
+            name: format!("tenants/{}", req.tenant_id),
+            display_name: given.display_name,
+            create_time_ms: unix_ms(),
+            quota: given.quota,
+        };
+        let name = TenantName {
+            tenant: req.tenant_id,
+        };
+        self.create(&keys::tenant(&name), &tenant, &tenant.name)
+            .await?;
+        Ok(Response::new(tenant))
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<GetTenantRequest>,
+    ) -> Result<Response<Tenant>, Status> {
+        let name = name_field("name", TenantName::parse(&request.get_ref().name))?;
+        Ok(Response::new(self.require_tenant(&name).await?))
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<ListTenantsRequest>,
+    ) -> Result<Response<ListTenantsResponse>, Status> {
+        let req = request.into_inner();
+        let page = self
+            .page(keys::TENANTS, req.page_size, &req.page_token)
+            .await?;
+        Ok(Response::new(ListTenantsResponse {
+            tenants: page.items,
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<DeleteTenantRequest>,
+    ) -> Result<Response<DeleteTenantResponse>, Status> {
+        let name = name_field("name", TenantName::parse(&request.get_ref().name))?;
+        self.require_tenant(&name).await?;
+        if self.has_any(&keys::applications_of(&name)).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "{name} still has applications; delete them first"
+            ))
+            .into());
+        }
+        let clients_prefix = keys::clients_of(&name);
+        let clients = self.store.list(&clients_prefix, "", usize::MAX);
+        for kv in clients.await.map_err(Error::from)? {
+            let stored: StoredClient = decode(&kv)?;
+            let client_id = stored.client.map(|c| c.client_id).unwrap_or_default();
+            self.store
+                .delete(&keys::client_id(&client_id), Expect::Any)
+                .await
+                .map_err(Error::from)?;
+            self.store
+                .delete(&kv.key, Expect::Any)
+                .await
+                .map_err(Error::from)?;
+        }
+        self.store
+            .delete(&keys::tenant(&name), Expect::Any)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(DeleteTenantResponse {}))
+    }
+
+    async fn create_client(
+        &self,
+        request: Request<CreateClientRequest>,
+    ) -> Result<Response<CreateClientResponse>, Status> {
+        let req = request.into_inner();
+        let tenant = name_field("parent", TenantName::parse(&req.parent))?;
+        let given = req.client.unwrap_or_default();
+        pm_spec::validate::check_priority("client.priority", given.priority)
+            .map_err(Error::from)?;
+        self.require_tenant(&tenant).await?;
+        let client_id = random_hex(12);
+        let secret = random_hex(32);
+        let mut salt = vec![0u8; 16];
+        rand::rng().fill_bytes(&mut salt);
+        let name = ClientName {
+            tenant: tenant.tenant.clone(),
+            client: client_id.clone(),
+        };
+        let client = Client {
+            name: name.to_string(),
+            client_id: client_id.clone(),
+            display_name: given.display_name,
+            create_time_ms: unix_ms(),
+            priority: given.priority,
+        };
+        let stored = StoredClient {
+            client: Some(client.clone()),
+            secret_sha256: secret_hash(&salt, &secret),
+            salt,
+        };
+        self.create(
+            &keys::client_id(&client_id),
+            &name.to_string().into_bytes(),
+            &client.name,
+        )
+        .await?;
+        self.create(&keys::client(&name), &stored, &client.name)
+            .await?;
+        Ok(Response::new(CreateClientResponse {
+            client: Some(client),
+            client_secret: secret,
+        }))
+    }
+
+    async fn list_clients(
+        &self,
+        request: Request<ListClientsRequest>,
+    ) -> Result<Response<ListClientsResponse>, Status> {
+        let req = request.into_inner();
+        let tenant = name_field("parent", TenantName::parse(&req.parent))?;
+        let page = self
+            .page::<StoredClient>(&keys::clients_of(&tenant), req.page_size, &req.page_token)
+            .await?;
+        Ok(Response::new(ListClientsResponse {
+            clients: page.items.into_iter().filter_map(|s| s.client).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn delete_client(
+        &self,
+        request: Request<DeleteClientRequest>,
+    ) -> Result<Response<DeleteClientResponse>, Status> {
+        let name = name_field("name", ClientName::parse(&request.get_ref().name))?;
+        let key = keys::client(&name);
+        if !self
+            .store
+            .delete(&key, Expect::Any)
+            .await
+            .map_err(Error::from)?
+        {
+            return Err(Error::NotFound(name.to_string()).into());
+        }
+        self.store
+            .delete(&keys::client_id(&name.client), Expect::Any)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(DeleteClientResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl PipelineService for Catalog {
+    async fn create_application(
+        &self,
+        request: Request<CreateApplicationRequest>,
+    ) -> Result<Response<Application>, Status> {
+        let req = request.into_inner();
+        let tenant = name_field("parent", TenantName::parse(&req.parent))?;
+        check_id(&req.application_id)
+            .map_err(|e| Error::invalid("application_id", e.to_string()))?;
+        self.require_tenant(&tenant).await?;
+        let name = ApplicationName {
+            tenant: tenant.tenant,
+            application: req.application_id,
+        };
+        let app = Application {
+            name: name.to_string(),
+            display_name: req.application.unwrap_or_default().display_name,
+            create_time_ms: unix_ms(),
+        };
+        self.create(&keys::application(&name), &app, &app.name)
+            .await?;
+        Ok(Response::new(app))
+    }
+
+    async fn get_application(
+        &self,
+        request: Request<GetApplicationRequest>,
+    ) -> Result<Response<Application>, Status> {
+        let name = name_field("name", ApplicationName::parse(&request.get_ref().name))?;
+        Ok(Response::new(self.require_application(&name).await?))
+    }
+
+    async fn list_applications(
+        &self,
+        request: Request<ListApplicationsRequest>,
+    ) -> Result<Response<ListApplicationsResponse>, Status> {
+        let req = request.into_inner();
+        let tenant = name_field("parent", TenantName::parse(&req.parent))?;
+        let page = self
+            .page(
+                &keys::applications_of(&tenant),
+                req.page_size,
+                &req.page_token,
+            )
+            .await?;
+        Ok(Response::new(ListApplicationsResponse {
+            applications: page.items,
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn delete_application(
+        &self,
+        request: Request<DeleteApplicationRequest>,
+    ) -> Result<Response<DeleteApplicationResponse>, Status> {
+        let name = name_field("name", ApplicationName::parse(&request.get_ref().name))?;
+        self.require_application(&name).await?;
+        if self.has_any(&keys::pipelines_of(&name)).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "{name} still has pipelines; delete them first"
+            ))
+            .into());
+        }
+        self.store
+            .delete(&keys::application(&name), Expect::Any)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(DeleteApplicationResponse {}))
+    }
+
+    async fn apply_pipeline(
+        &self,
+        request: Request<ApplyPipelineRequest>,
+    ) -> Result<Response<Pipeline>, Status> {
+        Ok(Response::new(self.apply(request.into_inner()).await?))
+    }
+
+    async fn get_pipeline(
+        &self,
+        request: Request<GetPipelineRequest>,
+    ) -> Result<Response<Pipeline>, Status> {
+        let req = request.into_inner();
+        let name = name_field("name", PipelineName::parse(&req.name))?;
+        Ok(Response::new(self.pipeline(&name, req.version).await?))
+    }
+
+    async fn list_pipelines(
+        &self,
+        request: Request<ListPipelinesRequest>,
+    ) -> Result<Response<ListPipelinesResponse>, Status> {
+        let req = request.into_inner();
+        let app = name_field("parent", ApplicationName::parse(&req.parent))?;
+        let page = self
+            .page(&keys::pipelines_of(&app), req.page_size, &req.page_token)
+            .await?;
+        Ok(Response::new(ListPipelinesResponse {
+            pipelines: page.items,
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn delete_pipeline(
+        &self,
+        request: Request<DeletePipelineRequest>,
+    ) -> Result<Response<DeletePipelineResponse>, Status> {
+        let name = name_field("name", PipelineName::parse(&request.get_ref().name))?;
+        if !self
+            .store
+            .delete(&keys::pipeline(&name), Expect::Any)
+            .await
+            .map_err(Error::from)?
+        {
+            return Err(Error::NotFound(name.to_string()).into());
+        }
+        for kv in self
+            .store
+            .list(&keys::pipeline_versions_of(&name), "", usize::MAX)
+            .await
+            .map_err(Error::from)?
+        {
+            self.store
+                .delete(&kv.key, Expect::Any)
+                .await
+                .map_err(Error::from)?;
+        }
+        Ok(Response::new(DeletePipelineResponse {}))
+    }
+}
