@@ -1,1 +1,41 @@
+//! The agent: the small program in every pipeline pod (or bare on a Pi).
+//!
+//! - [`agent_stream`]: the long-lived stream to the gateway: Hello, Assign, Progress,
+//!   Result, Renew, reconnects.
+//! - [`runner`]: one task from spec to result: stages, parallel jobs, retries, timeouts.
+//! - [`executor`]: one command with `sh -c` in its own process group, output bounded.
+//! - [`runner_service`]: `pm.v1.RunnerService.Run`, direct runs without a scheduler.
 
+pub mod agent_stream;
+pub mod executor;
+pub mod runner;
+pub mod runner_service;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use pm_proto::MAX_MESSAGE_BYTES;
+use pm_proto::v1::runner_service_server::RunnerServiceServer;
+
+pub use agent_stream::{AgentOptions, run};
+pub use runner::RunnerOptions;
+
+/// Serves `RunnerService` (plus health and reflection) on `listener` until `shutdown`.
+pub async fn serve_runner(
+    listener: TcpListener,
+    options: RunnerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (_health, health_service) = pm_proto::server::health();
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(pm_proto::server::reflection())
+        .add_service(
+            RunnerServiceServer::new(runner_service::Runner::new(options))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -36,7 +36,8 @@ fn check_hello(hello: &Hello) -> Result<(), Status> {
     if hello.agent_id.is_empty() || hello.agent_id.len() > 253 {
         return Err(invalid_argument("hello.agent_id", "must be 1..=253 bytes"));
     }
-    if hello.slots == 0 || hello.slots > MAX_SLOTS {
+    // Zero free slots is fine for an agent reconnecting with all its slots busy.
+    if hello.slots > MAX_SLOTS || (hello.slots == 0 && hello.held_leases.is_empty()) {
         return Err(invalid_argument(
             "hello.slots",
             &format!("{} is out of range 1..={MAX_SLOTS}", hello.slots),

@@ -87,3 +87,16 @@ pub mod limits {
     /// Bytes of a spec document.
     pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 }
+
+/// A spec as a request carries it, validated; violations are reported under `field`.
+pub fn load_structured(spec: PipelineSpec, field: &str) -> Result<PipelineSpec, Violation> {
+    validate(&spec).map_err(|v| v.under(field))?;
+    Ok(spec)
+}
+
+/// A spec document (any accepted form) loaded and validated; violations under `field`.
+pub fn load_document(document: &str, field: &str) -> Result<PipelineSpec, Violation> {
+    let spec = parse_document(document).map_err(|v| v.under(field))?;
+    validate(&spec).map_err(|v| v.under(field))?;
+    Ok(spec)
+}

@@ -180,13 +180,10 @@ impl Catalog {
         let app = name_field("parent", ApplicationName::parse(&req.parent))?;
         let spec = match req.source {
             Some(apply_pipeline_request::Source::Spec(spec)) => {
-                pm_spec::validate(&spec).map_err(|v| v.under("spec"))?;
-                spec
+                pm_spec::load_structured(spec, "spec")?
             }
             Some(apply_pipeline_request::Source::SpecDocument(doc)) => {
-                let spec = pm_spec::parse_document(&doc).map_err(|v| v.under("spec_document"))?;
-                pm_spec::validate(&spec).map_err(|v| v.under("spec_document"))?;
-                spec
+                pm_spec::load_document(&doc, "spec_document")?
             }
             None => {
                 return Err(Error::invalid(

@@ -1,0 +1,246 @@
+//! The agent stream, agent side: one long-lived `Connect` to the gateway. Hello announces the
+//! free slots and any leases still held (so running work is not delivered again); Assigns
+//! start tasks; Progress and Result flow back; leases are renewed at a third of their TTL.
+//! On any stream error the agent reconnects with exponential backoff and jitter, while its
+//! running tasks carry on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use pm_proto::AGENT_PROTOCOL_VERSION;
+use pm_proto::v1::{
+    AgentMessage, Assign, Hello, Lease, Progress, Reject, Renew, Result as TaskDone, agent_message,
+    server_message,
+};
+
+use crate::runner::{Run, RunnerOptions, run_task};
+
+/// What an agent is and where it connects.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The gateway (or, in tests, a shard): `http://host:port`.
+    pub endpoint: String,
+    pub agent_id: String,
+    /// Pipelines served, as resource names; empty for every pipeline allowed.
+    pub pipelines: Vec<String>,
+    /// Tasks run at once.
+    pub slots: u32,
+    /// Executors this agent runs; empty means any executor runs on the host (`pm dev`).
+    pub executors: Vec<String>,
+    pub runner: RunnerOptions,
+}
+
+/// Tasks running on this agent, by lease id.
+type Running = Arc<Mutex<HashMap<String, (Lease, CancellationToken)>>>;
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot reach {0}: {1}")]
+    Connect(String, tonic::Status),
+    #[error("stream ended: {0}")]
+    Stream(String),
+}
+
+fn message(m: agent_message::Message) -> AgentMessage {
+    AgentMessage { message: Some(m) }
+}
+
+/// Runs the agent until `shutdown` fires; then cancels what still runs.
+pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
+    let running: Running = Arc::default();
+    // Tasks report here; whichever stream is current forwards it. Messages wait here while
+    // the agent reconnects.
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let mut welcomed = false;
+        let end = session(
+            &options,
+            &running,
+            &out_tx,
+            &mut out_rx,
+            &shutdown,
+            &mut welcomed,
+        )
+        .await;
+        if welcomed {
+            backoff = Duration::from_millis(100);
+        }
+        match end {
+            Ok(()) => break,
+            Err(e) => tracing::warn!(error = %e, ?backoff, "agent stream lost; reconnecting"),
+        }
+        let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.5));
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+    for (_, cancel) in running.lock().expect("running lock").values() {
+        cancel.cancel();
+    }
+}
+
+async fn session(
+    options: &AgentOptions,
+    running: &Running,
+    out_tx: &mpsc::UnboundedSender<AgentMessage>,
+    out_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    shutdown: &CancellationToken,
+    welcomed: &mut bool,
+) -> Result<(), SessionError> {
+    let channel = pm_proto::client::channel(&options.endpoint)
+        .map_err(|e| SessionError::Stream(e.to_string()))?;
+    let mut client = pm_proto::client::agents(channel);
+    let (stream_tx, stream_rx) = mpsc::unbounded_channel();
+    let (held, busy) = {
+        let running = running.lock().expect("running lock");
+        let held: Vec<Lease> = running.values().map(|(l, _)| l.clone()).collect();
+        let busy = held.len() as u32;
+        (held, busy)
+    };
+    let hello = Hello {
+        agent_id: options.agent_id.clone(),
+        pipelines: options.pipelines.clone(),
+        slots: options.slots.saturating_sub(busy),
+        executors: options.executors.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        protocol_min: AGENT_PROTOCOL_VERSION,
+        protocol_max: AGENT_PROTOCOL_VERSION,
+        held_leases: held,
+    };
+    let _ = stream_tx.send(message(agent_message::Message::Hello(hello)));
+    let mut inbound = client
+        .connect(UnboundedReceiverStream::new(stream_rx))
+        .await
+        .map_err(|s| SessionError::Connect(options.endpoint.clone(), s))?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .map_err(|_| SessionError::Stream("no Welcome within 10s".into()))?
+        .map_err(|s| SessionError::Stream(s.to_string()))?;
+    let Some(server_message::Message::Welcome(welcome)) = first.and_then(|m| m.message) else {
+        return Err(SessionError::Stream(
+            "the first message was not Welcome".into(),
+        ));
+    };
+    *welcomed = true;
+    tracing::info!(session = %welcome.session_id, endpoint = %options.endpoint, "agent connected");
+    let renew_every = Duration::from_millis(u64::from(welcome.lease_ttl_ms.max(300)) / 3);
+    let mut renew = tokio::time::interval(renew_every);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            incoming = inbound.message() => {
+                let incoming = incoming.map_err(|s| SessionError::Stream(s.to_string()))?;
+                let Some(m) = incoming.and_then(|m| m.message) else {
+                    return Err(SessionError::Stream("closed by the server".into()));
+                };
+                match m {
+                    server_message::Message::Assign(assign) => start(options, running, out_tx, assign),
+                    server_message::Message::Cancel(c) => {
+                        let id = c.lease.map(|l| l.lease_id).unwrap_or_default();
+                        if let Some((_, cancel)) = running.lock().expect("running lock").get(&id) {
+                            tracing::info!(lease = %id, "task cancelled by the server");
+                            cancel.cancel();
+                        }
+                    }
+                    server_message::Message::Drain(d) => {
+                        tracing::info!(reason = %d.reason, "server asked to drain");
+                        return Err(SessionError::Stream(format!("drained: {}", d.reason)));
+                    }
+                    server_message::Message::Welcome(_) => {
+                        return Err(SessionError::Stream("a second Welcome".into()));
+                    }
+                }
+            }
+            Some(out) = out_rx.recv() => {
+                if stream_tx.send(out).is_err() {
+                    return Err(SessionError::Stream("outbound closed".into()));
+                }
+            }
+            _ = renew.tick() => {
+                let leases: Vec<Lease> = running.lock().expect("running lock").values().map(|(l, _)| l.clone()).collect();
+                if !leases.is_empty() {
+                    let _ = stream_tx.send(message(agent_message::Message::Renew(Renew { leases })));
+                }
+            }
+        }
+    }
+}
+
+/// Starts an assigned task, or rejects it when this agent cannot run it.
+fn start(
+    options: &AgentOptions,
+    running: &Running,
+    out_tx: &mpsc::UnboundedSender<AgentMessage>,
+    assign: Assign,
+) {
+    let (Some(task), Some(spec), Some(lease)) = (assign.task, assign.spec, assign.lease) else {
+        tracing::warn!("malformed Assign ignored");
+        return;
+    };
+    let missing = spec
+        .stages
+        .iter()
+        .flat_map(|s| &s.jobs)
+        .find(|j| !options.executors.is_empty() && !options.executors.contains(&j.executor));
+    if let Some(job) = missing {
+        let reason = format!(
+            "executor {:?} is not on agent {}",
+            job.executor, options.agent_id
+        );
+        let _ = out_tx.send(message(agent_message::Message::Reject(Reject {
+            lease: Some(lease),
+            reason,
+        })));
+        return;
+    }
+    let cancel = CancellationToken::new();
+    running
+        .lock()
+        .expect("running lock")
+        .insert(lease.lease_id.clone(), (lease.clone(), cancel.clone()));
+    let runner: RunnerOptions = options.runner.clone();
+    let running = running.clone();
+    let out_tx = out_tx.clone();
+    tokio::spawn(async move {
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let forward = {
+            let (out_tx, lease) = (out_tx.clone(), lease.clone());
+            tokio::spawn(async move {
+                while let Some(event) = events_rx.recv().await {
+                    let _ = out_tx.send(message(agent_message::Message::Progress(Progress {
+                        lease: Some(lease.clone()),
+                        event: Some(event),
+                    })));
+                }
+            })
+        };
+        let run = Run {
+            id: format!("{}-{}", task.id, lease.attempt),
+            spec: Arc::new(spec),
+            params: task.params.into_iter().collect(),
+            timeout_seconds: task.timeout_seconds,
+        };
+        let result = run_task(&runner, run, events_tx, cancel).await;
+        // Progress goes out before the result.
+        let _ = forward.await;
+        running
+            .lock()
+            .expect("running lock")
+            .remove(&lease.lease_id);
+        let _ = out_tx.send(message(agent_message::Message::Result(TaskDone {
+            lease: Some(lease),
+            result: Some(result),
+        })));
+    });
+}

@@ -1,0 +1,87 @@
+//! `pm-agent`: connects to the gateway and runs the tasks it is given.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use pm_agent::{AgentOptions, RunnerOptions};
+
+#[derive(Parser)]
+#[command(version, about = "pipeline-manager agent")]
+struct Args {
+    /// The gateway to connect to.
+    #[arg(long, env = "PM_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// Stable id of this agent; defaults to the host name.
+    #[arg(long, env = "PM_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Pipelines to serve (`tenants/t/applications/a/pipelines/p`); none means all allowed.
+    #[arg(long = "pipeline", env = "PM_PIPELINES", value_delimiter = ',')]
+    pipelines: Vec<String>,
+    /// Tasks run at once.
+    #[arg(long, env = "PM_SLOTS", default_value_t = 4)]
+    slots: u32,
+    /// Executors this agent runs; none means any executor runs on the host.
+    #[arg(long = "executor", env = "PM_EXECUTORS", value_delimiter = ',')]
+    executors: Vec<String>,
+    /// Where per-task work directories are made.
+    #[arg(long, env = "PM_WORK_ROOT", default_value = "/tmp/pm-work")]
+    work_root: PathBuf,
+    /// Also serve the direct RunnerService on this address.
+    #[arg(long, env = "PM_RUNNER_LISTEN")]
+    runner_listen: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    pm_proto::server::init_tracing();
+    let args = Args::parse();
+    if args.slots == 0 {
+        eprintln!("pm-agent: --slots must be at least 1");
+        return std::process::ExitCode::from(64);
+    }
+    let runner = RunnerOptions {
+        work_root: args.work_root,
+        ..RunnerOptions::default()
+    };
+    let shutdown = CancellationToken::new();
+    if let Some(addr) = &args.runner_listen {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("pm-agent: cannot listen on {addr}: {e}");
+                return std::process::ExitCode::from(64);
+            }
+        };
+        let (runner, stop) = (runner.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = pm_agent::serve_runner(listener, runner, stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "runner service failed");
+            }
+        });
+    }
+    let options = AgentOptions {
+        endpoint: args.endpoint,
+        agent_id: args.agent_id.unwrap_or_else(default_agent_id),
+        pipelines: args.pipelines,
+        slots: args.slots,
+        executors: args.executors,
+        runner,
+    };
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        pm_proto::server::shutdown_signal().await;
+        stop.cancel();
+    });
+    pm_agent::run(options, shutdown).await;
+    std::process::ExitCode::SUCCESS
+}
+
+fn default_agent_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("agent-{}", std::process::id()))
+}

@@ -1,0 +1,430 @@
+//! The runner: one task from spec to [`TaskResult`].
+//!
+//! Stages run in order; the jobs of a stage run in parallel. A job's commands run in order
+//! and the first failing one fails the attempt; a failed attempt is retried (`retries`) after
+//! an exponential backoff with jitter. A failed job that is not `allow_failure` fails the task:
+//! its running siblings in the same stage are let finish (their results are reported), and
+//! no later stage starts. Every task gets its own work directory, removed afterwards.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use pm_proto::unix_ms;
+use pm_proto::v1::{
+    Job, JobResult, OutputChunk, PipelineSpec, StepFinished, StepRef, StepResult, StepStarted,
+    TaskEvent, TaskResult, task_event,
+};
+use pm_spec::{ResolvedParams, env_name, render};
+
+use crate::executor::{self, Step};
+
+/// How the agent runs tasks.
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// Where per-task work directories are made (`/mnt/pipe` in a pod).
+    pub work_root: PathBuf,
+    /// Bytes of stdout and of stderr kept per step.
+    pub output_limit: usize,
+    /// Between SIGTERM and SIGKILL of a step's process group.
+    pub kill_grace: Duration,
+    /// Keep the work directory of a failed task for inspection.
+    pub keep_failed_work_dirs: bool,
+    /// First retry backoff; doubles per attempt, capped at 30 s, with ±50% jitter.
+    pub retry_backoff: Duration,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        Self {
+            work_root: std::env::temp_dir().join("pm-work"),
+            output_limit: 1024 * 1024,
+            kill_grace: Duration::from_secs(5),
+            keep_failed_work_dirs: false,
+            retry_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One task to run.
+pub struct Run {
+    /// Names the work directory; unique per task (and attempt, for the scheduler).
+    pub id: String,
+    pub spec: Arc<PipelineSpec>,
+    pub params: ResolvedParams,
+    /// Seconds the whole task may take; 0 means no limit.
+    pub timeout_seconds: u32,
+}
+
+/// Events of a running task go here (step started/finished, output).
+pub type Events = mpsc::UnboundedSender<TaskEvent>;
+
+fn emit(events: &Events, e: task_event::Event) {
+    let _ = events.send(TaskEvent {
+        time_ms: unix_ms(),
+        event: Some(e),
+    });
+}
+
+fn failed(step: &StepResult) -> bool {
+    step.exit_code != 0 || step.timed_out || step.signal != 0
+}
+
+/// Runs a task to its end. Cancelling `cancel` kills whatever runs and ends it in failure.
+pub async fn run_task(
+    options: &RunnerOptions,
+    run: Run,
+    events: Events,
+    cancel: CancellationToken,
+) -> TaskResult {
+    let started = Instant::now();
+    let task_deadline = (run.timeout_seconds > 0)
+        .then(|| started + Duration::from_secs(run.timeout_seconds.into()));
+    let work_dir = options.work_root.join(sanitize(&run.id));
+    let mut result = TaskResult {
+        succeeded: true,
+        ..TaskResult::default()
+    };
+    if let Err(e) = tokio::fs::create_dir_all(&work_dir).await {
+        result.succeeded = false;
+        result.error = format!("cannot make work directory {}: {e}", work_dir.display());
+        return result;
+    }
+    'stages: for stage in &run.spec.stages {
+        let jobs = stage.jobs.iter().map(|job| {
+            run_job(
+                options,
+                &run,
+                &stage.name,
+                job,
+                &work_dir,
+                task_deadline,
+                &events,
+                &cancel,
+            )
+        });
+        for job_result in join_all(jobs).await {
+            let fatal = !job_result.succeeded && !job_result.allowed_failure;
+            if fatal && result.succeeded {
+                result.succeeded = false;
+                result.error = describe_failure(&job_result, &cancel, task_deadline);
+            }
+            result.jobs.push(job_result);
+        }
+        if !result.succeeded {
+            break 'stages;
+        }
+    }
+    result.duration_ms = started.elapsed().as_millis() as u64;
+    if result.succeeded || !options.keep_failed_work_dirs {
+        if let Err(e) = tokio::fs::remove_dir_all(&work_dir).await {
+            tracing::warn!(dir = %work_dir.display(), error = %e, "work directory not removed");
+        }
+    }
+    result
+}
+
+fn describe_failure(
+    job: &JobResult,
+    cancel: &CancellationToken,
+    task_deadline: Option<Instant>,
+) -> String {
+    let what = format!("job {}/{}", job.stage, job.job);
+    if cancel.is_cancelled() {
+        return format!("{what} stopped: task cancelled");
+    }
+    if task_deadline.is_some_and(|d| Instant::now() >= d) {
+        return format!("{what} stopped: task timed out");
+    }
+    match job.steps.iter().enumerate().find(|(_, s)| failed(s)) {
+        Some((i, s)) if s.timed_out => format!("{what} timed out in step {i}"),
+        Some((i, s)) if s.signal != 0 => {
+            format!("{what} failed: step {i} killed by signal {}", s.signal)
+        }
+        Some((i, s)) => format!("{what} failed: step {i} exited with code {}", s.exit_code),
+        None => format!("{what} failed"),
+    }
+}
+
+/// A task id as one safe path segment.
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)] // the job's whole context; a struct would only rename it
+async fn run_job(
+    options: &RunnerOptions,
+    run: &Run,
+    stage: &str,
+    job: &Job,
+    work_dir: &Path,
+    task_deadline: Option<Instant>,
+    events: &Events,
+    cancel: &CancellationToken,
+) -> JobResult {
+    let started = Instant::now();
+    // Job parameters override the task's.
+    let mut params = run.params.clone();
+    params.extend(job.params.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut env: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (env_name(k), v.clone()))
+        .collect();
+    env.push(("PM_TASK_ID".into(), run.id.clone()));
+    env.push(("PM_WORK_DIR".into(), work_dir.display().to_string()));
+    env.push(("PM_STAGE".into(), stage.to_owned()));
+    env.push(("PM_JOB".into(), job.name.clone()));
+
+    let mut result = JobResult {
+        stage: stage.to_owned(),
+        job: job.name.clone(),
+        executor: job.executor.clone(),
+        allowed_failure: false,
+        ..JobResult::default()
+    };
+    let attempts = job.retries + 1;
+    for attempt in 1..=attempts {
+        result.attempts = attempt;
+        result.steps.clear();
+        let job_deadline = (job.timeout_seconds > 0)
+            .then(|| Instant::now() + Duration::from_secs(job.timeout_seconds.into()));
+        let deadline = match (job_deadline, task_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut ok = true;
+        for (i, template) in job.commands.iter().enumerate() {
+            let step_ref = StepRef {
+                stage: stage.to_owned(),
+                job: job.name.clone(),
+                step: i as u32,
+                job_attempt: attempt,
+            };
+            let command = match render(template, |name| params.get(name).map(String::as_str)) {
+                Ok(c) => c,
+                Err(v) => {
+                    // Unreachable for validated specs; reported like a shell would.
+                    result.steps.push(StepResult {
+                        command: template.clone(),
+                        exit_code: 127,
+                        stderr: v.to_string(),
+                        ..StepResult::default()
+                    });
+                    ok = false;
+                    break;
+                }
+            };
+            emit(
+                events,
+                task_event::Event::StepStarted(StepStarted {
+                    step: Some(step_ref.clone()),
+                    command: command.clone(),
+                }),
+            );
+            let step = Step {
+                command: &command,
+                work_dir,
+                env: &env,
+                deadline,
+                output_limit: options.output_limit,
+                kill_grace: options.kill_grace,
+            };
+            let step_result = executor::run_step(&step, cancel, |stream, data| {
+                emit(
+                    events,
+                    task_event::Event::Output(OutputChunk {
+                        step: Some(step_ref.clone()),
+                        stream: stream as i32,
+                        data: data.to_owned(),
+                    }),
+                );
+            })
+            .await;
+            emit(
+                events,
+                task_event::Event::StepFinished(StepFinished {
+                    step: Some(step_ref),
+                    result: Some(step_result.clone()),
+                }),
+            );
+            let step_failed = failed(&step_result);
+            result.timed_out = step_result.timed_out;
+            result.steps.push(step_result);
+            if step_failed {
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            result.succeeded = true;
+            break;
+        }
+        let out_of_time = task_deadline.is_some_and(|d| Instant::now() >= d);
+        if attempt == attempts || cancel.is_cancelled() || out_of_time {
+            break;
+        }
+        let backoff = backoff(options.retry_backoff, attempt);
+        tracing::info!(stage, job = %job.name, attempt, ?backoff, "job failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    result.allowed_failure = !result.succeeded && job.allow_failure;
+    result.duration_ms = started.elapsed().as_millis() as u64;
+    result
+}
+
+/// `base * 2^(attempt-1)`, capped at 30 s, times a random factor in [0.5, 1.5).
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << (attempt - 1).min(16));
+    let capped = exp.min(Duration::from_secs(30));
+    capped.mul_f64(rand::rng().random_range(0.5..1.5))
+}
+
+#[cfg(test)]
+mod tests {
+    use pm_proto::v1::Stage;
+
+    use super::*;
+
+    fn job(name: &str, commands: &[&str]) -> Job {
+        Job {
+            name: name.into(),
+            executor: "host".into(),
+            commands: commands.iter().map(|c| c.to_string()).collect(),
+            ..Job::default()
+        }
+    }
+
+    async fn run(
+        spec: PipelineSpec,
+        params: &[(&str, &str)],
+    ) -> (TaskResult, Vec<TaskEvent>, PathBuf) {
+        let root = tempfile::tempdir().unwrap().keep();
+        let options = RunnerOptions {
+            work_root: root.clone(),
+            retry_backoff: Duration::from_millis(1),
+            ..RunnerOptions::default()
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let result = run_task(
+            &options,
+            Run {
+                id: "t1".into(),
+                spec: Arc::new(spec),
+                params: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                timeout_seconds: 0,
+            },
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+        let mut events = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        (result, events, root)
+    }
+
+    #[tokio::test]
+    async fn stages_share_the_work_dir_and_params_are_quoted() {
+        let spec = PipelineSpec {
+            stages: vec![
+                Stage {
+                    name: "a".into(),
+                    jobs: vec![job(
+                        "w",
+                        &["printf %s {{v}} > f", "test \"$PM_PARAM_V\" = \"$(cat f)\""],
+                    )],
+                    priority: None,
+                },
+                Stage {
+                    name: "b".into(),
+                    jobs: vec![job("r", &["cat f"])],
+                    priority: None,
+                },
+            ],
+            ..PipelineSpec::default()
+        };
+        let (result, events, root) = run(spec, &[("v", "$(echo pwned) ; `id`")]).await;
+        assert!(result.succeeded, "{result:?}");
+        assert_eq!(result.jobs[1].steps[0].stdout, "$(echo pwned) ; `id`");
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e.event, Some(task_event::Event::StepStarted(_))))
+        );
+        assert!(!root.join("t1").exists(), "work dir removed after the task");
+    }
+
+    #[tokio::test]
+    async fn retries_allow_failure_and_stopping_after_a_failed_stage() {
+        let mut flaky = job(
+            "flaky",
+            &["n=$(cat n 2>/dev/null || echo 0); echo $((n+1)) > n; [ $n -ge 2 ]"],
+        );
+        flaky.retries = 3;
+        let mut tolerated = job("tolerated", &["exit 4"]);
+        tolerated.allow_failure = true;
+        let spec = PipelineSpec {
+            stages: vec![
+                Stage {
+                    name: "one".into(),
+                    jobs: vec![flaky, tolerated],
+                    priority: None,
+                },
+                Stage {
+                    name: "two".into(),
+                    jobs: vec![job("fails", &["echo no >&2; exit 7", "echo never"])],
+                    priority: None,
+                },
+                Stage {
+                    name: "three".into(),
+                    jobs: vec![job("skipped", &["true"])],
+                    priority: None,
+                },
+            ],
+            ..PipelineSpec::default()
+        };
+        let (result, _, _) = run(spec, &[]).await;
+        assert!(!result.succeeded);
+        assert_eq!(result.jobs.len(), 3, "stage three never ran");
+        assert_eq!(
+            (result.jobs[0].succeeded, result.jobs[0].attempts),
+            (true, 3)
+        );
+        assert!(result.jobs[1].allowed_failure);
+        let fails = &result.jobs[2];
+        assert_eq!(
+            fails.steps.len(),
+            1,
+            "commands after the failing one do not run"
+        );
+        assert_eq!(
+            (fails.steps[0].exit_code, fails.steps[0].stderr.as_str()),
+            (7, "no\n")
+        );
+        assert_eq!(
+            result.error,
+            "job two/fails failed: step 0 exited with code 7"
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! `pm.v1.RunnerService`: run a spec directly on this agent, no scheduler involved, with
+//! the events streamed back. A client that goes away cancels its run.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use pm_proto::status::invalid_argument;
+use pm_proto::unix_ms;
+use pm_proto::v1::runner_service_server::RunnerService;
+use pm_proto::v1::{RunRequest, Task, TaskEvent, TaskState, run_request, task_event};
+
+use crate::runner::{Run, RunnerOptions, run_task};
+
+pub struct Runner {
+    options: RunnerOptions,
+}
+
+impl Runner {
+    pub fn new(options: RunnerOptions) -> Self {
+        Self { options }
+    }
+}
+
+#[tonic::async_trait]
+impl RunnerService for Runner {
+    type RunStream = ReceiverStream<Result<TaskEvent, Status>>;
+
+    async fn run(&self, request: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
+        let req = request.into_inner();
+        let spec = match req.source {
+            Some(run_request::Source::Spec(spec)) => pm_spec::load_structured(spec, "spec"),
+            Some(run_request::Source::SpecDocument(doc)) => {
+                pm_spec::load_document(&doc, "spec_document")
+            }
+            None => return Err(invalid_argument("source", "give `spec` or `spec_document`")),
+        };
+        let spec = spec.map_err(|v| invalid_argument(&v.field, &v.description))?;
+        let params = pm_spec::resolve_params(&spec, &req.params)
+            .map_err(|v| invalid_argument(&v.field, &v.description))?;
+        let id = format!("run-{}", uuid_like());
+        let (tx, rx) = mpsc::channel(256);
+        let options = self.options.clone();
+        tokio::spawn(async move {
+            let cancel = CancellationToken::new();
+            let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+            let run = Run {
+                id: id.clone(),
+                spec: Arc::new(spec),
+                params: params.clone(),
+                timeout_seconds: 0,
+            };
+            let started = unix_ms();
+            let work = run_task(&options, run, events_tx, cancel.clone());
+            tokio::pin!(work);
+            let result = loop {
+                tokio::select! {
+                    result = &mut work => break result,
+                    Some(event) = events_rx.recv() => {
+                        if tx.send(Ok(event)).await.is_err() {
+                            cancel.cancel();
+                        }
+                    }
+                }
+            };
+            while let Ok(event) = events_rx.try_recv() {
+                let _ = tx.send(Ok(event)).await;
+            }
+            let state = if result.succeeded {
+                TaskState::Done
+            } else {
+                TaskState::Error
+            };
+            let task = Task {
+                name: format!("runs/{id}"),
+                id,
+                params: params.into_iter().collect(),
+                state: state as i32,
+                attempt: 1,
+                create_time_ms: started,
+                update_time_ms: unix_ms(),
+                result: Some(result),
+                ..Task::default()
+            };
+            let _ = tx
+                .send(Ok(TaskEvent {
+                    time_ms: unix_ms(),
+                    event: Some(task_event::Event::Finished(task)),
+                }))
+                .await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A process-unique id for a direct run: time and a counter.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{:x}-{:x}", unix_ms(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
