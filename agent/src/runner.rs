@@ -122,10 +122,10 @@ pub async fn run_task(
         }
     }
     result.duration_ms = started.elapsed().as_millis() as u64;
-    if result.succeeded || !options.keep_failed_work_dirs {
-        if let Err(e) = tokio::fs::remove_dir_all(&work_dir).await {
-            tracing::warn!(dir = %work_dir.display(), error = %e, "work directory not removed");
-        }
+    if (result.succeeded || !options.keep_failed_work_dirs)
+        && let Err(e) = tokio::fs::remove_dir_all(&work_dir).await
+    {
+        tracing::warn!(dir = %work_dir.display(), error = %e, "work directory not removed");
     }
     result
 }

@@ -1,1 +1,6 @@
+//! The command line: [`dev`] is the all-in-one `pm dev` (gateway, tenant-service, one shard
+//! and an agent in one process, each on its own loopback port and talking gRPC exactly as in
+//! a cluster); [`ctl`] is `pmctl`, the command line over the public API.
 
+pub mod ctl;
+pub mod dev;

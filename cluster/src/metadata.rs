@@ -239,8 +239,8 @@ fn decode(bytes: &[u8]) -> Option<State> {
     };
     let revision = u64::from_le_bytes(take(8)?.try_into().ok()?);
     let mut entries = BTreeMap::new();
-    loop {
-        let Some(len) = take(4) else { break };
+    // The file is replaced whole by rename, so it ends exactly after a record.
+    while let Some(len) = take(4) {
         let key_len = u32::from_le_bytes(len.try_into().ok()?) as usize;
         let key = String::from_utf8(take(key_len)?.to_vec()).ok()?;
         let value_len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;

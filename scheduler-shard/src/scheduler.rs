@@ -237,15 +237,10 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect();
         for session_id in session_ids {
-            loop {
-                let Some(session) = inner.sessions.get(&session_id) else {
-                    break;
-                };
-                if session.credit == 0 {
-                    break;
-                }
-                let pipelines = session.pipelines.clone();
-                let Some(name) = inner.queue.pop(pipelines.as_ref()) else {
+            while let Some(session) = inner.sessions.get(&session_id)
+                && session.credit > 0
+            {
+                let Some(name) = inner.queue.pop(session.pipelines.as_ref()) else {
                     break;
                 };
                 self.assign(inner, session_id, name);

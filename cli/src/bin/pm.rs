@@ -1,0 +1,70 @@
+//! `pm`: the all-in-one. `pm dev` runs gateway, tenant-service, a shard and an agent in one
+//! process.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use pm_cli::dev::{Dev, DevOptions};
+
+#[derive(Parser)]
+#[command(version, about = "pipeline-manager all-in-one")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run gateway, tenant-service, one shard and an agent in this process.
+    Dev {
+        /// Where metadata and work directories live.
+        #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data")]
+        data_dir: PathBuf,
+        /// The gateway's address (gRPC and grpc-web).
+        #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: String,
+        /// Do not apply the sample `default/demo/ocr` pipeline.
+        #[arg(long)]
+        no_sample: bool,
+        /// Tasks the embedded agent runs at once.
+        #[arg(long, default_value_t = 8)]
+        slots: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    pm_proto::server::init_tracing();
+    let Command::Dev {
+        data_dir,
+        listen,
+        no_sample,
+        slots,
+    } = Cli::parse().command;
+    if slots == 0 {
+        eprintln!("pm dev: --slots must be at least 1");
+        return std::process::ExitCode::from(64);
+    }
+    let options = DevOptions {
+        data_dir,
+        listen,
+        sample: !no_sample,
+        slots,
+    };
+    let dev = match Dev::start(options).await {
+        Ok(dev) => dev,
+        Err(e) => {
+            eprintln!("pm dev: {e:#}");
+            return std::process::ExitCode::from(64);
+        }
+    };
+    let endpoint = dev.endpoint();
+    eprintln!("pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth off)");
+    eprintln!(
+        "pm dev: try  pmctl --endpoint {endpoint} submit default/demo/ocr --param url=file:///etc/hostname --wait"
+    );
+    pm_proto::server::shutdown_signal().await;
+    dev.stop().await;
+    std::process::ExitCode::SUCCESS
+}

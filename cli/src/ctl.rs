@@ -1,0 +1,628 @@
+//! `pmctl`: the command line over the public API. Every command is one or two RPCs through
+//! the generated clients; `--output json` prints the canonical proto3 JSON of the answer.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use tonic::transport::Channel;
+
+use pm_proto::names::{ApplicationName, PipelineName, TaskName};
+use pm_proto::v1::task_service_client::TaskServiceClient;
+use pm_proto::v1::*;
+
+#[derive(Parser, Debug)]
+#[command(name = "pmctl", version, about = "Command line for pipeline-manager")]
+pub struct Cli {
+    /// The gateway.
+    #[arg(
+        long,
+        global = true,
+        env = "PM_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub endpoint: String,
+    /// How answers are printed.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Applications.
+    App {
+        #[command(subcommand)]
+        command: AppCommand,
+    },
+    /// Pipelines.
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
+    },
+    /// Submit a task: `pmctl submit TENANT/APP/PIPELINE --param k=v [--wait]`.
+    Submit(SubmitArgs),
+    /// Tasks.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppCommand {
+    /// Create an application: `TENANT/APP`.
+    Create { app: String },
+    /// List a tenant's applications.
+    List {
+        #[arg(default_value = "default")]
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PipelineCommand {
+    /// Create or update a pipeline from a YAML or JSON file (staged, flat or task-pipeline form).
+    Apply {
+        /// The spec file.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// The application, `TENANT/APP`.
+        #[arg(long, default_value = "default/demo")]
+        app: String,
+        /// The pipeline id; defaults to the spec's `name`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show a pipeline: `TENANT/APP/PIPELINE`.
+    Get {
+        pipeline: String,
+        /// A version; the latest when absent.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// List an application's pipelines: `TENANT/APP`.
+    List {
+        #[arg(default_value = "default/demo")]
+        app: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    /// `TENANT/APP/PIPELINE`.
+    pub pipeline: String,
+    /// A parameter, `name=value`; repeat for more.
+    #[arg(long = "param", short = 'p', value_name = "K=V")]
+    pub params: Vec<String>,
+    /// 0..=100, smaller runs first (default 10).
+    #[arg(long)]
+    pub priority: Option<u32>,
+    /// Resubmitting with the same key returns the original task.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Seconds the task may run.
+    #[arg(long)]
+    pub timeout: Option<u32>,
+    /// Run these steps instead of the pipeline's (the pipeline must allow inline tasks).
+    #[arg(long, value_name = "FILE")]
+    pub inline_file: Option<PathBuf>,
+    /// Follow the task to its end; the exit code tells how it ended.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// Show a task and its result.
+    Get { task: String },
+    /// Follow a task to its end.
+    Watch { task: String },
+    /// Cancel a task.
+    Cancel { task: String },
+    /// List a pipeline's tasks, newest first.
+    List {
+        pipeline: String,
+        /// Only tasks in this state (READY, IN_PROGRESS, DONE, ERROR, CANCELLED).
+        #[arg(long)]
+        state: Option<String>,
+        /// Most tasks to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+/// Exit codes: 0 DONE or success, 1 a failed call or an ERROR task, 2 CANCELLED.
+fn exit_for(state: TaskState) -> ExitCode {
+    match state {
+        TaskState::Done => ExitCode::SUCCESS,
+        TaskState::Cancelled => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Runs one command; errors are printed by the caller.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let channel = pm_proto::client::channel(&cli.endpoint)
+        .with_context(|| format!("bad endpoint {:?}", cli.endpoint))?;
+    let out = Printer { output: cli.output };
+    match cli.command {
+        Command::App { command } => app(channel, &out, command).await,
+        Command::Pipeline { command } => pipeline(channel, &out, command).await,
+        Command::Submit(args) => submit(channel, &out, args).await,
+        Command::Task { command } => task(channel, &out, command).await,
+    }
+}
+
+fn application(short: &str) -> anyhow::Result<ApplicationName> {
+    let parts: Vec<&str> = short.split('/').collect();
+    let full = match parts.as_slice() {
+        [t, a] => format!("tenants/{t}/applications/{a}"),
+        _ => short.to_owned(),
+    };
+    ApplicationName::parse(&full)
+        .map_err(|e| anyhow::anyhow!("application {short:?}: {e} (or TENANT/APP)"))
+}
+
+fn pipeline_name(short: &str) -> anyhow::Result<PipelineName> {
+    PipelineName::parse_short(short)
+        .map_err(|e| anyhow::anyhow!("pipeline {short:?}: {e} (or TENANT/APP/PIPELINE)"))
+}
+
+fn task_name(short: &str) -> anyhow::Result<String> {
+    let parts: Vec<&str> = short.split('/').collect();
+    let full = match parts.as_slice() {
+        [t, a, p, id] => format!("tenants/{t}/applications/{a}/pipelines/{p}/tasks/{id}"),
+        _ => short.to_owned(),
+    };
+    TaskName::parse(&full)
+        .map(|n| n.to_string())
+        .map_err(|e| anyhow::anyhow!("task {short:?}: {e} (or TENANT/APP/PIPELINE/ID)"))
+}
+
+async fn app(channel: Channel, out: &Printer, command: AppCommand) -> anyhow::Result<ExitCode> {
+    let mut client = pm_proto::client::pipelines(channel);
+    match command {
+        AppCommand::Create { app } => {
+            let name = application(&app)?;
+            let created = client
+                .create_application(CreateApplicationRequest {
+                    parent: name.tenant().to_string(),
+                    application_id: name.application.clone(),
+                    application: None,
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.Application", &created, || {
+                println!("created {}", created.name)
+            });
+        }
+        AppCommand::List { tenant } => {
+            let listed = client
+                .list_applications(ListApplicationsRequest {
+                    parent: format!("tenants/{tenant}"),
+                    page_size: 1000,
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.ListApplicationsResponse", &listed, || {
+                println!("{:<60} CREATED", "NAME");
+                for a in &listed.applications {
+                    println!("{:<60} {}", a.name, a.create_time_ms);
+                }
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn pipeline(
+    channel: Channel,
+    out: &Printer,
+    command: PipelineCommand,
+) -> anyhow::Result<ExitCode> {
+    let mut client = pm_proto::client::pipelines(channel);
+    match command {
+        PipelineCommand::Apply { file, app, name } => {
+            let document = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let app = application(&app)?;
+            let applied = client
+                .apply_pipeline(ApplyPipelineRequest {
+                    parent: app.to_string(),
+                    pipeline_id: name.unwrap_or_default(),
+                    source: Some(apply_pipeline_request::Source::SpecDocument(document)),
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.Pipeline", &applied, || {
+                println!("applied {} version {}", applied.name, applied.version)
+            });
+        }
+        PipelineCommand::Get { pipeline, version } => {
+            let got = client
+                .get_pipeline(GetPipelineRequest {
+                    name: pipeline_name(&pipeline)?.to_string(),
+                    version: version.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.Pipeline", &got, || print_pipeline(&got));
+        }
+        PipelineCommand::List { app } => {
+            let listed = client
+                .list_pipelines(ListPipelinesRequest {
+                    parent: application(&app)?.to_string(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.ListPipelinesResponse", &listed, || {
+                println!("{:<70} {:>7} STAGES", "NAME", "VERSION");
+                for p in &listed.pipelines {
+                    let stages = p.spec.as_ref().map_or(0, |s| s.stages.len());
+                    println!("{:<70} {:>7} {stages}", p.name, p.version);
+                }
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_pipeline(p: &Pipeline) {
+    println!("{} (version {})", p.name, p.version);
+    let Some(spec) = &p.spec else { return };
+    let mut params: Vec<_> = spec.params.iter().collect();
+    params.sort_by_key(|(k, _)| k.as_str());
+    for (name, param) in params {
+        let what = match (&param.default_value, param.required) {
+            (Some(d), _) => format!("default {d:?}"),
+            (None, true) => "required".to_owned(),
+            (None, false) => "optional".to_owned(),
+        };
+        println!("  param {name}: {what}");
+    }
+    for stage in &spec.stages {
+        println!("  stage {}", stage.name);
+        for job in &stage.jobs {
+            println!("    job {} (executor {})", job.name, job.executor);
+            for command in &job.commands {
+                println!("      $ {command}");
+            }
+        }
+    }
+}
+
+async fn submit(channel: Channel, out: &Printer, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let mut params = HashMap::new();
+    for pair in &args.params {
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!("--param {pair:?}: expected name=value");
+        };
+        params.insert(k.to_owned(), v.to_owned());
+    }
+    let inline = match &args.inline_file {
+        Some(path) => Some(submit_task_request::Inline::InlineSpecDocument(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let mut client = pm_proto::client::tasks(channel);
+    let task = client
+        .submit_task(SubmitTaskRequest {
+            parent: pipeline_name(&args.pipeline)?.to_string(),
+            params,
+            priority: args.priority,
+            idempotency_key: args.idempotency_key.unwrap_or_default(),
+            timeout_seconds: args.timeout.unwrap_or(0),
+            inline,
+        })
+        .await?
+        .into_inner();
+    if !args.wait {
+        out.message("pm.v1.Task", &task, || println!("submitted {}", task.name));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if out.output == Output::Table {
+        eprintln!("submitted {}", task.name);
+    }
+    let state = watch(&mut client, out, task.name).await?;
+    Ok(exit_for(state))
+}
+
+async fn task(channel: Channel, out: &Printer, command: TaskCommand) -> anyhow::Result<ExitCode> {
+    let mut client = pm_proto::client::tasks(channel);
+    match command {
+        TaskCommand::Get { task } => {
+            let got = client
+                .get_task(GetTaskRequest {
+                    name: task_name(&task)?,
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.Task", &got, || print_task(&got));
+        }
+        TaskCommand::Watch { task } => {
+            let state = watch(&mut client, out, task_name(&task)?).await?;
+            return Ok(exit_for(state));
+        }
+        TaskCommand::Cancel { task } => {
+            let cancelled = client
+                .cancel_task(CancelTaskRequest {
+                    name: task_name(&task)?,
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.Task", &cancelled, || {
+                println!("{} {}", cancelled.name, state_name(cancelled.state))
+            });
+        }
+        TaskCommand::List {
+            pipeline,
+            state,
+            limit,
+        } => {
+            let state = match state {
+                None => TaskState::Unspecified,
+                Some(s) => {
+                    TaskState::from_str_name(&s.to_ascii_uppercase()).with_context(|| {
+                        format!("--state {s:?}: use READY, IN_PROGRESS, DONE, ERROR or CANCELLED")
+                    })?
+                }
+            };
+            let listed = client
+                .list_tasks(ListTasksRequest {
+                    parent: pipeline_name(&pipeline)?.to_string(),
+                    state: state as i32,
+                    page_size: limit,
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.ListTasksResponse", &listed, || {
+                println!("{:<34} {:<12} {:>7}  CREATED", "ID", "STATE", "ATTEMPT");
+                for t in &listed.tasks {
+                    println!(
+                        "{:<34} {:<12} {:>7}  {}",
+                        t.id,
+                        state_name(t.state),
+                        t.attempt,
+                        t.create_time_ms
+                    );
+                }
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_name(state: i32) -> &'static str {
+    TaskState::try_from(state).map_or("UNKNOWN", |s| s.as_str_name())
+}
+
+fn print_task(t: &Task) {
+    println!("{}", t.name);
+    println!("  state    {} (attempt {})", state_name(t.state), t.attempt);
+    let mut params: Vec<_> = t.params.iter().collect();
+    params.sort();
+    for (k, v) in params {
+        println!("  param    {k}={v:?}");
+    }
+    let Some(result) = &t.result else { return };
+    if !result.error.is_empty() {
+        println!("  error    {}", result.error);
+    }
+    for job in &result.jobs {
+        let status = match (job.succeeded, job.allowed_failure) {
+            (true, _) => "ok",
+            (false, true) => "failed (allowed)",
+            (false, false) => "failed",
+        };
+        println!(
+            "  job      {}/{} {status} after {} attempt(s), {} ms",
+            job.stage, job.job, job.attempts, job.duration_ms
+        );
+        for (i, step) in job.steps.iter().enumerate() {
+            println!(
+                "    step {i} exit {} in {} ms: {}",
+                step.exit_code, step.duration_ms, step.command
+            );
+            print_output("stdout", &step.stdout, step.stdout_truncated);
+            print_output("stderr", &step.stderr, step.stderr_truncated);
+        }
+    }
+}
+
+fn print_output(label: &str, text: &str, truncated: bool) {
+    if text.is_empty() {
+        return;
+    }
+    println!("      {label}:");
+    for line in text.lines() {
+        println!("        {line}");
+    }
+    if truncated {
+        println!("        [truncated]");
+    }
+}
+
+fn step_label(step: &Option<StepRef>) -> String {
+    step.as_ref().map_or_else(String::new, |s| {
+        format!("{}/{} step {}", s.stage, s.job, s.step)
+    })
+}
+
+/// Follows a task to its end: spinners per step on a terminal, plain lines otherwise, one
+/// JSON event per line with `--output json`. Returns the final state.
+async fn watch(
+    client: &mut TaskServiceClient<Channel>,
+    out: &Printer,
+    name: String,
+) -> anyhow::Result<TaskState> {
+    use task_event::Event;
+    let mut stream = client
+        .watch_task(WatchTaskRequest { name: name.clone() })
+        .await?
+        .into_inner();
+    let live = out.output == Output::Table && std::io::stderr().is_terminal();
+    let bars = live.then(MultiProgress::new);
+    let mut spinners: HashMap<String, ProgressBar> = HashMap::new();
+    let mut streamed_output = false;
+    let say = |line: String| match &bars {
+        Some(bars) => {
+            let _ = bars.println(line);
+        }
+        None => println!("{line}"),
+    };
+    while let Some(event) = stream.message().await? {
+        if out.output == Output::Json {
+            out.json("pm.v1.TaskEvent", &event);
+        }
+        let Some(e) = event.event else { continue };
+        if out.output == Output::Json {
+            if let Event::Finished(task) = e {
+                return Ok(TaskState::try_from(task.state).unwrap_or_default());
+            }
+            continue;
+        }
+        match e {
+            Event::Snapshot(t) => say(format!("{}: {}", t.name, state_name(t.state))),
+            Event::StateChanged(s) => {
+                let reason = if s.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", s.reason)
+                };
+                say(format!(
+                    "state {} attempt {}{reason}",
+                    state_name(s.state),
+                    s.attempt
+                ));
+            }
+            Event::StepStarted(s) => {
+                let label = step_label(&s.step);
+                match &bars {
+                    Some(bars) => {
+                        let spinner = bars.add(ProgressBar::new_spinner());
+                        spinner.set_style(
+                            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                                .expect("static template"),
+                        );
+                        spinner.set_message(format!("{label}: {}", s.command));
+                        spinner.enable_steady_tick(Duration::from_millis(100));
+                        spinners.insert(label, spinner);
+                    }
+                    None => say(format!("> {label}: {}", s.command)),
+                }
+            }
+            Event::Output(chunk) => {
+                streamed_output = true;
+                for line in chunk.data.lines() {
+                    say(format!("  | {line}"));
+                }
+            }
+            Event::StepFinished(f) => {
+                let label = step_label(&f.step);
+                let r = f.result.unwrap_or_default();
+                let mark = if r.exit_code == 0 && !r.timed_out {
+                    "ok"
+                } else {
+                    "FAILED"
+                };
+                let line = format!(
+                    "{mark} {label}: exit {} in {} ms{}",
+                    r.exit_code,
+                    r.duration_ms,
+                    if r.timed_out { " (timed out)" } else { "" }
+                );
+                match spinners.remove(&label) {
+                    Some(spinner) => spinner.finish_with_message(line),
+                    None => say(line),
+                }
+            }
+            Event::Finished(task) => {
+                for spinner in spinners.values() {
+                    spinner.finish();
+                }
+                let state = TaskState::try_from(task.state).unwrap_or_default();
+                if !streamed_output {
+                    print_task(&task);
+                } else if let Some(error) = task
+                    .result
+                    .as_ref()
+                    .map(|r| &r.error)
+                    .filter(|e| !e.is_empty())
+                {
+                    say(format!("error: {error}"));
+                }
+                say(format!("{} {}", task.name, state.as_str_name()));
+                return Ok(state);
+            }
+        }
+    }
+    bail!("the watch of {name} ended before the task finished")
+}
+
+/// Prints answers as tables or as proto3 JSON.
+struct Printer {
+    output: Output,
+}
+
+fn pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(pm_proto::FILE_DESCRIPTOR_SET).expect("our own descriptor set")
+    })
+}
+
+impl Printer {
+    fn message<M: prost::Message>(&self, full_name: &str, message: &M, table: impl FnOnce()) {
+        match self.output {
+            Output::Table => table(),
+            Output::Json => self.json(full_name, message),
+        }
+    }
+
+    fn json<M: prost::Message>(&self, full_name: &str, message: &M) {
+        let descriptor = pool()
+            .get_message_by_name(full_name)
+            .expect("message names are ours");
+        let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+            .expect("a message re-decodes with its own descriptor");
+        println!(
+            "{}",
+            serde_json::to_string(&dynamic).expect("proto JSON serializes")
+        );
+    }
+}
+
+/// The `pmctl` entry point: runs the command and turns errors into one line on stderr.
+pub async fn main(cli: Cli) -> ExitCode {
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("pmctl: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("pmctl: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

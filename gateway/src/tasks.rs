@@ -1,0 +1,245 @@
+//! `pm.v1.TaskService` at the edge: every submit is validated here, against the pipeline
+//! version it will run, before it reaches a shard; then each call goes to the shard that owns
+//! the task's pipeline.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
+use pm_proto::names::{PipelineName, TaskName};
+use pm_proto::v1::task_service_server::TaskService;
+use pm_proto::v1::{
+    CancelTaskRequest, GetPipelineRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
+    Pipeline, SubmitTaskRequest, SubmitTaskResult, SubmitTasksRequest, SubmitTasksResponse, Task,
+    TaskEvent, WatchTaskRequest, submit_task_request, submit_task_result,
+};
+use pm_spec::limits::DEFAULT_PRIORITY;
+use pm_spec::validate::{check_priority, check_timeout};
+
+use crate::error::{Error, status_of};
+use crate::routing::Routes;
+
+/// Most tasks in one SubmitTasks call.
+pub const MAX_BATCH: usize = 1000;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+pub struct Tasks {
+    routes: Routes,
+}
+
+impl Tasks {
+    pub fn new(routes: Routes) -> Self {
+        Self { routes }
+    }
+
+    async fn pipeline(&self, name: &PipelineName) -> Result<Pipeline, Error> {
+        let request = GetPipelineRequest {
+            name: name.to_string(),
+            version: 0,
+        };
+        Ok(self
+            .routes
+            .pipelines()
+            .get_pipeline(request)
+            .await?
+            .into_inner())
+    }
+
+    /// Checks one submit against its pipeline and builds what the shard queues.
+    fn prepare(pipeline: &Pipeline, req: SubmitTaskRequest) -> Result<EnqueueTask, Error> {
+        check_priority("priority", req.priority)?;
+        check_timeout("timeout_seconds", req.timeout_seconds)?;
+        if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(Error::invalid(
+                "idempotency_key",
+                format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+            ));
+        }
+        let pipeline_spec = pipeline.spec.clone().unwrap_or_default();
+        let (spec, inline) = match req.inline {
+            None => (pipeline_spec, false),
+            Some(source) => {
+                if !pipeline_spec.allow_inline_tasks {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{} does not allow inline tasks (set allow_inline_tasks in its spec)",
+                        pipeline.name
+                    )));
+                }
+                let spec = match source {
+                    submit_task_request::Inline::InlineSpec(spec) => {
+                        pm_spec::load_structured(spec, "inline_spec")?
+                    }
+                    submit_task_request::Inline::InlineSpecDocument(doc) => {
+                        pm_spec::load_document(&doc, "inline_spec_document")?
+                    }
+                };
+                (spec, true)
+            }
+        };
+        let params = pm_spec::resolve_params(&spec, &req.params)?;
+        Ok(EnqueueTask {
+            task: Some(Task {
+                pipeline: pipeline.name.clone(),
+                pipeline_version: pipeline.version,
+                params: params.into_iter().collect(),
+                priority: req.priority.unwrap_or(DEFAULT_PRIORITY),
+                idempotency_key: req.idempotency_key,
+                timeout_seconds: req.timeout_seconds,
+                inline,
+                ..Task::default()
+            }),
+            spec: Some(spec),
+            // Client priorities arrive with authentication; until then every client is equal.
+            client_priority: DEFAULT_PRIORITY,
+        })
+    }
+
+    /// Validates a batch (each task on its own) and queues the valid ones on their shards.
+    async fn submit(&self, requests: Vec<SubmitTaskRequest>) -> Vec<SubmitTaskResult> {
+        let mut outcomes: Vec<Option<Result<Task, pm_proto::v1::Error>>> =
+            vec![None; requests.len()];
+        let mut pipelines: HashMap<String, Result<Pipeline, Status>> = HashMap::new();
+        // Valid tasks grouped by pipeline (so by shard), with their index in the batch.
+        let mut by_pipeline: HashMap<PipelineName, Vec<(usize, EnqueueTask)>> = HashMap::new();
+        for (i, req) in requests.into_iter().enumerate() {
+            let name = match PipelineName::parse(&req.parent) {
+                Ok(name) => name,
+                Err(e) => {
+                    outcomes[i] = Some(Err(Error::invalid("parent", e.to_string()).into()));
+                    continue;
+                }
+            };
+            let key = name.to_string();
+            if !pipelines.contains_key(&key) {
+                let fetched = self.pipeline(&name).await.map_err(Status::from);
+                pipelines.insert(key.clone(), fetched);
+            }
+            let prepared = match &pipelines[&key] {
+                Ok(pipeline) => Self::prepare(pipeline, req),
+                Err(status) => Err(Error::Upstream(status.clone())),
+            };
+            match prepared {
+                Ok(task) => by_pipeline.entry(name).or_default().push((i, task)),
+                Err(e) => outcomes[i] = Some(Err(e.into())),
+            }
+        }
+        for (pipeline, items) in by_pipeline {
+            let (indexes, tasks): (Vec<usize>, Vec<EnqueueTask>) = items.into_iter().unzip();
+            let answer = self
+                .routes
+                .shard_for(&pipeline)
+                .enqueue(EnqueueRequest { tasks })
+                .await;
+            match answer {
+                Ok(response) => {
+                    for (i, result) in indexes.into_iter().zip(response.into_inner().results) {
+                        outcomes[i] = Some(match result.outcome {
+                            Some(submit_task_result::Outcome::Task(task)) => Ok(task),
+                            Some(submit_task_result::Outcome::Error(e)) => Err(e),
+                            None => {
+                                Err(Error::Upstream(Status::internal("empty result from shard"))
+                                    .into())
+                            }
+                        });
+                    }
+                }
+                Err(status) => {
+                    for i in indexes {
+                        outcomes[i] = Some(Err(Error::Upstream(status.clone()).into()));
+                    }
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| SubmitTaskResult {
+                outcome: Some(match o.expect("every task has an outcome") {
+                    Ok(task) => submit_task_result::Outcome::Task(task),
+                    Err(e) => submit_task_result::Outcome::Error(e),
+                }),
+            })
+            .collect()
+    }
+}
+
+fn task_name(name: &str) -> Result<TaskName, Error> {
+    TaskName::parse(name).map_err(|e| Error::invalid("name", e.to_string()))
+}
+
+#[tonic::async_trait]
+impl TaskService for Tasks {
+    async fn submit_task(
+        &self,
+        request: Request<SubmitTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
+        let mut results = self.submit(vec![request.into_inner()]).await;
+        match results.pop().and_then(|r| r.outcome) {
+            Some(submit_task_result::Outcome::Task(task)) => Ok(Response::new(task)),
+            Some(submit_task_result::Outcome::Error(e)) => Err(status_of(e)),
+            None => Err(Status::internal("no outcome for the task")),
+        }
+    }
+
+    async fn submit_tasks(
+        &self,
+        request: Request<SubmitTasksRequest>,
+    ) -> Result<Response<SubmitTasksResponse>, Status> {
+        let requests = request.into_inner().requests;
+        if requests.is_empty() || requests.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "requests",
+                format!("{} tasks; a batch holds 1..={MAX_BATCH}", requests.len()),
+            )
+            .into());
+        }
+        let results = self.submit(requests).await;
+        Ok(Response::new(SubmitTasksResponse { results }))
+    }
+
+    async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        let req = request.into_inner();
+        let name = task_name(&req.name)?;
+        self.routes.shard_for(&name.pipeline).get_task(req).await
+    }
+
+    type WatchTaskStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Status>> + Send>>;
+
+    async fn watch_task(
+        &self,
+        request: Request<WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let req = request.into_inner();
+        let name = task_name(&req.name)?;
+        let upstream = self
+            .routes
+            .shard_for(&name.pipeline)
+            .watch_task(req)
+            .await?;
+        Ok(Response::new(Box::pin(upstream.into_inner())))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<CancelTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
+        let req = request.into_inner();
+        let name = task_name(&req.name)?;
+        self.routes.shard_for(&name.pipeline).cancel_task(req).await
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let req = request.into_inner();
+        let pipeline = PipelineName::parse(&req.parent)
+            .map_err(|e| Error::invalid("parent", e.to_string()))?;
+        // NOT_FOUND for a pipeline that does not exist, rather than an empty list.
+        self.pipeline(&pipeline).await?;
+        self.routes.shard_for(&pipeline).list_tasks(req).await
+    }
+}
