@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use pm_proto::AGENT_PROTOCOL_VERSION;
 use pm_proto::v1::{
-    AgentMessage, Assign, Hello, Lease, Progress, Reject, Renew, Result as TaskDone, agent_message,
+    AgentMessage, Assign, AttemptResult, Hello, Lease, Progress, Reject, Renew, agent_message,
     server_message,
 };
 
@@ -238,7 +238,7 @@ fn start(
             .lock()
             .expect("running lock")
             .remove(&lease.lease_id);
-        let _ = out_tx.send(message(agent_message::Message::Result(TaskDone {
+        let _ = out_tx.send(message(agent_message::Message::Result(AttemptResult {
             lease: Some(lease),
             result: Some(result),
         })));

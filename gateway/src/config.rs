@@ -8,8 +8,6 @@ use pm_proto::v1::auth_service_server::AuthService;
 use pm_proto::v1::pipeline_service_server::PipelineService;
 use pm_proto::v1::tenant_service_server::TenantService;
 use pm_proto::v1::*;
-// `pm.v1.Result` (an agent message) would otherwise shadow the prelude.
-use std::result::Result;
 
 use crate::routing::Routes;
 

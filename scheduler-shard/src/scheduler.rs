@@ -68,7 +68,13 @@ struct TaskRecord {
     rank: Rank,
     lease: Option<LeaseId>,
     watchers: Option<broadcast::Sender<TaskEvent>>,
+    /// The current attempt's events, replayed to a watch that starts late. Bounded; emptied
+    /// when the task finishes (its result carries the outputs).
+    history: Vec<TaskEvent>,
 }
+
+/// Events kept per running task for late watchers.
+const HISTORY_LIMIT: usize = 1024;
 
 #[derive(Default)]
 struct Inner {
@@ -100,9 +106,11 @@ pub struct Scheduler {
     reaper: Notify,
 }
 
-/// What a watcher gets: the task now, and its future events unless it already finished.
+/// What a watcher gets: the task now, what its current attempt did so far, and its future
+/// events unless it already finished.
 pub struct Watch {
     pub snapshot: Task,
+    pub history: Vec<TaskEvent>,
     pub events: Option<broadcast::Receiver<TaskEvent>>,
 }
 
@@ -220,6 +228,7 @@ impl Scheduler {
                 rank,
                 lease: None,
                 watchers: None,
+                history: Vec::new(),
             },
         );
         Ok(snapshot)
@@ -259,6 +268,7 @@ impl Scheduler {
         record.task.state = next as i32;
         record.task.attempt += 1;
         record.task.update_time_ms = unix_ms();
+        record.history.clear();
         let attempt = record.task.attempt;
         let (lease_id, lease) = inner.leases().grant(name.clone(), attempt, session_id, ttl);
         let record = inner.tasks.get_mut(&name).expect("queued task exists");
@@ -315,7 +325,11 @@ impl Scheduler {
                 .get_or_insert_with(|| broadcast::channel(1024).0)
                 .subscribe()
         });
-        Ok(Watch { snapshot, events })
+        Ok(Watch {
+            snapshot,
+            history: record.history.clone(),
+            events,
+        })
     }
 
     pub fn cancel(&self, name: &str) -> Result<Task, Error> {
@@ -397,6 +411,7 @@ impl Scheduler {
         publish(record, task_event::Event::Finished(record.task.clone()));
         // Dropping the sender ends every watch after the final event.
         record.watchers = None;
+        record.history = Vec::new();
         inner.active -= 1;
         record.task.clone()
     }
@@ -517,9 +532,8 @@ impl Scheduler {
         let mut inner = self.lock();
         if let Some(name) = Self::current(&mut inner, lease)
             && let Some(record) = inner.tasks.get_mut(&name)
-            && let Some(tx) = &record.watchers
         {
-            let _ = tx.send(event);
+            record.record(event);
         }
     }
 
@@ -635,8 +649,18 @@ impl Scheduler {
     }
 }
 
-fn publish(record: &TaskRecord, e: task_event::Event) {
-    if let Some(tx) = &record.watchers {
-        let _ = tx.send(event(e));
+fn publish(record: &mut TaskRecord, e: task_event::Event) {
+    record.record(event(e));
+}
+
+impl TaskRecord {
+    /// Keeps an event for late watchers and sends it to the current ones.
+    fn record(&mut self, event: TaskEvent) {
+        if self.history.len() < HISTORY_LIMIT {
+            self.history.push(event.clone());
+        }
+        if let Some(tx) = &self.watchers {
+            let _ = tx.send(event);
+        }
     }
 }

@@ -85,6 +85,11 @@ impl ShardService for Shard {
             {
                 return;
             }
+            for event in watch.history {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
             let Some(mut events) = watch.events else {
                 // Already final: the finished event closes the watch.
                 let _ = tx

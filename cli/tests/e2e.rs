@@ -1,0 +1,691 @@
+//! End to end through the public API: `pm dev` on a random loopback port, driven only by the
+//! generated clients (and the real `pmctl` binary). Every wait is bounded.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::Code;
+use tonic::transport::Channel;
+
+use pm_cli::dev::{Dev, DevOptions};
+use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
+use pm_proto::v1::task_service_client::TaskServiceClient;
+use pm_proto::v1::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Harness {
+    dev: Dev,
+    dir: tempfile::TempDir,
+    tasks: TaskServiceClient<Channel>,
+    pipelines: PipelineServiceClient<Channel>,
+}
+
+async fn start() -> Harness {
+    start_with_slots(4).await
+}
+
+async fn start_with_slots(slots: u32) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(DevOptions {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".into(),
+        sample: true,
+        slots,
+    })
+    .await
+    .unwrap();
+    let channel = pm_proto::client::channel(&dev.endpoint()).unwrap();
+    Harness {
+        tasks: pm_proto::client::tasks(channel.clone()),
+        pipelines: pm_proto::client::pipelines(channel),
+        dev,
+        dir,
+    }
+}
+
+const APP: &str = "tenants/default/applications/demo";
+
+fn pipeline_name(id: &str) -> String {
+    format!("{APP}/pipelines/{id}")
+}
+
+impl Harness {
+    async fn apply(&mut self, document: &str) -> Pipeline {
+        self.pipelines
+            .apply_pipeline(ApplyPipelineRequest {
+                parent: APP.into(),
+                pipeline_id: String::new(),
+                source: Some(apply_pipeline_request::Source::SpecDocument(
+                    document.into(),
+                )),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("apply failed: {s:?}"))
+            .into_inner()
+    }
+
+    async fn submit(
+        &mut self,
+        pipeline: &str,
+        params: &[(&str, &str)],
+    ) -> Result<Task, tonic::Status> {
+        self.tasks
+            .submit_task(SubmitTaskRequest {
+                parent: pipeline_name(pipeline),
+                params: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..SubmitTaskRequest::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Watches a task to its end; returns the final task and every event seen.
+    async fn finish(&mut self, name: &str) -> (Task, Vec<TaskEvent>) {
+        let mut stream = self
+            .tasks
+            .watch_task(WatchTaskRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = Vec::new();
+        let watched = tokio::time::timeout(WAIT, async {
+            while let Some(event) = stream.message().await.unwrap() {
+                let done = matches!(&event.event, Some(task_event::Event::Finished(_)));
+                events.push(event);
+                if done {
+                    return;
+                }
+            }
+            panic!("watch ended without a finished event");
+        })
+        .await;
+        watched.unwrap_or_else(|_| panic!("{name} did not finish within {WAIT:?}"));
+        let Some(task_event::Event::Finished(task)) = events.last().and_then(|e| e.event.clone())
+        else {
+            unreachable!()
+        };
+        (task, events)
+    }
+
+    async fn run_to_end(&mut self, pipeline: &str, params: &[(&str, &str)]) -> Task {
+        let task = self.submit(pipeline, params).await.unwrap();
+        self.finish(&task.name).await.0
+    }
+}
+
+fn state(task: &Task) -> TaskState {
+    TaskState::try_from(task.state).unwrap()
+}
+
+fn field(status: &tonic::Status) -> String {
+    pm_proto::status::violated_field(status).unwrap_or_default()
+}
+
+fn step<'a>(task: &'a Task, job: usize, step: usize) -> &'a StepResult {
+    &task.result.as_ref().expect("a result").jobs[job].steps[step]
+}
+
+#[tokio::test]
+async fn ocr_flow_fetches_transforms_and_prints() {
+    let mut h = start().await;
+    let doc = h.dir.path().join("scan.txt");
+    std::fs::write(&doc, "hello from the scanner\n").unwrap();
+    let url = format!("file://{}", doc.display());
+    let submitted = h.submit("ocr", &[("url", &url)]).await.unwrap();
+    assert_eq!(state(&submitted), TaskState::Ready);
+    assert_eq!(submitted.pipeline_version, 1);
+    let (task, events) = h.finish(&submitted.name).await;
+
+    assert_eq!(state(&task), TaskState::Done, "{task:#?}");
+    assert_eq!(task.attempt, 1);
+    let result = task.result.as_ref().unwrap();
+    assert!(result.succeeded);
+    assert_eq!(result.jobs.len(), 2);
+    assert_eq!(result.jobs[0].job, "download");
+    assert_eq!(step(&task, 0, 0).exit_code, 0);
+    assert_eq!(step(&task, 1, 1).stdout, "HELLO FROM THE SCANNER\n");
+    // Progress streamed while it ran, not only at the end.
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(task_event::Event::Output(o)) => Some(o.data.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(streamed.contains("HELLO FROM THE SCANNER"), "{streamed:?}");
+    assert!(events.iter().any(|e| matches!(&e.event, Some(task_event::Event::StepStarted(s)) if s.command.contains("curl"))));
+
+    let got = h
+        .tasks
+        .get_task(GetTaskRequest {
+            name: task.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, task);
+    let listed = h
+        .tasks
+        .list_tasks(ListTasksRequest {
+            parent: pipeline_name("ocr"),
+            state: TaskState::Done as i32,
+            ..ListTasksRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tasks.len(), 1);
+    assert_eq!(listed.tasks[0].name, task.name);
+    h.dev.stop().await;
+}
+
+#[tokio::test]
+async fn all_three_document_forms_run() {
+    let mut h = start().await;
+    let flat = h
+        .apply(r#"{"name":"flat","pipeline":[{"executorName":"wget","commands":["echo one > f"]},{"executorName":"tesseract","commands":["cat f","echo two"]}]}"#)
+        .await;
+    assert_eq!(flat.spec.as_ref().unwrap().stages.len(), 2);
+    let task = h.run_to_end("flat", &[]).await;
+    assert_eq!(state(&task), TaskState::Done, "{task:#?}");
+    assert_eq!(step(&task, 1, 0).stdout, "one\n");
+
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/task-pipeline.yaml"),
+    )
+    .unwrap();
+    h.apply(&example).await;
+    let task = h.run_to_end("build", &[]).await;
+    assert_eq!(state(&task), TaskState::Done, "{task:#?}");
+    let result = task.result.unwrap();
+    let count = result.jobs.iter().find(|j| j.job == "count").unwrap();
+    assert_eq!(count.steps[0].stdout.trim(), "1");
+    let lint = result.jobs.iter().find(|j| j.job == "lint").unwrap();
+    assert!(!lint.succeeded && lint.allowed_failure);
+
+    // A changed spec is a new version; the same spec again is not.
+    let v2 = h
+        .apply(r#"{"name":"flat","pipeline":[{"executorName":"x","commands":["true"]}]}"#)
+        .await;
+    assert_eq!(v2.version, 2);
+    let again = h
+        .apply(r#"{"name":"flat","pipeline":[{"executorName":"x","commands":["true"]}]}"#)
+        .await;
+    assert_eq!(again.version, 2);
+    h.dev.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_command_ends_in_error_with_its_exit_code_and_stderr() {
+    let mut h = start().await;
+    h.apply("name: fails\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['echo partial', 'echo boom >&2; exit 3', 'echo never'] }\n").await;
+    let task = h.run_to_end("fails", &[]).await;
+    assert_eq!(state(&task), TaskState::Error);
+    let result = task.result.as_ref().unwrap();
+    assert!(!result.succeeded);
+    assert_eq!(result.error, "job s/j failed: step 1 exited with code 3");
+    let steps = &result.jobs[0].steps;
+    assert_eq!(steps.len(), 2, "the command after the failure never ran");
+    assert_eq!(
+        (steps[1].exit_code, steps[1].stderr.as_str()),
+        (3, "boom\n")
+    );
+    assert_eq!(steps[0].stdout, "partial\n");
+    h.dev.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_exact_code_naming_the_field() {
+    let mut h = start().await;
+    let apply = |source| ApplyPipelineRequest {
+        parent: APP.into(),
+        pipeline_id: "bad".into(),
+        source: Some(source),
+    };
+    // Empty commands, structured.
+    let spec = PipelineSpec {
+        stages: vec![Stage {
+            name: "s".into(),
+            jobs: vec![Job {
+                name: "j".into(),
+                executor: "host".into(),
+                ..Job::default()
+            }],
+            priority: None,
+        }],
+        ..PipelineSpec::default()
+    };
+    let e = h
+        .pipelines
+        .apply_pipeline(apply(apply_pipeline_request::Source::Spec(spec)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "spec.stages[0].jobs[0].commands")
+    );
+    // A job naming a stage that does not exist (task-pipeline form).
+    let doc = "stages: [a]\njobs:\n  - { name: j, stage: b, commands: [date] }";
+    let e = h
+        .pipelines
+        .apply_pipeline(apply(apply_pipeline_request::Source::SpecDocument(
+            doc.into(),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "spec_document.jobs[0].stage")
+    );
+    assert!(e.message().contains("\"b\""), "{}", e.message());
+    // A stage priority out of range.
+    let doc = "stages:\n  - { name: s, priority: 101, jobs: [{ name: j, commands: [date] }] }";
+    let e = h
+        .pipelines
+        .apply_pipeline(apply(apply_pipeline_request::Source::SpecDocument(
+            doc.into(),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&e), "spec_document.stages[0].priority");
+    // An application that does not exist.
+    let e = h
+        .pipelines
+        .apply_pipeline(ApplyPipelineRequest {
+            parent: "tenants/default/applications/nope".into(),
+            ..apply(apply_pipeline_request::Source::SpecDocument(
+                "stages: [{name: s, jobs: [{name: j, commands: [x]}]}]".into(),
+            ))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        h.pipelines
+            .get_pipeline(GetPipelineRequest {
+                name: pipeline_name("bad"),
+                version: 0
+            })
+            .await
+            .is_err()
+    );
+
+    // Submits.
+    let e = h.submit("no-such-pipeline", &[]).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = h
+        .submit("ocr", &[("url", "x"), ("bogus", "1")])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "params.bogus")
+    );
+    let e = h.submit("ocr", &[]).await.unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "params.url")
+    );
+    let long = "x".repeat(70 * 1024);
+    let e = h.submit("ocr", &[("url", &long)]).await.unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "params.url")
+    );
+    let e = h
+        .tasks
+        .submit_task(SubmitTaskRequest {
+            parent: pipeline_name("ocr"),
+            params: HashMap::from([("url".into(), "x".into())]),
+            priority: Some(101),
+            ..SubmitTaskRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "priority")
+    );
+    let e = h
+        .tasks
+        .submit_task(SubmitTaskRequest {
+            parent: "pipelines/ocr".into(),
+            ..SubmitTaskRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "parent")
+    );
+    let e = h
+        .tasks
+        .submit_task(SubmitTaskRequest {
+            parent: pipeline_name("ocr"),
+            params: HashMap::from([("url".into(), "x".into())]),
+            inline: Some(submit_task_request::Inline::InlineSpecDocument(
+                r#"{"pipeline":[]}"#.into(),
+            )),
+            ..SubmitTaskRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // A request over the 4 MiB limit, sent by a client that allows itself more.
+    let mut big = TaskServiceClient::new(pm_proto::client::channel(&h.dev.endpoint()).unwrap())
+        .max_encoding_message_size(16 * 1024 * 1024);
+    let e = big
+        .submit_task(SubmitTaskRequest {
+            parent: pipeline_name("ocr"),
+            params: HashMap::from([("url".into(), "x".repeat(5 * 1024 * 1024))]),
+            ..SubmitTaskRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // Tasks that do not exist, and a name that is not a task's.
+    let e = h
+        .tasks
+        .get_task(GetTaskRequest {
+            name: format!("{}/tasks/nope", pipeline_name("ocr")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = h
+        .tasks
+        .get_task(GetTaskRequest {
+            name: "tasks/1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "name")
+    );
+
+    // A batch: each task is acknowledged or refused on its own, and the good one runs.
+    let doc = h.dir.path().join("ok.txt");
+    std::fs::write(&doc, "batch").unwrap();
+    let url = format!("file://{}", doc.display());
+    let good = SubmitTaskRequest {
+        parent: pipeline_name("ocr"),
+        params: HashMap::from([("url".into(), url)]),
+        ..SubmitTaskRequest::default()
+    };
+    let bad = SubmitTaskRequest {
+        params: HashMap::new(),
+        ..good.clone()
+    };
+    let results = h
+        .tasks
+        .submit_tasks(SubmitTasksRequest {
+            requests: vec![bad, good],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let Some(submit_task_result::Outcome::Error(refused)) = &results[0].outcome else {
+        panic!("{results:?}")
+    };
+    assert_eq!(
+        (refused.code, refused.field.as_str()),
+        (Code::InvalidArgument as i32, "params.url")
+    );
+    let Some(submit_task_result::Outcome::Task(accepted)) = &results[1].outcome else {
+        panic!("{results:?}")
+    };
+    let (task, _) = h.finish(&accepted.name).await;
+    assert_eq!(step(&task, 1, 1).stdout, "BATCH");
+    let e = h
+        .tasks
+        .submit_tasks(SubmitTasksRequest { requests: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(field(&e), "requests");
+    // A finished task cannot be cancelled.
+    let e = h
+        .tasks
+        .cancel_task(CancelTaskRequest {
+            name: task.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    h.dev.stop().await;
+}
+
+#[tokio::test]
+async fn parameters_never_become_shell_syntax() {
+    let mut h = start().await;
+    h.apply("name: echo\nparams: { v: { required: true } }\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['printf %s {{v}}', 'printf %s \"$PM_PARAM_V\"'] }\n").await;
+    let marker = h.dir.path().join("pwned");
+    let m = marker.display().to_string();
+    for evil in [
+        format!("x; touch {m}"),
+        format!("$(touch {m})"),
+        format!("`touch {m}`"),
+        format!("' ; touch {m}; echo '"),
+        format!("\" ; touch {m}; echo \""),
+        format!("a\ntouch {m}"),
+        format!("&& touch {m}"),
+        format!("| touch {m}"),
+        format!("{{{{v}}}} $(touch {m})"),
+    ] {
+        let task = h.run_to_end("echo", &[("v", &evil)]).await;
+        assert_eq!(state(&task), TaskState::Done, "{evil:?}: {task:#?}");
+        assert_eq!(
+            step(&task, 0, 0).stdout,
+            evil,
+            "substituted as one literal word"
+        );
+        assert_eq!(
+            step(&task, 0, 1).stdout,
+            evil,
+            "exported as the literal value"
+        );
+        assert!(!marker.exists(), "{evil:?} ran as shell syntax");
+    }
+    h.dev.stop().await;
+}
+
+#[tokio::test]
+async fn inline_tasks_run_the_seed_form_where_allowed_and_cancel_stops_a_run() {
+    let mut h = start_with_slots(1).await;
+    h.apply("name: open\nallow_inline_tasks: true\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['echo pipeline'] }\n").await;
+    let task = h
+        .tasks
+        .submit_task(SubmitTaskRequest {
+            parent: pipeline_name("open"),
+            inline: Some(submit_task_request::Inline::InlineSpecDocument(
+                r#"{"pipeline":[{"executorName":"wget","commands":["echo inline"]}]}"#.into(),
+            )),
+            ..SubmitTaskRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(task.inline);
+    let (task, _) = h.finish(&task.name).await;
+    assert_eq!(step(&task, 0, 0).stdout, "inline\n");
+
+    // Cancel while running. The agent has one slot, so the next task can only run once the
+    // cancelled one's process group is gone: it would otherwise sleep for ten minutes.
+    h.apply("name: slow\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['sleep 600'] }\n").await;
+    let task = h.submit("slow", &[]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = h
+            .tasks
+            .get_task(GetTaskRequest {
+                name: task.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if state(&now) == TaskState::InProgress {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never dispatched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled = h
+        .tasks
+        .cancel_task(CancelTaskRequest {
+            name: task.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&cancelled), TaskState::Cancelled);
+    let (task, _) = h.finish(&task.name).await;
+    assert_eq!(state(&task), TaskState::Cancelled);
+    let next = h.run_to_end("open", &[]).await;
+    assert_eq!(step(&next, 0, 0).stdout, "pipeline\n");
+    h.dev.stop().await;
+}
+
+fn pmctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pmctl"))
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pmctl_applies_submits_waits_and_exits_by_state() {
+    let h = start().await;
+    let endpoint = h.dev.endpoint();
+    let dir = h.dir.path().to_owned();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let out = tokio::task::spawn_blocking(move || {
+        let doc = dir.join("page.txt");
+        std::fs::write(&doc, "printed by pmctl").unwrap();
+        let url = format!("url=file://{}", doc.display());
+        let applied = pmctl(
+            &endpoint,
+            &[
+                "pipeline",
+                "apply",
+                "-f",
+                examples.join("seed-flat.json").to_str().unwrap(),
+            ],
+        );
+        assert!(applied.status.success(), "{applied:?}");
+        assert!(String::from_utf8_lossy(&applied.stdout).contains("pipelines/flat version 1"));
+
+        let ok = pmctl(
+            &endpoint,
+            &["submit", "default/demo/ocr", "--param", &url, "--wait"],
+        );
+        let stdout = String::from_utf8_lossy(&ok.stdout).into_owned();
+        assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+        assert!(stdout.contains("PRINTED BY PMCTL"), "{stdout}");
+        assert!(stdout.contains(" DONE"), "{stdout}");
+
+        let missing = pmctl(&endpoint, &["submit", "default/demo/ocr", "--wait"]);
+        assert_eq!(missing.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&missing.stderr).contains("params.url"),
+            "{missing:?}"
+        );
+
+        let failed = pmctl(
+            &endpoint,
+            &[
+                "submit",
+                "default/demo/ocr",
+                "--param",
+                "url=file:///no/such/file",
+                "--wait",
+            ],
+        );
+        assert_eq!(
+            failed.status.code(),
+            Some(1),
+            "an ERROR task exits non-zero: {failed:?}"
+        );
+        assert!(String::from_utf8_lossy(&failed.stdout).contains(" ERROR"));
+
+        let json = pmctl(
+            &endpoint,
+            &["-o", "json", "task", "list", "default/demo/ocr"],
+        );
+        let listed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(listed["tasks"].as_array().unwrap().len(), 2);
+        assert_eq!(listed["tasks"][0]["state"], "ERROR", "newest first");
+    })
+    .await;
+    out.unwrap();
+    h.dev.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_web_and_cors_are_served_on_the_same_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start().await;
+    let addr = h.dev.addr;
+    let exchange = |request: Vec<u8>| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&request).await.unwrap();
+        let mut response = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+            .await
+            .unwrap()
+            .unwrap();
+        response
+    };
+    let preflight = exchange(
+        b"OPTIONS /pm.v1.PipelineService/ListPipelines HTTP/1.1\r\nHost: x\r\nOrigin: http://localhost:5173\r\n\
+          Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type,x-grpc-web\r\nConnection: close\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&preflight).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(
+        text.contains("access-control-allow-origin: http://localhost:5173"),
+        "{text}"
+    );
+
+    // ListPipelines { parent: "tenants/default/applications/demo" } as one grpc-web frame.
+    let message = prost::Message::encode_to_vec(&ListPipelinesRequest {
+        parent: APP.into(),
+        ..ListPipelinesRequest::default()
+    });
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let mut request = format!(
+        "POST /pm.v1.PipelineService/ListPipelines HTTP/1.1\r\nHost: x\r\nOrigin: http://localhost:5173\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let response = exchange(request).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: application/grpc-web+proto"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pipelines/ocr"),
+        "the answer carries the sample pipeline: {text}"
+    );
+    assert!(
+        text.contains("grpc-status:0") || text.contains("grpc-status: 0"),
+        "{text}"
+    );
+    h.dev.stop().await;
+}
