@@ -126,7 +126,7 @@ fn field(status: &tonic::Status) -> String {
     pm_proto::status::violated_field(status).unwrap_or_default()
 }
 
-fn step<'a>(task: &'a Task, job: usize, step: usize) -> &'a StepResult {
+fn step(task: &Task, job: usize, step: usize) -> &StepResult {
     &task.result.as_ref().expect("a result").jobs[job].steps[step]
 }
 
