@@ -223,7 +223,7 @@ async fn app(channel: Channel, out: &Printer, command: AppCommand) -> anyhow::Re
             out.message("pm.v1.ListApplicationsResponse", &listed, || {
                 println!("{:<60} CREATED", "NAME");
                 for a in &listed.applications {
-                    println!("{:<60} {}", a.name, a.create_time_ms);
+                    println!("{:<60} {}", a.name, when(a.create_time_ms));
                 }
             });
         }
@@ -404,13 +404,19 @@ async fn task(channel: Channel, out: &Printer, command: TaskCommand) -> anyhow::
                         t.id,
                         state_name(t.state),
                         t.attempt,
-                        t.create_time_ms
+                        when(t.create_time_ms)
                     );
                 }
             });
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `*_ms` time as RFC 3339 (UTC, seconds).
+fn when(unix_ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn state_name(state: i32) -> &'static str {
