@@ -664,3 +664,212 @@ impl TaskRecord {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use pm_proto::v1::{Job, Stage};
+    use tokio::sync::mpsc::UnboundedReceiver;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    fn item(priority: u32, idempotency_key: &str) -> EnqueueTask {
+        EnqueueTask {
+            task: Some(Task {
+                pipeline: "tenants/t/applications/a/pipelines/p".into(),
+                priority,
+                idempotency_key: idempotency_key.into(),
+                ..Task::default()
+            }),
+            spec: Some(PipelineSpec {
+                stages: vec![Stage {
+                    name: "s".into(),
+                    jobs: vec![Job {
+                        name: "j".into(),
+                        executor: "host".into(),
+                        commands: vec!["true".into()],
+                        ..Job::default()
+                    }],
+                    priority: None,
+                }],
+                ..PipelineSpec::default()
+            }),
+            client_priority: 10,
+        }
+    }
+
+    fn hello(slots: u32, held: Vec<WireLease>) -> Hello {
+        Hello {
+            agent_id: "a".into(),
+            slots,
+            held_leases: held,
+            ..Hello::default()
+        }
+    }
+
+    fn scheduler(max_active_tasks: usize) -> Arc<Scheduler> {
+        Scheduler::new(Options {
+            lease_ttl: TTL,
+            max_active_tasks,
+            max_deliveries: 10,
+        })
+    }
+
+    /// The next Assign pushed to a fake agent stream.
+    fn assigned(rx: &mut UnboundedReceiver<Result<ServerMessage, Status>>) -> (Task, WireLease) {
+        loop {
+            let message = rx.try_recv().expect("an Assign was pushed").unwrap();
+            if let Some(server_message::Message::Assign(a)) = message.message {
+                return (a.task.unwrap(), a.lease.unwrap());
+            }
+        }
+    }
+
+    fn done() -> TaskResult {
+        TaskResult {
+            succeeded: true,
+            ..TaskResult::default()
+        }
+    }
+
+    fn state_of(s: &Scheduler, name: &str) -> (TaskState, u32) {
+        let t = s.get(name).unwrap();
+        (TaskState::try_from(t.state).unwrap(), t.attempt)
+    }
+
+    /// Lets the reaper task run after time moved (paused clock), until `f` holds.
+    async fn until(mut f: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("condition not reached");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_lease_is_delivered_again_and_stale_results_are_fenced() {
+        let s = scheduler(100);
+        let cancel = CancellationToken::new();
+        tokio::spawn(s.clone().run_reaper(cancel.clone()));
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let first = s.open_session(&hello(1, vec![]), tx1);
+        let task = s.enqueue(vec![item(10, "")]).pop().unwrap().unwrap();
+        let (_, lease1) = assigned(&mut rx1);
+        assert_eq!(lease1.attempt, 1);
+        assert_eq!(state_of(&s, &task.name), (TaskState::InProgress, 1));
+
+        // No renewal: past the TTL the task is READY again, and a second agent gets it.
+        tokio::time::advance(TTL + Duration::from_millis(1)).await;
+        until(|| state_of(&s, &task.name).0 == TaskState::Ready).await;
+        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let second = s.open_session(&hello(1, vec![]), tx2);
+        let (_, lease2) = assigned(&mut rx2);
+        assert_eq!(lease2.attempt, 2);
+        assert_ne!(lease2.lease_id, lease1.lease_id);
+
+        // The first agent's late result is a duplicate: nothing changes.
+        assert!(!s.complete(first, &lease1, done()));
+        assert_eq!(state_of(&s, &task.name), (TaskState::InProgress, 2));
+        // The current attempt's result wins, once.
+        assert!(s.complete(second, &lease2, done()));
+        assert_eq!(state_of(&s, &task.name), (TaskState::Done, 2));
+        assert!(
+            !s.complete(second, &lease2, done()),
+            "a repeated result is not applied twice"
+        );
+        assert_eq!(s.active_tasks(), 0);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_keeps_a_lease_and_a_reconnecting_agent_reclaims_it() {
+        let s = scheduler(100);
+        let cancel = CancellationToken::new();
+        tokio::spawn(s.clone().run_reaper(cancel.clone()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(1, vec![]), tx);
+        let task = s.enqueue(vec![item(10, "")]).pop().unwrap().unwrap();
+        let (_, lease) = assigned(&mut rx);
+
+        tokio::time::advance(TTL * 6 / 10).await;
+        s.renew(session, std::slice::from_ref(&lease));
+        tokio::time::advance(TTL * 6 / 10).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            state_of(&s, &task.name),
+            (TaskState::InProgress, 1),
+            "renewed, not expired"
+        );
+
+        // The stream breaks; the agent comes back still holding the lease.
+        s.close_session(session);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let back = s.open_session(&hello(0, vec![lease.clone()]), tx);
+        tokio::time::advance(TTL * 8 / 10).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            state_of(&s, &task.name),
+            (TaskState::InProgress, 1),
+            "reclaimed, not redelivered"
+        );
+        assert!(s.complete(back, &lease, done()));
+        assert_eq!(state_of(&s, &task.name).0, TaskState::Done);
+        cancel.cancel();
+    }
+
+    #[test]
+    fn priority_then_fifo_idempotency_and_admission() {
+        let s = scheduler(3);
+        let results = s.enqueue(vec![
+            item(10, "a"),
+            item(5, ""),
+            item(10, ""),
+            item(10, "a"),
+        ]);
+        let names: Vec<String> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap().name.clone())
+            .collect();
+        assert_eq!(
+            names[3], names[0],
+            "the same idempotency key returns the original task"
+        );
+        let refused = s.enqueue(vec![item(10, "")]).pop().unwrap();
+        assert!(
+            matches!(refused, Err(Error::ResourceExhausted { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(s.active_tasks(), 3, "a refusal touches nothing accepted");
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        s.open_session(&hello(3, vec![]), tx);
+        let order: Vec<String> = (0..3).map(|_| assigned(&mut rx).0.name).collect();
+        assert_eq!(
+            order,
+            vec![names[1].clone(), names[0].clone(), names[2].clone()]
+        );
+
+        // Cancel of a READY task: it is never dispatched.
+        let s = scheduler(10);
+        let task = s.enqueue(vec![item(10, "")]).pop().unwrap().unwrap();
+        assert_eq!(
+            TaskState::try_from(s.cancel(&task.name).unwrap().state),
+            Ok(TaskState::Cancelled)
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        s.open_session(&hello(1, vec![]), tx);
+        assert!(rx.try_recv().is_err(), "nothing is assigned");
+        assert!(matches!(
+            s.cancel(&task.name),
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+}
