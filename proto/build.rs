@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "pm/v1/runner.proto",
     "pm/internal/v1/shard.proto",
     "pm/internal/v1/metadata.proto",
+    "pm/internal/v1/store.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

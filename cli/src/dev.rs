@@ -23,7 +23,7 @@ pub const DEFAULT_TENANT: &str = "default";
 
 #[derive(Debug, Clone)]
 pub struct DevOptions {
-    /// Metadata, and the agent's work directories.
+    /// Metadata, the shard's tasks, and the agent's work directories.
     pub data_dir: PathBuf,
     /// The gateway's address.
     pub listen: String,
@@ -58,6 +58,10 @@ impl Dev {
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
         let addr = gateway.local_addr()?;
+        let scheduler = pm_scheduler_shard::open(
+            pm_scheduler_shard::Options::default(),
+            Some(&options.data_dir.join("shard")),
+        )?;
         let tenant_service = TcpListener::bind("127.0.0.1:0").await?;
         let shard = TcpListener::bind("127.0.0.1:0").await?;
         let upstreams = pm_gateway::Upstreams {
@@ -77,8 +81,8 @@ impl Dev {
         });
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            let options = pm_scheduler_shard::Options::default();
-            if let Err(e) = pm_scheduler_shard::run(shard, options, stop.cancelled_owned()).await {
+            if let Err(e) = pm_scheduler_shard::run(shard, scheduler, stop.cancelled_owned()).await
+            {
                 tracing::error!(error = %e, "shard stopped");
             }
         });

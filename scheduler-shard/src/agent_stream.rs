@@ -129,12 +129,14 @@ async fn read_stream(
             }
             Message::Result(r) => {
                 if let Some(lease) = r.lease {
-                    scheduler.complete(session, &lease, r.result.unwrap_or_default());
+                    scheduler
+                        .complete(session, &lease, r.result.unwrap_or_default())
+                        .await;
                 }
             }
             Message::Reject(r) => {
                 if let Some(lease) = r.lease {
-                    scheduler.reject(session, &lease, &r.reason);
+                    scheduler.reject(session, &lease, &r.reason).await;
                 }
             }
             Message::Hello(_) => {

@@ -6,7 +6,7 @@ use tonic::Status;
 
 use pm_spec::Violation;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     InvalidArgument(Violation),
@@ -16,6 +16,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{what}")]
     ResourceExhausted { what: String, retry_after: Duration },
+    /// A conflicting change is being written; retrying shortly will see its outcome.
+    #[error("{0}")]
+    Aborted(String),
     #[error("{0}")]
     Unavailable(String),
 }
@@ -37,6 +40,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted { what, retry_after } => {
                 pm_proto::status::resource_exhausted(what, retry_after)
             }
+            Error::Aborted(why) => Status::aborted(why),
             Error::Unavailable(why) => pm_proto::status::unavailable(why, Duration::from_secs(1)),
         }
     }

@@ -47,6 +47,20 @@ impl LeaseTable {
         }
     }
 
+    /// A fresh lease id (not yet in the table: the dispatch is written first).
+    pub fn new_id(&mut self) -> LeaseId {
+        self.next += 1;
+        LeaseId(format!("l{}-{:x}", self.incarnation, self.next).into())
+    }
+
+    /// Adds a lease, or replaces one with the same id.
+    pub fn insert(&mut self, id: LeaseId, lease: Lease) {
+        if let Some(old) = self.by_id.insert(id.clone(), lease.clone()) {
+            self.deadlines.remove(&(old.deadline, id.clone()));
+        }
+        self.deadlines.insert((lease.deadline, id));
+    }
+
     pub fn grant(
         &mut self,
         task: Arc<str>,
@@ -54,16 +68,14 @@ impl LeaseTable {
         session: u64,
         ttl: Duration,
     ) -> (LeaseId, Lease) {
-        self.next += 1;
-        let id = LeaseId(format!("l{}-{:x}", self.incarnation, self.next).into());
+        let id = self.new_id();
         let lease = Lease {
             task,
             attempt,
             session,
             deadline: Instant::now() + ttl,
         };
-        self.deadlines.insert((lease.deadline, id.clone()));
-        self.by_id.insert(id.clone(), lease.clone());
+        self.insert(id.clone(), lease.clone());
         (id, lease)
     }
 

@@ -5,18 +5,23 @@
 //! - [`queue`]: the ready queue and its dispatch order.
 //! - [`lease`]: the lease table (grant, renew, expire, reclaim).
 //! - [`scheduler`]: the tasks, queue, leases and agent sessions together, and every operation.
+//! - [`store`]: the tasks on the shard's own disk (fjall); [`journal`]: the group-commit writer.
 //! - [`agent_stream`]: the agents' `Connect` streams.
 //! - [`service`]: `pm.internal.v1.ShardService`, the gateway's calls.
 
 pub mod agent_stream;
 pub mod error;
+pub mod journal;
 pub mod lease;
 pub mod queue;
 pub mod scheduler;
 pub mod service;
+pub mod store;
 pub mod task;
 
 use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -29,15 +34,31 @@ use pm_proto::v1::agent_service_server::AgentServiceServer;
 pub use error::Error;
 pub use scheduler::{Options, Scheduler};
 
-/// Serves a shard on `listener` until `shutdown` resolves.
+/// Opens the task store in `data_dir` (or keeps tasks in memory only when `None`), replays
+/// it, and starts the group-commit writer.
+pub fn open(
+    options: Options,
+    data_dir: Option<&Path>,
+) -> Result<Arc<Scheduler>, store::StoreError> {
+    let (journal, contents) = match data_dir {
+        Some(dir) => {
+            let store = store::Store::open(dir)?;
+            let contents = store.load()?;
+            (journal::Journal::start(store), contents)
+        }
+        None => (journal::Journal::discard(), store::Contents::default()),
+    };
+    Ok(Scheduler::new(options, journal, contents))
+}
+
+/// Serves `scheduler` on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
-    options: Options,
+    scheduler: Arc<Scheduler>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let scheduler = Scheduler::new(options);
     let cancel = CancellationToken::new();
-    let reaper = tokio::spawn(scheduler.clone().run_reaper(cancel.clone()));
+    let reaper = tokio::spawn(scheduler.clone().run(cancel.clone()));
     let (_health, health_service) = pm_proto::server::health();
     tracing::info!(addr = ?listener.local_addr().ok(), "shard serving");
     let served = tonic::transport::Server::builder()

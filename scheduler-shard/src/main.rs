@@ -16,6 +16,15 @@ struct Args {
     /// Most unfinished tasks the shard holds before refusing submits.
     #[arg(long, env = "PM_MAX_ACTIVE_TASKS", default_value_t = 1_000_000)]
     max_active_tasks: usize,
+    /// Most unfinished tasks of one client.
+    #[arg(long, env = "PM_MAX_ACTIVE_PER_CLIENT", default_value_t = 250_000)]
+    max_active_per_client: usize,
+    /// Seconds finished tasks keep their result before they are collected.
+    #[arg(long, env = "PM_RETENTION_SECONDS", default_value_t = 24 * 3600)]
+    retention_seconds: u64,
+    /// Where the shard keeps its tasks (its own disk).
+    #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/shard")]
+    data_dir: std::path::PathBuf,
 }
 
 #[tokio::main]
@@ -29,7 +38,16 @@ async fn main() -> std::process::ExitCode {
     let options = pm_scheduler_shard::Options {
         lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
         max_active_tasks: args.max_active_tasks,
+        max_active_per_client: args.max_active_per_client,
+        retention: Duration::from_secs(args.retention_seconds),
         ..Default::default()
+    };
+    let scheduler = match pm_scheduler_shard::open(options, Some(&args.data_dir)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pm-shard: {e}");
+            return std::process::ExitCode::from(64);
+        }
     };
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
@@ -38,7 +56,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
-    match pm_scheduler_shard::run(listener, options, pm_proto::server::shutdown_signal()).await {
+    match pm_scheduler_shard::run(listener, scheduler, pm_proto::server::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pm-shard: {e}");

@@ -1,10 +1,16 @@
 //! The ready queue: which READY task an agent gets next.
 //!
-//! Order: client priority, then task priority (smaller first), then FIFO by arrival. Each
-//! pipeline has its own ordered set, so an agent serving one pipeline finds its next task
-//! in O(log n); an agent serving every pipeline takes the best head among them.
+//! Order: client priority, then task priority (smaller first), then a fair-share tag, then
+//! arrival. Each pipeline has its own ordered set, so an agent serving one pipeline finds its
+//! next task in O(log n); an agent serving every pipeline takes the best head among them.
+//!
+//! Fair share: within equal priorities, tenants and clients (each `tenant/client` is one
+//! flow) are served round-robin by start-time fair queuing. A flow's next task is tagged one
+//! past the larger of its own last tag and the tag last dispatched; dispatch takes the
+//! smallest tag. A client that queues 100,000 tasks therefore gets every other slot while a
+//! quiet client has work, not the first 100,000; within one flow the order stays FIFO.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Dispatch order key; derives `Ord` field by field.
@@ -12,8 +18,33 @@ use std::sync::Arc;
 pub struct Rank {
     pub client_priority: u32,
     pub task_priority: u32,
+    /// Fair-share tag of the task's flow (see the module doc).
+    pub tag: u64,
     /// Arrival order on this shard.
     pub seq: u64,
+}
+
+/// The virtual clock of fair sharing.
+#[derive(Debug, Default)]
+pub struct FairClock {
+    /// Tag of the task dispatched last.
+    now: u64,
+    /// Last tag given to each flow.
+    last: HashMap<Arc<str>, u64>,
+}
+
+impl FairClock {
+    /// The tag of a new task of `flow`.
+    pub fn tag(&mut self, flow: &Arc<str>) -> u64 {
+        let last = self.last.entry(flow.clone()).or_default();
+        *last = (*last).max(self.now) + 1;
+        *last
+    }
+
+    /// A task with `tag` was dispatched.
+    pub fn advance(&mut self, tag: u64) {
+        self.now = self.now.max(tag);
+    }
 }
 
 #[derive(Default)]
@@ -91,8 +122,53 @@ mod tests {
         Rank {
             client_priority: c,
             task_priority: t,
+            tag: 0,
             seq,
         }
+    }
+
+    #[test]
+    fn a_noisy_flow_does_not_starve_a_quiet_one() {
+        let mut clock = FairClock::default();
+        let mut q = ReadyQueue::default();
+        let p: Arc<str> = "p".into();
+        let (noisy, quiet): (Arc<str>, Arc<str>) = ("t/noisy".into(), "t/quiet".into());
+        let mut seq = 0;
+        let mut push = |q: &mut ReadyQueue, clock: &mut FairClock, flow: &Arc<str>| {
+            seq += 1;
+            let tag = clock.tag(flow);
+            let rank = Rank {
+                tag,
+                ..rank(10, 10, seq)
+            };
+            q.push(&p, rank, format!("{flow}#{seq}").into());
+        };
+        for _ in 0..100 {
+            push(&mut q, &mut clock, &noisy);
+        }
+        // Ten noisy tasks run, then the quiet client shows up with three.
+        let mut order = Vec::new();
+        for tag in 1..=10 {
+            order.push(q.pop(None).unwrap().to_string());
+            // The noisy flow's tags are 1..=100, dispatched in order.
+            clock.advance(tag);
+        }
+        for _ in 0..3 {
+            push(&mut q, &mut clock, &quiet);
+        }
+        for _ in 0..6 {
+            order.push(q.pop(None).unwrap().to_string());
+        }
+        let next: Vec<&str> = order[10..]
+            .iter()
+            .map(|n| n.split('#').next().unwrap())
+            .collect();
+        assert_eq!(
+            next,
+            [
+                "t/noisy", "t/quiet", "t/noisy", "t/quiet", "t/noisy", "t/quiet"
+            ]
+        );
     }
 
     #[test]

@@ -1,21 +1,28 @@
 //! The scheduler: the shard's task records, ready queue, lease table and agent sessions
 //! behind one lock, and every operation on them.
 //!
-//! Dispatch is push: enqueueing a task, a credit arriving or a lease expiring each try to
-//! hand READY tasks to sessions with free credit at once; nothing polls.
+//! Every state change follows one pattern: **plan** under the lock (check, mark the record
+//! busy), **write** the new record through the group-commit [`Journal`] without the lock,
+//! then **apply** under the lock. So a change is durable before anyone can see it: a submit is
+//! acknowledged after its fsync, an agent receives an Assign only once the dispatch is on
+//! disk, and a result is visible once written. A record marked busy refuses other changes
+//! until its write lands (a concurrent cancel answers ABORTED, a repeated result is a
+//! duplicate).
 //!
-//! Tasks live in memory in this version: a restart forgets them. The durable store
-//! (group-committed, fsync'd before the ack) replaces this map in "Durable scheduler shard".
+//! Dispatch is push: a submit, a credit, a result or an expired lease wakes the dispatcher
+//! loop, which hands READY tasks to sessions with credit at once; nothing polls.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prost::Message;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use pm_proto::internal::v1::EnqueueTask;
+use pm_proto::internal::v1::{EnqueueTask, StoredTask};
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::unix_ms;
 use pm_proto::v1::{
@@ -24,19 +31,27 @@ use pm_proto::v1::{
 };
 
 use crate::error::Error;
-use crate::lease::{LeaseId, LeaseTable};
-use crate::queue::{Rank, ReadyQueue};
+use crate::journal::Journal;
+use crate::lease::{Lease, LeaseId, LeaseTable};
+use crate::queue::{FairClock, Rank, ReadyQueue};
+use crate::store::{Contents, Op, SpecId, spec_id};
 use crate::task::{self, Event};
 
 /// Tunables of a shard.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// How long a lease lasts unless renewed.
+    /// How long a lease lasts unless renewed; also the grace period after a restart in
+    /// which reconnecting agents reclaim their leases.
     pub lease_ttl: Duration,
     /// Most READY + IN_PROGRESS tasks on the shard; past it submits are refused.
     pub max_active_tasks: usize,
+    /// Most READY + IN_PROGRESS tasks of one client (`tenant/client`).
+    pub max_active_per_client: usize,
     /// Deliveries after which a task whose leases keep expiring ends in ERROR.
     pub max_deliveries: u32,
+    /// How long finished tasks keep their result (and their idempotency key) before they
+    /// are collected.
+    pub retention: Duration,
 }
 
 impl Default for Options {
@@ -44,7 +59,9 @@ impl Default for Options {
         Self {
             lease_ttl: Duration::from_secs(30),
             max_active_tasks: 1_000_000,
+            max_active_per_client: 250_000,
             max_deliveries: 10,
+            retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -52,6 +69,13 @@ impl Default for Options {
 /// Messages to one agent stream. Unbounded because credit bounds the Assigns in flight and
 /// the rest (Cancel, Drain) are rare.
 pub type AgentTx = mpsc::UnboundedSender<Result<ServerMessage, Status>>;
+
+/// Tasks dispatched per journal write, at most.
+const DISPATCH_BATCH: usize = 1024;
+/// Finished tasks collected per round, at most.
+const COLLECT_BATCH: usize = 10_000;
+/// Events kept per running task for late watchers.
+const HISTORY_LIMIT: usize = 1024;
 
 struct Session {
     agent_id: String,
@@ -63,45 +87,146 @@ struct Session {
 
 struct TaskRecord {
     task: Task,
+    spec_id: SpecId,
     spec: Arc<PipelineSpec>,
     pipeline: Arc<str>,
+    /// The fair-share flow: `tenant/client`.
+    flow: Arc<str>,
+    client_priority: u32,
     rank: Rank,
     lease: Option<LeaseId>,
+    /// A change of this task is being written.
+    busy: bool,
     watchers: Option<broadcast::Sender<TaskEvent>>,
     /// The current attempt's events, replayed to a watch that starts late. Bounded; emptied
     /// when the task finishes (its result carries the outputs).
     history: Vec<TaskEvent>,
 }
 
-/// Events kept per running task for late watchers.
-const HISTORY_LIMIT: usize = 1024;
+impl TaskRecord {
+    fn state(&self) -> TaskState {
+        TaskState::try_from(self.task.state).unwrap_or_default()
+    }
 
-#[derive(Default)]
+    /// The write that makes `task` (this record's task, changed) durable.
+    fn stored(&self, task: &Task, lease: Option<&LeaseId>) -> Op {
+        let record = StoredTask {
+            task: Some(task.clone()),
+            spec_id: self.spec_id.to_vec(),
+            client_priority: self.client_priority,
+            seq: self.rank.seq,
+            lease_id: lease.map(|l| l.0.to_string()).unwrap_or_default(),
+        };
+        Op::PutTask {
+            name: task.name.clone(),
+            record: record.encode_to_vec(),
+        }
+    }
+
+    /// This task after `event`, not yet applied.
+    fn next(&self, event: Event) -> Result<Task, task::InvalidTransition> {
+        let mut next = self.task.clone();
+        next.state = task::transition(self.state(), event)? as i32;
+        next.update_time_ms = unix_ms();
+        Ok(next)
+    }
+
+    /// Keeps an event for late watchers and sends it to the current ones.
+    fn record(&mut self, event: TaskEvent) {
+        if self.history.len() < HISTORY_LIMIT {
+            self.history.push(event.clone());
+        }
+        if let Some(tx) = &self.watchers {
+            let _ = tx.send(event);
+        }
+    }
+
+    fn publish(&mut self, e: task_event::Event) {
+        self.record(TaskEvent {
+            time_ms: unix_ms(),
+            event: Some(e),
+        });
+    }
+
+    fn publish_state(&mut self, reason: &str) {
+        let change = StateChange {
+            state: self.task.state,
+            attempt: self.task.attempt,
+            reason: reason.to_owned(),
+        };
+        self.publish(task_event::Event::StateChanged(change));
+    }
+}
+
 struct Inner {
     tasks: HashMap<Arc<str>, TaskRecord>,
     /// Task names per pipeline, ordered by id (ids are time-ordered UUIDv7).
     by_pipeline: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
-    /// (pipeline, idempotency key) -> task name.
+    /// (pipeline, idempotency key) -> task name, for durable tasks.
     idempotency: HashMap<(Arc<str>, String), Arc<str>>,
+    /// Keys whose first submit is being written.
+    idempotency_pending: HashSet<(Arc<str>, String)>,
+    specs: HashMap<SpecId, Arc<PipelineSpec>>,
+    /// Specs known to be on disk; others are written with the task that brings them.
+    durable_specs: HashSet<SpecId>,
     queue: ReadyQueue,
-    leases: Option<LeaseTable>,
+    fair: FairClock,
+    leases: LeaseTable,
     sessions: BTreeMap<u64, Session>,
+    /// Finished tasks by when they finished, for retention.
+    finished: BTreeSet<(Instant, Arc<str>)>,
     next_seq: u64,
     next_session: u64,
+    /// READY + IN_PROGRESS tasks (and submits being written), in all and per flow.
     active: usize,
+    active_by_flow: HashMap<Arc<str>, usize>,
 }
 
 impl Inner {
-    fn leases(&mut self) -> &mut LeaseTable {
-        self.leases
-            .as_mut()
-            .expect("lease table set at construction")
+    fn reserve(&mut self, flow: &Arc<str>) {
+        self.active += 1;
+        *self.active_by_flow.entry(flow.clone()).or_default() += 1;
+    }
+
+    fn unreserve(&mut self, flow: &Arc<str>) {
+        self.active -= 1;
+        if let Some(n) = self.active_by_flow.get_mut(flow) {
+            *n -= 1;
+            if *n == 0 {
+                self.active_by_flow.remove(flow);
+            }
+        }
+    }
+
+    fn credit(&mut self, session: u64, slots: u32) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.credit = s.credit.saturating_add(slots);
+        }
+    }
+
+    /// Indexes a durable record; READY ones join the queue.
+    fn insert(&mut self, name: Arc<str>, record: TaskRecord) {
+        if !record.task.idempotency_key.is_empty() {
+            let key = (record.pipeline.clone(), record.task.idempotency_key.clone());
+            self.idempotency.insert(key, name.clone());
+        }
+        self.by_pipeline
+            .entry(record.pipeline.clone())
+            .or_default()
+            .insert(name.clone());
+        if record.state() == TaskState::Ready {
+            self.queue.push(&record.pipeline, record.rank, name.clone());
+        }
+        self.tasks.insert(name, record);
     }
 }
 
 pub struct Scheduler {
     options: Options,
     inner: Mutex<Inner>,
+    journal: Journal,
+    /// Wakes the dispatcher: there may be READY tasks and credit.
+    dispatcher: Notify,
     /// Wakes the lease reaper when an earlier deadline may exist.
     reaper: Notify,
 }
@@ -114,13 +239,6 @@ pub struct Watch {
     pub events: Option<broadcast::Receiver<TaskEvent>>,
 }
 
-fn event(e: task_event::Event) -> TaskEvent {
-    TaskEvent {
-        time_ms: unix_ms(),
-        event: Some(e),
-    }
-}
-
 fn wire_lease(id: &LeaseId, task: &str, attempt: u32, deadline: Instant) -> WireLease {
     let left = deadline.saturating_duration_since(Instant::now());
     WireLease {
@@ -131,15 +249,140 @@ fn wire_lease(id: &LeaseId, task: &str, attempt: u32, deadline: Instant) -> Wire
     }
 }
 
+fn storage_error(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("{e}; nothing was changed, retry"))
+}
+
+/// A requeue or final failure being written.
+struct Requeue {
+    name: Arc<str>,
+    next: Task,
+    reason: String,
+    /// The lease it had, restored (expiring soon) if the write fails.
+    lease: Option<(LeaseId, Lease)>,
+}
+
+/// A dispatch being written.
+struct Dispatch {
+    name: Arc<str>,
+    session: u64,
+    lease_id: LeaseId,
+    next: Task,
+}
+
 impl Scheduler {
-    pub fn new(options: Options) -> Arc<Self> {
-        let incarnation = format!("{:x}", unix_ms() & 0xff_ffff);
+    /// A scheduler over what `contents` holds (the disk, read at start), writing through
+    /// `journal`. Leased tasks from before a restart keep their leases for one TTL, so
+    /// reconnecting agents reclaim them; unclaimed ones are then delivered again.
+    pub fn new(options: Options, journal: Journal, contents: Contents) -> Arc<Self> {
+        let started = std::time::Instant::now();
+        let incarnation = format!("{:x}", unix_ms());
+        let mut inner = Inner {
+            tasks: HashMap::new(),
+            by_pipeline: HashMap::new(),
+            idempotency: HashMap::new(),
+            idempotency_pending: HashSet::new(),
+            specs: HashMap::new(),
+            durable_specs: HashSet::new(),
+            queue: ReadyQueue::default(),
+            fair: FairClock::default(),
+            leases: LeaseTable::new(incarnation),
+            sessions: BTreeMap::new(),
+            finished: BTreeSet::new(),
+            next_seq: 0,
+            next_session: 0,
+            active: 0,
+            active_by_flow: HashMap::new(),
+        };
+        for (id, spec) in contents.specs {
+            inner.durable_specs.insert(id);
+            inner.specs.insert(id, Arc::new(spec));
+        }
+        let mut stored = contents.tasks;
+        stored.sort_unstable_by_key(|t| t.seq);
+        let (mut ready, mut leased, mut lost) = (0usize, 0usize, 0usize);
+        let now = Instant::now();
+        for s in stored {
+            let Some(task) = s.task else { continue };
+            let Ok(spec_key) = SpecId::try_from(s.spec_id.as_slice()) else {
+                lost += 1;
+                continue;
+            };
+            let Some(spec) = inner.specs.get(&spec_key).cloned() else {
+                tracing::error!(task = %task.name, "the spec of a stored task is missing; task skipped");
+                lost += 1;
+                continue;
+            };
+            let Ok(name) = TaskName::parse(&task.name) else {
+                lost += 1;
+                continue;
+            };
+            let pipeline: Arc<str> = name.pipeline.to_string().into();
+            let flow: Arc<str> = format!("{}/{}", name.pipeline.tenant, task.client).into();
+            let rank = Rank {
+                client_priority: s.client_priority,
+                task_priority: task.priority,
+                tag: inner.fair.tag(&flow),
+                seq: s.seq,
+            };
+            inner.next_seq = inner.next_seq.max(s.seq);
+            let key: Arc<str> = task.name.as_str().into();
+            let mut record = TaskRecord {
+                task,
+                spec_id: spec_key,
+                spec,
+                pipeline,
+                flow: flow.clone(),
+                client_priority: s.client_priority,
+                rank,
+                lease: None,
+                busy: false,
+                watchers: None,
+                history: Vec::new(),
+            };
+            match record.state() {
+                TaskState::Ready => {
+                    ready += 1;
+                    inner.reserve(&flow);
+                }
+                TaskState::InProgress => {
+                    leased += 1;
+                    inner.reserve(&flow);
+                    let id = LeaseId(s.lease_id.as_str().into());
+                    let lease = Lease {
+                        task: key.clone(),
+                        attempt: record.task.attempt,
+                        // No stream holds it until an agent reclaims it.
+                        session: 0,
+                        deadline: now + options.lease_ttl,
+                    };
+                    inner.leases.insert(id.clone(), lease);
+                    record.lease = Some(id);
+                }
+                _ => {
+                    let age = (unix_ms() - record.task.update_time_ms).max(0) as u64;
+                    let finished_at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
+                    inner.finished.insert((finished_at, key.clone()));
+                }
+            }
+            inner.insert(key, record);
+        }
+        let total = inner.tasks.len();
+        if total > 0 || lost > 0 {
+            tracing::info!(
+                tasks = total,
+                ready,
+                leased,
+                lost,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "recovered tasks from disk"
+            );
+        }
         Arc::new(Self {
             options,
-            inner: Mutex::new(Inner {
-                leases: Some(LeaseTable::new(incarnation)),
-                ..Inner::default()
-            }),
+            inner: Mutex::new(inner),
+            journal,
+            dispatcher: Notify::new(),
             reaper: Notify::new(),
         })
     }
@@ -148,22 +391,105 @@ impl Scheduler {
         &self.options
     }
 
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().expect("scheduler lock poisoned")
     }
 
-    /// Queues validated tasks; each is accepted or refused on its own.
-    pub fn enqueue(&self, items: Vec<EnqueueTask>) -> Vec<Result<Task, Error>> {
-        let mut inner = self.lock();
-        let results = items
-            .into_iter()
-            .map(|item| self.enqueue_one(&mut inner, item))
-            .collect();
-        self.dispatch(&mut inner);
-        results
+    async fn write(&self, ops: Vec<Op>) -> Result<(), Error> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.journal.write(ops).await.map_err(storage_error)
     }
 
-    fn enqueue_one(&self, inner: &mut Inner, item: EnqueueTask) -> Result<Task, Error> {
+    /// Runs the dispatcher, the lease reaper and the retention collector until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        tokio::join!(
+            self.clone().run_dispatcher(cancel.clone()),
+            self.clone().run_reaper(cancel.clone()),
+            self.run_collector(cancel),
+        );
+    }
+
+    // ---- submit ----
+
+    /// Queues validated tasks; each is acknowledged (durable) or refused on its own. All
+    /// the new tasks of one call share one write.
+    pub async fn enqueue(&self, items: Vec<EnqueueTask>) -> Vec<Result<Task, Error>> {
+        let mut outcomes: Vec<Option<Result<Task, Error>>> = Vec::with_capacity(items.len());
+        let mut planned: Vec<(usize, Arc<str>, TaskRecord)> = Vec::new();
+        // A key repeated within this call gets the task of its first occurrence.
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        let mut first_of_key: HashMap<(String, String), usize> = HashMap::new();
+        let mut ops = Vec::new();
+        {
+            let mut inner = self.lock();
+            for (i, item) in items.into_iter().enumerate() {
+                if let Some(task) = item.task.as_ref().filter(|t| !t.idempotency_key.is_empty()) {
+                    let key = (task.pipeline.clone(), task.idempotency_key.clone());
+                    if let Some(&first) = first_of_key.get(&key) {
+                        repeats.push((i, first));
+                        outcomes.push(None);
+                        continue;
+                    }
+                    first_of_key.insert(key, i);
+                }
+                match self.plan_enqueue(&mut inner, item, &mut ops) {
+                    Ok(Ok(existing)) => outcomes.push(Some(Ok(existing))),
+                    Ok(Err((name, record))) => {
+                        planned.push((i, name, record));
+                        outcomes.push(None);
+                    }
+                    Err(e) => outcomes.push(Some(Err(e))),
+                }
+            }
+        }
+        let written = self.write(ops).await;
+        {
+            let mut inner = self.lock();
+            for (i, name, record) in planned {
+                if !record.task.idempotency_key.is_empty() {
+                    let key = (record.pipeline.clone(), record.task.idempotency_key.clone());
+                    inner.idempotency_pending.remove(&key);
+                }
+                outcomes[i] = Some(match &written {
+                    Ok(()) => {
+                        inner.durable_specs.insert(record.spec_id);
+                        let task = record.task.clone();
+                        inner.insert(name, record);
+                        Ok(task)
+                    }
+                    Err(e) => {
+                        inner.unreserve(&record.flow);
+                        Err(e.clone())
+                    }
+                });
+            }
+        }
+        if written.is_ok() {
+            self.dispatcher.notify_one();
+        }
+        for (i, first) in repeats {
+            outcomes[i] = outcomes[first].clone();
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every task has an outcome"))
+            .collect()
+    }
+
+    /// Checks one task and builds its record; `Ok(Ok(task))` is an idempotent repeat.
+    #[allow(clippy::type_complexity)] // (existing task | new record), or a refusal
+    fn plan_enqueue(
+        &self,
+        inner: &mut Inner,
+        item: EnqueueTask,
+        ops: &mut Vec<Op>,
+    ) -> Result<Result<Task, (Arc<str>, TaskRecord)>, Error> {
         let mut task = item.task.ok_or_else(|| Error::invalid("task", "missing"))?;
         let spec = item.spec.ok_or_else(|| Error::invalid("spec", "missing"))?;
         let pipeline_name = PipelineName::parse(&task.pipeline)
@@ -172,14 +498,30 @@ impl Scheduler {
         if !task.idempotency_key.is_empty() {
             let key = (pipeline.clone(), task.idempotency_key.clone());
             if let Some(existing) = inner.idempotency.get(&key) {
-                return Ok(inner.tasks[existing].task.clone());
+                return Ok(Ok(inner.tasks[existing].task.clone()));
+            }
+            if inner.idempotency_pending.contains(&key) {
+                return Err(Error::Aborted(format!(
+                    "a submit with idempotency key {:?} is being written; retry to get its task",
+                    task.idempotency_key
+                )));
             }
         }
+        let flow: Arc<str> = format!("{}/{}", pipeline_name.tenant, task.client).into();
         if inner.active >= self.options.max_active_tasks {
             return Err(Error::ResourceExhausted {
                 what: format!(
                     "the shard holds {} unfinished tasks, its limit; retry later",
                     inner.active
+                ),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let of_flow = inner.active_by_flow.get(&flow).copied().unwrap_or(0);
+        if of_flow >= self.options.max_active_per_client {
+            return Err(Error::ResourceExhausted {
+                what: format!(
+                    "client {flow} has {of_flow} unfinished tasks, its limit; retry later"
                 ),
                 retry_after: Duration::from_secs(1),
             });
@@ -203,104 +545,170 @@ impl Scheduler {
         let rank = Rank {
             client_priority: item.client_priority,
             task_priority: task.priority,
+            tag: inner.fair.tag(&flow),
             seq: inner.next_seq,
         };
-        if !task.idempotency_key.is_empty() {
-            inner.idempotency.insert(
-                (pipeline.clone(), task.idempotency_key.clone()),
-                name.clone(),
-            );
+        let spec_key = spec_id(&spec);
+        if !inner.durable_specs.contains(&spec_key) {
+            ops.push(Op::PutSpec {
+                id: spec_key,
+                spec: spec.encode_to_vec(),
+            });
         }
-        inner
-            .by_pipeline
-            .entry(pipeline.clone())
-            .or_default()
-            .insert(name.clone());
-        inner.queue.push(&pipeline, rank, name.clone());
-        inner.active += 1;
-        let snapshot = task.clone();
-        inner.tasks.insert(
-            name,
-            TaskRecord {
-                task,
-                spec: Arc::new(spec),
-                pipeline,
-                rank,
-                lease: None,
-                watchers: None,
-                history: Vec::new(),
-            },
-        );
-        Ok(snapshot)
+        let spec = inner
+            .specs
+            .entry(spec_key)
+            .or_insert_with(|| Arc::new(spec))
+            .clone();
+        if !task.idempotency_key.is_empty() {
+            inner
+                .idempotency_pending
+                .insert((pipeline.clone(), task.idempotency_key.clone()));
+        }
+        inner.reserve(&flow);
+        let record = TaskRecord {
+            task,
+            spec_id: spec_key,
+            spec,
+            pipeline,
+            flow,
+            client_priority: item.client_priority,
+            rank,
+            lease: None,
+            busy: false,
+            watchers: None,
+            history: Vec::new(),
+        };
+        ops.push(record.stored(&record.task, None));
+        Ok(Err((name, record)))
     }
 
-    /// Hands READY tasks to sessions with credit, until one of them runs out.
-    fn dispatch(&self, inner: &mut Inner) {
-        if inner.queue.is_empty() {
-            return;
+    // ---- dispatch ----
+
+    async fn run_dispatcher(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let (ops, planned) = self.plan_dispatch();
+            if planned.is_empty() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = self.dispatcher.notified() => continue,
+                }
+            }
+            let written = self.write(ops).await;
+            let failed = written.is_err();
+            self.apply_dispatch(planned, written);
+            if failed {
+                // The disk refused; do not spin on it.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
         }
-        let session_ids: Vec<u64> = inner
+    }
+
+    /// Takes READY tasks for sessions with credit and builds their dispatch records.
+    fn plan_dispatch(&self) -> (Vec<Op>, Vec<Dispatch>) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut ops = Vec::new();
+        let mut planned = Vec::new();
+        if inner.queue.is_empty() {
+            return (ops, planned);
+        }
+        let sessions: Vec<u64> = inner
             .sessions
             .iter()
             .filter(|(_, s)| s.credit > 0)
             .map(|(id, _)| *id)
             .collect();
-        for session_id in session_ids {
-            while let Some(session) = inner.sessions.get(&session_id)
+        'sessions: for session_id in sessions {
+            while let Some(session) = inner.sessions.get_mut(&session_id)
                 && session.credit > 0
             {
                 let Some(name) = inner.queue.pop(session.pipelines.as_ref()) else {
                     break;
                 };
-                self.assign(inner, session_id, name);
-            }
-            if inner.queue.is_empty() {
-                return;
+                session.credit -= 1;
+                let lease_id = inner.leases.new_id();
+                let record = inner.tasks.get_mut(&name).expect("queued tasks exist");
+                record.busy = true;
+                inner.fair.advance(record.rank.tag);
+                let mut next = record
+                    .next(Event::Dispatch)
+                    .expect("queued tasks are READY");
+                next.attempt += 1;
+                ops.push(record.stored(&next, Some(&lease_id)));
+                planned.push(Dispatch {
+                    name,
+                    session: session_id,
+                    lease_id,
+                    next,
+                });
+                if planned.len() >= DISPATCH_BATCH {
+                    break 'sessions;
+                }
             }
         }
+        (ops, planned)
     }
 
-    fn assign(&self, inner: &mut Inner, session_id: u64, name: Arc<str>) {
+    fn apply_dispatch(&self, planned: Vec<Dispatch>, written: Result<(), Error>) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         let ttl = self.options.lease_ttl;
-        let record = inner.tasks.get_mut(&name).expect("queued task exists");
-        let state = TaskState::try_from(record.task.state).unwrap_or_default();
-        let next = task::transition(state, Event::Dispatch).expect("queued tasks are READY");
-        record.task.state = next as i32;
-        record.task.attempt += 1;
-        record.task.update_time_ms = unix_ms();
-        record.history.clear();
-        let attempt = record.task.attempt;
-        let (lease_id, lease) = inner.leases().grant(name.clone(), attempt, session_id, ttl);
-        let record = inner.tasks.get_mut(&name).expect("queued task exists");
-        record.lease = Some(lease_id.clone());
-        let wire = wire_lease(&lease_id, &name, attempt, lease.deadline);
-        let assign = ServerMessage {
-            message: Some(server_message::Message::Assign(Assign {
-                task: Some(record.task.clone()),
-                spec: Some((*record.spec).clone()),
-                lease: Some(wire),
-            })),
-        };
-        publish(
-            record,
-            task_event::Event::StateChanged(StateChange {
-                state: next as i32,
-                attempt,
-                reason: String::new(),
-            }),
-        );
-        let session = inner.sessions.get_mut(&session_id).expect("session exists");
-        session.credit -= 1;
-        if session.tx.send(Ok(assign)).is_err() {
-            // The stream is gone; the lease expires and the task is delivered again.
-            tracing::debug!(task = %name, "assign to a closed stream");
+        let mut granted = false;
+        for d in planned {
+            let record = inner.tasks.get_mut(&d.name).expect("busy tasks stay");
+            record.busy = false;
+            if let Err(e) = &written {
+                tracing::warn!(task = %d.name, error = %e, "dispatch not written; task stays READY");
+                inner
+                    .queue
+                    .push(&record.pipeline, record.rank, d.name.clone());
+                inner.credit(d.session, 1);
+                continue;
+            }
+            record.task = d.next;
+            record.history.clear();
+            record.lease = Some(d.lease_id.clone());
+            record.publish_state("");
+            let lease = Lease {
+                task: d.name.clone(),
+                attempt: record.task.attempt,
+                session: d.session,
+                deadline: Instant::now() + ttl,
+            };
+            let assign = ServerMessage {
+                message: Some(server_message::Message::Assign(Assign {
+                    task: Some(record.task.clone()),
+                    spec: Some((*record.spec).clone()),
+                    lease: Some(wire_lease(
+                        &d.lease_id,
+                        &d.name,
+                        lease.attempt,
+                        lease.deadline,
+                    )),
+                })),
+            };
+            inner.leases.insert(d.lease_id, lease);
+            granted = true;
+            let sent = inner
+                .sessions
+                .get(&d.session)
+                .is_some_and(|s| s.tx.send(Ok(assign)).is_ok());
+            if !sent {
+                // The stream went away meanwhile; the lease expires and the task is
+                // delivered again.
+                tracing::debug!(task = %d.name, "assign to a closed stream");
+            }
         }
-        // Every lease has the same TTL, so a new one is never the earliest unless it is the
-        // only one: only then may the reaper be sleeping on nothing.
-        if inner.leases().len() == 1 {
+        if granted {
             self.reaper.notify_one();
         }
     }
+
+    // ---- reads ----
 
     pub fn get(&self, name: &str) -> Result<Task, Error> {
         let inner = self.lock();
@@ -317,103 +725,17 @@ impl Scheduler {
             .tasks
             .get_mut(name)
             .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-        let snapshot = record.task.clone();
-        let state = TaskState::try_from(snapshot.state).unwrap_or_default();
-        let events = (!task::is_final(state)).then(|| {
+        let events = (!task::is_final(record.state())).then(|| {
             record
                 .watchers
                 .get_or_insert_with(|| broadcast::channel(1024).0)
                 .subscribe()
         });
         Ok(Watch {
-            snapshot,
+            snapshot: record.task.clone(),
             history: record.history.clone(),
             events,
         })
-    }
-
-    pub fn cancel(&self, name: &str) -> Result<Task, Error> {
-        let mut inner = self.lock();
-        let record = inner
-            .tasks
-            .get(name)
-            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-        let state = TaskState::try_from(record.task.state).unwrap_or_default();
-        let key: Arc<str> = name.into();
-        match state {
-            TaskState::Ready => {
-                let (pipeline, rank) = (record.pipeline.clone(), record.rank);
-                inner.queue.remove(&pipeline, rank, &key);
-            }
-            TaskState::InProgress => {
-                if let Some(lease_id) = record.lease.clone()
-                    && let Some(lease) = inner.leases().release(&lease_id)
-                {
-                    // The agent kills the run; its result arrives fenced off as stale.
-                    let wire = wire_lease(&lease_id, name, lease.attempt, lease.deadline);
-                    if let Some(session) = inner.sessions.get(&lease.session) {
-                        let _ = session.tx.send(Ok(ServerMessage {
-                            message: Some(server_message::Message::Cancel(Cancel {
-                                lease: Some(wire),
-                            })),
-                        }));
-                    }
-                }
-            }
-            _ => {
-                return Err(Error::FailedPrecondition(format!(
-                    "{name} already finished ({})",
-                    state.as_str_name()
-                )));
-            }
-        }
-        Ok(self.finish(
-            &mut inner,
-            &key,
-            Event::Cancel,
-            None,
-            "cancelled by a client",
-        ))
-    }
-
-    /// Moves a task to a final state, tells its watchers, and returns it.
-    fn finish(
-        &self,
-        inner: &mut Inner,
-        name: &Arc<str>,
-        event: Event,
-        result: Option<TaskResult>,
-        reason: &str,
-    ) -> Task {
-        let record = inner.tasks.get_mut(name).expect("task exists");
-        let state = TaskState::try_from(record.task.state).unwrap_or_default();
-        let next = task::transition(state, event).expect("caller checked the state");
-        record.task.state = next as i32;
-        record.task.update_time_ms = unix_ms();
-        record.lease = None;
-        if result.is_some() {
-            record.task.result = result;
-        } else if next == TaskState::Error {
-            record.task.result = Some(TaskResult {
-                succeeded: false,
-                error: reason.to_owned(),
-                ..TaskResult::default()
-            });
-        }
-        publish(
-            record,
-            task_event::Event::StateChanged(StateChange {
-                state: next as i32,
-                attempt: record.task.attempt,
-                reason: reason.to_owned(),
-            }),
-        );
-        publish(record, task_event::Event::Finished(record.task.clone()));
-        // Dropping the sender ends every watch after the final event.
-        record.watchers = None;
-        record.history = Vec::new();
-        inner.active -= 1;
-        record.task.clone()
     }
 
     pub fn list(
@@ -453,10 +775,128 @@ impl Scheduler {
         (tasks, next)
     }
 
+    /// READY + IN_PROGRESS tasks (for health and tests).
+    pub fn active_tasks(&self) -> usize {
+        self.lock().active
+    }
+
+    /// Every task the shard holds, finished ones included.
+    pub fn len(&self) -> usize {
+        self.lock().tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // ---- finishing ----
+
+    /// Installs a written final state: tells watchers, frees the slot in the admission
+    /// counts, starts the retention clock.
+    fn install_final(&self, inner: &mut Inner, name: &Arc<str>, next: Task, reason: &str) -> Task {
+        let record = inner.tasks.get_mut(name).expect("task exists");
+        record.busy = false;
+        record.task = next;
+        record.lease = None;
+        record.publish_state(reason);
+        record.publish(task_event::Event::Finished(record.task.clone()));
+        // Dropping the sender ends every watch after the final event.
+        record.watchers = None;
+        record.history = Vec::new();
+        let flow = record.flow.clone();
+        let task = record.task.clone();
+        inner.unreserve(&flow);
+        inner.finished.insert((Instant::now(), name.clone()));
+        task
+    }
+
+    pub async fn cancel(&self, name: &str) -> Result<Task, Error> {
+        let key: Arc<str> = name.into();
+        let (next, op, lease) = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let record = inner
+                .tasks
+                .get_mut(name)
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            if record.busy {
+                return Err(Error::Aborted(format!(
+                    "{name} is changing state; retry to cancel it"
+                )));
+            }
+            let state = record.state();
+            let next = record.next(Event::Cancel).map_err(|_| {
+                Error::FailedPrecondition(format!(
+                    "{name} already finished ({})",
+                    state.as_str_name()
+                ))
+            })?;
+            record.busy = true;
+            let op = record.stored(&next, None);
+            let lease = match state {
+                TaskState::Ready => {
+                    inner.queue.remove(&record.pipeline, record.rank, &key);
+                    None
+                }
+                _ => record.lease.clone().and_then(|id| {
+                    let lease = inner.leases.release(&id)?;
+                    // The agent kills the run; its result arrives fenced off as stale.
+                    let wire = wire_lease(&id, name, lease.attempt, lease.deadline);
+                    if let Some(session) = inner.sessions.get(&lease.session) {
+                        let _ = session.tx.send(Ok(ServerMessage {
+                            message: Some(server_message::Message::Cancel(Cancel {
+                                lease: Some(wire),
+                            })),
+                        }));
+                    }
+                    Some((id, lease))
+                }),
+            };
+            (next, op, lease)
+        };
+        let written = self.write(vec![op]).await;
+        let mut inner = self.lock();
+        match written {
+            Ok(()) => Ok(self.install_final(&mut inner, &key, next, "cancelled by a client")),
+            Err(e) => {
+                self.undo(&mut inner, &key, lease);
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a task back as it was after a change could not be written: READY ones rejoin
+    /// the queue; leased ones get their lease back, expiring at once, so the reaper delivers
+    /// them again.
+    fn undo(&self, inner: &mut Inner, name: &Arc<str>, lease: Option<(LeaseId, Lease)>) {
+        let record = inner.tasks.get_mut(name).expect("busy tasks stay");
+        record.busy = false;
+        match (record.state(), lease) {
+            (TaskState::Ready, _) => {
+                inner
+                    .queue
+                    .push(&record.pipeline, record.rank, name.clone());
+                self.dispatcher.notify_one();
+            }
+            (_, Some((id, lease))) => {
+                inner.leases.insert(
+                    id,
+                    Lease {
+                        deadline: Instant::now(),
+                        ..lease
+                    },
+                );
+                self.reaper.notify_one();
+            }
+            _ => {}
+        }
+    }
+
     // ---- agent sessions ----
 
     /// Registers an agent stream; returns its session id. Leases the agent still holds from
-    /// an earlier stream are moved to this one, so running work is not delivered again.
+    /// an earlier stream (or from before a restart of this shard) move to this one, so running
+    /// work is not delivered again.
     pub fn open_session(&self, hello: &Hello, tx: AgentTx) -> u64 {
         let mut inner = self.lock();
         inner.next_session += 1;
@@ -465,11 +905,11 @@ impl Scheduler {
         for held in &hello.held_leases {
             let lease_id = LeaseId(held.lease_id.as_str().into());
             let current = inner
-                .leases()
+                .leases
                 .get(&lease_id)
                 .is_some_and(|l| *l.task == *held.task && l.attempt == held.attempt);
             if current {
-                inner.leases().rebind(&lease_id, id, ttl);
+                inner.leases.rebind(&lease_id, id, ttl);
                 tracing::info!(task = %held.task, lease = %lease_id, "lease reclaimed");
             }
         }
@@ -484,7 +924,7 @@ impl Scheduler {
                 tx,
             },
         );
-        self.dispatch(&mut inner);
+        self.dispatcher.notify_one();
         id
     }
 
@@ -498,11 +938,8 @@ impl Scheduler {
     }
 
     pub fn credit(&self, session: u64, slots: u32) {
-        let mut inner = self.lock();
-        if let Some(s) = inner.sessions.get_mut(&session) {
-            s.credit = s.credit.saturating_add(slots);
-        }
-        self.dispatch(&mut inner);
+        self.lock().credit(session, slots);
+        self.dispatcher.notify_one();
     }
 
     /// Renews leases held by `session`; unknown ones are ignored (their results will be
@@ -512,25 +949,22 @@ impl Scheduler {
         let ttl = self.options.lease_ttl;
         for l in leases {
             inner
-                .leases()
+                .leases
                 .renew(&LeaseId(l.lease_id.as_str().into()), session, ttl);
         }
     }
 
-    /// Checks that `lease` is the task's current one; returns the task's name.
-    fn current(inner: &mut Inner, lease: &WireLease) -> Option<Arc<str>> {
-        let id = LeaseId(lease.lease_id.as_str().into());
-        let held = inner.leases().get(&id)?;
-        if *held.task != *lease.task || held.attempt != lease.attempt {
-            return None;
-        }
-        Some(held.task.clone())
+    /// The task `lease` is the current lease of, if it is.
+    fn current(inner: &Inner, lease: &WireLease) -> Option<Arc<str>> {
+        let held = inner.leases.get(&LeaseId(lease.lease_id.as_str().into()))?;
+        (*held.task == *lease.task && held.attempt == lease.attempt).then(|| held.task.clone())
     }
 
-    /// A running task's progress, forwarded to its watchers when the lease is current.
+    /// A running task's progress, kept for late watchers and sent to current ones when the
+    /// lease is current.
     pub fn progress(&self, lease: &WireLease, event: TaskEvent) {
         let mut inner = self.lock();
-        if let Some(name) = Self::current(&mut inner, lease)
+        if let Some(name) = Self::current(&inner, lease)
             && let Some(record) = inner.tasks.get_mut(&name)
         {
             record.record(event);
@@ -539,96 +973,168 @@ impl Scheduler {
 
     /// An attempt's end. The first result of the current lease wins; anything else is a
     /// duplicate and changes nothing. Returns whether it was applied.
-    pub fn complete(&self, session: u64, lease: &WireLease, result: TaskResult) -> bool {
-        let mut inner = self.lock();
-        if let Some(s) = inner.sessions.get_mut(&session) {
-            s.credit = s.credit.saturating_add(1);
-        }
-        let applied = match Self::current(&mut inner, lease) {
-            Some(name) => {
-                inner
-                    .leases()
-                    .release(&LeaseId(lease.lease_id.as_str().into()));
+    pub async fn complete(&self, session: u64, lease: &WireLease, result: TaskResult) -> bool {
+        let planned = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            inner.credit(session, 1);
+            let planned = Self::current(inner, lease).and_then(|name| {
+                let id = LeaseId(lease.lease_id.as_str().into());
+                let held = inner.leases.release(&id)?;
+                let record = inner.tasks.get_mut(&name)?;
+                record.busy = true;
                 let event = Event::Finish {
                     succeeded: result.succeeded,
                 };
-                let reason = if result.succeeded {
-                    String::new()
-                } else {
-                    result.error.clone()
-                };
-                self.finish(&mut inner, &name, event, Some(result), &reason);
+                let mut next = record.next(event).ok()?;
+                next.result = Some(result);
+                let op = record.stored(&next, None);
+                Some((name, next, op, (id, held)))
+            });
+            if planned.is_none() {
+                tracing::info!(task = %lease.task, attempt = lease.attempt, "duplicate or stale result ignored");
+            }
+            planned
+        };
+        // The slot came back either way.
+        self.dispatcher.notify_one();
+        let Some((name, next, op, lease)) = planned else {
+            return false;
+        };
+        let written = self.write(vec![op]).await;
+        let mut inner = self.lock();
+        match written {
+            Ok(()) => {
+                let reason = next
+                    .result
+                    .as_ref()
+                    .map(|r| r.error.clone())
+                    .unwrap_or_default();
+                self.install_final(&mut inner, &name, next, &reason);
                 true
             }
-            None => {
-                tracing::info!(task = %lease.task, attempt = lease.attempt, "duplicate or stale result ignored");
+            Err(e) => {
+                tracing::warn!(task = %name, error = %e, "result not written; the task will run again");
+                self.undo(&mut inner, &name, Some(lease));
                 false
             }
-        };
-        self.dispatch(&mut inner);
-        applied
+        }
     }
 
     /// The agent refused an assigned task: it goes back to READY (its slot is credited back).
-    pub fn reject(&self, session: u64, lease: &WireLease, reason: &str) {
-        let mut inner = self.lock();
-        if let Some(s) = inner.sessions.get_mut(&session) {
-            s.credit = s.credit.saturating_add(1);
-        }
-        if let Some(name) = Self::current(&mut inner, lease) {
-            inner
-                .leases()
-                .release(&LeaseId(lease.lease_id.as_str().into()));
+    pub async fn reject(&self, session: u64, lease: &WireLease, reason: &str) {
+        let released = {
+            let mut inner = self.lock();
+            inner.credit(session, 1);
+            Self::current(&inner, lease).and_then(|name| {
+                let id = LeaseId(lease.lease_id.as_str().into());
+                inner.leases.release(&id).map(|held| (name, id, held))
+            })
+        };
+        if let Some((name, id, held)) = released {
             tracing::warn!(task = %name, reason, "agent rejected task");
-            self.requeue(&mut inner, &name, reason);
+            self.requeue(vec![(id, held)], reason).await;
         }
-        self.dispatch(&mut inner);
+        self.dispatcher.notify_one();
     }
 
-    /// IN_PROGRESS -> READY, or ERROR once it was delivered too often.
-    fn requeue(&self, inner: &mut Inner, name: &Arc<str>, reason: &str) {
-        let record = inner.tasks.get_mut(name).expect("task exists");
-        if record.task.attempt >= self.options.max_deliveries {
-            let why = format!("{reason}; gave up after {} deliveries", record.task.attempt);
-            self.finish(inner, name, Event::Fail, None, &why);
+    /// IN_PROGRESS -> READY for tasks whose leases ended (or ERROR once delivered too often),
+    /// in one write.
+    async fn requeue(&self, leases: Vec<(LeaseId, Lease)>, reason: &str) {
+        let (ops, planned) = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let mut ops = Vec::new();
+            let mut planned = Vec::new();
+            for (id, lease) in leases {
+                let Some(record) = inner.tasks.get_mut(&lease.task) else {
+                    continue;
+                };
+                if record.busy || record.lease.as_ref() != Some(&id) {
+                    continue;
+                }
+                record.busy = true;
+                let (event, why) = if record.task.attempt >= self.options.max_deliveries {
+                    let why = format!("{reason}; gave up after {} deliveries", record.task.attempt);
+                    (Event::Fail, why)
+                } else {
+                    (Event::Requeue, reason.to_owned())
+                };
+                let mut next = record.next(event).expect("leased tasks are IN_PROGRESS");
+                if event == Event::Fail {
+                    next.result = Some(TaskResult {
+                        succeeded: false,
+                        error: why.clone(),
+                        ..TaskResult::default()
+                    });
+                }
+                ops.push(record.stored(&next, None));
+                planned.push(Requeue {
+                    name: lease.task.clone(),
+                    next,
+                    reason: why,
+                    lease: Some((id, lease)),
+                });
+            }
+            (ops, planned)
+        };
+        if planned.is_empty() {
             return;
         }
-        let state = TaskState::try_from(record.task.state).unwrap_or_default();
-        let next = task::transition(state, Event::Requeue).expect("leased tasks are IN_PROGRESS");
-        record.task.state = next as i32;
-        record.task.update_time_ms = unix_ms();
-        record.lease = None;
-        publish(
-            record,
-            task_event::Event::StateChanged(StateChange {
-                state: next as i32,
-                attempt: record.task.attempt,
-                reason: reason.to_owned(),
-            }),
-        );
-        let (pipeline, rank) = (record.pipeline.clone(), record.rank);
-        inner.queue.push(&pipeline, rank, name.clone());
-    }
-
-    /// Expires due leases (their tasks go back to READY) and returns the next deadline.
-    fn expire_due(&self) -> Option<Instant> {
-        let mut inner = self.lock();
-        let expired = inner.leases().take_expired(Instant::now());
-        for (id, lease) in &expired {
-            tracing::info!(task = %lease.task, lease = %id, attempt = lease.attempt, "lease expired");
-            self.requeue(&mut inner, &lease.task, "lease expired");
+        let written = self.write(ops).await;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        for r in planned {
+            if let Err(e) = &written {
+                tracing::warn!(task = %r.name, error = %e, "requeue not written; retrying soon");
+                // Back as it was, expiring again shortly.
+                let record = inner.tasks.get_mut(&r.name).expect("busy tasks stay");
+                record.busy = false;
+                if let Some((id, lease)) = r.lease {
+                    let later = Instant::now() + Duration::from_secs(1);
+                    inner.leases.insert(
+                        id,
+                        Lease {
+                            deadline: later,
+                            ..lease
+                        },
+                    );
+                }
+                continue;
+            }
+            if task::is_final(TaskState::try_from(r.next.state).unwrap_or_default()) {
+                self.install_final(inner, &r.name, r.next, &r.reason);
+                continue;
+            }
+            let record = inner.tasks.get_mut(&r.name).expect("busy tasks stay");
+            record.busy = false;
+            record.task = r.next;
+            record.lease = None;
+            record.publish_state(&r.reason);
+            inner
+                .queue
+                .push(&record.pipeline, record.rank, r.name.clone());
         }
-        if !expired.is_empty() {
-            self.dispatch(&mut inner);
-        }
-        inner.leases().next_deadline()
+        self.dispatcher.notify_one();
+        self.reaper.notify_one();
     }
 
     /// Expires leases at their deadlines until `cancel` fires. Sleeps until the earliest
     /// deadline, or until a new lease may have brought it forward.
-    pub async fn run_reaper(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+    async fn run_reaper(self: Arc<Self>, cancel: CancellationToken) {
         loop {
-            let next = self.expire_due();
+            let (expired, next) = {
+                let mut inner = self.lock();
+                let expired = inner.leases.take_expired(Instant::now());
+                (expired, inner.leases.next_deadline())
+            };
+            if !expired.is_empty() {
+                for (id, lease) in &expired {
+                    tracing::info!(task = %lease.task, lease = %id, attempt = lease.attempt, "lease expired");
+                }
+                self.requeue(expired, "lease expired").await;
+                continue;
+            }
             let sleep = async {
                 match next {
                     Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -643,28 +1149,71 @@ impl Scheduler {
         }
     }
 
-    /// READY + IN_PROGRESS tasks (for health and tests).
-    pub fn active_tasks(&self) -> usize {
-        self.lock().active
-    }
-}
+    // ---- retention ----
 
-fn publish(record: &mut TaskRecord, e: task_event::Event) {
-    record.record(event(e));
-}
-
-impl TaskRecord {
-    /// Keeps an event for late watchers and sends it to the current ones.
-    fn record(&mut self, event: TaskEvent) {
-        if self.history.len() < HISTORY_LIMIT {
-            self.history.push(event.clone());
-        }
-        if let Some(tx) = &self.watchers {
-            let _ = tx.send(event);
+    async fn run_collector(self: Arc<Self>, cancel: CancellationToken) {
+        let period =
+            (self.options.retention / 10).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            self.collect().await;
         }
     }
-}
 
+    /// Deletes finished tasks older than the retention period; returns how many.
+    pub async fn collect(&self) -> usize {
+        let due: Vec<(Instant, Arc<str>)> = {
+            let mut inner = self.lock();
+            let Some(cutoff) = Instant::now().checked_sub(self.options.retention) else {
+                return 0;
+            };
+            let mut due = Vec::new();
+            while due.len() < COLLECT_BATCH
+                && inner.finished.first().is_some_and(|(at, _)| *at <= cutoff)
+            {
+                due.push(inner.finished.pop_first().expect("first exists"));
+            }
+            due
+        };
+        if due.is_empty() {
+            return 0;
+        }
+        let ops = due
+            .iter()
+            .map(|(_, name)| Op::DeleteTask {
+                name: name.to_string(),
+            })
+            .collect();
+        let written = self.write(ops).await;
+        let mut inner = self.lock();
+        if written.is_err() {
+            inner.finished.extend(due);
+            return 0;
+        }
+        let collected = due.len();
+        for (_, name) in due {
+            let Some(record) = inner.tasks.remove(&name) else {
+                continue;
+            };
+            if let Some(names) = inner.by_pipeline.get_mut(&record.pipeline) {
+                names.remove(&name);
+                if names.is_empty() {
+                    inner.by_pipeline.remove(&record.pipeline);
+                }
+            }
+            if !record.task.idempotency_key.is_empty() {
+                inner
+                    .idempotency
+                    .remove(&(record.pipeline.clone(), record.task.idempotency_key.clone()));
+            }
+        }
+        tracing::debug!(collected, "finished tasks collected");
+        collected
+    }
+}
 #[cfg(test)]
 mod tests {
     use pm_proto::v1::{Job, Stage};
@@ -709,18 +1258,46 @@ mod tests {
         }
     }
 
-    fn scheduler(max_active_tasks: usize) -> Arc<Scheduler> {
-        Scheduler::new(Options {
+    fn options(max_active_tasks: usize) -> Options {
+        Options {
             lease_ttl: TTL,
             max_active_tasks,
+            max_active_per_client: max_active_tasks,
             max_deliveries: 10,
-        })
+            retention: Duration::from_secs(3600),
+        }
+    }
+
+    /// A scheduler whose writes succeed at once (logic on a paused clock).
+    fn scheduler(max_active_tasks: usize) -> Arc<Scheduler> {
+        Scheduler::new(
+            options(max_active_tasks),
+            Journal::discard(),
+            Contents::default(),
+        )
+    }
+
+    async fn enqueue_one(s: &Scheduler, item: EnqueueTask) -> Task {
+        s.enqueue(vec![item]).await.pop().unwrap().unwrap()
+    }
+
+    /// Starts the scheduler's loops; returns what stops them.
+    fn start(s: &Arc<Scheduler>) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        tokio::spawn(s.clone().run(cancel.clone()));
+        cancel
     }
 
     /// The next Assign pushed to a fake agent stream.
-    fn assigned(rx: &mut UnboundedReceiver<Result<ServerMessage, Status>>) -> (Task, WireLease) {
+    async fn assigned(
+        rx: &mut UnboundedReceiver<Result<ServerMessage, Status>>,
+    ) -> (Task, WireLease) {
         loop {
-            let message = rx.try_recv().expect("an Assign was pushed").unwrap();
+            let message = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .expect("an Assign within a minute")
+                .expect("stream open")
+                .unwrap();
             if let Some(server_message::Message::Assign(a)) = message.message {
                 return (a.task.unwrap(), a.lease.unwrap());
             }
@@ -753,12 +1330,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_expired_lease_is_delivered_again_and_stale_results_are_fenced() {
         let s = scheduler(100);
-        let cancel = CancellationToken::new();
-        tokio::spawn(s.clone().run_reaper(cancel.clone()));
+        let cancel = start(&s);
         let (tx1, mut rx1) = mpsc::unbounded_channel();
         let first = s.open_session(&hello(1, vec![]), tx1);
-        let task = s.enqueue(vec![item(10, "")]).pop().unwrap().unwrap();
-        let (_, lease1) = assigned(&mut rx1);
+        let task = enqueue_one(&s, item(10, "")).await;
+        let (_, lease1) = assigned(&mut rx1).await;
         assert_eq!(lease1.attempt, 1);
         assert_eq!(state_of(&s, &task.name), (TaskState::InProgress, 1));
 
@@ -767,18 +1343,18 @@ mod tests {
         until(|| state_of(&s, &task.name).0 == TaskState::Ready).await;
         let (tx2, mut rx2) = mpsc::unbounded_channel();
         let second = s.open_session(&hello(1, vec![]), tx2);
-        let (_, lease2) = assigned(&mut rx2);
+        let (_, lease2) = assigned(&mut rx2).await;
         assert_eq!(lease2.attempt, 2);
         assert_ne!(lease2.lease_id, lease1.lease_id);
 
         // The first agent's late result is a duplicate: nothing changes.
-        assert!(!s.complete(first, &lease1, done()));
+        assert!(!s.complete(first, &lease1, done()).await);
         assert_eq!(state_of(&s, &task.name), (TaskState::InProgress, 2));
         // The current attempt's result wins, once.
-        assert!(s.complete(second, &lease2, done()));
+        assert!(s.complete(second, &lease2, done()).await);
         assert_eq!(state_of(&s, &task.name), (TaskState::Done, 2));
         assert!(
-            !s.complete(second, &lease2, done()),
+            !s.complete(second, &lease2, done()).await,
             "a repeated result is not applied twice"
         );
         assert_eq!(s.active_tasks(), 0);
@@ -788,12 +1364,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn renewal_keeps_a_lease_and_a_reconnecting_agent_reclaims_it() {
         let s = scheduler(100);
-        let cancel = CancellationToken::new();
-        tokio::spawn(s.clone().run_reaper(cancel.clone()));
+        let cancel = start(&s);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let session = s.open_session(&hello(1, vec![]), tx);
-        let task = s.enqueue(vec![item(10, "")]).pop().unwrap().unwrap();
-        let (_, lease) = assigned(&mut rx);
+        let task = enqueue_one(&s, item(10, "")).await;
+        let (_, lease) = assigned(&mut rx).await;
 
         tokio::time::advance(TTL * 6 / 10).await;
         s.renew(session, std::slice::from_ref(&lease));
@@ -820,20 +1395,23 @@ mod tests {
             (TaskState::InProgress, 1),
             "reclaimed, not redelivered"
         );
-        assert!(s.complete(back, &lease, done()));
+        assert!(s.complete(back, &lease, done()).await);
         assert_eq!(state_of(&s, &task.name).0, TaskState::Done);
         cancel.cancel();
     }
 
-    #[test]
-    fn priority_then_fifo_idempotency_and_admission() {
+    #[tokio::test(start_paused = true)]
+    async fn priority_then_fifo_idempotency_admission_and_cancel() {
         let s = scheduler(3);
-        let results = s.enqueue(vec![
-            item(10, "a"),
-            item(5, ""),
-            item(10, ""),
-            item(10, "a"),
-        ]);
+        let cancel = start(&s);
+        let results = s
+            .enqueue(vec![
+                item(10, "a"),
+                item(5, ""),
+                item(10, ""),
+                item(10, "a"),
+            ])
+            .await;
         let names: Vec<String> = results
             .iter()
             .map(|r| r.as_ref().unwrap().name.clone())
@@ -842,7 +1420,7 @@ mod tests {
             names[3], names[0],
             "the same idempotency key returns the original task"
         );
-        let refused = s.enqueue(vec![item(10, "")]).pop().unwrap();
+        let refused = s.enqueue(vec![item(10, "")]).await.pop().unwrap();
         assert!(
             matches!(refused, Err(Error::ResourceExhausted { .. })),
             "{refused:?}"
@@ -851,25 +1429,173 @@ mod tests {
 
         let (tx, mut rx) = mpsc::unbounded_channel();
         s.open_session(&hello(3, vec![]), tx);
-        let order: Vec<String> = (0..3).map(|_| assigned(&mut rx).0.name).collect();
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            order.push(assigned(&mut rx).await.0.name);
+        }
         assert_eq!(
             order,
             vec![names[1].clone(), names[0].clone(), names[2].clone()]
         );
+        cancel.cancel();
 
         // Cancel of a READY task: it is never dispatched.
         let s = scheduler(10);
-        let task = s.enqueue(vec![item(10, "")]).pop().unwrap().unwrap();
+        let cancel = start(&s);
+        let task = enqueue_one(&s, item(10, "")).await;
+        let cancelled = s.cancel(&task.name).await.unwrap();
         assert_eq!(
-            TaskState::try_from(s.cancel(&task.name).unwrap().state),
+            TaskState::try_from(cancelled.state),
             Ok(TaskState::Cancelled)
         );
+        let later = enqueue_one(&s, item(10, "")).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         s.open_session(&hello(1, vec![]), tx);
-        assert!(rx.try_recv().is_err(), "nothing is assigned");
+        assert_eq!(
+            assigned(&mut rx).await.0.name,
+            later.name,
+            "the cancelled task is skipped"
+        );
         assert!(matches!(
-            s.cancel(&task.name),
+            s.cancel(&task.name).await,
             Err(Error::FailedPrecondition(_))
         ));
+        cancel.cancel();
+    }
+
+    fn from(client: &str) -> EnqueueTask {
+        let mut it = item(10, "");
+        it.task.as_mut().unwrap().client = client.into();
+        it
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_noisy_client_does_not_starve_a_quiet_one_and_quotas_are_per_client() {
+        let mut o = options(1000);
+        o.max_active_per_client = 60;
+        let s = Scheduler::new(o, Journal::discard(), Contents::default());
+        let cancel = start(&s);
+        let noisy: Vec<EnqueueTask> = (0..60).map(|_| from("noisy")).collect();
+        assert!(s.enqueue(noisy).await.iter().all(Result::is_ok));
+        let over = s.enqueue(vec![from("noisy")]).await.pop().unwrap();
+        assert!(
+            matches!(over, Err(Error::ResourceExhausted { .. })),
+            "{over:?}"
+        );
+        let quiet: Vec<Task> = s
+            .enqueue((0..5).map(|_| from("quiet")).collect())
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        s.open_session(&hello(10, vec![]), tx);
+        let mut first_ten = Vec::new();
+        for _ in 0..10 {
+            first_ten.push(assigned(&mut rx).await.0.client);
+        }
+        let quiet_served = first_ten.iter().filter(|c| *c == "quiet").count();
+        assert_eq!(
+            quiet_served, 5,
+            "the quiet client's 5 tasks run among the first 10: {first_ten:?}"
+        );
+        assert_eq!(quiet.len(), 5);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finished_tasks_are_collected_after_retention() {
+        let mut o = options(100);
+        o.retention = Duration::from_secs(60);
+        let s = Scheduler::new(o, Journal::discard(), Contents::default());
+        let cancel = start(&s);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(1, vec![]), tx);
+        let task = enqueue_one(&s, item(10, "key")).await;
+        let (_, lease) = assigned(&mut rx).await;
+        assert!(s.complete(session, &lease, done()).await);
+        assert_eq!(
+            enqueue_one(&s, item(10, "key")).await.name,
+            task.name,
+            "within retention"
+        );
+
+        tokio::time::advance(Duration::from_secs(61)).await;
+        until(|| s.get(&task.name).is_err()).await;
+        assert!(s.is_empty());
+        let again = enqueue_one(&s, item(10, "key")).await;
+        assert_ne!(again.name, task.name, "the key is forgotten with its task");
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_restart_replays_the_disk_and_lets_agents_reclaim_their_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        // The old journal thread lets go of the store's lock once its last writer is dropped.
+        let open = || async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match crate::open(options(100), Some(dir.path())) {
+                    Ok(s) => return s,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(e) => panic!("reopen: {e}"),
+                }
+            }
+        };
+        let s = open().await;
+        let cancel = start(&s);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(2, vec![]), tx);
+        let items = vec![item(10, ""), item(10, "k"), item(10, ""), item(10, "")];
+        let tasks: Vec<Task> = s
+            .enqueue(items)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let (_, finished) = assigned(&mut rx).await;
+        let (_, running) = assigned(&mut rx).await;
+        // The stream closes (so no slot comes back), then its result still lands.
+        s.close_session(session);
+        assert!(s.complete(session, &finished, done()).await);
+        cancel.cancel();
+        drop(s);
+
+        let s = open().await;
+        let cancel = start(&s);
+        let state = |t: &Task| TaskState::try_from(s.get(&t.name).unwrap().state).unwrap();
+        assert_eq!(state(&tasks[0]), TaskState::Done);
+        assert_eq!(
+            state(&tasks[1]),
+            TaskState::InProgress,
+            "leased before the restart"
+        );
+        assert_eq!(state(&tasks[2]), TaskState::Ready);
+        assert_eq!(
+            enqueue_one(&s, item(10, "k")).await.name,
+            tasks[1].name,
+            "idempotency survives"
+        );
+        // The agent comes back with its lease; the others are dispatched as before.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let back = s.open_session(&hello(2, vec![running.clone()]), tx);
+        let next: Vec<String> = vec![
+            assigned(&mut rx).await.0.name,
+            assigned(&mut rx).await.0.name,
+        ];
+        assert_eq!(
+            next,
+            vec![tasks[2].name.clone(), tasks[3].name.clone()],
+            "FIFO kept"
+        );
+        assert!(
+            s.complete(back, &running, done()).await,
+            "the reclaimed lease's result counts"
+        );
+        assert_eq!(state(&tasks[1]), TaskState::Done);
+        cancel.cancel();
     }
 }

@@ -46,6 +46,7 @@ impl ShardService for Shard {
         let results = self
             .scheduler
             .enqueue(request.into_inner().tasks)
+            .await
             .into_iter()
             .map(|r| SubmitTaskResult {
                 outcome: Some(match r {
@@ -122,7 +123,7 @@ impl ShardService for Shard {
         request: Request<CancelTaskRequest>,
     ) -> Result<Response<Task>, Status> {
         let name = task_name(&request.get_ref().name)?;
-        Ok(Response::new(self.scheduler.cancel(&name)?))
+        Ok(Response::new(self.scheduler.cancel(&name).await?))
     }
 
     async fn list_tasks(

@@ -1,0 +1,163 @@
+//! The task store: the shard's tasks on its own disk, in fjall.
+//!
+//! Two keyspaces: `tasks` (task name -> `StoredTask`) and `specs` (SHA-256 of an encoded spec
+//! -> the spec), so a pipeline version shared by a million tasks is stored once. Writes go
+//! through [`crate::journal`], which batches them and syncs once per batch; this module only
+//! knows how to apply a batch and how to read everything back at start.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use pm_proto::internal::v1::StoredTask;
+use pm_proto::v1::PipelineSpec;
+
+/// Content address of a spec.
+pub type SpecId = [u8; 32];
+
+pub fn spec_id(spec: &PipelineSpec) -> SpecId {
+    Sha256::digest(spec.encode_to_vec()).into()
+}
+
+/// One write.
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutTask { name: String, record: Vec<u8> },
+    DeleteTask { name: String },
+    PutSpec { id: SpecId, spec: Vec<u8> },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("task store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<fjall::Error> for StoreError {
+    fn from(e: fjall::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// Everything on disk, read back at start.
+#[derive(Default)]
+pub struct Contents {
+    pub tasks: Vec<StoredTask>,
+    pub specs: HashMap<SpecId, PipelineSpec>,
+}
+
+pub struct Store {
+    db: Database,
+    tasks: Keyspace,
+    specs: Keyspace,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+        let db = Database::builder(dir)
+            // We sync ourselves, once per group commit.
+            .manual_journal_persist(true)
+            .open()?;
+        let tasks = db.keyspace("tasks", KeyspaceCreateOptions::default)?;
+        let specs = db.keyspace("specs", KeyspaceCreateOptions::default)?;
+        Ok(Self { db, tasks, specs })
+    }
+
+    /// Applies `ops` atomically and makes them durable (fdatasync) before returning.
+    pub fn apply<'a>(&self, ops: impl IntoIterator<Item = &'a Op>) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for op in ops {
+            match op {
+                Op::PutTask { name, record } => {
+                    batch.insert(&self.tasks, name.as_bytes(), record.as_slice())
+                }
+                Op::DeleteTask { name } => batch.remove(&self.tasks, name.as_bytes()),
+                Op::PutSpec { id, spec } => {
+                    batch.insert(&self.specs, id.as_slice(), spec.as_slice())
+                }
+            }
+        }
+        batch.commit()?;
+        self.db.persist(PersistMode::SyncData)?;
+        Ok(())
+    }
+
+    /// Reads every task and spec.
+    pub fn load(&self) -> Result<Contents, StoreError> {
+        let mut contents = Contents::default();
+        for guard in self.specs.iter() {
+            let (key, value) = guard.into_inner()?;
+            let id: SpecId = key
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError("a spec key is not 32 bytes".into()))?;
+            let spec = PipelineSpec::decode(value.as_ref())
+                .map_err(|e| StoreError(format!("undecodable spec: {e}")))?;
+            contents.specs.insert(id, spec);
+        }
+        for guard in self.tasks.iter() {
+            let (key, value) = guard.into_inner()?;
+            let task = StoredTask::decode(value.as_ref()).map_err(|e| {
+                StoreError(format!(
+                    "undecodable task {}: {e}",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            contents.tasks.push(task);
+        }
+        Ok(contents)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pm_proto::v1::Task;
+
+    use super::*;
+
+    #[test]
+    fn writes_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = PipelineSpec {
+            name: "s".into(),
+            ..PipelineSpec::default()
+        };
+        let id = spec_id(&spec);
+        let record = |name: &str| StoredTask {
+            task: Some(Task {
+                name: name.into(),
+                ..Task::default()
+            }),
+            spec_id: id.to_vec(),
+            seq: 1,
+            ..StoredTask::default()
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .apply(&[
+                    Op::PutSpec {
+                        id,
+                        spec: spec.encode_to_vec(),
+                    },
+                    Op::PutTask {
+                        name: "a".into(),
+                        record: record("a").encode_to_vec(),
+                    },
+                    Op::PutTask {
+                        name: "b".into(),
+                        record: record("b").encode_to_vec(),
+                    },
+                ])
+                .unwrap();
+            store.apply(&[Op::DeleteTask { name: "a".into() }]).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let contents = store.load().unwrap();
+        assert_eq!(contents.tasks, vec![record("b")]);
+        assert_eq!(contents.specs[&id], spec);
+    }
+}
