@@ -14,7 +14,6 @@ pub mod runner_service;
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use pm_proto::MAX_MESSAGE_BYTES;
 use pm_proto::v1::runner_service_server::RunnerServiceServer;
@@ -29,13 +28,13 @@ pub async fn serve_runner(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (_health, health_service) = pm_proto::server::health();
-    tonic::transport::Server::builder()
+    pm_proto::server::builder()
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(
             RunnerServiceServer::new(runner_service::Runner::new(options))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
         .await
 }

@@ -16,7 +16,6 @@ use std::future::Future;
 
 use http::header::HeaderName;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use pm_proto::MAX_MESSAGE_BYTES;
@@ -52,11 +51,9 @@ pub async fn run(
     let routes = Routes::new(&upstreams)?;
     let (_health, health_service) = pm_proto::server::health();
     tracing::info!(addr = ?listener.local_addr().ok(), ?upstreams, "gateway serving");
-    tonic::transport::Server::builder()
+    pm_proto::server::builder()
         // grpc-web arrives over HTTP/1.1.
         .accept_http1(true)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         // Outermost: CORS answers preflights before anything else looks at the request.
         .layer(cors())
         // Then grpc-web is translated to gRPC for every service below.
@@ -83,6 +80,6 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
         .await
 }

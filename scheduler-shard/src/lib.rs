@@ -24,7 +24,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use pm_proto::MAX_MESSAGE_BYTES;
@@ -61,9 +60,7 @@ pub async fn run(
     let reaper = tokio::spawn(scheduler.clone().run(cancel.clone()));
     let (_health, health_service) = pm_proto::server::health();
     tracing::info!(addr = ?listener.local_addr().ok(), "shard serving");
-    let served = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+    let served = pm_proto::server::builder()
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(
@@ -76,7 +73,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
         .await;
     cancel.cancel();
     let _ = reaper.await;

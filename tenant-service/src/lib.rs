@@ -12,7 +12,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use pm_cluster::MetadataStore;
 use pm_proto::MAX_MESSAGE_BYTES;
@@ -31,7 +30,7 @@ pub async fn run(
     let catalog = Catalog::new(store);
     let (_health, health_service) = pm_proto::server::health();
     tracing::info!(addr = ?listener.local_addr().ok(), "tenant-service serving");
-    tonic::transport::Server::builder()
+    pm_proto::server::builder()
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(
@@ -40,6 +39,6 @@ pub async fn run(
         .add_service(
             PipelineServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
         .await
 }
