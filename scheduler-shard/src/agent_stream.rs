@@ -103,7 +103,7 @@ impl AgentService for AgentStreams {
 
 /// Feeds one stream's messages to the scheduler until it ends or breaks the protocol.
 async fn read_stream(
-    scheduler: &Scheduler,
+    scheduler: &Arc<Scheduler>,
     session: u64,
     inbound: &mut Streaming<AgentMessage>,
     tx: &mpsc::UnboundedSender<Result<ServerMessage, Status>>,
@@ -127,16 +127,22 @@ async fn read_stream(
                     scheduler.progress(&lease, event);
                 }
             }
+            // Results and rejects are written concurrently, so one agent's results share
+            // group commits instead of waiting for one fsync each. At most one per lease the
+            // agent holds is in flight; a repeat of the same lease is fenced as a duplicate.
             Message::Result(r) => {
                 if let Some(lease) = r.lease {
-                    scheduler
-                        .complete(session, &lease, r.result.unwrap_or_default())
-                        .await;
+                    let scheduler = scheduler.clone();
+                    tokio::spawn(async move {
+                        let result = r.result.unwrap_or_default();
+                        scheduler.complete(session, &lease, result).await
+                    });
                 }
             }
             Message::Reject(r) => {
                 if let Some(lease) = r.lease {
-                    scheduler.reject(session, &lease, &r.reason).await;
+                    let scheduler = scheduler.clone();
+                    tokio::spawn(async move { scheduler.reject(session, &lease, &r.reason).await });
                 }
             }
             Message::Hello(_) => {

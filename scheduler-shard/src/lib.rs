@@ -69,7 +69,7 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            AgentServiceServer::new(agent_stream::AgentStreams::new(scheduler))
+            AgentServiceServer::new(agent_stream::AgentStreams::new(scheduler.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -77,5 +77,11 @@ pub async fn run(
         .await;
     cancel.cancel();
     let _ = reaper.await;
+    let stats = scheduler.journal().stats();
+    tracing::info!(
+        syncs = stats.syncs.load(std::sync::atomic::Ordering::Relaxed),
+        writes = stats.ops.load(std::sync::atomic::Ordering::Relaxed),
+        "journal totals"
+    );
     served
 }

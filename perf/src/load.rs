@@ -1,0 +1,359 @@
+//! Load: closed loop (N workers, each waiting for its ack) and open loop (sends at scheduled
+//! times whatever the answers do; latency is counted from the scheduled time, so a stall
+//! shows up in every request it delayed: coordinated-omission corrected). And a fake agent
+//! that speaks the real stream protocol and answers every Assign at once (a no-op run).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Channel;
+
+use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
+use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
+use pm_proto::v1::task_service_client::TaskServiceClient;
+use pm_proto::v1::{
+    AgentMessage, AttemptResult, Hello, Job, PipelineSpec, Stage, SubmitTaskRequest,
+    SubmitTasksRequest, Task, TaskResult, agent_message, server_message, submit_task_result,
+};
+
+/// Nanoseconds since this process's first look at the clock: the one clock that submit
+/// times and agent receipts are both read from.
+pub fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+pub fn ns_of(at: Instant) -> u64 {
+    let now = Instant::now();
+    now_ns().saturating_sub(now.saturating_duration_since(at).as_nanos() as u64)
+}
+
+pub fn noop_spec() -> PipelineSpec {
+    PipelineSpec {
+        name: "noop".into(),
+        params: [("t0".to_owned(), pm_proto::v1::ParamSpec::default())].into(),
+        stages: vec![Stage {
+            name: "s".into(),
+            jobs: vec![Job {
+                name: "j".into(),
+                executor: "host".into(),
+                commands: vec!["true".into()],
+                ..Job::default()
+            }],
+            priority: None,
+        }],
+        ..PipelineSpec::default()
+    }
+}
+
+/// Where submits go.
+#[derive(Clone)]
+pub enum Target {
+    /// Straight to a shard's internal Enqueue (as the gateway does after validation).
+    Shard {
+        client: ShardServiceClient<Channel>,
+        pipeline: String,
+        spec: PipelineSpec,
+    },
+    /// Through the gateway's public TaskService.
+    Gateway {
+        client: TaskServiceClient<Channel>,
+        pipeline: String,
+    },
+}
+
+/// A refusal's gRPC code name, or "transport".
+pub type Failure = String;
+
+impl Target {
+    pub fn connect(endpoint: &str, gateway: bool, pipeline: &str) -> anyhow::Result<Target> {
+        let channel = pm_proto::client::channel(endpoint)?;
+        Ok(if gateway {
+            Target::Gateway {
+                client: pm_proto::client::tasks(channel),
+                pipeline: pipeline.to_owned(),
+            }
+        } else {
+            Target::Shard {
+                client: pm_proto::client::shard(channel),
+                pipeline: pipeline.to_owned(),
+                spec: noop_spec(),
+            }
+        })
+    }
+
+    /// Submits `n` tasks stamped with `t0`; returns how many were acknowledged.
+    pub async fn submit(&mut self, n: usize, t0: u64) -> Result<usize, Failure> {
+        let params = [("t0".to_owned(), t0.to_string())];
+        let code = |s: tonic::Status| format!("{:?}", s.code());
+        match self {
+            Target::Shard {
+                client,
+                pipeline,
+                spec,
+            } => {
+                let tasks = (0..n)
+                    .map(|_| EnqueueTask {
+                        task: Some(Task {
+                            pipeline: pipeline.clone(),
+                            params: params.clone().into(),
+                            priority: 10,
+                            ..Task::default()
+                        }),
+                        spec: Some(spec.clone()),
+                        client_priority: 10,
+                    })
+                    .collect();
+                let answer = client
+                    .enqueue(EnqueueRequest { tasks })
+                    .await
+                    .map_err(code)?;
+                count_acked(answer.into_inner().results)
+            }
+            Target::Gateway { client, pipeline } => {
+                let request = SubmitTaskRequest {
+                    parent: pipeline.clone(),
+                    params: params.clone().into(),
+                    ..SubmitTaskRequest::default()
+                };
+                if n == 1 {
+                    client.submit_task(request).await.map_err(code)?;
+                    return Ok(1);
+                }
+                let requests = vec![request; n];
+                let answer = client
+                    .submit_tasks(SubmitTasksRequest { requests })
+                    .await
+                    .map_err(code)?;
+                count_acked(answer.into_inner().results)
+            }
+        }
+    }
+}
+
+fn count_acked(results: Vec<pm_proto::v1::SubmitTaskResult>) -> Result<usize, Failure> {
+    let mut acked = 0;
+    let mut refused = None;
+    for r in results {
+        match r.outcome {
+            Some(submit_task_result::Outcome::Task(_)) => acked += 1,
+            Some(submit_task_result::Outcome::Error(e)) => {
+                refused = Some(format!("{:?}", tonic::Code::from(e.code)))
+            }
+            None => refused = Some("empty".into()),
+        }
+    }
+    match (acked, refused) {
+        (0, Some(code)) => Err(code),
+        _ => Ok(acked),
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Default)]
+pub struct Measured {
+    pub tasks: u64,
+    pub window: Duration,
+    /// Latency in microseconds.
+    pub latency: Option<Histogram<u64>>,
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Measured {
+    pub fn tps(&self) -> f64 {
+        self.tasks as f64 / self.window.as_secs_f64()
+    }
+
+    pub fn ms(&self, quantile: f64) -> f64 {
+        self.latency
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map_or(f64::NAN, |h| h.value_at_quantile(quantile) as f64 / 1000.0)
+    }
+
+    pub fn max_ms(&self) -> f64 {
+        self.latency
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map_or(f64::NAN, |h| h.max() as f64 / 1000.0)
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
+}
+
+/// `workers` loops, each submitting `batch` tasks and waiting for the answer, for
+/// `warmup + duration`; only the last `duration` counts.
+pub async fn closed_loop(
+    targets: &[Target],
+    workers: usize,
+    batch: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Measured {
+    let start = Instant::now();
+    let window_start = start + warmup;
+    let end = window_start + duration;
+    let handles: Vec<_> = (0..workers)
+        .map(|i| {
+            let mut target = targets[i % targets.len()].clone();
+            tokio::spawn(async move {
+                let mut m = Measured {
+                    latency: Some(histogram()),
+                    ..Measured::default()
+                };
+                while Instant::now() < end {
+                    let sent = Instant::now();
+                    let result = target.submit(batch, ns_of(sent)).await;
+                    if sent < window_start {
+                        continue;
+                    }
+                    match result {
+                        Ok(n) => {
+                            m.tasks += n as u64;
+                            let us = sent.elapsed().as_micros() as u64;
+                            let _ = m.latency.as_mut().expect("set").record(us.max(1));
+                        }
+                        Err(code) => *m.errors.entry(code).or_default() += 1,
+                    }
+                }
+                m
+            })
+        })
+        .collect();
+    let mut total = Measured {
+        latency: Some(histogram()),
+        window: duration,
+        ..Measured::default()
+    };
+    for h in handles {
+        let m = h.await.expect("worker");
+        total.tasks += m.tasks;
+        if let (Some(t), Some(l)) = (total.latency.as_mut(), m.latency.as_ref()) {
+            let _ = t.add(l);
+        }
+        for (k, v) in m.errors {
+            *total.errors.entry(k).or_default() += v;
+        }
+    }
+    total
+}
+
+/// Submits one request of `batch` tasks every `1/rate` seconds for `warmup + duration`,
+/// whatever the answers do; latency from each request's scheduled time.
+pub async fn open_loop(
+    targets: &[Target],
+    rate: f64,
+    batch: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Measured {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let requests = (rate * (warmup + duration).as_secs_f64()) as u64;
+    let start = Instant::now() + Duration::from_millis(10);
+    let window_start = start + warmup;
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Result<(usize, u64), Failure>)>();
+    let collector = tokio::spawn(async move {
+        let mut m = Measured {
+            latency: Some(histogram()),
+            window: duration,
+            ..Measured::default()
+        };
+        while let Some((scheduled, r)) = rx.recv().await {
+            if scheduled < window_start {
+                continue;
+            }
+            match r {
+                Ok((n, us)) => {
+                    m.tasks += n as u64;
+                    let _ = m.latency.as_mut().expect("set").record(us.max(1));
+                }
+                Err(code) => *m.errors.entry(code).or_default() += 1,
+            }
+        }
+        m
+    });
+    for i in 0..requests {
+        let scheduled = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let mut target = targets[i as usize % targets.len()].clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let r = target.submit(batch, ns_of(scheduled)).await;
+            let r = r.map(|n| (n, scheduled.elapsed().as_micros() as u64));
+            let _ = tx.send((scheduled, r));
+        });
+    }
+    drop(tx);
+    collector.await.expect("collector")
+}
+
+/// Receipts of a fake agent.
+#[derive(Default)]
+pub struct AgentStats {
+    pub received: AtomicU64,
+    /// Receipts recorded into `latency` only while set.
+    pub recording: AtomicBool,
+    /// Submit (scheduled time) -> Assign received, microseconds.
+    pub latency: Mutex<Option<Histogram<u64>>>,
+}
+
+/// An agent that speaks the real protocol and finishes every task the moment it arrives
+/// (a no-op run): it measures the scheduler, not `sh`.
+pub async fn fake_agent(
+    endpoint: String,
+    pipeline: String,
+    slots: u32,
+    stats: Arc<AgentStats>,
+) -> anyhow::Result<()> {
+    *stats.latency.lock().expect("lock") = Some(histogram());
+    let mut client = pm_proto::client::agents(pm_proto::client::channel(&endpoint)?);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let message = |m| AgentMessage { message: Some(m) };
+    tx.send(message(agent_message::Message::Hello(Hello {
+        agent_id: "pm-perf-agent".into(),
+        pipelines: vec![pipeline],
+        slots,
+        protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
+        protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
+        ..Hello::default()
+    })))?;
+    let mut inbound = client
+        .connect(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while let Some(m) = inbound.message().await? {
+        let Some(server_message::Message::Assign(assign)) = m.message else {
+            continue;
+        };
+        let received = now_ns();
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        let t0 = assign
+            .task
+            .as_ref()
+            .and_then(|t| t.params.get("t0"))
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(t0) = t0
+            && stats.recording.load(Ordering::Relaxed)
+        {
+            let us = received.saturating_sub(t0) / 1000;
+            if let Some(h) = stats.latency.lock().expect("lock").as_mut() {
+                let _ = h.record(us.max(1));
+            }
+        }
+        tx.send(message(agent_message::Message::Result(AttemptResult {
+            lease: assign.lease,
+            result: Some(TaskResult {
+                succeeded: true,
+                ..TaskResult::default()
+            }),
+        })))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,502 @@
+//! `pm-perf`: runs the benchmark scenarios of DESIGN.md "Performance targets" against the
+//! real release binaries and prints each figure with the rate actually achieved, per-process
+//! CPU per 1,000 tasks and RSS. `--quick` shortens every scenario; the last line is always
+//! `summary: submit_tps=.. submit_p99_ms=.. dispatch_p99_ms=.. cycle_tps=.. batch_tps=..`.
+
+mod load;
+mod procs;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::json;
+
+use load::{AgentStats, Measured, Target};
+use procs::Proc;
+
+const PIPELINE: &str = "tenants/perf/applications/bench/pipelines/noop";
+
+#[derive(Parser)]
+#[command(about = "pipeline-manager benchmarks")]
+struct Args {
+    /// Where pm-shard, pm-gateway and pm-tenant-service are (a release build).
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Short runs (about 1 minute in all).
+    #[arg(long)]
+    quick: bool,
+    /// Write every figure as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, restart (default all).
+    scenarios: Vec<String>,
+}
+
+struct Bench {
+    args: Args,
+    dir: tempfile::TempDir,
+    results: Vec<serde_json::Value>,
+    warmup: Duration,
+    duration: Duration,
+}
+
+fn shard_args(data: &std::path::Path) -> Vec<String> {
+    vec![
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--max-active-tasks".into(),
+        "100000000".into(),
+        "--max-active-per-client".into(),
+        "100000000".into(),
+    ]
+}
+
+/// CPU seconds per 1,000 tasks of each process over a run.
+fn cpu_per_k(procs: &[&Proc], before: &[f64], own_before: f64, tasks: u64) -> serde_json::Value {
+    let per_k = |secs: f64| (secs / tasks.max(1) as f64 * 1000.0 * 1000.0).round() / 1000.0;
+    let mut out = serde_json::Map::new();
+    for (p, b) in procs.iter().zip(before) {
+        out.insert(p.name.clone(), json!(per_k(p.cpu_seconds() - b)));
+    }
+    out.insert(
+        "pm-perf".into(),
+        json!(per_k(procs::own_cpu_seconds() - own_before)),
+    );
+    serde_json::Value::Object(out)
+}
+
+fn line(name: &str, m: &Measured, extra: &str) {
+    let errors = if m.errors.is_empty() {
+        String::new()
+    } else {
+        format!(" errors={:?}", m.errors)
+    };
+    println!(
+        "{name:<34} {:>10.0} tasks/s  p50 {:>7.2} ms  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  max {:>8.2}{extra}{errors}",
+        m.tps(),
+        m.ms(0.5),
+        m.ms(0.9),
+        m.ms(0.99),
+        m.ms(0.999),
+        m.max_ms()
+    );
+}
+
+fn figures(name: &str, m: &Measured) -> serde_json::Value {
+    json!({
+        "scenario": name,
+        "tasks_per_s": m.tps().round(),
+        "p50_ms": m.ms(0.5), "p90_ms": m.ms(0.9), "p99_ms": m.ms(0.99),
+        "p999_ms": m.ms(0.999), "max_ms": m.max_ms(),
+        "errors": m.errors,
+    })
+}
+
+impl Bench {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn shard(&self, name: &str) -> anyhow::Result<Proc> {
+        Proc::start(
+            &self.args.bin_dir,
+            "pm-shard",
+            &shard_args(&self.path(name)),
+            self.dir.path(),
+        )
+        .await
+    }
+
+    fn targets(endpoint: &str, gateway: bool, n: usize) -> anyhow::Result<Vec<Target>> {
+        (0..n)
+            .map(|_| Target::connect(endpoint, gateway, PIPELINE))
+            .collect()
+    }
+
+    fn journal(log: &str) -> (u64, u64) {
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("journal totals"))
+            .unwrap_or("");
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (field("syncs="), field("writes="))
+    }
+
+    /// Durable submits straight to one shard: closed loop with 64 clients, then batches of
+    /// 100, then ack latency open loop at a fixed rate.
+    async fn submit(&mut self, which: &[&str]) -> anyhow::Result<()> {
+        let shard = self.shard("submit").await?;
+        let targets = Self::targets(&shard.endpoint, false, 8)?;
+        let started = Instant::now();
+        let (cpu0, own0) = (shard.cpu_seconds(), procs::own_cpu_seconds());
+        let mut total = 0;
+        if which.contains(&"submit") {
+            let m = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
+            total += m.tasks;
+            line("submit (64 clients, unary)", &m, "");
+            self.results.push(figures("submit_unary_64", &m));
+        }
+        if which.contains(&"batch") {
+            let m = load::closed_loop(&targets, 8, 100, self.warmup, self.duration).await;
+            total += m.tasks;
+            line("submit (8 clients, batches of 100)", &m, "");
+            self.results.push(figures("submit_batch_100", &m));
+        }
+        if which.contains(&"latency") {
+            for rate in [1_000.0, 20_000.0] {
+                let m = load::open_loop(&targets, rate, 1, self.warmup, self.duration).await;
+                total += m.tasks;
+                let name = format!("ack latency, open loop {rate:.0}/s");
+                line(&name, &m, "");
+                let mut f = figures(&format!("ack_latency_{rate:.0}"), &m);
+                f["target_rate"] = json!(rate);
+                self.results.push(f);
+            }
+        }
+        let cpu = cpu_per_k(&[&shard], &[cpu0], own0, total);
+        let rss = shard.rss_mib();
+        let elapsed = started.elapsed();
+        let log = shard.stop();
+        let (syncs, writes) = Self::journal(&log);
+        println!(
+            "  shard: {syncs} fsyncs for {writes} writes ({:.1} per fsync, {:.0} fsyncs/s), cpu s per 1k tasks {cpu}, rss {rss:.0} MiB with the tasks queued",
+            writes as f64 / syncs.max(1) as f64,
+            syncs as f64 / elapsed.as_secs_f64()
+        );
+        self.results.push(json!({"scenario": "submit_shard_process", "fsyncs": syncs, "writes": writes,
+            "fsyncs_per_s": (syncs as f64 / elapsed.as_secs_f64()).round(), "cpu_s_per_1k": cpu, "rss_mib": rss}));
+        Ok(())
+    }
+
+    /// Submit -> agent receipt with an idle agent holding free slots, open loop; then the
+    /// full cycle with the agent finishing each task at once.
+    async fn dispatch(&mut self, which: &[&str]) -> anyhow::Result<()> {
+        if which.contains(&"dispatch") {
+            for rate in [1_000.0, 10_000.0] {
+                let shard = self.shard(&format!("dispatch-{rate}")).await?;
+                let stats = Arc::new(AgentStats::default());
+                let agent = tokio::spawn(load::fake_agent(
+                    shard.endpoint.clone(),
+                    PIPELINE.into(),
+                    4096,
+                    stats.clone(),
+                ));
+                let targets = Self::targets(&shard.endpoint, false, 4)?;
+                let recording = stats.clone();
+                let warmup = self.warmup;
+                tokio::spawn(async move {
+                    tokio::time::sleep(warmup).await;
+                    recording.recording.store(true, Ordering::Relaxed);
+                });
+                let submitted =
+                    load::open_loop(&targets, rate, 1, self.warmup, self.duration).await;
+                // Let the last tasks arrive (bounded).
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while stats.received.load(Ordering::Relaxed)
+                    < (rate * (self.warmup + self.duration).as_secs_f64()) as u64 * 99 / 100
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let m = Measured {
+                    tasks: submitted.tasks,
+                    window: self.duration,
+                    latency: stats.latency.lock().expect("lock").take(),
+                    errors: submitted.errors,
+                };
+                line(
+                    &format!("dispatch, open loop {rate:.0}/s"),
+                    &m,
+                    "  (submit -> Assign at the agent)",
+                );
+                let mut f = figures(&format!("dispatch_{rate:.0}"), &m);
+                f["target_rate"] = json!(rate);
+                self.results.push(f);
+                agent.abort();
+                shard.stop();
+            }
+        }
+        if which.contains(&"cycle") {
+            let shard = self.shard("cycle").await?;
+            let stats = Arc::new(AgentStats::default());
+            let agent = tokio::spawn(load::fake_agent(
+                shard.endpoint.clone(),
+                PIPELINE.into(),
+                1024,
+                stats.clone(),
+            ));
+            let targets = Self::targets(&shard.endpoint, false, 8)?;
+            let (cpu0, own0) = (shard.cpu_seconds(), procs::own_cpu_seconds());
+            let measure = async {
+                tokio::time::sleep(self.warmup).await;
+                let before = stats.received.load(Ordering::Relaxed);
+                tokio::time::sleep(self.duration).await;
+                stats.received.load(Ordering::Relaxed) - before
+            };
+            let (submitted, cycled) = tokio::join!(
+                load::closed_loop(&targets, 64, 1, self.warmup, self.duration),
+                measure
+            );
+            let submitted_tps = submitted.tps();
+            let m = Measured {
+                tasks: cycled,
+                window: self.duration,
+                latency: submitted.latency,
+                errors: submitted.errors,
+            };
+            let cpu = cpu_per_k(&[&shard], &[cpu0], own0, cycled);
+            line(
+                "full cycle (64 clients, no-op agent)",
+                &m,
+                &format!("  (latency: submit ack; cpu s/1k {cpu})"),
+            );
+            let mut f = figures("full_cycle", &m);
+            f["submitted_per_s"] = json!(submitted_tps.round());
+            f["cpu_s_per_1k"] = cpu;
+            self.results.push(f);
+            agent.abort();
+            shard.stop();
+        }
+        Ok(())
+    }
+
+    /// The same closed-loop submit through the gateway (with tenant-service behind it) and
+    /// straight to a shard, side by side: throughput and CPU per 1,000 tasks of each process.
+    async fn gateway(&mut self) -> anyhow::Result<()> {
+        let bin = self.args.bin_dir.clone();
+        let meta = self.path("tenant-service");
+        let tenants = Proc::start(
+            &bin,
+            "pm-tenant-service",
+            &["--data-dir".into(), meta.display().to_string()],
+            self.dir.path(),
+        )
+        .await?;
+        let shard = self.shard("gateway-shard").await?;
+        let gateway = Proc::start(
+            &bin,
+            "pm-gateway",
+            &[
+                "--tenant-service".into(),
+                tenants.endpoint.clone(),
+                "--shard".into(),
+                shard.endpoint.clone(),
+            ],
+            self.dir.path(),
+        )
+        .await?;
+        // The tenant, application and no-op pipeline, through the public API.
+        let channel = pm_proto::client::channel(&gateway.endpoint)?;
+        pm_proto::client::tenants(channel.clone())
+            .create_tenant(pm_proto::v1::CreateTenantRequest {
+                tenant_id: "perf".into(),
+                tenant: None,
+            })
+            .await?;
+        let mut pipelines = pm_proto::client::pipelines(channel);
+        pipelines
+            .create_application(pm_proto::v1::CreateApplicationRequest {
+                parent: "tenants/perf".into(),
+                application_id: "bench".into(),
+                application: None,
+            })
+            .await?;
+        pipelines
+            .apply_pipeline(pm_proto::v1::ApplyPipelineRequest {
+                parent: "tenants/perf/applications/bench".into(),
+                pipeline_id: "noop".into(),
+                source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(
+                    load::noop_spec(),
+                )),
+            })
+            .await?;
+        let all = [&gateway, &tenants, &shard];
+        let before: Vec<f64> = all.iter().map(|p| p.cpu_seconds()).collect();
+        let own0 = procs::own_cpu_seconds();
+        let targets = Self::targets(&gateway.endpoint, true, 8)?;
+        let via = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
+        let via_cpu = cpu_per_k(&all, &before, own0, via.tasks);
+        line(
+            "submit through the gateway",
+            &via,
+            &format!("  cpu s/1k {via_cpu}"),
+        );
+        let shard_before = shard.cpu_seconds();
+        let own0 = procs::own_cpu_seconds();
+        let direct_targets = Self::targets(&shard.endpoint, false, 8)?;
+        let direct = load::closed_loop(&direct_targets, 64, 1, self.warmup, self.duration).await;
+        let direct_cpu = cpu_per_k(&[&shard], &[shard_before], own0, direct.tasks);
+        line(
+            "submit straight to the shard",
+            &direct,
+            &format!("  cpu s/1k {direct_cpu}"),
+        );
+        let server_cpu = |v: &serde_json::Value| {
+            ["pm-gateway", "pm-tenant-service", "pm-shard"]
+                .iter()
+                .filter_map(|k| v.get(*k).and_then(|x| x.as_f64()))
+                .sum::<f64>()
+        };
+        let ratio = server_cpu(&via_cpu) / server_cpu(&direct_cpu).max(1e-9);
+        println!(
+            "  gateway path / direct: {:.2}x server CPU per task, {:.2}x throughput",
+            ratio,
+            via.tps() / direct.tps()
+        );
+        let mut f = figures("submit_via_gateway", &via);
+        f["cpu_s_per_1k"] = via_cpu;
+        f["server_cpu_ratio_vs_direct"] = json!(ratio);
+        self.results.push(f);
+        let mut f = figures("submit_direct_baseline", &direct);
+        f["cpu_s_per_1k"] = direct_cpu;
+        self.results.push(f);
+        gateway.stop();
+        shard.stop();
+        tenants.stop();
+        Ok(())
+    }
+
+    /// Fills a shard with N READY tasks, reads its RSS, kills it, and times the restart
+    /// until it serves again.
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        let n: u64 = if self.args.quick { 100_000 } else { 1_000_000 };
+        let port = procs::free_port();
+        let data = self.path("restart");
+        let bin = self.args.bin_dir.clone();
+        let shard =
+            Proc::start_on(&bin, "pm-shard", &shard_args(&data), self.dir.path(), port).await?;
+        let idle_rss = shard.rss_mib();
+        let targets = Self::targets(&shard.endpoint, false, 8)?;
+        let filled = Instant::now();
+        let per_worker = n / 8 / 1000;
+        let workers: Vec<_> = (0..8)
+            .map(|i| {
+                let mut t = targets[i].clone();
+                tokio::spawn(async move {
+                    let mut acked = 0u64;
+                    for _ in 0..per_worker {
+                        acked += t.submit(1000, 0).await.unwrap_or(0) as u64;
+                    }
+                    acked
+                })
+            })
+            .collect();
+        let mut acked = 0;
+        for w in workers {
+            acked += w.await?;
+        }
+        let fill_secs = filled.elapsed().as_secs_f64();
+        let rss = shard.rss_mib();
+        shard.crash();
+        let restarted = Instant::now();
+        let shard =
+            Proc::start_on(&bin, "pm-shard", &shard_args(&data), self.dir.path(), port).await?;
+        let serving = restarted.elapsed();
+        let rss_after = shard.rss_mib();
+        let log = shard.stop();
+        let replay_ms = log
+            .lines()
+            .find(|l| l.contains("recovered tasks from disk"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("elapsed_ms="))
+            })
+            .unwrap_or("?")
+            .to_owned();
+        println!(
+            "restart with {acked} READY tasks        serving again {:.2} s after SIGKILL (replay {replay_ms} ms); rss {rss:.0} MiB before, {rss_after:.0} MiB after (idle {idle_rss:.0}); filled at {:.0} tasks/s in batches of 1000",
+            serving.as_secs_f64(),
+            acked as f64 / fill_secs
+        );
+        self.results.push(json!({"scenario": "restart", "tasks": acked, "serving_after_s": serving.as_secs_f64(),
+            "replay_ms": replay_ms, "rss_mib": rss, "rss_after_restart_mib": rss_after, "idle_rss_mib": idle_rss,
+            "fill_tasks_per_s": (acked as f64 / fill_secs).round()}));
+        Ok(())
+    }
+}
+
+fn pick(results: &[serde_json::Value], scenario: &str, key: &str) -> f64 {
+    results
+        .iter()
+        .find(|r| r["scenario"] == scenario)
+        .and_then(|r| r[key].as_f64())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (warmup, duration) = if args.quick {
+        (Duration::from_millis(500), Duration::from_secs(3))
+    } else {
+        (Duration::from_secs(2), Duration::from_secs(10))
+    };
+    let all = [
+        "submit", "batch", "latency", "dispatch", "cycle", "gateway", "restart",
+    ];
+    let chosen: Vec<String> =
+        if args.scenarios.is_empty() || args.scenarios.iter().any(|s| s == "all") {
+            all.iter().map(|s| s.to_string()).collect()
+        } else {
+            args.scenarios.clone()
+        };
+    for s in &chosen {
+        anyhow::ensure!(
+            all.contains(&s.as_str()),
+            "unknown scenario {s:?}; use {}",
+            all.join(", ")
+        );
+    }
+    let which: Vec<&str> = chosen.iter().map(String::as_str).collect();
+    let mut bench = Bench {
+        args,
+        dir: tempfile::tempdir()?,
+        results: Vec::new(),
+        warmup,
+        duration,
+    };
+    let _ = load::now_ns();
+    println!(
+        "pm-perf: {} s per scenario after {} ms warm-up; binaries from {}",
+        duration.as_secs(),
+        warmup.as_millis(),
+        bench.args.bin_dir.display()
+    );
+    if which
+        .iter()
+        .any(|s| ["submit", "batch", "latency"].contains(s))
+    {
+        bench.submit(&which).await?;
+    }
+    if which.iter().any(|s| ["dispatch", "cycle"].contains(s)) {
+        bench.dispatch(&which).await?;
+    }
+    if which.contains(&"gateway") {
+        bench.gateway().await?;
+    }
+    if which.contains(&"restart") {
+        bench.restart().await?;
+    }
+    if let Some(path) = &bench.args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&bench.results)?)?;
+    }
+    let r = &bench.results;
+    println!(
+        "summary: submit_tps={:.0} submit_p99_ms={:.2} dispatch_p99_ms={:.2} cycle_tps={:.0} batch_tps={:.0}",
+        pick(r, "submit_unary_64", "tasks_per_s"),
+        pick(r, "ack_latency_20000", "p99_ms"),
+        pick(r, "dispatch_10000", "p99_ms"),
+        pick(r, "full_cycle", "tasks_per_s"),
+        pick(r, "submit_batch_100", "tasks_per_s"),
+    );
+    Ok(())
+}
