@@ -217,6 +217,20 @@ async fn all_three_document_forms_run() {
         .apply(r#"{"name":"flat","pipeline":[{"executorName":"x","commands":["true"]}]}"#)
         .await;
     assert_eq!(again.version, 2);
+    // The gateway validates against the new version at once (its cache is dropped on apply).
+    let task = h.run_to_end("flat", &[]).await;
+    assert_eq!(task.pipeline_version, 2);
+    assert_eq!(task.result.unwrap().jobs[0].steps[0].command, "true");
+    h.pipelines
+        .delete_pipeline(DeletePipelineRequest {
+            name: pipeline_name("flat"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        h.submit("flat", &[]).await.unwrap_err().code(),
+        Code::NotFound
+    );
     h.dev.stop().await;
 }
 

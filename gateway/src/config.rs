@@ -137,10 +137,15 @@ impl PipelineService for Config {
         &self,
         request: Request<ApplyPipelineRequest>,
     ) -> Result<Response<Pipeline>, Status> {
-        self.routes
+        let applied = self
+            .routes
             .pipelines()
             .apply_pipeline(request.into_inner())
-            .await
+            .await?;
+        self.routes
+            .pipeline_cache()
+            .invalidate(&applied.get_ref().name);
+        Ok(applied)
     }
 
     async fn get_pipeline(
@@ -167,10 +172,11 @@ impl PipelineService for Config {
         &self,
         request: Request<DeletePipelineRequest>,
     ) -> Result<Response<DeletePipelineResponse>, Status> {
-        self.routes
-            .pipelines()
-            .delete_pipeline(request.into_inner())
-            .await
+        let request = request.into_inner();
+        let name = request.name.clone();
+        let deleted = self.routes.pipelines().delete_pipeline(request).await?;
+        self.routes.pipeline_cache().invalidate(&name);
+        Ok(deleted)
     }
 }
 

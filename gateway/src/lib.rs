@@ -4,11 +4,13 @@
 //! - [`tasks`]: `TaskService`, validated here against the pipeline version, routed to shards.
 //! - [`config`]: `TenantService` and `PipelineService`, forwarded to tenant-service.
 //! - [`agents`]: agents' `Connect` streams, spliced to the owning shard.
-//! - [`routing`]: which upstream serves what.
+//! - [`routing`]: which upstream serves what; [`pipelines`]: the pipeline cache submits are
+//!   validated against.
 
 pub mod agents;
 pub mod config;
 pub mod error;
+pub mod pipelines;
 pub mod routing;
 pub mod tasks;
 

@@ -2,6 +2,8 @@
 //! tasks and agent streams. With one shard every pipeline maps to it; the consistent-hash
 //! ring over etcd membership replaces [`Routes::shard_for`]'s body in cluster mode.
 
+use std::sync::Arc;
+
 use tonic::transport::Channel;
 
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
@@ -9,6 +11,8 @@ use pm_proto::names::PipelineName;
 use pm_proto::v1::agent_service_client::AgentServiceClient;
 use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
 use pm_proto::v1::tenant_service_client::TenantServiceClient;
+
+use crate::pipelines::PipelineCache;
 
 /// Upstream endpoints, `http://host:port`.
 #[derive(Debug, Clone)]
@@ -21,6 +25,7 @@ pub struct Upstreams {
 pub struct Routes {
     tenants: TenantServiceClient<Channel>,
     pipelines: PipelineServiceClient<Channel>,
+    cache: Arc<PipelineCache>,
     shard: ShardServiceClient<Channel>,
     shard_agents: AgentServiceClient<Channel>,
 }
@@ -29,9 +34,11 @@ impl Routes {
     pub fn new(upstreams: &Upstreams) -> Result<Self, tonic::transport::Error> {
         let catalog = pm_proto::client::channel(&upstreams.tenant_service)?;
         let shard = pm_proto::client::channel(&upstreams.shard)?;
+        let pipelines = pm_proto::client::pipelines(catalog.clone());
         Ok(Self {
-            tenants: pm_proto::client::tenants(catalog.clone()),
-            pipelines: pm_proto::client::pipelines(catalog),
+            tenants: pm_proto::client::tenants(catalog),
+            cache: Arc::new(PipelineCache::new(pipelines.clone())),
+            pipelines,
             shard: pm_proto::client::shard(shard.clone()),
             shard_agents: pm_proto::client::agents(shard),
         })
@@ -43,6 +50,11 @@ impl Routes {
 
     pub fn pipelines(&self) -> PipelineServiceClient<Channel> {
         self.pipelines.clone()
+    }
+
+    /// Pipeline versions as submits are validated against them.
+    pub fn pipeline_cache(&self) -> &PipelineCache {
+        &self.cache
     }
 
     /// The shard that owns `pipeline`'s tasks.

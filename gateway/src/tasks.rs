@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -12,9 +13,9 @@ use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::v1::task_service_server::TaskService;
 use pm_proto::v1::{
-    CancelTaskRequest, GetPipelineRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse,
-    Pipeline, SubmitTaskRequest, SubmitTaskResult, SubmitTasksRequest, SubmitTasksResponse, Task,
-    TaskEvent, WatchTaskRequest, submit_task_request, submit_task_result,
+    CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, Pipeline,
+    SubmitTaskRequest, SubmitTaskResult, SubmitTasksRequest, SubmitTasksResponse, Task, TaskEvent,
+    WatchTaskRequest, submit_task_request, submit_task_result,
 };
 use pm_spec::limits::DEFAULT_PRIORITY;
 use pm_spec::validate::{check_priority, check_timeout};
@@ -36,17 +37,8 @@ impl Tasks {
         Self { routes }
     }
 
-    async fn pipeline(&self, name: &PipelineName) -> Result<Pipeline, Error> {
-        let request = GetPipelineRequest {
-            name: name.to_string(),
-            version: 0,
-        };
-        Ok(self
-            .routes
-            .pipelines()
-            .get_pipeline(request)
-            .await?
-            .into_inner())
+    async fn pipeline(&self, name: &PipelineName) -> Result<Arc<Pipeline>, Error> {
+        Ok(self.routes.pipeline_cache().get(name).await?)
     }
 
     /// Checks one submit against its pipeline and builds what the shard queues.
@@ -102,7 +94,7 @@ impl Tasks {
     async fn submit(&self, requests: Vec<SubmitTaskRequest>) -> Vec<SubmitTaskResult> {
         let mut outcomes: Vec<Option<Result<Task, pm_proto::v1::Error>>> =
             vec![None; requests.len()];
-        let mut pipelines: HashMap<String, Result<Pipeline, Status>> = HashMap::new();
+        let mut pipelines: HashMap<String, Result<Arc<Pipeline>, Status>> = HashMap::new();
         // Valid tasks grouped by pipeline (so by shard), with their index in the batch.
         let mut by_pipeline: HashMap<PipelineName, Vec<(usize, EnqueueTask)>> = HashMap::new();
         for (i, req) in requests.into_iter().enumerate() {
