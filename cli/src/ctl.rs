@@ -559,7 +559,11 @@ async fn watch(
                     if r.timed_out { " (timed out)" } else { "" }
                 );
                 match spinners.remove(&label) {
-                    Some(spinner) => spinner.finish_with_message(line),
+                    Some(spinner) => {
+                        // A finished step leaves one permanent line, not a stale spinner.
+                        spinner.finish_and_clear();
+                        say(line);
+                    }
                     None => say(line),
                 }
             }
