@@ -21,6 +21,9 @@ use pm_proto::v1::{
     SubmitTasksRequest, Task, TaskResult, agent_message, server_message, submit_task_result,
 };
 
+/// Tasks acknowledged so far by any run, for the live progress line.
+pub static ACKED: AtomicU64 = AtomicU64::new(0);
+
 /// Nanoseconds since this process's first look at the clock: the one clock that submit
 /// times and agent receipts are both read from.
 pub fn now_ns() -> u64 {
@@ -216,6 +219,7 @@ pub async fn closed_loop(
                     }
                     match result {
                         Ok(n) => {
+                            ACKED.fetch_add(n as u64, Ordering::Relaxed);
                             m.tasks += n as u64;
                             let us = sent.elapsed().as_micros() as u64;
                             let _ = m.latency.as_mut().expect("set").record(us.max(1));
@@ -286,6 +290,9 @@ pub async fn open_loop(
         let tx = tx.clone();
         tokio::spawn(async move {
             let r = target.submit(batch, ns_of(scheduled)).await;
+            if let Ok(n) = r {
+                ACKED.fetch_add(n as u64, Ordering::Relaxed);
+            }
             let r = r.map(|n| (n, scheduled.elapsed().as_micros() as u64));
             let _ = tx.send((scheduled, r));
         });

@@ -31,6 +31,9 @@ struct Args {
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// gRPC connections the load is spread over (HTTP/2 multiplexes the clients on them).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
     /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, restart (default all).
     scenarios: Vec<String>,
 }
@@ -135,7 +138,7 @@ impl Bench {
     /// 100, then ack latency open loop at a fixed rate.
     async fn submit(&mut self, which: &[&str]) -> anyhow::Result<()> {
         let shard = self.shard("submit").await?;
-        let targets = Self::targets(&shard.endpoint, false, 8)?;
+        let targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
         let started = Instant::now();
         let (cpu0, own0) = (shard.cpu_seconds(), procs::own_cpu_seconds());
         let mut total = 0;
@@ -190,7 +193,7 @@ impl Bench {
                     4096,
                     stats.clone(),
                 ));
-                let targets = Self::targets(&shard.endpoint, false, 4)?;
+                let targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
                 let recording = stats.clone();
                 let warmup = self.warmup;
                 tokio::spawn(async move {
@@ -234,7 +237,7 @@ impl Bench {
                 1024,
                 stats.clone(),
             ));
-            let targets = Self::targets(&shard.endpoint, false, 8)?;
+            let targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
             let (cpu0, own0) = (shard.cpu_seconds(), procs::own_cpu_seconds());
             let measure = async {
                 tokio::time::sleep(self.warmup).await;
@@ -322,7 +325,7 @@ impl Bench {
         let all = [&gateway, &tenants, &shard];
         let before: Vec<f64> = all.iter().map(|p| p.cpu_seconds()).collect();
         let own0 = procs::own_cpu_seconds();
-        let targets = Self::targets(&gateway.endpoint, true, 8)?;
+        let targets = Self::targets(&gateway.endpoint, true, self.args.connections)?;
         let via = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
         let via_cpu = cpu_per_k(&all, &before, own0, via.tasks);
         line(
@@ -332,7 +335,7 @@ impl Bench {
         );
         let shard_before = shard.cpu_seconds();
         let own0 = procs::own_cpu_seconds();
-        let direct_targets = Self::targets(&shard.endpoint, false, 8)?;
+        let direct_targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
         let direct = load::closed_loop(&direct_targets, 64, 1, self.warmup, self.duration).await;
         let direct_cpu = cpu_per_k(&[&shard], &[shard_before], own0, direct.tasks);
         line(
@@ -375,12 +378,12 @@ impl Bench {
         let shard =
             Proc::start_on(&bin, "pm-shard", &shard_args(&data), self.dir.path(), port).await?;
         let idle_rss = shard.rss_mib();
-        let targets = Self::targets(&shard.endpoint, false, 8)?;
+        let targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
         let filled = Instant::now();
         let per_worker = n / 8 / 1000;
         let workers: Vec<_> = (0..8)
             .map(|i| {
-                let mut t = targets[i].clone();
+                let mut t = targets[i % targets.len()].clone();
                 tokio::spawn(async move {
                     let mut acked = 0u64;
                     for _ in 0..per_worker {
@@ -465,6 +468,27 @@ async fn main() -> anyhow::Result<()> {
         duration,
     };
     let _ = load::now_ns();
+    anyhow::ensure!(
+        bench.args.connections > 0,
+        "--connections must be at least 1"
+    );
+    // The live progress line, on a terminal only (logs stay clean).
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        tokio::spawn(async {
+            let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let now = load::ACKED.load(Ordering::Relaxed);
+                eprint!(
+                    "\r  {:>9} tasks/s now, {:>10} acknowledged so far  ",
+                    now - last,
+                    now
+                );
+                last = now;
+            }
+        });
+    }
     println!(
         "pm-perf: {} s per scenario after {} ms warm-up; binaries from {}",
         duration.as_secs(),
