@@ -1,19 +1,14 @@
 //! Agents' streams through the gateway: the gateway reads Hello to learn which pipelines the
 //! agent serves, opens the same stream to the shard that owns them, and splices the two.
 
-use std::pin::Pin;
-use std::time::Duration;
-
 use futures::{Stream, StreamExt};
+use std::pin::Pin;
 use tonic::{Request, Response, Status, Streaming};
 
-use pm_proto::status::invalid_argument;
 use pm_proto::v1::agent_service_server::AgentService;
 use pm_proto::v1::{AgentMessage, ServerMessage, agent_message};
 
 use crate::routing::Routes;
-
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Agents {
     routes: Routes,
@@ -34,19 +29,11 @@ impl AgentService for Agents {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no Hello within 10s of connecting"))??;
-        let Some(hello) = first else {
-            return Err(invalid_argument("message", "the stream ended before Hello"));
-        };
-        let Some(agent_message::Message::Hello(h)) = &hello.message else {
-            return Err(invalid_argument(
-                "message",
-                "the first message of a stream must be Hello",
-            ));
-        };
+        let h = pm_proto::agent::read_hello(&mut inbound).await?;
         let shard = self.routes.agent_shard_for(&h.pipelines);
+        let hello = AgentMessage {
+            message: Some(agent_message::Message::Hello(h)),
+        };
         // The agent's messages until its stream ends or breaks; the shard sees the end.
         let rest = inbound
             .take_while(|m| futures::future::ready(m.is_ok()))

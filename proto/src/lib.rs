@@ -2,6 +2,7 @@
 //! truth): [`v1`] is the public API, [`internal::v1`] the gateway <-> shard protocol. Hand-written
 //! helpers for resource names sit in [`names`].
 
+pub mod agent;
 pub mod client;
 pub mod names;
 pub mod server;

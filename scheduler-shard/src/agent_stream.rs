@@ -3,7 +3,6 @@
 //! scheduler pushes Assign/Cancel down the stream's channel.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -17,8 +16,6 @@ use pm_proto::v1::{AgentMessage, Hello, ServerMessage, Welcome, agent_message, s
 
 use crate::scheduler::Scheduler;
 
-/// How long a new stream may take to say Hello.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most tasks one agent may run at once.
 pub const MAX_SLOTS: u32 = 4096;
 
@@ -65,18 +62,7 @@ impl AgentService for AgentStreams {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no Hello within 10s of connecting"))??;
-        let Some(AgentMessage {
-            message: Some(agent_message::Message::Hello(hello)),
-        }) = first
-        else {
-            return Err(invalid_argument(
-                "message",
-                "the first message of a stream must be Hello",
-            ));
-        };
+        let hello = pm_proto::agent::read_hello(&mut inbound).await?;
         check_hello(&hello)?;
 
         let (tx, rx) = mpsc::unbounded_channel();

@@ -1,0 +1,27 @@
+//! Shared pieces of the agent protocol (`pm.v1.AgentService.Connect`): the handshake every
+//! server of the stream (gateway and shard) performs the same way.
+
+use std::time::Duration;
+
+use tonic::{Status, Streaming};
+
+use crate::status::invalid_argument;
+use crate::v1::{AgentMessage, Hello, agent_message};
+
+/// How long a new stream may take to say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the first message of a stream, which must be Hello, within [`HELLO_TIMEOUT`].
+pub async fn read_hello(inbound: &mut Streaming<AgentMessage>) -> Result<Hello, Status> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no Hello within 10s of connecting"))??;
+    match first.and_then(|m| m.message) {
+        Some(agent_message::Message::Hello(hello)) => Ok(hello),
+        None => Err(invalid_argument("message", "the stream ended before Hello")),
+        Some(_) => Err(invalid_argument(
+            "message",
+            "the first message of a stream must be Hello",
+        )),
+    }
+}
