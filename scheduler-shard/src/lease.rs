@@ -61,24 +61,6 @@ impl LeaseTable {
         self.deadlines.insert((lease.deadline, id));
     }
 
-    pub fn grant(
-        &mut self,
-        task: Arc<str>,
-        attempt: u32,
-        session: u64,
-        ttl: Duration,
-    ) -> (LeaseId, Lease) {
-        let id = self.new_id();
-        let lease = Lease {
-            task,
-            attempt,
-            session,
-            deadline: Instant::now() + ttl,
-        };
-        self.insert(id.clone(), lease.clone());
-        (id, lease)
-    }
-
     pub fn get(&self, id: &LeaseId) -> Option<&Lease> {
         self.by_id.get(id)
     }
@@ -128,10 +110,6 @@ impl LeaseTable {
         self.deadlines.first().map(|(d, _)| *d)
     }
 
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
@@ -145,8 +123,18 @@ mod tests {
     async fn renew_postpones_expiry_and_fences_sessions() {
         let ttl = Duration::from_secs(10);
         let mut t = LeaseTable::new("t".into());
-        let (a, _) = t.grant("task-a".into(), 1, 7, ttl);
-        let (b, _) = t.grant("task-b".into(), 1, 7, ttl);
+        let mut grant = |task: &str| {
+            let id = t.new_id();
+            let lease = Lease {
+                task: task.into(),
+                attempt: 1,
+                session: 7,
+                deadline: Instant::now() + ttl,
+            };
+            t.insert(id.clone(), lease);
+            id
+        };
+        let (a, b) = (grant("task-a"), grant("task-b"));
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(
             t.renew(&a, 8, ttl).is_none(),

@@ -105,10 +105,6 @@ impl ReadyQueue {
         Some(task)
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
