@@ -63,10 +63,11 @@ pub enum Target {
         pipeline: String,
         spec: PipelineSpec,
     },
-    /// Through the gateway's public TaskService.
+    /// Through the gateway's public TaskService, round-robin over `pipelines`.
     Gateway {
         client: TaskServiceClient<Channel>,
-        pipeline: String,
+        pipelines: Arc<Vec<String>>,
+        next: usize,
     },
 }
 
@@ -74,12 +75,25 @@ pub enum Target {
 pub type Failure = String;
 
 impl Target {
+    /// The same gateway target spread over several pipelines.
+    pub fn over(self, names: Arc<Vec<String>>, offset: usize) -> Target {
+        match self {
+            Target::Gateway { client, .. } => Target::Gateway {
+                client,
+                pipelines: names,
+                next: offset,
+            },
+            shard => shard,
+        }
+    }
+
     pub fn connect(endpoint: &str, gateway: bool, pipeline: &str) -> anyhow::Result<Target> {
         let channel = pm_proto::client::channel(endpoint)?;
         Ok(if gateway {
             Target::Gateway {
                 client: pm_proto::client::tasks(channel),
-                pipeline: pipeline.to_owned(),
+                pipelines: Arc::new(vec![pipeline.to_owned()]),
+                next: 0,
             }
         } else {
             Target::Shard {
@@ -118,9 +132,14 @@ impl Target {
                     .map_err(code)?;
                 count_acked(answer.into_inner().results)
             }
-            Target::Gateway { client, pipeline } => {
+            Target::Gateway {
+                client,
+                pipelines,
+                next,
+            } => {
+                *next += 1;
                 let request = SubmitTaskRequest {
-                    parent: pipeline.clone(),
+                    parent: pipelines[*next % pipelines.len()].clone(),
                     params: params.clone().into(),
                     ..SubmitTaskRequest::default()
                 };

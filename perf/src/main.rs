@@ -34,7 +34,9 @@ struct Args {
     /// gRPC connections the load is spread over (HTTP/2 multiplexes the clients on them).
     #[arg(long, default_value_t = 8)]
     connections: usize,
-    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, restart (default all).
+    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, restart (default
+    /// all). `submit` includes an unsynced baseline; `gateway` the direct baseline and a run
+    /// over 10 tenants x 10 pipelines.
     scenarios: Vec<String>,
 }
 
@@ -169,6 +171,25 @@ impl Bench {
         let rss = shard.rss_mib();
         let elapsed = started.elapsed();
         let log = shard.stop();
+        if which.contains(&"submit") {
+            // The same unary load on a shard that does not fsync: what durability costs.
+            let mut args = shard_args(&self.path("submit-unsynced"));
+            args.push("--unsafe-no-fsync".into());
+            let unsynced =
+                Proc::start(&self.args.bin_dir, "pm-shard", &args, self.dir.path()).await?;
+            let targets = Self::targets(&unsynced.endpoint, false, self.args.connections)?;
+            let m = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
+            let synced = pick(&self.results, "submit_unary_64", "tasks_per_s");
+            line(
+                "baseline: same, without fsync",
+                &m,
+                &format!("  (fsync'd / unsynced: {:.2}x)", synced / m.tps()),
+            );
+            let mut f = figures("submit_unary_64_unsynced_baseline", &m);
+            f["synced_over_unsynced"] = json!(synced / m.tps());
+            self.results.push(f);
+            unsynced.stop();
+        }
         let (syncs, writes) = Self::journal(&log);
         println!(
             "  shard: {syncs} fsyncs for {writes} writes ({:.1} per fsync, {:.0} fsyncs/s), cpu s per 1k tasks {cpu}, rss {rss:.0} MiB with the tasks queued",
@@ -362,6 +383,50 @@ impl Bench {
         let mut f = figures("submit_direct_baseline", &direct);
         f["cpu_s_per_1k"] = direct_cpu;
         self.results.push(f);
+        // Many tenants and pipelines: 10 tenants with 10 pipelines each, submits spread
+        // round-robin over all 100 (pipeline cache, validation and fair-share flows included).
+        let mut names = Vec::new();
+        let channel = pm_proto::client::channel(&gateway.endpoint)?;
+        let mut tenant_client = pm_proto::client::tenants(channel.clone());
+        let mut pipelines = pm_proto::client::pipelines(channel);
+        for t in 0..10 {
+            let tenant = format!("tenant-{t}");
+            tenant_client
+                .create_tenant(pm_proto::v1::CreateTenantRequest {
+                    tenant_id: tenant.clone(),
+                    tenant: None,
+                })
+                .await?;
+            pipelines
+                .create_application(pm_proto::v1::CreateApplicationRequest {
+                    parent: format!("tenants/{tenant}"),
+                    application_id: "app".into(),
+                    application: None,
+                })
+                .await?;
+            for p in 0..10 {
+                let applied = pipelines
+                    .apply_pipeline(pm_proto::v1::ApplyPipelineRequest {
+                        parent: format!("tenants/{tenant}/applications/app"),
+                        pipeline_id: format!("p{p}"),
+                        source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(
+                            load::noop_spec(),
+                        )),
+                    })
+                    .await?;
+                names.push(applied.into_inner().name);
+            }
+        }
+        let names = Arc::new(names);
+        let spread: Vec<Target> = Self::targets(&gateway.endpoint, true, self.args.connections)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.over(names.clone(), i * 13))
+            .collect();
+        let m = load::closed_loop(&spread, 64, 1, self.warmup, self.duration).await;
+        line("gateway, 10 tenants x 10 pipelines", &m, "");
+        self.results
+            .push(figures("submit_via_gateway_100_pipelines", &m));
         gateway.stop();
         shard.stop();
         tenants.stop();

@@ -41,7 +41,7 @@ pub fn open(
 ) -> Result<Arc<Scheduler>, store::StoreError> {
     let (journal, contents) = match data_dir {
         Some(dir) => {
-            let store = store::Store::open(dir)?;
+            let store = store::Store::open_with(dir, !options.unsafe_no_fsync)?;
             let contents = store.load()?;
             (journal::Journal::start(store), contents)
         }

@@ -22,6 +22,10 @@ struct Args {
     /// Seconds finished tasks keep their result before they are collected.
     #[arg(long, env = "PM_RETENTION_SECONDS", default_value_t = 24 * 3600)]
     retention_seconds: u64,
+    /// Benchmarks only: acknowledge submits without fsync. A machine crash then loses
+    /// acknowledged tasks.
+    #[arg(long, hide = true)]
+    unsafe_no_fsync: bool,
     /// Where the shard keeps its tasks (its own disk).
     #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/shard")]
     data_dir: std::path::PathBuf,
@@ -40,8 +44,12 @@ async fn main() -> std::process::ExitCode {
         max_active_tasks: args.max_active_tasks,
         max_active_per_client: args.max_active_per_client,
         retention: Duration::from_secs(args.retention_seconds),
+        unsafe_no_fsync: args.unsafe_no_fsync,
         ..Default::default()
     };
+    if options.unsafe_no_fsync {
+        tracing::warn!("--unsafe-no-fsync: acknowledged tasks are NOT durable (benchmarks only)");
+    }
     let scheduler = match pm_scheduler_shard::open(options, Some(&args.data_dir)) {
         Ok(s) => s,
         Err(e) => {

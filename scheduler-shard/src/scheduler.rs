@@ -52,6 +52,8 @@ pub struct Options {
     /// How long finished tasks keep their result (and their idempotency key) before they
     /// are collected.
     pub retention: Duration,
+    /// Benchmarks only: acknowledge without fsync (see [`crate::store::Store::open_with`]).
+    pub unsafe_no_fsync: bool,
 }
 
 impl Default for Options {
@@ -62,6 +64,7 @@ impl Default for Options {
             max_active_per_client: 250_000,
             max_deliveries: 10,
             retention: Duration::from_secs(24 * 3600),
+            unsafe_no_fsync: false,
         }
     }
 }
@@ -1265,6 +1268,7 @@ mod tests {
             max_active_per_client: max_active_tasks,
             max_deliveries: 10,
             retention: Duration::from_secs(3600),
+            unsafe_no_fsync: false,
         }
     }
 

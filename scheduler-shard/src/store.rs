@@ -51,10 +51,19 @@ pub struct Store {
     db: Database,
     tasks: Keyspace,
     specs: Keyspace,
+    /// `SyncData`, except in the benchmark-only unsynced mode.
+    persist: PersistMode,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, true)
+    }
+
+    /// With `fsync` false, writes reach the OS but are not synced before acknowledgement:
+    /// a machine crash loses acknowledged tasks. Only for measuring what the fsync costs
+    /// (`pm-shard --unsafe-no-fsync`, like etcd's flag of the same name).
+    pub fn open_with(dir: &Path, fsync: bool) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
         let db = Database::builder(dir)
@@ -63,7 +72,17 @@ impl Store {
             .open()?;
         let tasks = db.keyspace("tasks", KeyspaceCreateOptions::default)?;
         let specs = db.keyspace("specs", KeyspaceCreateOptions::default)?;
-        Ok(Self { db, tasks, specs })
+        let persist = if fsync {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        Ok(Self {
+            db,
+            tasks,
+            specs,
+            persist,
+        })
     }
 
     /// Applies `ops` atomically and makes them durable (fdatasync) before returning.
@@ -81,7 +100,7 @@ impl Store {
             }
         }
         batch.commit()?;
-        self.db.persist(PersistMode::SyncData)?;
+        self.db.persist(self.persist)?;
         Ok(())
     }
 
