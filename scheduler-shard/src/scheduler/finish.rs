@@ -1,0 +1,113 @@
+//! Final states: installing a written one, client cancels, and undoing a change whose write
+//! failed.
+
+use super::*;
+
+impl Scheduler {
+    /// Installs a written final state: tells watchers, frees the slot in the admission
+    /// counts, starts the retention clock.
+    pub(super) fn install_final(
+        &self,
+        inner: &mut Inner,
+        name: &Arc<str>,
+        next: Task,
+        reason: &str,
+    ) -> Task {
+        let record = inner.tasks.get_mut(name).expect("task exists");
+        record.busy = false;
+        record.task = next;
+        record.lease = None;
+        record.publish_state(reason);
+        record.publish(task_event::Event::Finished(record.task.clone()));
+        // Dropping the sender ends every watch after the final event.
+        record.watchers = None;
+        record.history = Vec::new();
+        let flow = record.flow.clone();
+        let task = record.task.clone();
+        inner.unreserve(&flow);
+        inner.finished.insert((Instant::now(), name.clone()));
+        task
+    }
+
+    pub async fn cancel(&self, name: &str) -> Result<Task, Error> {
+        let key: Arc<str> = name.into();
+        let (next, op, lease) = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let record = inner
+                .tasks
+                .get_mut(name)
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            if record.busy {
+                return Err(Error::Aborted(format!(
+                    "{name} is changing state; retry to cancel it"
+                )));
+            }
+            let state = record.state();
+            let next = record.next(Event::Cancel).map_err(|_| {
+                Error::FailedPrecondition(format!(
+                    "{name} already finished ({})",
+                    state.as_str_name()
+                ))
+            })?;
+            record.busy = true;
+            let op = record.stored(&next, None);
+            let lease = match state {
+                TaskState::Ready => {
+                    inner.queue.remove(&record.pipeline, record.rank, &key);
+                    None
+                }
+                _ => record.lease.clone().and_then(|id| {
+                    let lease = inner.leases.release(&id)?;
+                    // The agent kills the run; its result arrives fenced off as stale.
+                    let wire = wire_lease(&id, name, lease.attempt, lease.deadline);
+                    if let Some(session) = inner.sessions.get(&lease.session) {
+                        let _ = session.tx.send(Ok(ServerMessage {
+                            message: Some(server_message::Message::Cancel(Cancel {
+                                lease: Some(wire),
+                            })),
+                        }));
+                    }
+                    Some((id, lease))
+                }),
+            };
+            (next, op, lease)
+        };
+        let written = self.write(vec![op]).await;
+        let mut inner = self.lock();
+        match written {
+            Ok(()) => Ok(self.install_final(&mut inner, &key, next, "cancelled by a client")),
+            Err(e) => {
+                self.undo(&mut inner, &key, lease);
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a task back as it was after a change could not be written: READY ones rejoin
+    /// the queue; leased ones get their lease back, expiring at once, so the reaper delivers
+    /// them again.
+    pub(super) fn undo(&self, inner: &mut Inner, name: &Arc<str>, lease: Option<(LeaseId, Lease)>) {
+        let record = inner.tasks.get_mut(name).expect("busy tasks stay");
+        record.busy = false;
+        match (record.state(), lease) {
+            (TaskState::Ready, _) => {
+                inner
+                    .queue
+                    .push(&record.pipeline, record.rank, name.clone());
+                self.dispatcher.notify_one();
+            }
+            (_, Some((id, lease))) => {
+                inner.leases.insert(
+                    id,
+                    Lease {
+                        deadline: Instant::now(),
+                        ..lease
+                    },
+                );
+                self.reaper.notify_one();
+            }
+            _ => {}
+        }
+    }
+}

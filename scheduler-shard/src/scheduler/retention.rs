@@ -1,0 +1,68 @@
+//! Retention: finished tasks are collected after `Options::retention`.
+
+use super::*;
+
+impl Scheduler {
+    pub(super) async fn run_collector(self: Arc<Self>, cancel: CancellationToken) {
+        let period =
+            (self.options.retention / 10).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            self.collect().await;
+        }
+    }
+
+    /// Deletes finished tasks older than the retention period; returns how many.
+    pub async fn collect(&self) -> usize {
+        let due: Vec<(Instant, Arc<str>)> = {
+            let mut inner = self.lock();
+            let Some(cutoff) = Instant::now().checked_sub(self.options.retention) else {
+                return 0;
+            };
+            let mut due = Vec::new();
+            while due.len() < COLLECT_BATCH
+                && inner.finished.first().is_some_and(|(at, _)| *at <= cutoff)
+            {
+                due.push(inner.finished.pop_first().expect("first exists"));
+            }
+            due
+        };
+        if due.is_empty() {
+            return 0;
+        }
+        let ops = due
+            .iter()
+            .map(|(_, name)| Op::DeleteTask {
+                name: name.to_string(),
+            })
+            .collect();
+        let written = self.write(ops).await;
+        let mut inner = self.lock();
+        if written.is_err() {
+            inner.finished.extend(due);
+            return 0;
+        }
+        let collected = due.len();
+        for (_, name) in due {
+            let Some(record) = inner.tasks.remove(&name) else {
+                continue;
+            };
+            if let Some(names) = inner.by_pipeline.get_mut(&record.pipeline) {
+                names.remove(&name);
+                if names.is_empty() {
+                    inner.by_pipeline.remove(&record.pipeline);
+                }
+            }
+            if !record.task.idempotency_key.is_empty() {
+                inner
+                    .idempotency
+                    .remove(&(record.pipeline.clone(), record.task.idempotency_key.clone()));
+            }
+        }
+        tracing::debug!(collected, "finished tasks collected");
+        collected
+    }
+}

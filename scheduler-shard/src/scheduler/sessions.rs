@@ -1,0 +1,261 @@
+//! Agent sessions: Hello (with lease reclaim), credit, renewals, progress, results, rejects,
+//! and the reaper that delivers tasks again when their leases expire.
+
+use super::*;
+
+impl Scheduler {
+    /// Registers an agent stream; returns its session id. Leases the agent still holds from
+    /// an earlier stream (or from before a restart of this shard) move to this one, so running
+    /// work is not delivered again.
+    pub fn open_session(&self, hello: &Hello, tx: AgentTx) -> u64 {
+        let mut inner = self.lock();
+        inner.next_session += 1;
+        let id = inner.next_session;
+        let ttl = self.options.lease_ttl;
+        for held in &hello.held_leases {
+            let lease_id = LeaseId(held.lease_id.as_str().into());
+            let current = inner
+                .leases
+                .get(&lease_id)
+                .is_some_and(|l| *l.task == *held.task && l.attempt == held.attempt);
+            if current {
+                inner.leases.rebind(&lease_id, id, ttl);
+                tracing::info!(task = %held.task, lease = %lease_id, "lease reclaimed");
+            }
+        }
+        let pipelines = (!hello.pipelines.is_empty())
+            .then(|| hello.pipelines.iter().cloned().collect::<BTreeSet<_>>());
+        inner.sessions.insert(
+            id,
+            Session {
+                agent_id: hello.agent_id.clone(),
+                pipelines,
+                credit: hello.slots,
+                tx,
+            },
+        );
+        self.dispatcher.notify_one();
+        id
+    }
+
+    /// Forgets a stream. Its leases stay until they expire, so an agent that reconnects in
+    /// time reclaims them.
+    pub fn close_session(&self, session: u64) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.sessions.remove(&session) {
+            tracing::info!(agent = %s.agent_id, session, "agent stream closed");
+        }
+    }
+
+    pub fn credit(&self, session: u64, slots: u32) {
+        self.lock().credit(session, slots);
+        self.dispatcher.notify_one();
+    }
+
+    /// Renews leases held by `session`; unknown ones are ignored (their results will be
+    /// fenced off).
+    pub fn renew(&self, session: u64, leases: &[WireLease]) {
+        let mut inner = self.lock();
+        let ttl = self.options.lease_ttl;
+        for l in leases {
+            inner
+                .leases
+                .renew(&LeaseId(l.lease_id.as_str().into()), session, ttl);
+        }
+    }
+
+    /// The task `lease` is the current lease of, if it is.
+    fn current(inner: &Inner, lease: &WireLease) -> Option<Arc<str>> {
+        let held = inner.leases.get(&LeaseId(lease.lease_id.as_str().into()))?;
+        (*held.task == *lease.task && held.attempt == lease.attempt).then(|| held.task.clone())
+    }
+
+    /// A running task's progress, kept for late watchers and sent to current ones when the
+    /// lease is current.
+    pub fn progress(&self, lease: &WireLease, event: TaskEvent) {
+        let mut inner = self.lock();
+        if let Some(name) = Self::current(&inner, lease)
+            && let Some(record) = inner.tasks.get_mut(&name)
+        {
+            record.record(event);
+        }
+    }
+
+    /// An attempt's end. The first result of the current lease wins; anything else is a
+    /// duplicate and changes nothing. Returns whether it was applied.
+    pub async fn complete(&self, session: u64, lease: &WireLease, result: TaskResult) -> bool {
+        let planned = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            inner.credit(session, 1);
+            let planned = Self::current(inner, lease).and_then(|name| {
+                let id = LeaseId(lease.lease_id.as_str().into());
+                let held = inner.leases.release(&id)?;
+                let record = inner.tasks.get_mut(&name)?;
+                record.busy = true;
+                let event = Event::Finish {
+                    succeeded: result.succeeded,
+                };
+                let mut next = record.next(event).ok()?;
+                next.result = Some(result);
+                let op = record.stored(&next, None);
+                Some((name, next, op, (id, held)))
+            });
+            if planned.is_none() {
+                tracing::info!(task = %lease.task, attempt = lease.attempt, "duplicate or stale result ignored");
+            }
+            planned
+        };
+        // The slot came back either way.
+        self.dispatcher.notify_one();
+        let Some((name, next, op, lease)) = planned else {
+            return false;
+        };
+        let written = self.write(vec![op]).await;
+        let mut inner = self.lock();
+        match written {
+            Ok(()) => {
+                let reason = next
+                    .result
+                    .as_ref()
+                    .map(|r| r.error.clone())
+                    .unwrap_or_default();
+                self.install_final(&mut inner, &name, next, &reason);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(task = %name, error = %e, "result not written; the task will run again");
+                self.undo(&mut inner, &name, Some(lease));
+                false
+            }
+        }
+    }
+
+    /// The agent refused an assigned task: it goes back to READY (its slot is credited back).
+    pub async fn reject(&self, session: u64, lease: &WireLease, reason: &str) {
+        let released = {
+            let mut inner = self.lock();
+            inner.credit(session, 1);
+            Self::current(&inner, lease).and_then(|name| {
+                let id = LeaseId(lease.lease_id.as_str().into());
+                inner.leases.release(&id).map(|held| (name, id, held))
+            })
+        };
+        if let Some((name, id, held)) = released {
+            tracing::warn!(task = %name, reason, "agent rejected task");
+            self.requeue(vec![(id, held)], reason).await;
+        }
+        self.dispatcher.notify_one();
+    }
+
+    /// IN_PROGRESS -> READY for tasks whose leases ended (or ERROR once delivered too often),
+    /// in one write.
+    async fn requeue(&self, leases: Vec<(LeaseId, Lease)>, reason: &str) {
+        let (ops, planned) = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let mut ops = Vec::new();
+            let mut planned = Vec::new();
+            for (id, lease) in leases {
+                let Some(record) = inner.tasks.get_mut(&lease.task) else {
+                    continue;
+                };
+                if record.busy || record.lease.as_ref() != Some(&id) {
+                    continue;
+                }
+                record.busy = true;
+                let (event, why) = if record.task.attempt >= self.options.max_deliveries {
+                    let why = format!("{reason}; gave up after {} deliveries", record.task.attempt);
+                    (Event::Fail, why)
+                } else {
+                    (Event::Requeue, reason.to_owned())
+                };
+                let mut next = record.next(event).expect("leased tasks are IN_PROGRESS");
+                if event == Event::Fail {
+                    next.result = Some(TaskResult {
+                        succeeded: false,
+                        error: why.clone(),
+                        ..TaskResult::default()
+                    });
+                }
+                ops.push(record.stored(&next, None));
+                planned.push(Requeue {
+                    name: lease.task.clone(),
+                    next,
+                    reason: why,
+                    lease: Some((id, lease)),
+                });
+            }
+            (ops, planned)
+        };
+        if planned.is_empty() {
+            return;
+        }
+        let written = self.write(ops).await;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        for r in planned {
+            if let Err(e) = &written {
+                tracing::warn!(task = %r.name, error = %e, "requeue not written; retrying soon");
+                // Back as it was, expiring again shortly.
+                let record = inner.tasks.get_mut(&r.name).expect("busy tasks stay");
+                record.busy = false;
+                if let Some((id, lease)) = r.lease {
+                    let later = Instant::now() + Duration::from_secs(1);
+                    inner.leases.insert(
+                        id,
+                        Lease {
+                            deadline: later,
+                            ..lease
+                        },
+                    );
+                }
+                continue;
+            }
+            if task::is_final(TaskState::try_from(r.next.state).unwrap_or_default()) {
+                self.install_final(inner, &r.name, r.next, &r.reason);
+                continue;
+            }
+            let record = inner.tasks.get_mut(&r.name).expect("busy tasks stay");
+            record.busy = false;
+            record.task = r.next;
+            record.lease = None;
+            record.publish_state(&r.reason);
+            inner
+                .queue
+                .push(&record.pipeline, record.rank, r.name.clone());
+        }
+        self.dispatcher.notify_one();
+        self.reaper.notify_one();
+    }
+
+    /// Expires leases at their deadlines until `cancel` fires. Sleeps until the earliest
+    /// deadline, or until a new lease may have brought it forward.
+    pub(super) async fn run_reaper(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let (expired, next) = {
+                let mut inner = self.lock();
+                let expired = inner.leases.take_expired(Instant::now());
+                (expired, inner.leases.next_deadline())
+            };
+            if !expired.is_empty() {
+                for (id, lease) in &expired {
+                    tracing::info!(task = %lease.task, lease = %id, attempt = lease.attempt, "lease expired");
+                }
+                self.requeue(expired, "lease expired").await;
+                continue;
+            }
+            let sleep = async {
+                match next {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = sleep => {}
+                _ = self.reaper.notified() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Submits: checking, admission, idempotency, and the write that acknowledges them.
+
+use super::*;
+
+impl Scheduler {
+    /// Queues validated tasks; each is acknowledged (durable) or refused on its own. All
+    /// the new tasks of one call share one write.
+    pub async fn enqueue(&self, items: Vec<EnqueueTask>) -> Vec<Result<Task, Error>> {
+        let mut outcomes: Vec<Option<Result<Task, Error>>> = Vec::with_capacity(items.len());
+        let mut planned: Vec<(usize, Arc<str>, TaskRecord)> = Vec::new();
+        // A key repeated within this call gets the task of its first occurrence.
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        let mut first_of_key: HashMap<(String, String), usize> = HashMap::new();
+        let mut ops = Vec::new();
+        {
+            let mut inner = self.lock();
+            for (i, item) in items.into_iter().enumerate() {
+                if let Some(task) = item.task.as_ref().filter(|t| !t.idempotency_key.is_empty()) {
+                    let key = (task.pipeline.clone(), task.idempotency_key.clone());
+                    if let Some(&first) = first_of_key.get(&key) {
+                        repeats.push((i, first));
+                        outcomes.push(None);
+                        continue;
+                    }
+                    first_of_key.insert(key, i);
+                }
+                match self.plan_enqueue(&mut inner, item, &mut ops) {
+                    Ok(Ok(existing)) => outcomes.push(Some(Ok(existing))),
+                    Ok(Err((name, record))) => {
+                        planned.push((i, name, record));
+                        outcomes.push(None);
+                    }
+                    Err(e) => outcomes.push(Some(Err(e))),
+                }
+            }
+        }
+        let written = self.write(ops).await;
+        {
+            let mut inner = self.lock();
+            for (i, name, record) in planned {
+                if !record.task.idempotency_key.is_empty() {
+                    let key = (record.pipeline.clone(), record.task.idempotency_key.clone());
+                    inner.idempotency_pending.remove(&key);
+                }
+                outcomes[i] = Some(match &written {
+                    Ok(()) => {
+                        inner.durable_specs.insert(record.spec_id);
+                        let task = record.task.clone();
+                        inner.insert(name, record);
+                        Ok(task)
+                    }
+                    Err(e) => {
+                        inner.unreserve(&record.flow);
+                        Err(e.clone())
+                    }
+                });
+            }
+        }
+        if written.is_ok() {
+            self.dispatcher.notify_one();
+        }
+        for (i, first) in repeats {
+            outcomes[i] = outcomes[first].clone();
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every task has an outcome"))
+            .collect()
+    }
+
+    /// Checks one task and builds its record; `Ok(Ok(task))` is an idempotent repeat.
+    #[allow(clippy::type_complexity)] // (existing task | new record), or a refusal
+    fn plan_enqueue(
+        &self,
+        inner: &mut Inner,
+        item: EnqueueTask,
+        ops: &mut Vec<Op>,
+    ) -> Result<Result<Task, (Arc<str>, TaskRecord)>, Error> {
+        let mut task = item.task.ok_or_else(|| Error::invalid("task", "missing"))?;
+        let spec = item.spec.ok_or_else(|| Error::invalid("spec", "missing"))?;
+        let pipeline_name = PipelineName::parse(&task.pipeline)
+            .map_err(|e| Error::invalid("task.pipeline", e.to_string()))?;
+        let pipeline: Arc<str> = pipeline_name.to_string().into();
+        if !task.idempotency_key.is_empty() {
+            let key = (pipeline.clone(), task.idempotency_key.clone());
+            if let Some(existing) = inner.idempotency.get(&key) {
+                return Ok(Ok(inner.tasks[existing].task.clone()));
+            }
+            if inner.idempotency_pending.contains(&key) {
+                return Err(Error::Aborted(format!(
+                    "a submit with idempotency key {:?} is being written; retry to get its task",
+                    task.idempotency_key
+                )));
+            }
+        }
+        let flow: Arc<str> = format!("{}/{}", pipeline_name.tenant, task.client).into();
+        if inner.active >= self.options.max_active_tasks {
+            return Err(Error::ResourceExhausted {
+                what: format!(
+                    "the shard holds {} unfinished tasks, its limit; retry later",
+                    inner.active
+                ),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let of_flow = inner.active_by_flow.get(&flow).copied().unwrap_or(0);
+        if of_flow >= self.options.max_active_per_client {
+            return Err(Error::ResourceExhausted {
+                what: format!(
+                    "client {flow} has {of_flow} unfinished tasks, its limit; retry later"
+                ),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let name: Arc<str> = TaskName {
+            pipeline: pipeline_name,
+            task: id.clone(),
+        }
+        .to_string()
+        .into();
+        let now = unix_ms();
+        task.name = name.to_string();
+        task.id = id;
+        task.state = TaskState::Ready as i32;
+        task.attempt = 0;
+        task.create_time_ms = now;
+        task.update_time_ms = now;
+        task.result = None;
+        inner.next_seq += 1;
+        let rank = Rank {
+            client_priority: item.client_priority,
+            task_priority: task.priority,
+            tag: inner.fair.tag(&flow),
+            seq: inner.next_seq,
+        };
+        let spec_key = spec_id(&spec);
+        if !inner.durable_specs.contains(&spec_key) {
+            ops.push(Op::PutSpec {
+                id: spec_key,
+                spec: spec.encode_to_vec(),
+            });
+        }
+        let spec = inner
+            .specs
+            .entry(spec_key)
+            .or_insert_with(|| Arc::new(spec))
+            .clone();
+        if !task.idempotency_key.is_empty() {
+            inner
+                .idempotency_pending
+                .insert((pipeline.clone(), task.idempotency_key.clone()));
+        }
+        inner.reserve(&flow);
+        let record = TaskRecord {
+            task,
+            spec_id: spec_key,
+            spec,
+            pipeline,
+            flow,
+            client_priority: item.client_priority,
+            rank,
+            lease: None,
+            busy: false,
+            watchers: None,
+            history: Vec::new(),
+        };
+        ops.push(record.stored(&record.task, None));
+        Ok(Err((name, record)))
+    }
+}
