@@ -3,6 +3,10 @@
 //! start tasks; Progress and Result flow back; leases are renewed at a third of their TTL.
 //! On any stream error the agent reconnects with exponential backoff and jitter, while its
 //! running tasks carry on.
+//!
+//! Shutdown drains: new Assigns are handed back at once (Reject), running tasks get
+//! `drain_timeout` to finish and report, and whatever still runs then is cancelled and
+//! handed back too, so the shard queues it again without waiting for its lease to expire.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +38,8 @@ pub struct AgentOptions {
     /// Executors this agent runs; empty means any executor runs on the host (`pm dev`).
     pub executors: Vec<String>,
     pub runner: RunnerOptions,
+    /// On shutdown, how long running tasks may take to finish before they are handed back.
+    pub drain_timeout: Duration,
 }
 
 /// Tasks running on this agent, by lease id.
@@ -51,7 +57,7 @@ fn message(m: agent_message::Message) -> AgentMessage {
     AgentMessage { message: Some(m) }
 }
 
-/// Runs the agent until `shutdown` fires; then cancels what still runs.
+/// Runs the agent until `shutdown` fires, then drains (see the module doc).
 pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
     let running: Running = Arc::default();
     // Tasks report here; whichever stream is current forwards it. Messages wait here while
@@ -136,15 +142,48 @@ async fn session(
     let renew_every = Duration::from_millis(u64::from(welcome.lease_ttl_ms.max(300)) / 3);
     let mut renew = tokio::time::interval(renew_every);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining: Option<tokio::time::Instant> = None;
     loop {
+        if draining.is_some() && running.lock().expect("running lock").is_empty() {
+            // Every result is queued (a task reports under the lock that removes it).
+            while let Ok(out) = out_rx.try_recv() {
+                let _ = stream_tx.send(out);
+            }
+            drop(stream_tx);
+            // The shard ends the stream once it has read all of ours.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+            tracing::info!("drained");
+            return Ok(());
+        }
+        let deadline = async {
+            match draining {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled(), if draining.is_none() => {
+                tracing::info!(timeout = ?options.drain_timeout, "draining: finishing running tasks");
+                draining = Some(tokio::time::Instant::now() + options.drain_timeout);
+            }
+            _ = deadline => {
+                hand_back(running, out_tx, "the agent shut down before the task finished");
+            }
             incoming = inbound.message() => {
                 let incoming = incoming.map_err(|s| SessionError::Stream(s.to_string()))?;
                 let Some(m) = incoming.and_then(|m| m.message) else {
                     return Err(SessionError::Stream("closed by the server".into()));
                 };
                 match m {
+                    server_message::Message::Assign(assign) if draining.is_some() => {
+                        let _ = out_tx.send(message(agent_message::Message::Reject(Reject {
+                            lease: assign.lease,
+                            reason: "the agent is shutting down".into(),
+                        })));
+                    }
                     server_message::Message::Assign(assign) => start(options, running, out_tx, assign),
                     server_message::Message::Cancel(c) => {
                         let id = c.lease.map(|l| l.lease_id).unwrap_or_default();
@@ -234,13 +273,26 @@ fn start(
         let result = run_task(&runner, run, events_tx, cancel).await;
         // Progress goes out before the result.
         let _ = forward.await;
-        running
-            .lock()
-            .expect("running lock")
-            .remove(&lease.lease_id);
-        let _ = out_tx.send(message(agent_message::Message::Result(AttemptResult {
-            lease: Some(lease),
-            result: Some(result),
-        })));
+        // Reported under the lock that removes it: a drain sees either the task running or
+        // its result queued, and a task handed back meanwhile does not report at all.
+        let mut running = running.lock().expect("running lock");
+        if running.remove(&lease.lease_id).is_some() {
+            let _ = out_tx.send(message(agent_message::Message::Result(AttemptResult {
+                lease: Some(lease),
+                result: Some(result),
+            })));
+        }
     });
+}
+
+/// Cancels every running task and gives its lease back to the shard, which queues it again.
+fn hand_back(running: &Running, out_tx: &mpsc::UnboundedSender<AgentMessage>, reason: &str) {
+    for (_, (lease, cancel)) in running.lock().expect("running lock").drain() {
+        tracing::info!(task = %lease.task, "handing back a running task");
+        cancel.cancel();
+        let _ = out_tx.send(message(agent_message::Message::Reject(Reject {
+            lease: Some(lease),
+            reason: reason.to_owned(),
+        })));
+    }
 }

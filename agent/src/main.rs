@@ -28,6 +28,9 @@ struct Args {
     /// Where per-task work directories are made.
     #[arg(long, env = "PM_WORK_ROOT", default_value = "/tmp/pm-work")]
     work_root: PathBuf,
+    /// On SIGTERM, seconds running tasks may take to finish before they are handed back.
+    #[arg(long, env = "PM_DRAIN_SECONDS", default_value_t = 30)]
+    drain_seconds: u64,
     /// Also serve the direct RunnerService on this address.
     #[arg(long, env = "PM_RUNNER_LISTEN")]
     runner_listen: Option<String>,
@@ -68,6 +71,7 @@ async fn main() -> std::process::ExitCode {
         slots: args.slots,
         executors: args.executors,
         runner,
+        drain_timeout: std::time::Duration::from_secs(args.drain_seconds),
     };
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -102,6 +102,7 @@ impl Dev {
                 work_root: options.data_dir.join("work"),
                 ..pm_agent::RunnerOptions::default()
             },
+            drain_timeout: std::time::Duration::from_secs(5),
         };
         tasks.spawn(pm_agent::run(agent, shutdown.clone()));
         Ok(Dev {

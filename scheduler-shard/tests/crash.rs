@@ -266,6 +266,7 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
                 work_root: dir_path.join("work"),
                 ..pm_agent::RunnerOptions::default()
             },
+            drain_timeout: Duration::from_secs(1),
         },
         agent_stop.clone(),
     ));
