@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "pm/internal/v1/shard.proto",
     "pm/internal/v1/metadata.proto",
     "pm/internal/v1/store.proto",
+    "pm/internal/v1/exec.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

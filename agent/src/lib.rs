@@ -5,11 +5,13 @@
 //! - [`runner`]: one task from spec to result: stages, parallel jobs, retries, timeouts.
 //! - [`executor`]: one command with `sh -c` in its own process group, output bounded.
 //! - [`runner_service`]: `pm.v1.RunnerService.Run`, direct runs without a scheduler.
+//! - [`sidecar`]: executors in their own containers: the exec-server and its client.
 
 pub mod agent_stream;
 pub mod executor;
 pub mod runner;
 pub mod runner_service;
+pub mod sidecar;
 
 use std::future::Future;
 

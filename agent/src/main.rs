@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use pm_agent::{AgentOptions, RunnerOptions};
@@ -10,6 +10,8 @@ use pm_agent::{AgentOptions, RunnerOptions};
 #[derive(Parser)]
 #[command(version, about = "pipeline-manager agent")]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The gateway to connect to.
     #[arg(long, env = "PM_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
@@ -31,21 +33,57 @@ struct Args {
     /// On SIGTERM, seconds running tasks may take to finish before they are handed back.
     #[arg(long, env = "PM_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
+    /// An executor in its own container: `NAME=SOCKET` (its `pm-agent exec-server`); repeat.
+    #[arg(
+        long = "sidecar",
+        env = "PM_SIDECARS",
+        value_delimiter = ',',
+        value_name = "NAME=SOCKET"
+    )]
+    sidecars: Vec<String>,
     /// Also serve the direct RunnerService on this address.
     #[arg(long, env = "PM_RUNNER_LISTEN")]
     runner_listen: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve commands inside an executor container, on a Unix socket on the shared volume.
+    ExecServer {
+        /// e.g. /mnt/pipe/wget.sock
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     let args = Args::parse();
+    if let Some(Command::ExecServer { socket }) = &args.command {
+        return match pm_agent::sidecar::serve(socket, pm_proto::server::shutdown_signal()).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pm-agent exec-server: {e:#}");
+                std::process::ExitCode::from(64)
+            }
+        };
+    }
+    let mut sidecars = pm_agent::sidecar::Sidecars::new();
+    for entry in &args.sidecars {
+        let Some((name, socket)) = entry.split_once('=') else {
+            eprintln!("pm-agent: --sidecar {entry:?}: expected NAME=SOCKET");
+            return std::process::ExitCode::from(64);
+        };
+        sidecars.insert(name.to_owned(), PathBuf::from(socket));
+    }
     if args.slots == 0 {
         eprintln!("pm-agent: --slots must be at least 1");
         return std::process::ExitCode::from(64);
     }
     let runner = RunnerOptions {
         work_root: args.work_root,
+        sidecars,
         ..RunnerOptions::default()
     };
     let shutdown = CancellationToken::new();

@@ -18,12 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use pm_proto::unix_ms;
 use pm_proto::v1::{
-    Job, JobResult, OutputChunk, PipelineSpec, StepFinished, StepRef, StepResult, StepStarted,
-    TaskEvent, TaskResult, task_event,
+    Job, JobResult, OutputChunk, OutputStream, PipelineSpec, StepFinished, StepRef, StepResult,
+    StepStarted, TaskEvent, TaskResult, task_event,
 };
 use pm_spec::{ResolvedParams, env_name, render};
 
 use crate::executor::{self, Step};
+use crate::sidecar::{self, Sidecars};
 
 /// How the agent runs tasks.
 #[derive(Debug, Clone)]
@@ -38,6 +39,9 @@ pub struct RunnerOptions {
     pub keep_failed_work_dirs: bool,
     /// First retry backoff; doubles per attempt, capped at 30 s, with ±50% jitter.
     pub retry_backoff: Duration,
+    /// Executors in their own containers, by name: jobs on them run through the exec-server
+    /// at the socket. Other executors run on the agent's host.
+    pub sidecars: Sidecars,
 }
 
 impl Default for RunnerOptions {
@@ -48,6 +52,7 @@ impl Default for RunnerOptions {
             kill_grace: Duration::from_secs(5),
             keep_failed_work_dirs: false,
             retry_backoff: Duration::from_millis(500),
+            sidecars: Sidecars::new(),
         }
     }
 }
@@ -243,7 +248,7 @@ async fn run_job(
                 output_limit: options.output_limit,
                 kill_grace: options.kill_grace,
             };
-            let step_result = executor::run_step(&step, cancel, |stream, data| {
+            let on_output = |stream: OutputStream, data: &str| {
                 emit(
                     events,
                     task_event::Event::Output(OutputChunk {
@@ -252,8 +257,11 @@ async fn run_job(
                         data: data.to_owned(),
                     }),
                 );
-            })
-            .await;
+            };
+            let step_result = match options.sidecars.get(&job.executor) {
+                Some(socket) => sidecar::run_step(socket, &step, cancel, on_output).await,
+                None => executor::run_step(&step, cancel, on_output).await,
+            };
             emit(
                 events,
                 task_event::Event::StepFinished(StepFinished {

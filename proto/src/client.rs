@@ -5,6 +5,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::MAX_MESSAGE_BYTES;
+use crate::internal::v1::exec_service_client::ExecServiceClient;
 use crate::internal::v1::shard_service_client::ShardServiceClient;
 use crate::v1::agent_service_client::AgentServiceClient;
 use crate::v1::auth_service_client::AuthServiceClient;
@@ -63,4 +64,8 @@ constructor!(
 constructor!(
     /// `pm.internal.v1.ShardService`.
     shard, ShardServiceClient
+);
+constructor!(
+    /// `pm.internal.v1.ExecService` (a sidecar on a Unix socket).
+    exec, ExecServiceClient
 );

@@ -1,0 +1,204 @@
+//! Sidecar executors. In a pipeline pod each executor container (wget, tesseract, ...) runs
+//! `pm-agent exec-server --socket /mnt/pipe/<executor>.sock`; the agent sends every step of a
+//! job on that executor over the socket, and the command runs inside the container, in the
+//! work directory both share. [`serve`] is the exec-server; [`run_step`] the agent's side.
+//!
+//! The exec-server runs a step exactly as the host executor does ([`crate::executor`]): own
+//! process group, bounded output, SIGTERM then SIGKILL on timeout. A caller that goes away
+//! (the task was cancelled, the agent died) kills the step too. Commands it runs see
+//! `PM_SIDECAR_SOCKET`, the socket they came through.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Endpoint, Uri};
+use tonic::{Request, Response, Status};
+
+use pm_proto::MAX_MESSAGE_BYTES;
+use pm_proto::internal::v1::exec_service_server::{ExecService, ExecServiceServer};
+use pm_proto::internal::v1::{ExecEvent, ExecOutput, ExecRequest, exec_event};
+use pm_proto::v1::{OutputStream, StepResult};
+
+use crate::executor::{self, Step};
+
+struct ExecServer {
+    socket: PathBuf,
+}
+
+#[tonic::async_trait]
+impl ExecService for ExecServer {
+    type ExecStream = ReceiverStream<Result<ExecEvent, Status>>;
+
+    async fn exec(
+        &self,
+        request: Request<ExecRequest>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let req = request.into_inner();
+        if req.command.trim().is_empty() {
+            return Err(pm_proto::status::invalid_argument(
+                "command",
+                "must not be empty",
+            ));
+        }
+        let work_dir = PathBuf::from(&req.work_dir);
+        if !work_dir.is_absolute() || !work_dir.is_dir() {
+            return Err(pm_proto::status::invalid_argument(
+                "work_dir",
+                &format!(
+                    "{:?} is not a directory here (is the volume shared?)",
+                    req.work_dir
+                ),
+            ));
+        }
+        let mut env: Vec<(String, String)> = req.env.into_iter().collect();
+        env.push((
+            "PM_SIDECAR_SOCKET".into(),
+            self.socket.display().to_string(),
+        ));
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            // The caller hanging up cancels the step.
+            let cancel = CancellationToken::new();
+            let watch = {
+                let (tx, cancel) = (tx.clone(), cancel.clone());
+                tokio::spawn(async move {
+                    tx.closed().await;
+                    cancel.cancel();
+                })
+            };
+            let step = Step {
+                command: &req.command,
+                work_dir: &work_dir,
+                env: &env,
+                deadline: (req.timeout_ms > 0)
+                    .then(|| Instant::now() + Duration::from_millis(req.timeout_ms)),
+                output_limit: usize::try_from(req.output_limit).unwrap_or(usize::MAX),
+                kill_grace: Duration::from_millis(req.kill_grace_ms),
+            };
+            let result = executor::run_step(&step, &cancel, |stream, data| {
+                let event = ExecEvent {
+                    event: Some(exec_event::Event::Output(ExecOutput {
+                        stream: stream as i32,
+                        data: data.to_owned(),
+                    })),
+                };
+                // A slow reader loses live chunks, never the final result.
+                let _ = tx.try_send(Ok(event));
+            })
+            .await;
+            let finished = ExecEvent {
+                event: Some(exec_event::Event::Finished(result)),
+            };
+            let _ = tx.send(Ok(finished)).await;
+            watch.abort();
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Serves the exec-server on a Unix socket at `socket` until `shutdown`. A stale socket
+/// file from an earlier run is replaced.
+pub async fn serve(
+    socket: &Path,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if socket.exists() {
+        std::fs::remove_file(socket)?;
+    }
+    let listener = UnixListener::bind(socket)?;
+    tracing::info!(socket = %socket.display(), "exec-server serving");
+    let server = ExecServer {
+        socket: socket.to_owned(),
+    };
+    pm_proto::server::builder()
+        .add_service(ExecServiceServer::new(server).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Executors reached over sockets: executor name -> socket path.
+pub type Sidecars = HashMap<String, PathBuf>;
+
+/// Runs a step in the sidecar at `socket`; like [`executor::run_step`], it never fails: an
+/// unreachable sidecar is reported as a step that could not start (exit code 127).
+pub async fn run_step(
+    socket: &Path,
+    step: &Step<'_>,
+    cancel: &CancellationToken,
+    mut on_output: impl FnMut(OutputStream, &str),
+) -> StepResult {
+    let started = Instant::now();
+    let unreachable = |why: String| StepResult {
+        command: step.command.to_owned(),
+        exit_code: 127,
+        stderr: format!("[pm] sidecar {}: {why}", socket.display()),
+        duration_ms: started.elapsed().as_millis() as u64,
+        ..StepResult::default()
+    };
+    let path = socket.to_owned();
+    // The URI is required by the API and ignored by the connector.
+    let channel = match Endpoint::from_static("http://sidecar")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+    {
+        Ok(channel) => channel,
+        Err(e) => return unreachable(e.to_string()),
+    };
+    let request = ExecRequest {
+        command: step.command.to_owned(),
+        work_dir: step.work_dir.display().to_string(),
+        env: step.env.iter().cloned().collect(),
+        output_limit: step.output_limit as u64,
+        timeout_ms: step.deadline.map_or(0, |d| {
+            d.saturating_duration_since(Instant::now())
+                .as_millis()
+                .max(1) as u64
+        }),
+        kill_grace_ms: step.kill_grace.as_millis() as u64,
+    };
+    let mut client = pm_proto::client::exec(channel);
+    let mut events = match client.exec(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return unreachable(status.message().to_owned()),
+    };
+    loop {
+        // Cancelling drops the stream: the exec-server sees the caller go and kills the step.
+        let event = tokio::select! {
+            event = events.message() => event,
+            _ = cancel.cancelled() => {
+                let mut r = unreachable("task cancelled".into());
+                r.exit_code = -1;
+                r.stderr = "\n[pm] step killed: task cancelled\n".into();
+                return r;
+            }
+        };
+        match event {
+            Ok(Some(ExecEvent {
+                event: Some(exec_event::Event::Output(out)),
+            })) => {
+                let stream = OutputStream::try_from(out.stream).unwrap_or(OutputStream::Stdout);
+                on_output(stream, &out.data);
+            }
+            Ok(Some(ExecEvent {
+                event: Some(exec_event::Event::Finished(result)),
+            })) => return result,
+            Ok(Some(_)) => {}
+            Ok(None) => return unreachable("ended the stream without a result".into()),
+            Err(status) => return unreachable(status.message().to_owned()),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Jobs on a sidecar executor run in a real `pm-agent exec-server` process, reached over a
+//! Unix socket, in the work directory shared with the agent; timeouts and cancels reach the
+//! sidecar's process group; an unreachable sidecar is a step that could not start.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use pm_agent::runner::{Run, RunnerOptions, run_task};
+use pm_proto::v1::{Job, ParamSpec, PipelineSpec, Stage, TaskResult};
+
+struct ExecServer(Child);
+
+impl Drop for ExecServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn exec_server(socket: &Path) -> ExecServer {
+    let child = Command::new(env!("CARGO_BIN_EXE_pm-agent"))
+        .arg("exec-server")
+        .arg("--socket")
+        .arg(socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "exec-server never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ExecServer(child)
+}
+
+fn job(name: &str, executor: &str, commands: &[&str]) -> Job {
+    Job {
+        name: name.into(),
+        executor: executor.into(),
+        commands: commands.iter().map(|c| c.to_string()).collect(),
+        ..Job::default()
+    }
+}
+
+async fn run(options: &RunnerOptions, jobs: Vec<Job>, cancel: CancellationToken) -> TaskResult {
+    let spec = PipelineSpec {
+        params: [("v".to_owned(), ParamSpec::default())].into(),
+        stages: vec![Stage {
+            name: "s".into(),
+            jobs,
+            priority: None,
+        }],
+        ..PipelineSpec::default()
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Drain events so the run never waits on them.
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let run = Run {
+        id: format!("t{}", rand_id()),
+        spec: Arc::new(spec),
+        params: [("v".to_owned(), "a b; $(touch pwned)".to_owned())].into(),
+        timeout_seconds: 0,
+    };
+    run_task(options, run, tx, cancel).await
+}
+
+fn rand_id() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("wget.sock");
+    let _server = exec_server(&socket);
+    let options = RunnerOptions {
+        work_root: dir.path().join("work"),
+        kill_grace: Duration::from_millis(300),
+        sidecars: [("wget".to_owned(), socket.clone())].into(),
+        ..RunnerOptions::default()
+    };
+
+    let result = run(
+        &options,
+        vec![
+            job(
+                "fetch",
+                "wget",
+                &[
+                    "printf %s \"$PM_SIDECAR_SOCKET\" > where",
+                    "cat where",
+                    "printf %s {{v}}",
+                ],
+            ),
+            job(
+                "local",
+                "host",
+                &["printf %s \"${PM_SIDECAR_SOCKET:-host}\""],
+            ),
+        ],
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(result.succeeded, "{result:?}");
+    let fetch = &result.jobs[0];
+    assert_eq!(
+        fetch.steps[1].stdout,
+        socket.display().to_string(),
+        "ran in the sidecar"
+    );
+    assert_eq!(
+        fetch.steps[2].stdout, "a b; $(touch pwned)",
+        "parameters stay quoted"
+    );
+    assert_eq!(
+        result.jobs[1].steps[0].stdout, "host",
+        "other executors run on the host"
+    );
+    assert!(!options.work_root.join("pwned").exists());
+
+    // A timeout kills the sidecar's process tree.
+    let mut slow = job(
+        "slow",
+        "wget",
+        &["sh -c 'echo $$ > child.pid; exec sleep 60' & sleep 60"],
+    );
+    slow.timeout_seconds = 1;
+    let started = Instant::now();
+    let result = run(&options, vec![slow], CancellationToken::new()).await;
+    let step = &result.jobs[0].steps[0];
+    assert!(step.timed_out, "{step:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // A cancel does too: the agent drops the call, the exec-server kills the group.
+    let marker = dir.path().join("cancelled.pid");
+    let command = format!(
+        "sh -c 'echo $$ > {}; exec sleep 60' & wait",
+        marker.display()
+    );
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    let watcher = {
+        let marker = marker.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !marker.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the cancelled step never started"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            trigger.cancel();
+        })
+    };
+    let result = run(&options, vec![job("long", "wget", &[&command])], cancel).await;
+    watcher.await.unwrap();
+    assert!(!result.succeeded);
+    let pid: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled command {pid} outlived its call"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_sidecar_is_a_step_that_could_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RunnerOptions {
+        work_root: dir.path().join("work"),
+        sidecars: [("wget".to_owned(), dir.path().join("nobody.sock"))].into(),
+        ..RunnerOptions::default()
+    };
+    let result = run(
+        &options,
+        vec![job("fetch", "wget", &["true"])],
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(!result.succeeded);
+    let step = &result.jobs[0].steps[0];
+    assert_eq!(step.exit_code, 127);
+    assert!(step.stderr.contains("nobody.sock"), "{}", step.stderr);
+}
