@@ -30,6 +30,9 @@ struct Args {
     /// Where per-task work directories are made.
     #[arg(long, env = "PM_WORK_ROOT", default_value = "/tmp/pm-work")]
     work_root: PathBuf,
+    /// Keep the work directory of a task that failed, for inspection.
+    #[arg(long, env = "PM_KEEP_FAILED_WORK_DIRS")]
+    keep_failed_work_dirs: bool,
     /// On SIGTERM, seconds running tasks may take to finish before they are handed back.
     #[arg(long, env = "PM_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -83,6 +86,7 @@ async fn main() -> std::process::ExitCode {
     }
     let runner = RunnerOptions {
         work_root: args.work_root,
+        keep_failed_work_dirs: args.keep_failed_work_dirs,
         sidecars,
         ..RunnerOptions::default()
     };

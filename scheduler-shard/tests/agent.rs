@@ -18,11 +18,15 @@ struct Shard {
 }
 
 async fn shard() -> Shard {
+    // Far beyond the waits below: a task back in READY was handed back, not expired.
+    shard_with_ttl(Duration::from_secs(300)).await
+}
+
+async fn shard_with_ttl(lease_ttl: Duration) -> Shard {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let options = pm_scheduler_shard::Options {
-        // Far beyond the waits below: a task back in READY was handed back, not expired.
-        lease_ttl: Duration::from_secs(300),
+        lease_ttl,
         ..Default::default()
     };
     let scheduler = pm_scheduler_shard::open(options, None).unwrap();
@@ -200,5 +204,95 @@ async fn a_draining_agent_finishes_short_tasks_and_hands_long_ones_back() {
     let long = until(&shard, &long, |t| state(t) == TaskState::Done).await;
     assert_eq!(long.attempt, 2);
     second.cancel();
+    shard.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_keep_a_task_longer_than_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = shard_with_ttl(Duration::from_millis(600)).await;
+    let agent = agent(
+        &shard,
+        "renewing",
+        1,
+        &dir.path().join("w"),
+        Duration::from_secs(5),
+    );
+    // Five lease lengths long; without renewals it would be delivered again.
+    let name = submit(&shard, "sleep 3", 1).await.remove(0);
+    let task = until(&shard, &name, |t| state(t) == TaskState::Done).await;
+    assert_eq!(task.attempt, 1, "never redelivered: {task:?}");
+    agent.cancel();
+    shard.stop.cancel();
+}
+
+/// An agent as its own process (the workspace's `pm-agent` binary, next to `pm-shard`).
+struct AgentProcess(std::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent_process(shard: &Shard, id: &str, work: &Path) -> AgentProcess {
+    let bin = Path::new(env!("CARGO_BIN_EXE_pm-shard")).with_file_name("pm-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo nextest run --workspace does)",
+        bin.display()
+    );
+    let child = std::process::Command::new(bin)
+        .args([
+            "--endpoint",
+            &shard.endpoint,
+            "--agent-id",
+            id,
+            "--slots",
+            "1",
+        ])
+        .args(["--pipeline", PIPELINE])
+        .arg("--work-root")
+        .arg(work)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    AgentProcess(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_agent_is_killed_is_redelivered_and_ends_done_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = shard_with_ttl(Duration::from_secs(1)).await;
+    let log = dir.path().join("runs.log");
+    // Slow on its first delivery only; every delivery leaves a line.
+    let command = format!(
+        "echo \"$PM_TASK_ID\" >> {}; case $PM_TASK_ID in *-1) sleep 60;; esac",
+        log.display()
+    );
+    let name = submit(&shard, &command, 1).await.remove(0);
+    let mut first = agent_process(&shard, "doomed", &dir.path().join("w1"));
+    until(&shard, &name, |t| state(t) == TaskState::InProgress).await;
+    let deadline = Instant::now() + WAIT;
+    while !log.exists() {
+        assert!(Instant::now() < deadline, "the first delivery never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+
+    let _second = agent_process(&shard, "survivor", &dir.path().join("w2"));
+    let task = until(&shard, &name, |t| state(t) == TaskState::Done).await;
+    assert_eq!(task.attempt, 2, "delivered again after the lease expired");
+    let runs = std::fs::read_to_string(&log).unwrap();
+    let runs: Vec<&str> = runs.lines().collect();
+    assert_eq!(runs.len(), 2, "one run per delivery: {runs:?}");
+    assert!(
+        runs[0].ends_with("-1") && runs[1].ends_with("-2"),
+        "{runs:?}"
+    );
+    eprintln!("killed agent: task DONE once, 1 duplicate execution (the killed attempt)");
     shard.stop.cancel();
 }
