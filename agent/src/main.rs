@@ -51,6 +51,15 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a spec here and now, without a scheduler, through this agent's RunnerService.
+    Run {
+        /// The spec, YAML or JSON, in any accepted form.
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// A parameter, `name=value`; repeat for more.
+        #[arg(long = "param", short = 'p', value_name = "K=V")]
+        params: Vec<String>,
+    },
     /// Serve commands inside an executor container, on a Unix socket on the shared volume.
     ExecServer {
         /// e.g. /mnt/pipe/wget.sock
@@ -71,6 +80,14 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(64)
             }
         };
+    }
+    if let Some(Command::Run { file, params }) = &args.command {
+        let runner = RunnerOptions {
+            work_root: args.work_root.clone(),
+            keep_failed_work_dirs: args.keep_failed_work_dirs,
+            ..RunnerOptions::default()
+        };
+        return pm_agent::runner_service::run_locally(runner, file, params).await;
     }
     let mut sidecars = pm_agent::sidecar::Sidecars::new();
     for entry in &args.sidecars {

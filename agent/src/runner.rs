@@ -384,6 +384,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn siblings_of_a_failed_job_finish_and_no_later_stage_starts() {
+        let spec = PipelineSpec {
+            stages: vec![
+                Stage {
+                    name: "one".into(),
+                    jobs: vec![
+                        job("fails", &["exit 2"]),
+                        job("sibling", &["sleep 0.3", "echo finished"]),
+                    ],
+                    priority: None,
+                },
+                Stage {
+                    name: "two".into(),
+                    jobs: vec![job("never", &["true"])],
+                    priority: None,
+                },
+            ],
+            ..PipelineSpec::default()
+        };
+        let (result, _, _) = run(spec, &[]).await;
+        assert!(!result.succeeded);
+        assert_eq!(result.jobs.len(), 2, "stage two never started");
+        let sibling = &result.jobs[1];
+        assert!(sibling.succeeded, "the sibling ran to its end: {sibling:?}");
+        assert_eq!(sibling.steps[1].stdout, "finished\n");
+    }
+
+    #[tokio::test]
     async fn retries_allow_failure_and_stopping_after_a_failed_stage() {
         let mut flaky = job(
             "flaky",

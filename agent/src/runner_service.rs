@@ -102,3 +102,113 @@ fn uuid_like() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("{:x}-{:x}", unix_ms(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
+
+/// `pm-agent run -f FILE --param k=v`: serves [`Runner`] on an ephemeral loopback port, runs
+/// the spec through `RunnerService.Run` like any client would, prints the output as it comes
+/// and the result at the end. Exit code 0 when the run succeeded, 1 otherwise.
+pub async fn run_locally(
+    options: RunnerOptions,
+    file: &std::path::Path,
+    params: &[String],
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+
+    let document = match std::fs::read_to_string(file) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("pm-agent run: cannot read {}: {e}", file.display());
+            return ExitCode::from(64);
+        }
+    };
+    let mut given = std::collections::HashMap::new();
+    for pair in params {
+        let Some((k, v)) = pair.split_once('=') else {
+            eprintln!("pm-agent run: --param {pair:?}: expected name=value");
+            return ExitCode::from(64);
+        };
+        given.insert(k.to_owned(), v.to_owned());
+    }
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pm-agent run: cannot listen on loopback: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let endpoint = match listener.local_addr() {
+        Ok(addr) => format!("http://{addr}"),
+        Err(e) => {
+            eprintln!("pm-agent run: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(crate::serve_runner(
+        listener,
+        options,
+        stop.clone().cancelled_owned(),
+    ));
+    let code = match print_run(&endpoint, document, given).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(status) => {
+            eprintln!("pm-agent run: {:?}: {}", status.code(), status.message());
+            ExitCode::FAILURE
+        }
+    };
+    stop.cancel();
+    code
+}
+
+async fn print_run(
+    endpoint: &str,
+    document: String,
+    params: std::collections::HashMap<String, String>,
+) -> Result<bool, Status> {
+    let channel =
+        pm_proto::client::channel(endpoint).map_err(|e| Status::unavailable(e.to_string()))?;
+    let request = RunRequest {
+        source: Some(run_request::Source::SpecDocument(document)),
+        params,
+    };
+    let mut events = pm_proto::client::runner(channel)
+        .run(request)
+        .await?
+        .into_inner();
+    while let Some(event) = events.message().await? {
+        match event.event {
+            Some(task_event::Event::StepStarted(s)) => {
+                let at = s.step.unwrap_or_default();
+                println!("> {}/{} step {}: {}", at.stage, at.job, at.step, s.command);
+            }
+            Some(task_event::Event::Output(o)) => {
+                for line in o.data.lines() {
+                    println!("  | {line}");
+                }
+            }
+            Some(task_event::Event::StepFinished(f)) => {
+                let at = f.step.unwrap_or_default();
+                let r = f.result.unwrap_or_default();
+                let mark = if r.exit_code == 0 && !r.timed_out {
+                    "ok"
+                } else {
+                    "FAILED"
+                };
+                println!(
+                    "{mark} {}/{} step {}: exit {} in {} ms",
+                    at.stage, at.job, at.step, r.exit_code, r.duration_ms
+                );
+            }
+            Some(task_event::Event::Finished(task)) => {
+                let result = task.result.unwrap_or_default();
+                if !result.error.is_empty() {
+                    println!("error: {}", result.error);
+                }
+                println!("{}", if result.succeeded { "DONE" } else { "ERROR" });
+                return Ok(result.succeeded);
+            }
+            _ => {}
+        }
+    }
+    Err(Status::unavailable("the run ended without a result"))
+}
