@@ -316,3 +316,77 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
         runs.len() - distinct.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path: PathBuf = dir.path().to_owned();
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let log = dir_path.join("runs.log");
+    let shard = Shard::start(&dir_path, port, 0);
+    wait_ready(&endpoint).await;
+
+    // One task that runs for a while; every execution leaves a line.
+    let mut spec = spec(&log);
+    spec.stages[0].jobs[0].commands.push("sleep 3".into());
+    let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
+    let answer = client
+        .enqueue(EnqueueRequest {
+            tasks: vec![item(&spec)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(submit_task_result::Outcome::Task(task)) = answer.results[0].outcome.clone() else {
+        panic!("{answer:?}")
+    };
+    let agent_stop = CancellationToken::new();
+    let agent = tokio::spawn(pm_agent::run(
+        pm_agent::AgentOptions {
+            endpoint: endpoint.clone(),
+            agent_id: "reclaimer".into(),
+            pipelines: vec![PIPELINE.into()],
+            slots: 1,
+            executors: Vec::new(),
+            runner: pm_agent::RunnerOptions {
+                work_root: dir_path.join("work"),
+                ..pm_agent::RunnerOptions::default()
+            },
+            drain_timeout: Duration::from_secs(1),
+        },
+        agent_stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while executions(&log).is_empty() {
+        assert!(Instant::now() < deadline, "the task never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The shard dies mid-run and comes back on the same disk; the agent reconnects holding
+    // the lease, and the shard (which replayed it) lets it keep the task.
+    shard.kill();
+    let _shard = Shard::start(&dir_path, port, 1);
+    wait_ready(&endpoint).await;
+    let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
+    let done = loop {
+        let t = client
+            .get_task(pm_proto::v1::GetTaskRequest {
+                name: task.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if t.state == TaskState::Done as i32 {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "not DONE within a minute: {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done.attempt, 1, "reclaimed, not delivered again");
+    assert_eq!(executions(&log).len(), 1, "it ran once");
+    let restarted_log = std::fs::read_to_string(dir_path.join("shard-1.log")).unwrap();
+    assert!(restarted_log.contains("lease reclaimed"), "{restarted_log}");
+    agent_stop.cancel();
+    let _ = agent.await;
+}
