@@ -196,6 +196,32 @@ async fn count_done(endpoint: &str, acked: &HashSet<String>) -> (usize, Vec<Stri
     (done, missing)
 }
 
+/// An in-process agent serving the test pipeline; cancel the token to stop it.
+fn start_agent(
+    endpoint: &str,
+    id: &str,
+    slots: u32,
+    dir: &Path,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let agent = tokio::spawn(pm_agent::run(
+        pm_agent::AgentOptions {
+            endpoint: endpoint.to_owned(),
+            agent_id: id.into(),
+            pipelines: vec![PIPELINE.into()],
+            slots,
+            executors: Vec::new(),
+            runner: pm_agent::RunnerOptions {
+                work_root: dir.join("work"),
+                ..pm_agent::RunnerOptions::default()
+            },
+            drain_timeout: Duration::from_secs(1),
+        },
+        stop.clone(),
+    ));
+    (stop, agent)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
     let dir = tempfile::tempdir().unwrap();
@@ -254,22 +280,7 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
     );
 
     // An agent runs them; the shard is killed once more while it does.
-    let agent_stop = CancellationToken::new();
-    let agent = tokio::spawn(pm_agent::run(
-        pm_agent::AgentOptions {
-            endpoint: endpoint.clone(),
-            agent_id: "crash-agent".into(),
-            pipelines: vec![PIPELINE.into()],
-            slots: 8,
-            executors: Vec::new(),
-            runner: pm_agent::RunnerOptions {
-                work_root: dir_path.join("work"),
-                ..pm_agent::RunnerOptions::default()
-            },
-            drain_timeout: Duration::from_secs(1),
-        },
-        agent_stop.clone(),
-    ));
+    let (agent_stop, agent) = start_agent(&endpoint, "crash-agent", 8, &dir_path);
     let deadline = Instant::now() + Duration::from_secs(120);
     while executions(&log).len() < acked.len() / 3 {
         assert!(Instant::now() < deadline, "the agent made no progress");
@@ -341,22 +352,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     let Some(submit_task_result::Outcome::Task(task)) = answer.results[0].outcome.clone() else {
         panic!("{answer:?}")
     };
-    let agent_stop = CancellationToken::new();
-    let agent = tokio::spawn(pm_agent::run(
-        pm_agent::AgentOptions {
-            endpoint: endpoint.clone(),
-            agent_id: "reclaimer".into(),
-            pipelines: vec![PIPELINE.into()],
-            slots: 1,
-            executors: Vec::new(),
-            runner: pm_agent::RunnerOptions {
-                work_root: dir_path.join("work"),
-                ..pm_agent::RunnerOptions::default()
-            },
-            drain_timeout: Duration::from_secs(1),
-        },
-        agent_stop.clone(),
-    ));
+    let (agent_stop, agent) = start_agent(&endpoint, "reclaimer", 1, &dir_path);
     let deadline = Instant::now() + Duration::from_secs(60);
     while executions(&log).is_empty() {
         assert!(Instant::now() < deadline, "the task never started");
