@@ -51,11 +51,10 @@ impl Tasks {
                 format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
             ));
         }
-        let pipeline_spec = pipeline.spec.clone().unwrap_or_default();
         let (spec, inline) = match req.inline {
-            None => (pipeline_spec, false),
+            None => (pipeline.spec.clone().unwrap_or_default(), false),
             Some(source) => {
-                if !pipeline_spec.allow_inline_tasks {
+                if !pipeline.spec.as_ref().is_some_and(|s| s.allow_inline_tasks) {
                     return Err(Error::FailedPrecondition(format!(
                         "{} does not allow inline tasks (set allow_inline_tasks in its spec)",
                         pipeline.name
