@@ -18,9 +18,6 @@ use pm_proto::v1::{
 use crate::error::Error;
 use crate::scheduler::Scheduler;
 
-const MAX_PAGE_SIZE: u32 = 1000;
-const DEFAULT_PAGE_SIZE: u32 = 100;
-
 pub struct Shard {
     scheduler: Arc<Scheduler>,
 }
@@ -135,24 +132,11 @@ impl ShardService for Shard {
             .map_err(|e| Error::invalid("parent", e.to_string()))?;
         let state = TaskState::try_from(req.state)
             .map_err(|_| Error::invalid("state", format!("{} is not a task state", req.state)))?;
-        if req.page_size > MAX_PAGE_SIZE {
-            return Err(Error::invalid(
-                "page_size",
-                format!("{} is more than {MAX_PAGE_SIZE}", req.page_size),
-            )
-            .into());
-        }
-        if req.page_token.contains('/') || req.page_token.len() > 128 {
-            return Err(Error::invalid("page_token", "not a token this server issued").into());
-        }
-        let size = if req.page_size == 0 {
-            DEFAULT_PAGE_SIZE
-        } else {
-            req.page_size
-        };
+        let size = pm_spec::validate::check_page(req.page_size, &req.page_token)
+            .map_err(Error::InvalidArgument)?;
         let (tasks, next_page_token) =
             self.scheduler
-                .list(&pipeline.to_string(), state, size as usize, &req.page_token);
+                .list(&pipeline.to_string(), state, size, &req.page_token);
         Ok(Response::new(ListTasksResponse {
             tasks,
             next_page_token,

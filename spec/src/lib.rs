@@ -86,6 +86,10 @@ pub mod limits {
     pub const MAX_PARTITIONS: u32 = 1024;
     /// Bytes of a spec document.
     pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+    /// Items of a list page when the request gives no `page_size`.
+    pub const DEFAULT_PAGE_SIZE: u32 = 100;
+    /// Most items of one list page.
+    pub const MAX_PAGE_SIZE: u32 = 1000;
 }
 
 /// A spec as a request carries it, validated; violations are reported under `field`.

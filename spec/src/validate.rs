@@ -215,6 +215,28 @@ pub fn validate(spec: &PipelineSpec) -> Result<(), Violation> {
     Ok(())
 }
 
+/// The `page_size` and `page_token` of a List call, the same rule for every service: returns
+/// the page size to use. Tokens are ids this server handed out, never paths.
+pub fn check_page(page_size: u32, page_token: &str) -> Result<usize, Violation> {
+    if page_size > MAX_PAGE_SIZE {
+        return Err(Violation::new(
+            "page_size",
+            format!("{page_size} is more than {MAX_PAGE_SIZE}"),
+        ));
+    }
+    if page_token.contains('/') || page_token.len() > 128 {
+        return Err(Violation::new(
+            "page_token",
+            "not a token this server issued",
+        ));
+    }
+    Ok(if page_size == 0 {
+        DEFAULT_PAGE_SIZE
+    } else {
+        page_size
+    } as usize)
+}
+
 /// A parameter value: bounded, no NUL (it could not be passed to a process).
 pub fn check_param_value(field: &str, value: &str) -> Result<(), Violation> {
     if value.len() > MAX_PARAM_VALUE_BYTES {
@@ -250,6 +272,21 @@ mod tests {
             }],
             ..PipelineSpec::default()
         }
+    }
+
+    #[test]
+    fn list_pages_are_bounded_and_tokens_are_not_paths() {
+        assert_eq!(check_page(0, ""), Ok(DEFAULT_PAGE_SIZE as usize));
+        assert_eq!(check_page(MAX_PAGE_SIZE, "abc"), Ok(MAX_PAGE_SIZE as usize));
+        assert_eq!(
+            check_page(MAX_PAGE_SIZE + 1, "").unwrap_err().field,
+            "page_size"
+        );
+        assert_eq!(check_page(10, "../x").unwrap_err().field, "page_token");
+        assert_eq!(
+            check_page(10, &"a".repeat(129)).unwrap_err().field,
+            "page_token"
+        );
     }
 
     #[test]

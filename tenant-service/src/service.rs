@@ -19,9 +19,6 @@ use pm_proto::v1::*;
 use crate::error::Error;
 use crate::keys;
 
-const DEFAULT_PAGE_SIZE: u32 = 100;
-const MAX_PAGE_SIZE: u32 = 1000;
-
 /// Serves tenants, clients, applications and pipelines over a [`MetadataStore`].
 #[derive(Clone)]
 pub struct Catalog {
@@ -60,23 +57,7 @@ impl Catalog {
         page_size: u32,
         page_token: &str,
     ) -> Result<Page<M>> {
-        if page_size > MAX_PAGE_SIZE {
-            return Err(Error::invalid(
-                "page_size",
-                format!("{page_size} is more than {MAX_PAGE_SIZE}"),
-            ));
-        }
-        if !page_token.is_empty() && (page_token.contains('/') || page_token.len() > 128) {
-            return Err(Error::invalid(
-                "page_token",
-                "not a token this server issued",
-            ));
-        }
-        let size = if page_size == 0 {
-            DEFAULT_PAGE_SIZE
-        } else {
-            page_size
-        } as usize;
+        let size = pm_spec::validate::check_page(page_size, page_token)?;
         let start_after = if page_token.is_empty() {
             String::new()
         } else {
