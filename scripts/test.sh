@@ -4,14 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The tests run commands with sh and fetch file:// URLs with curl (the sample pipeline).
-missing=()
-for tool in curl sh; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -qq && apt-get install -y -qq curl
-fi
+# protox (etcd-client's protoc), etcd for the cluster tests, curl for the sample pipeline.
+./scripts/setup.sh --test
 
 # CI runs in a fresh clone on a machine that may keep an earlier build: share its target dir.
 if [ -n "${CI:-}" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then

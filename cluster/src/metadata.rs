@@ -260,40 +260,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta.bin");
         let store = EmbeddedStore::open(&path).unwrap();
-        let r1 = store
-            .put("/a/1", b"one".to_vec(), Expect::Absent)
-            .await
-            .unwrap();
-        assert!(matches!(
-            store.put("/a/1", b"again".to_vec(), Expect::Absent).await,
-            Err(Error::Conflict { .. })
-        ));
-        let r2 = store
-            .put("/a/1", b"uno".to_vec(), Expect::Revision(r1))
-            .await
-            .unwrap();
-        assert!(r2 > r1);
-        assert!(matches!(
-            store.put("/a/1", b"x".to_vec(), Expect::Revision(r1)).await,
-            Err(Error::Conflict { .. })
-        ));
-        store
-            .put("/a/2", b"two".to_vec(), Expect::Any)
-            .await
-            .unwrap();
-        store.put("/b/1", b"b".to_vec(), Expect::Any).await.unwrap();
-        let keys = |kvs: Vec<KeyValue>| kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
-        assert_eq!(
-            keys(store.list("/a/", "", 10).await.unwrap()),
-            ["/a/1", "/a/2"]
-        );
-        assert_eq!(keys(store.list("/a/", "/a/1", 10).await.unwrap()), ["/a/2"]);
-        assert_eq!(keys(store.list("/a/", "", 1).await.unwrap()), ["/a/1"]);
-        assert!(store.delete("/a/2", Expect::Any).await.unwrap());
-        assert!(!store.delete("/a/2", Expect::Any).await.unwrap());
+        let r2 = crate::testing::check_store_contract(&store).await;
         drop(store);
 
         let reopened = EmbeddedStore::open(&path).unwrap();
+        let keys = |kvs: Vec<KeyValue>| kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
         let kv = reopened.get("/a/1").await.unwrap().unwrap();
         assert_eq!(
             (kv.value.as_slice(), kv.mod_revision),

@@ -11,23 +11,31 @@ struct Args {
     /// Address to serve gRPC on.
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50052")]
     listen: String,
-    /// Directory of the embedded metadata store (until the etcd backend lands).
+    /// etcd endpoints (comma-separated, `http://host:2379`): keep the metadata in etcd, so
+    /// any number of replicas can serve. Without it, the embedded store in --data-dir.
+    #[arg(long, env = "PM_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Directory of the embedded metadata store (single replica, no etcd).
     #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/tenant-service")]
     data_dir: PathBuf,
+}
+
+async fn store(args: &Args) -> anyhow::Result<Arc<dyn pm_cluster::MetadataStore>> {
+    if !args.etcd.is_empty() {
+        return Ok(Arc::new(pm_cluster::EtcdStore::connect(&args.etcd).await?));
+    }
+    std::fs::create_dir_all(&args.data_dir)?;
+    Ok(Arc::new(pm_cluster::EmbeddedStore::open(
+        args.data_dir.join("metadata.bin"),
+    )?))
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     let args = Args::parse();
-    let store = match std::fs::create_dir_all(&args.data_dir)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| {
-            Ok(pm_cluster::EmbeddedStore::open(
-                args.data_dir.join("metadata.bin"),
-            )?)
-        }) {
-        Ok(store) => Arc::new(store),
+    let store = match store(&args).await {
+        Ok(store) => store,
         Err(e) => {
             eprintln!("pm-tenant-service: {e:#}");
             return std::process::ExitCode::from(64);

@@ -1,0 +1,147 @@
+//! A real etcd for tests: started on free loopback ports in a temp dir, killed on drop.
+//! The binary is `PM_ETCD_BIN`, else `/usr/bin/etcd` (Debian's etcd-server, which
+//! `scripts/setup.sh --test` installs).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::metadata::{Error, Expect, KeyValue, MetadataStore};
+
+pub struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub fn etcd_binary() -> PathBuf {
+    std::env::var_os("PM_ETCD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers (at most 20 s).
+    pub fn start() -> Self {
+        let bin = etcd_binary();
+        assert!(
+            bin.exists(),
+            "no etcd at {}: run ./scripts/setup.sh --test or set PM_ETCD_BIN",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(&bin)
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=test={peer_url}"))
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let etcd = Self {
+            child,
+            endpoint,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let health = format!("127.0.0.1:{client}");
+        loop {
+            if std::net::TcpStream::connect(&health).is_ok() && etcd.healthy() {
+                return etcd;
+            }
+            assert!(Instant::now() < deadline, "etcd did not start in 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Asks etcd for its status on a thread of its own, so callers may be async.
+    fn healthy(&self) -> bool {
+        let endpoint = self.endpoint.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                match crate::etcd::connect(&[endpoint]).await {
+                    Ok(mut c) => c.status().await.is_ok(),
+                    Err(_) => false,
+                }
+            })
+        })
+        .join()
+        .unwrap_or(false)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What every [`MetadataStore`] must do, on an empty store. Leaves `/a/1` = "uno" at the
+/// returned revision and `/b/1`, with `/a/2` deleted.
+pub async fn check_store_contract(store: &dyn MetadataStore) -> u64 {
+    let r1 = store
+        .put("/a/1", b"one".to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.put("/a/1", b"again".to_vec(), Expect::Absent).await,
+        Err(Error::Conflict { .. })
+    ));
+    let r2 = store
+        .put("/a/1", b"uno".to_vec(), Expect::Revision(r1))
+        .await
+        .unwrap();
+    assert!(r2 > r1);
+    match store.put("/a/1", b"x".to_vec(), Expect::Revision(r1)).await {
+        Err(Error::Conflict {
+            expected, found, ..
+        }) => assert_eq!((expected, found), (r1, r2)),
+        other => panic!("a stale revision must conflict: {other:?}"),
+    }
+    store
+        .put("/a/2", b"two".to_vec(), Expect::Any)
+        .await
+        .unwrap();
+    store.put("/b/1", b"b".to_vec(), Expect::Any).await.unwrap();
+    let keys = |kvs: Vec<KeyValue>| kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
+    assert_eq!(
+        keys(store.list("/a/", "", 10).await.unwrap()),
+        ["/a/1", "/a/2"]
+    );
+    assert_eq!(keys(store.list("/a/", "/a/1", 10).await.unwrap()), ["/a/2"]);
+    assert_eq!(keys(store.list("/a/", "", 1).await.unwrap()), ["/a/1"]);
+    let kv = store.get("/a/1").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision),
+        (b"uno".as_slice(), r2)
+    );
+    assert!(matches!(
+        store.delete("/a/1", Expect::Revision(r1)).await,
+        Err(Error::Conflict { .. })
+    ));
+    assert!(store.delete("/a/2", Expect::Any).await.unwrap());
+    assert!(!store.delete("/a/2", Expect::Any).await.unwrap());
+    assert!(store.get("/a/2").await.unwrap().is_none());
+    r2
+}

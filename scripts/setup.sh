@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building and testing need beyond cargo, once per machine; later runs are no-ops.
+# - protox's binary in .tools/, the `protoc` etcd-client's build script runs (.cargo/config.toml);
+# - an etcd server for the cluster tests (Debian's etcd-server, /usr/bin/etcd), unless
+#   PM_ETCD_BIN names one already;
+# - curl (the sample pipeline fetches file:// URLs with it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .tools/bin/protox ]; then
+    cargo install --locked --quiet protox --version 0.10.0 --features bin --root .tools
+fi
+
+packages=()
+command -v curl >/dev/null 2>&1 || packages+=(curl)
+if [ "${1:-}" = "--test" ] && [ -z "${PM_ETCD_BIN:-}" ] && [ ! -x /usr/bin/etcd ]; then
+    packages+=(etcd-server)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
