@@ -67,6 +67,7 @@ impl Dev {
         let upstreams = pm_gateway::Upstreams {
             tenant_service: format!("http://{}", tenant_service.local_addr()?),
             shard: format!("http://{}", shard.local_addr()?),
+            etcd: Vec::new(),
         };
 
         let shutdown = CancellationToken::new();

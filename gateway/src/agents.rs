@@ -1,8 +1,10 @@
 //! Agents' streams through the gateway: the gateway reads Hello to learn which pipelines the
 //! agent serves, opens the same stream to the shard that owns them, and splices the two.
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use pm_proto::v1::agent_service_server::AgentService;
@@ -30,17 +32,32 @@ impl AgentService for Agents {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = request.into_inner();
         let h = pm_proto::agent::read_hello(&mut inbound).await?;
-        let shard = self.routes.agent_shard_for(&h.pipelines);
+        let pipelines = h.pipelines.clone();
         let hello = AgentMessage {
             message: Some(agent_message::Message::Hello(h)),
         };
+        // The shard reads Hello before it answers, so a shard that does not own the
+        // pipelines refuses before anything else is sent: each attempt gets the Hello and a
+        // fresh channel, and the agent's own stream is joined to the one that is accepted.
+        let mut accepted = None;
+        let response = self
+            .routes
+            .call_agents(&pipelines, |mut shard| {
+                let (tx, rx) = mpsc::channel(64);
+                let _ = tx.try_send(hello.clone());
+                accepted = Some(tx);
+                async move { shard.connect(ReceiverStream::new(rx)).await }
+            })
+            .await?;
+        let tx = accepted.expect("a call was made");
         // The agent's messages until its stream ends or breaks; the shard sees the end.
-        let rest = inbound
-            .take_while(|m| futures::future::ready(m.is_ok()))
-            .filter_map(|m| futures::future::ready(m.ok()));
-        let upstream = futures::stream::once(futures::future::ready(hello)).chain(rest);
-        let mut shard = shard;
-        let response = shard.connect(upstream).await?;
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                if tx.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
         Ok(Response::new(Box::pin(response.into_inner())))
     }
 }

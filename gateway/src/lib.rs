@@ -49,8 +49,10 @@ pub async fn run(
     listener: TcpListener,
     upstreams: Upstreams,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let routes = Routes::new(&upstreams)?;
+) -> anyhow::Result<()> {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _stop_watching = cancel.clone().drop_guard();
+    let routes = Routes::new(&upstreams, cancel).await?;
     let (_health, health_service) = pm_proto::server::health();
     tracing::info!(addr = ?listener.local_addr().ok(), ?upstreams, "gateway serving");
     pm_proto::server::builder()
@@ -83,5 +85,6 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
-        .await
+        .await?;
+    Ok(())
 }

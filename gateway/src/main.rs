@@ -15,9 +15,13 @@ struct Args {
         default_value = "http://127.0.0.1:50052"
     )]
     tenant_service: String,
-    /// The shard's endpoint (one shard until cluster mode builds the ring from etcd).
+    /// The shard's endpoint, when there is one shard and no etcd.
     #[arg(long, env = "PM_SHARD", default_value = "http://127.0.0.1:50053")]
     shard: String,
+    /// etcd endpoints (comma-separated): route to the shards registered there, by the hash
+    /// ring, instead of --shard.
+    #[arg(long, env = "PM_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
 }
 
 #[tokio::main]
@@ -34,11 +38,12 @@ async fn main() -> std::process::ExitCode {
     let upstreams = pm_gateway::Upstreams {
         tenant_service: args.tenant_service,
         shard: args.shard,
+        etcd: args.etcd,
     };
     match pm_gateway::run(listener, upstreams, pm_proto::server::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pm-gateway: {e}");
+            eprintln!("pm-gateway: {e:#}");
             std::process::ExitCode::from(64)
         }
     }

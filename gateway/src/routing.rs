@@ -1,13 +1,24 @@
-//! Where a call goes: tenant-service for configuration, the shard that owns the pipeline for
-//! tasks and agent streams. With one shard every pipeline maps to it; the consistent-hash
-//! ring over etcd membership replaces [`Routes::shard_for`]'s body in cluster mode.
+//! Where a call goes: tenant-service for configuration, and for tasks and agent streams the
+//! shard that owns the pipeline on the hash ring. The ring comes from etcd (every shard's
+//! registration, watched), or is one fixed shard without etcd.
+//!
+//! A shard whose ring view differs answers "not the owner" with its ring revision
+//! ([`NotOwner`]); [`Routes::call`] then lets this gateway's ring catch up to that revision
+//! and tries again, a bounded number of times, so a client never sees a ring change.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
 use tonic::transport::Channel;
 
+use pm_cluster::{Member, Membership};
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
 use pm_proto::names::PipelineName;
+use pm_proto::status::NotOwner;
 use pm_proto::v1::agent_service_client::AgentServiceClient;
 use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
 use pm_proto::v1::tenant_service_client::TenantServiceClient;
@@ -18,29 +29,50 @@ use crate::pipelines::PipelineCache;
 #[derive(Debug, Clone)]
 pub struct Upstreams {
     pub tenant_service: String,
+    /// The one shard, when there is no etcd.
     pub shard: String,
+    /// etcd endpoints: route by the ring of the shards registered there (`shard` unused).
+    pub etcd: Vec<String>,
 }
+
+/// Calls to the owner, at most this many when shards answer "not the owner".
+const ATTEMPTS: u32 = 6;
+/// How long to wait for this gateway's ring to reach a shard's revision.
+const RING_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Routes {
     tenants: TenantServiceClient<Channel>,
     pipelines: PipelineServiceClient<Channel>,
     cache: Arc<PipelineCache>,
-    shard: ShardServiceClient<Channel>,
-    shard_agents: AgentServiceClient<Channel>,
+    membership: Membership,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Routes {
-    pub fn new(upstreams: &Upstreams) -> Result<Self, tonic::transport::Error> {
+    pub async fn new(upstreams: &Upstreams, cancel: CancellationToken) -> anyhow::Result<Self> {
         let catalog = pm_proto::client::channel(&upstreams.tenant_service)?;
-        let shard = pm_proto::client::channel(&upstreams.shard)?;
         let pipelines = pm_proto::client::pipelines(catalog.clone());
+        let membership = if upstreams.etcd.is_empty() {
+            Membership::fixed([Member {
+                id: "standalone".into(),
+                address: upstreams.shard.clone(),
+                started_at: 0,
+            }])
+        } else {
+            let client = pm_cluster::etcd::connect(&upstreams.etcd).await?;
+            let membership = Membership::watch(client, cancel);
+            // Serve at once either way; until the first ring arrives, task calls answer
+            // UNAVAILABLE.
+            membership.wait_for(RING_WAIT, |r| !r.is_empty()).await;
+            membership
+        };
         Ok(Self {
             tenants: pm_proto::client::tenants(catalog),
             cache: Arc::new(PipelineCache::new(pipelines.clone())),
             pipelines,
-            shard: pm_proto::client::shard(shard.clone()),
-            shard_agents: pm_proto::client::agents(shard),
+            membership,
+            channels: Arc::default(),
         })
     }
 
@@ -57,13 +89,126 @@ impl Routes {
         &self.cache
     }
 
-    /// The shard that owns `pipeline`'s tasks.
-    pub fn shard_for(&self, _pipeline: &PipelineName) -> ShardServiceClient<Channel> {
-        self.shard.clone()
+    pub fn membership(&self) -> &Membership {
+        &self.membership
     }
 
-    /// The shard an agent serving `pipelines` streams to.
-    pub fn agent_shard_for(&self, _pipelines: &[String]) -> AgentServiceClient<Channel> {
-        self.shard_agents.clone()
+    /// A channel to the shard at `address`, made once and shared.
+    fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut channels = self.channels.lock().expect("channel cache poisoned");
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = pm_proto::client::channel(address)
+            .map_err(|e| Status::internal(format!("shard address {address}: {e}")))?;
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The address of the shard that owns ring key `key`, by this gateway's ring.
+    fn owner(&self, key: &str) -> Result<String, Status> {
+        let ring = self.membership.ring();
+        match ring.owner(key) {
+            Some(m) => Ok(m.address.clone()),
+            None => Err(pm_proto::status::unavailable(
+                if self.membership.connected() {
+                    "no scheduler shard is registered".into()
+                } else {
+                    "no scheduler shard known yet (etcd unreachable)".into()
+                },
+                Duration::from_secs(1),
+            )),
+        }
+    }
+
+    /// Calls `f` on the shard that owns `pipeline`, following "not the owner" answers.
+    pub async fn call<T, F, Fut>(&self, pipeline: &PipelineName, f: F) -> Result<T, Status>
+    where
+        F: FnMut(ShardServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let key = pipeline.ring_key();
+        self.follow(&key, pm_proto::client::shard, f).await
+    }
+
+    /// The same for an agent's stream, by the ring key of its pipelines (all must share one
+    /// owner; an agent serving every pipeline goes to the only shard).
+    pub async fn call_agents<T, F, Fut>(&self, pipelines: &[String], f: F) -> Result<T, Status>
+    where
+        F: FnMut(AgentServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let key = self.agent_key(pipelines)?;
+        self.follow(&key, pm_proto::client::agents, f).await
+    }
+
+    fn agent_key(&self, pipelines: &[String]) -> Result<String, Status> {
+        let ring = self.membership.ring();
+        let keys: Vec<String> = pipelines
+            .iter()
+            .filter_map(|p| PipelineName::parse(p).ok().map(|p| p.ring_key()))
+            .collect();
+        match keys.first() {
+            // Any shard: it refuses unless it is the only one.
+            None => Ok(String::new()),
+            Some(first) => {
+                let owner = ring.owner(first).map(|m| m.id.clone());
+                if let Some(other) = keys
+                    .iter()
+                    .find(|k| ring.owner(k).map(|m| &m.id) != owner.as_ref())
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "the agent's pipelines {first} and {other} are on different shards: \
+                         run one agent per pipeline in a cluster"
+                    )));
+                }
+                Ok(first.clone())
+            }
+        }
+    }
+
+    async fn follow<C, T, F, Fut>(
+        &self,
+        key: &str,
+        client: impl Fn(Channel) -> C,
+        mut f: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(C) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            let address = self.owner(key)?;
+            let status = match f(client(self.channel(&address)?)).await {
+                Ok(v) => return Ok(v),
+                Err(status) => status,
+            };
+            let Some(view) = NotOwner::from_status(&status) else {
+                return Err(status);
+            };
+            let ours = self.membership.ring().revision;
+            if view.revision > ours {
+                // The shard has seen a newer ring: wait for ours to catch up.
+                self.membership
+                    .wait_for(RING_WAIT, |r| r.revision >= view.revision)
+                    .await;
+            } else {
+                // The shard lags behind us (or we agree and a change is under way): give
+                // it a moment.
+                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+            }
+            tracing::debug!(key, attempt, %status, "not the owner; retrying");
+            last = Some(status);
+        }
+        Err(last.map_or_else(
+            || Status::unavailable("no attempt made"),
+            |s| {
+                pm_proto::status::unavailable(
+                    format!("the ring is changing: {}", s.message()),
+                    Duration::from_millis(500),
+                )
+            },
+        ))
     }
 }

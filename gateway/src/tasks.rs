@@ -120,10 +120,14 @@ impl Tasks {
         }
         for (pipeline, items) in by_pipeline {
             let (indexes, tasks): (Vec<usize>, Vec<EnqueueTask>) = items.into_iter().unzip();
+            // Cloned per attempt: a shard that does not own the pipeline (a ring change under
+            // way) refuses the whole request before looking at it.
             let answer = self
                 .routes
-                .shard_for(&pipeline)
-                .enqueue(EnqueueRequest { tasks })
+                .call(&pipeline, |mut shard| {
+                    let tasks = tasks.clone();
+                    async move { shard.enqueue(EnqueueRequest { tasks }).await }
+                })
                 .await;
             match answer {
                 Ok(response) => {
@@ -194,7 +198,13 @@ impl TaskService for Tasks {
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
         let req = request.into_inner();
         let name = task_name(&req.name)?;
-        self.routes.shard_for(&name.pipeline).get_task(req).await
+        let routes = &self.routes;
+        routes
+            .call(&name.pipeline, |mut s| {
+                let req = req.clone();
+                async move { s.get_task(req).await }
+            })
+            .await
     }
 
     type WatchTaskStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Status>> + Send>>;
@@ -207,8 +217,10 @@ impl TaskService for Tasks {
         let name = task_name(&req.name)?;
         let upstream = self
             .routes
-            .shard_for(&name.pipeline)
-            .watch_task(req)
+            .call(&name.pipeline, |mut s| {
+                let req = req.clone();
+                async move { s.watch_task(req).await }
+            })
             .await?;
         Ok(Response::new(Box::pin(upstream.into_inner())))
     }
@@ -219,7 +231,12 @@ impl TaskService for Tasks {
     ) -> Result<Response<Task>, Status> {
         let req = request.into_inner();
         let name = task_name(&req.name)?;
-        self.routes.shard_for(&name.pipeline).cancel_task(req).await
+        self.routes
+            .call(&name.pipeline, |mut s| {
+                let req = req.clone();
+                async move { s.cancel_task(req).await }
+            })
+            .await
     }
 
     async fn list_tasks(
@@ -231,6 +248,11 @@ impl TaskService for Tasks {
             .map_err(|e| Error::invalid("parent", e.to_string()))?;
         // NOT_FOUND for a pipeline that does not exist, rather than an empty list.
         self.pipeline(&pipeline).await?;
-        self.routes.shard_for(&pipeline).list_tasks(req).await
+        self.routes
+            .call(&pipeline, |mut s| {
+                let req = req.clone();
+                async move { s.list_tasks(req).await }
+            })
+            .await
     }
 }

@@ -145,6 +145,11 @@ impl PipelineName {
             _ => Self::parse(short),
         }
     }
+
+    /// Its key on the shards' hash ring: `tenant/app/pipeline`.
+    pub fn ring_key(&self) -> String {
+        format!("{}/{}/{}", self.tenant, self.application, self.pipeline)
+    }
 }
 
 impl TaskName {

@@ -44,3 +44,66 @@ pub fn unavailable(message: String, retry_after: std::time::Duration) -> Status 
         ErrorDetails::with_retry_info(Some(retry_after)),
     )
 }
+
+/// Metadata keys of a "not the owner" answer (see `pm.internal.v1.ShardService`).
+pub const RING_REVISION: &str = "pm-ring-revision";
+pub const OWNER_ID: &str = "pm-owner-id";
+pub const OWNER_ADDRESS: &str = "pm-owner-address";
+
+/// A shard's answer for a ring key it does not own: whom it believes owns it, and at which
+/// ring revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotOwner {
+    pub revision: u64,
+    /// `(id, address)`; `None` when no shard is registered.
+    pub owner: Option<(String, String)>,
+}
+
+impl NotOwner {
+    /// FAILED_PRECONDITION with the ring view in the metadata.
+    pub fn to_status(&self, message: String) -> Status {
+        let mut status = Status::failed_precondition(message);
+        let md = status.metadata_mut();
+        if let Ok(v) = self.revision.to_string().parse() {
+            md.insert(RING_REVISION, v);
+        }
+        if let Some((id, address)) = &self.owner
+            && let (Ok(id), Ok(address)) = (id.parse(), address.parse())
+        {
+            md.insert(OWNER_ID, id);
+            md.insert(OWNER_ADDRESS, address);
+        }
+        status
+    }
+
+    /// The ring view of a "not the owner" answer; `None` for any other status.
+    pub fn from_status(status: &Status) -> Option<Self> {
+        if status.code() != Code::FailedPrecondition {
+            return None;
+        }
+        let md = status.metadata();
+        let revision = md.get(RING_REVISION)?.to_str().ok()?.parse().ok()?;
+        let text = |key| Some(md.get(key)?.to_str().ok()?.to_owned());
+        let owner = text(OWNER_ID).zip(text(OWNER_ADDRESS));
+        Some(Self { revision, owner })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_owner_round_trips_through_a_status() {
+        let n = NotOwner {
+            revision: 42,
+            owner: Some(("pm-shard-1".into(), "http://10.0.0.1:50053".into())),
+        };
+        let status = n.to_status("not mine".into());
+        assert_eq!(NotOwner::from_status(&status), Some(n));
+        assert_eq!(
+            NotOwner::from_status(&Status::failed_precondition("x")),
+            None
+        );
+    }
+}

@@ -14,6 +14,7 @@ use pm_proto::status::invalid_argument;
 use pm_proto::v1::agent_service_server::AgentService;
 use pm_proto::v1::{AgentMessage, Hello, ServerMessage, Welcome, agent_message, server_message};
 
+use crate::ownership::Ownership;
 use crate::scheduler::Scheduler;
 
 /// Most tasks one agent may run at once.
@@ -21,11 +22,33 @@ pub const MAX_SLOTS: u32 = 4096;
 
 pub struct AgentStreams {
     scheduler: Arc<Scheduler>,
+    ownership: Arc<Ownership>,
 }
 
 impl AgentStreams {
-    pub fn new(scheduler: Arc<Scheduler>) -> Self {
-        Self { scheduler }
+    pub fn new(scheduler: Arc<Scheduler>, ownership: Arc<Ownership>) -> Self {
+        Self {
+            scheduler,
+            ownership,
+        }
+    }
+
+    /// An agent is served by the shard that owns all its pipelines.
+    fn check_owned(&self, hello: &Hello) -> Result<(), Status> {
+        let ring = self.ownership.ring();
+        if hello.pipelines.is_empty() && ring.len() > 1 {
+            return Err(Status::failed_precondition(format!(
+                "an agent serving every pipeline needs a single shard; this cluster has {}: \
+                 name the agent's pipelines (--pipeline)",
+                ring.len()
+            )));
+        }
+        for p in &hello.pipelines {
+            if let Ok(name) = PipelineName::parse(p) {
+                self.ownership.check(&name)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -64,6 +87,7 @@ impl AgentService for AgentStreams {
         let mut inbound = request.into_inner();
         let hello = pm_proto::agent::read_hello(&mut inbound).await?;
         check_hello(&hello)?;
+        self.check_owned(&hello)?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let session_id = format!("{}#{}", hello.agent_id, pm_proto::unix_ms());

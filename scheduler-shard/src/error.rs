@@ -21,6 +21,12 @@ pub enum Error {
     Aborted(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A call on a ring key this shard does not own.
+    #[error("{message}")]
+    NotOwner {
+        message: String,
+        view: pm_proto::status::NotOwner,
+    },
 }
 
 impl Error {
@@ -42,6 +48,7 @@ impl From<Error> for Status {
             }
             Error::Aborted(why) => Status::aborted(why),
             Error::Unavailable(why) => pm_proto::status::unavailable(why, Duration::from_secs(1)),
+            Error::NotOwner { message, view } => view.to_status(message),
         }
     }
 }

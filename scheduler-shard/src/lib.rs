@@ -7,12 +7,15 @@
 //! - [`scheduler`]: the tasks, queue, leases and agent sessions together, and every operation.
 //! - [`store`]: the tasks on the shard's own disk (fjall); [`journal`]: the group-commit writer.
 //! - [`agent_stream`]: the agents' `Connect` streams.
-//! - [`service`]: `pm.internal.v1.ShardService`, the gateway's calls.
+//! - [`service`]: `pm.internal.v1.ShardService`, the gateway's calls and other shards' handoffs.
+//! - [`ownership`]: which ring keys this shard serves; [`handoff`]: moving the others away.
 
 pub mod agent_stream;
 pub mod error;
+pub mod handoff;
 pub mod journal;
 pub mod lease;
+pub mod ownership;
 pub mod queue;
 pub mod scheduler;
 pub mod service;
@@ -22,6 +25,7 @@ pub mod task;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +34,10 @@ use pm_proto::MAX_MESSAGE_BYTES;
 use pm_proto::internal::v1::shard_service_server::ShardServiceServer;
 use pm_proto::v1::agent_service_server::AgentServiceServer;
 
+use pm_cluster::{Member, Membership, Registration};
+
 pub use error::Error;
+pub use ownership::Ownership;
 pub use scheduler::{Options, Scheduler};
 
 /// Opens the task store in `data_dir` (or keeps tasks in memory only when `None`), replays
@@ -50,31 +57,141 @@ pub fn open(
     Ok(Scheduler::new(options, journal, contents))
 }
 
-/// Serves `scheduler` on `listener` until `shutdown` resolves.
+/// A shard's place in the cluster: its view of the ring and, in cluster mode, its
+/// registration in etcd.
+pub struct Cluster {
+    pub ownership: Arc<Ownership>,
+    pub registration: Option<Registration>,
+    /// How long a leaving shard (SIGTERM) spends handing its tasks off.
+    pub handoff_timeout: Duration,
+}
+
+impl Cluster {
+    /// Alone, owning every pipeline: `pm dev` and shards without etcd.
+    pub fn standalone() -> Self {
+        Self {
+            ownership: Arc::new(Ownership::standalone()),
+            registration: None,
+            handoff_timeout: Duration::ZERO,
+        }
+    }
+
+    /// Registers `me` in etcd under a lease of `ttl`, watches the other shards, and waits
+    /// (at most `ttl`) until the ring shows this shard, so it serves its keys at once.
+    pub async fn join(
+        endpoints: &[String],
+        me: Member,
+        ttl: Duration,
+        handoff_timeout: Duration,
+        cancel: CancellationToken,
+    ) -> Result<Self, pm_cluster::Error> {
+        let client = pm_cluster::etcd::connect(endpoints).await?;
+        let membership = Membership::watch(client.clone(), cancel);
+        let id = me.id.clone();
+        let registration = Registration::register(client, me, ttl).await?;
+        if !membership
+            .wait_for(ttl, |ring| ring.member(&id).is_some())
+            .await
+        {
+            tracing::warn!(shard = %id, "not yet in the ring; serving nothing until it is");
+        }
+        Ok(Self {
+            ownership: Arc::new(Ownership::new(id, membership)),
+            registration: Some(registration),
+            handoff_timeout,
+        })
+    }
+}
+
+/// Serves `scheduler` on `listener`, alone, until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
     scheduler: Arc<Scheduler>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve(listener, scheduler, Cluster::standalone(), shutdown).await
+}
+
+/// How long open streams may delay the exit once the shard has stopped serving.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The health service name that reports whether the shard follows etcd (NOT_SERVING: etcd
+/// unreachable, serving the last ring it knew). The overall status stays SERVING.
+pub const MEMBERSHIP_HEALTH: &str = "pm.cluster.Membership";
+
+/// Serves `scheduler` on `listener` as a member of `cluster` until `shutdown` resolves; then,
+/// in a cluster, leaves the ring and hands its tasks off before it stops.
+pub async fn serve(
+    listener: TcpListener,
+    scheduler: Arc<Scheduler>,
+    cluster: Cluster,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let cancel = CancellationToken::new();
     let reaper = tokio::spawn(scheduler.clone().run(cancel.clone()));
-    let (_health, health_service) = pm_proto::server::health();
-    tracing::info!(addr = ?listener.local_addr().ok(), "shard serving");
+    let (health, health_service) = pm_proto::server::health();
+    let ownership = cluster.ownership.clone();
+    if cluster.registration.is_some() {
+        tokio::spawn(handoff::run(
+            scheduler.clone(),
+            ownership.clone(),
+            cancel.clone(),
+        ));
+        tokio::spawn(report_membership(
+            health,
+            ownership.membership().clone(),
+            cancel.clone(),
+        ));
+    }
+    // Leaving happens while the server still answers: the new owners' agents reconnect
+    // elsewhere, and the handoff itself is served by the others.
+    let stopping = CancellationToken::new();
+    let leave = {
+        let scheduler = scheduler.clone();
+        let ownership = ownership.clone();
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            let _stopping = stopping.drop_guard();
+            if let Some(registration) = cluster.registration {
+                ownership.leave();
+                if let Err(e) = registration.leave().await {
+                    tracing::warn!("cannot leave the ring in etcd ({e}); it expires instead");
+                }
+                let held = handoff::drain(&scheduler, &ownership, cluster.handoff_timeout).await;
+                tracing::info!(pipelines_left = held, "left the ring");
+            }
+        }
+    };
+    tracing::info!(addr = ?listener.local_addr().ok(), shard = %ownership.me(), "shard serving");
     let served = pm_proto::server::builder()
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(
-            ShardServiceServer::new(service::Shard::new(scheduler.clone()))
+            ShardServiceServer::new(service::Shard::new(scheduler.clone(), ownership.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            AgentServiceServer::new(agent_stream::AgentStreams::new(scheduler.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            AgentServiceServer::new(agent_stream::AgentStreams::new(
+                scheduler.clone(),
+                ownership.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), leave);
+    // Streams still open when the server stops (a gateway's watch) get a few seconds.
+    let served = tokio::select! {
+        served = served => served,
+        _ = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => {
+            tracing::info!("streams still open after {STOP_GRACE:?}; stopping anyway");
+            Ok(())
+        }
+    };
     cancel.cancel();
     let _ = reaper.await;
     let stats = scheduler.journal().stats();
@@ -84,4 +201,24 @@ pub async fn run(
         "journal totals"
     );
     served
+}
+
+async fn report_membership(
+    health: tonic_health::server::HealthReporter,
+    membership: Membership,
+    cancel: CancellationToken,
+) {
+    let mut connected = membership.connected_changes();
+    loop {
+        let status = if *connected.borrow_and_update() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        health.set_service_status(MEMBERSHIP_HEALTH, status).await;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = connected.changed() => if changed.is_err() { return },
+        }
+    }
 }

@@ -26,6 +26,25 @@ struct Args {
     /// acknowledged tasks.
     #[arg(long, hide = true)]
     unsafe_no_fsync: bool,
+    /// etcd endpoints (comma-separated): join the cluster's hash ring. Without it the shard
+    /// is alone and owns every pipeline.
+    #[arg(long, env = "PM_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// This shard's stable identity in the ring (a StatefulSet pod name); with the same
+    /// disk, a restarted shard gets its pipelines and its backlog back. Default: $HOSTNAME.
+    #[arg(long, env = "PM_SHARD_ID")]
+    shard_id: Option<String>,
+    /// Where gateways and other shards reach this shard, `http://host:port`.
+    /// Default: http:// and --listen.
+    #[arg(long, env = "PM_ADVERTISE")]
+    advertise: Option<String>,
+    /// Seconds the shard's membership lease lasts unless renewed: how long a crashed
+    /// shard keeps its pipelines before they go to the next owner.
+    #[arg(long, env = "PM_MEMBERSHIP_TTL_SECONDS", default_value_t = 10)]
+    membership_ttl_seconds: u64,
+    /// Seconds a leaving shard (SIGTERM) may spend handing its tasks to the others.
+    #[arg(long, env = "PM_HANDOFF_SECONDS", default_value_t = 60)]
+    handoff_seconds: u64,
     /// Where the shard keeps its tasks (its own disk).
     #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/shard")]
     data_dir: std::path::PathBuf,
@@ -64,7 +83,44 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
-    match pm_scheduler_shard::run(listener, scheduler, pm_proto::server::shutdown_signal()).await {
+    let cluster = if args.etcd.is_empty() {
+        pm_scheduler_shard::Cluster::standalone()
+    } else {
+        let id = args
+            .shard_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "pm-shard-0".into());
+        if let Err(e) = pm_proto::names::check_id(&id) {
+            eprintln!("pm-shard: --shard-id {id:?}: {e}");
+            return std::process::ExitCode::from(64);
+        }
+        let me = pm_cluster::Member {
+            id,
+            address: args
+                .advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", args.listen)),
+            started_at: pm_proto::unix_ms(),
+        };
+        match pm_scheduler_shard::Cluster::join(
+            &args.etcd,
+            me,
+            Duration::from_secs(args.membership_ttl_seconds.max(1)),
+            Duration::from_secs(args.handoff_seconds),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("pm-shard: cannot join the cluster: {e}");
+                return std::process::ExitCode::from(69);
+            }
+        }
+    };
+    let shutdown = pm_proto::server::shutdown_signal();
+    match pm_scheduler_shard::serve(listener, scheduler, cluster, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pm-shard: {e}");

@@ -42,6 +42,9 @@ mod finish;
 mod retention;
 mod sessions;
 mod submit;
+mod transfer;
+
+pub use transfer::Outgoing;
 
 /// Tunables of a shard.
 #[derive(Debug, Clone)]
@@ -119,16 +122,20 @@ impl TaskRecord {
 
     /// The write that makes `task` (this record's task, changed) durable.
     fn stored(&self, task: &Task, lease: Option<&LeaseId>) -> Op {
-        let record = StoredTask {
+        Op::PutTask {
+            name: task.name.clone(),
+            record: self.to_stored(task, lease).encode_to_vec(),
+        }
+    }
+
+    /// `task` (this record's task, maybe changed) as it is kept on disk.
+    fn to_stored(&self, task: &Task, lease: Option<&LeaseId>) -> StoredTask {
+        StoredTask {
             task: Some(task.clone()),
             spec_id: self.spec_id.to_vec(),
             client_priority: self.client_priority,
             seq: self.rank.seq,
             lease_id: lease.map(|l| l.0.to_string()).unwrap_or_default(),
-        };
-        Op::PutTask {
-            name: task.name.clone(),
-            record: record.encode_to_vec(),
         }
     }
 
@@ -213,6 +220,90 @@ impl Inner {
         }
     }
 
+    /// Indexes a task from the disk (recovery) or from a handoff. A leased task keeps its
+    /// lease for `lease_left`, held by no stream until its agent reclaims it.
+    fn restore(&mut self, s: StoredTask, lease_left: Duration, now: Instant) -> Restored {
+        let Some(task) = s.task else {
+            return Restored::Lost;
+        };
+        let Ok(spec_key) = SpecId::try_from(s.spec_id.as_slice()) else {
+            return Restored::Lost;
+        };
+        let Some(spec) = self.specs.get(&spec_key).cloned() else {
+            tracing::error!(task = %task.name, "the spec of a stored task is missing; task skipped");
+            return Restored::Lost;
+        };
+        let Ok(name) = TaskName::parse(&task.name) else {
+            return Restored::Lost;
+        };
+        let pipeline: Arc<str> = name.pipeline.to_string().into();
+        let flow: Arc<str> = format!("{}/{}", name.pipeline.tenant, task.client).into();
+        let rank = Rank {
+            client_priority: s.client_priority,
+            task_priority: task.priority,
+            tag: self.fair.tag(&flow),
+            seq: s.seq,
+        };
+        self.next_seq = self.next_seq.max(s.seq);
+        let key: Arc<str> = task.name.as_str().into();
+        let mut record = TaskRecord {
+            task,
+            spec_id: spec_key,
+            spec,
+            pipeline,
+            flow: flow.clone(),
+            client_priority: s.client_priority,
+            rank,
+            lease: None,
+            busy: false,
+            watchers: None,
+            history: Vec::new(),
+        };
+        let restored = match record.state() {
+            TaskState::Ready => {
+                self.reserve(&flow);
+                Restored::Ready
+            }
+            TaskState::InProgress => {
+                self.reserve(&flow);
+                let id = LeaseId(s.lease_id.as_str().into());
+                let lease = Lease {
+                    task: key.clone(),
+                    attempt: record.task.attempt,
+                    session: 0,
+                    deadline: now + lease_left,
+                };
+                self.leases.insert(id.clone(), lease);
+                record.lease = Some(id);
+                Restored::Leased
+            }
+            _ => {
+                let age = (unix_ms() - record.task.update_time_ms).max(0) as u64;
+                let finished_at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
+                self.finished.insert((finished_at, key.clone()));
+                Restored::Finished
+            }
+        };
+        self.insert(key, record);
+        restored
+    }
+
+    /// Removes a task from every index; its disk record is untouched.
+    fn unindex(&mut self, name: &Arc<str>) -> Option<TaskRecord> {
+        let record = self.tasks.remove(name)?;
+        if let Some(names) = self.by_pipeline.get_mut(&record.pipeline) {
+            names.remove(name);
+            if names.is_empty() {
+                self.by_pipeline.remove(&record.pipeline);
+            }
+        }
+        if !record.task.idempotency_key.is_empty() {
+            self.idempotency
+                .remove(&(record.pipeline.clone(), record.task.idempotency_key.clone()));
+        }
+        Some(record)
+    }
+
     /// Indexes a durable record; READY ones join the queue.
     fn insert(&mut self, name: Arc<str>, record: TaskRecord) {
         if !record.task.idempotency_key.is_empty() {
@@ -260,6 +351,15 @@ fn wire_lease(id: &LeaseId, task: &str, attempt: u32, deadline: Instant) -> Wire
 
 fn storage_error(e: impl std::fmt::Display) -> Error {
     Error::Unavailable(format!("{e}; nothing was changed, retry"))
+}
+
+/// What [`Inner::restore`] made of a stored task.
+enum Restored {
+    Ready,
+    Leased,
+    Finished,
+    /// Unreadable, or its spec is missing.
+    Lost,
 }
 
 /// A requeue or final failure being written.
@@ -312,69 +412,12 @@ impl Scheduler {
         let (mut ready, mut leased, mut lost) = (0usize, 0usize, 0usize);
         let now = Instant::now();
         for s in stored {
-            let Some(task) = s.task else { continue };
-            let Ok(spec_key) = SpecId::try_from(s.spec_id.as_slice()) else {
-                lost += 1;
-                continue;
-            };
-            let Some(spec) = inner.specs.get(&spec_key).cloned() else {
-                tracing::error!(task = %task.name, "the spec of a stored task is missing; task skipped");
-                lost += 1;
-                continue;
-            };
-            let Ok(name) = TaskName::parse(&task.name) else {
-                lost += 1;
-                continue;
-            };
-            let pipeline: Arc<str> = name.pipeline.to_string().into();
-            let flow: Arc<str> = format!("{}/{}", name.pipeline.tenant, task.client).into();
-            let rank = Rank {
-                client_priority: s.client_priority,
-                task_priority: task.priority,
-                tag: inner.fair.tag(&flow),
-                seq: s.seq,
-            };
-            inner.next_seq = inner.next_seq.max(s.seq);
-            let key: Arc<str> = task.name.as_str().into();
-            let mut record = TaskRecord {
-                task,
-                spec_id: spec_key,
-                spec,
-                pipeline,
-                flow: flow.clone(),
-                client_priority: s.client_priority,
-                rank,
-                lease: None,
-                busy: false,
-                watchers: None,
-                history: Vec::new(),
-            };
-            match record.state() {
-                TaskState::Ready => {
-                    ready += 1;
-                    inner.reserve(&flow);
-                }
-                TaskState::InProgress => {
-                    leased += 1;
-                    inner.reserve(&flow);
-                    let id = LeaseId(s.lease_id.as_str().into());
-                    let lease = Lease {
-                        task: key.clone(),
-                        attempt: record.task.attempt,
-                        // No stream holds it until an agent reclaims it.
-                        session: 0,
-                        deadline: now + options.lease_ttl,
-                    };
-                    inner.leases.insert(id.clone(), lease);
-                    record.lease = Some(id);
-                }
-                _ => {
-                    let age = (unix_ms() - record.task.update_time_ms).max(0) as u64;
-                    let finished_at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
-                    inner.finished.insert((finished_at, key.clone()));
-                }
+            match inner.restore(s, options.lease_ttl, now) {
+                Restored::Ready => ready += 1,
+                Restored::Leased => leased += 1,
+                Restored::Finished => {}
+                Restored::Lost => lost += 1,
             }
-            inner.insert(key, record);
         }
         let total = inner.tasks.len();
         if total > 0 || lost > 0 {

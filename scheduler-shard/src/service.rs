@@ -1,6 +1,7 @@
 //! `pm.internal.v1.ShardService`: the task calls a gateway forwards, already validated and
 //! resolved against the pipeline version.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc};
@@ -8,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use pm_proto::internal::v1::shard_service_server::ShardService;
-use pm_proto::internal::v1::{EnqueueRequest, EnqueueResponse};
+use pm_proto::internal::v1::{AdoptRequest, AdoptResponse, EnqueueRequest, EnqueueResponse};
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::v1::{
     CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, SubmitTaskResult, Task,
@@ -16,22 +17,41 @@ use pm_proto::v1::{
 };
 
 use crate::error::Error;
+use crate::ownership::Ownership;
 use crate::scheduler::Scheduler;
 
 pub struct Shard {
     scheduler: Arc<Scheduler>,
+    ownership: Arc<Ownership>,
 }
 
 impl Shard {
-    pub fn new(scheduler: Arc<Scheduler>) -> Self {
-        Self { scheduler }
+    pub fn new(scheduler: Arc<Scheduler>, ownership: Arc<Ownership>) -> Self {
+        Self {
+            scheduler,
+            ownership,
+        }
     }
-}
 
-fn task_name(name: &str) -> Result<String, Error> {
-    TaskName::parse(name)
-        .map(|n| n.to_string())
-        .map_err(|e| Error::invalid("name", e.to_string()))
+    /// The task's name, if this shard owns its pipeline.
+    fn task_name(&self, name: &str) -> Result<String, Error> {
+        let name = TaskName::parse(name).map_err(|e| Error::invalid("name", e.to_string()))?;
+        self.ownership.check(&name.pipeline)?;
+        Ok(name.to_string())
+    }
+
+    /// Refuses the whole call unless this shard owns every pipeline of `tasks`.
+    fn check_owned<'a>(&self, tasks: impl Iterator<Item = Option<&'a Task>>) -> Result<(), Error> {
+        let mut seen = HashSet::new();
+        for task in tasks {
+            let pipeline = task.map(|t| t.pipeline.as_str()).unwrap_or_default();
+            // A bad name is refused for that task alone, by the scheduler.
+            if let (true, Ok(name)) = (seen.insert(pipeline), PipelineName::parse(pipeline)) {
+                self.ownership.check(&name)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -40,9 +60,11 @@ impl ShardService for Shard {
         &self,
         request: Request<EnqueueRequest>,
     ) -> Result<Response<EnqueueResponse>, Status> {
+        let tasks = request.into_inner().tasks;
+        self.check_owned(tasks.iter().map(|t| t.task.as_ref()))?;
         let results = self
             .scheduler
-            .enqueue(request.into_inner().tasks)
+            .enqueue(tasks)
             .await
             .into_iter()
             .map(|r| SubmitTaskResult {
@@ -56,7 +78,7 @@ impl ShardService for Shard {
     }
 
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
-        let name = task_name(&request.get_ref().name)?;
+        let name = self.task_name(&request.get_ref().name)?;
         Ok(Response::new(self.scheduler.get(&name)?))
     }
 
@@ -66,7 +88,7 @@ impl ShardService for Shard {
         &self,
         request: Request<WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
-        let name = task_name(&request.get_ref().name)?;
+        let name = self.task_name(&request.get_ref().name)?;
         let watch = self.scheduler.watch(&name)?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
@@ -119,7 +141,7 @@ impl ShardService for Shard {
         &self,
         request: Request<CancelTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let name = task_name(&request.get_ref().name)?;
+        let name = self.task_name(&request.get_ref().name)?;
         Ok(Response::new(self.scheduler.cancel(&name).await?))
     }
 
@@ -130,6 +152,7 @@ impl ShardService for Shard {
         let req = request.into_inner();
         let pipeline = PipelineName::parse(&req.parent)
             .map_err(|e| Error::invalid("parent", e.to_string()))?;
+        self.ownership.check(&pipeline)?;
         let state = TaskState::try_from(req.state)
             .map_err(|_| Error::invalid("state", format!("{} is not a task state", req.state)))?;
         let size = pm_spec::validate::check_page(req.page_size, &req.page_token)
@@ -141,5 +164,23 @@ impl ShardService for Shard {
             tasks,
             next_page_token,
         }))
+    }
+
+    async fn adopt(
+        &self,
+        request: Request<AdoptRequest>,
+    ) -> Result<Response<AdoptResponse>, Status> {
+        let request = request.into_inner();
+        self.check_owned(
+            request
+                .tasks
+                .iter()
+                .map(|t| t.stored.as_ref().and_then(|s| s.task.as_ref())),
+        )?;
+        let n = request.tasks.len();
+        let from = request.from_shard.clone();
+        let response = self.scheduler.adopt(request).await?;
+        tracing::info!(from = %from, tasks = n, adopted = response.adopted, "tasks adopted");
+        Ok(Response::new(response))
     }
 }

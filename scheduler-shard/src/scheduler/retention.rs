@@ -47,20 +47,7 @@ impl Scheduler {
         }
         let collected = due.len();
         for (_, name) in due {
-            let Some(record) = inner.tasks.remove(&name) else {
-                continue;
-            };
-            if let Some(names) = inner.by_pipeline.get_mut(&record.pipeline) {
-                names.remove(&name);
-                if names.is_empty() {
-                    inner.by_pipeline.remove(&record.pipeline);
-                }
-            }
-            if !record.task.idempotency_key.is_empty() {
-                inner
-                    .idempotency
-                    .remove(&(record.pipeline.clone(), record.task.idempotency_key.clone()));
-            }
+            inner.unindex(&name);
         }
         tracing::debug!(collected, "finished tasks collected");
         collected

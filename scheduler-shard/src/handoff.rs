@@ -1,0 +1,158 @@
+//! Handoff: when the ring gives a pipeline this shard holds tasks of to another shard, its
+//! tasks (ready, leased with their deadlines, and finished ones still retained) move there.
+//! The new owner persists them first (`Adopt`), then this shard deletes them; if the call
+//! fails they are put back and tried again. Agents serving the pipeline are disconnected and
+//! reconnect, through the gateway, to the new owner, where they reclaim their leases.
+//!
+//! It runs on every ring change and every few seconds (a straggler whose write was in
+//! flight, a call that failed), and once more to the end when the shard leaves (SIGTERM).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use pm_proto::internal::v1::AdoptRequest;
+use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
+
+use crate::ownership::{Ownership, ring_key_of};
+use crate::scheduler::Scheduler;
+
+/// Tasks per Adopt call (well under the 4 MiB message limit for ordinary tasks).
+pub const BATCH: usize = 500;
+
+/// How long one Adopt call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Channels to the other shards, by address.
+#[derive(Default)]
+pub struct Peers {
+    clients: HashMap<String, ShardServiceClient<Channel>>,
+}
+
+impl Peers {
+    fn client(&mut self, address: &str) -> Option<ShardServiceClient<Channel>> {
+        if let Some(c) = self.clients.get(address) {
+            return Some(c.clone());
+        }
+        let channel = pm_proto::client::channel(address)
+            .inspect_err(|e| tracing::warn!(address, "bad shard address: {e}"))
+            .ok()?;
+        let client = pm_proto::client::shard(channel);
+        self.clients.insert(address.to_owned(), client.clone());
+        Some(client)
+    }
+}
+
+/// Hands off lost pipelines on every ring change until `cancel`.
+pub async fn run(scheduler: Arc<Scheduler>, ownership: Arc<Ownership>, cancel: CancellationToken) {
+    let mut changes = ownership.membership().subscribe();
+    let mut peers = Peers::default();
+    loop {
+        let pending = round(&scheduler, &ownership, &mut peers).await;
+        let wait = if pending {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One pass over the pipelines held here; returns whether something is left to move.
+pub async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Peers) -> bool {
+    let ring = ownership.ring();
+    if !ownership.settled(&ring) {
+        return false;
+    }
+    let mut pending = false;
+    for pipeline in scheduler.pipelines() {
+        // An empty ring (the last shard leaving) has no one to take them: they stay on disk.
+        let Some(owner) = ring.owner(&ring_key_of(&pipeline)).cloned() else {
+            continue;
+        };
+        if owner.id == ownership.me() && !ownership.leaving() {
+            continue;
+        }
+        let Some(mut client) = peers.client(&owner.address) else {
+            pending = true;
+            continue;
+        };
+        let reason = format!("pipeline {pipeline} moved to shard {}; reconnect", owner.id);
+        loop {
+            let out = scheduler.take_for_handoff(&pipeline, BATCH, &reason);
+            pending |= out.busy > 0;
+            if out.is_empty() {
+                break;
+            }
+            let mut request = tonic::Request::new(AdoptRequest {
+                from_shard: ownership.me().to_owned(),
+                ring_revision: ring.revision,
+                specs: out.specs.clone(),
+                tasks: out.tasks.clone(),
+            });
+            request.set_timeout(CALL_TIMEOUT);
+            match client.adopt(request).await {
+                Ok(response) => {
+                    let r = response.into_inner();
+                    if let Err(e) = scheduler.forget(&out).await {
+                        // They stay on disk too; a restart hands them off again, and the
+                        // new owner keeps its own copy.
+                        tracing::warn!(%pipeline, "handed-off tasks not deleted here: {e}");
+                    }
+                    tracing::info!(
+                        %pipeline,
+                        to = %owner.id,
+                        adopted = r.adopted,
+                        already_held = r.already_held,
+                        "tasks handed off"
+                    );
+                    if out.tasks.len() < BATCH {
+                        break;
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(%pipeline, to = %owner.id, %status, "handoff failed; retrying");
+                    scheduler.put_back(out);
+                    pending = true;
+                    break;
+                }
+            }
+        }
+    }
+    pending
+}
+
+/// Scale-down: hands everything off by the ring without this shard, until nothing is left or
+/// `timeout` passes. Returns how many pipelines are still held (0 when all moved).
+pub async fn drain(scheduler: &Scheduler, ownership: &Ownership, timeout: Duration) -> usize {
+    ownership.leave();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut peers = Peers::default();
+    loop {
+        let pending = round(scheduler, ownership, &mut peers).await;
+        let held = scheduler.pipelines().len();
+        if held == 0 {
+            return 0;
+        }
+        if ownership.ring().is_empty() {
+            tracing::warn!(
+                pipelines = held,
+                "no other shard to hand off to: tasks stay on this shard's disk"
+            );
+            return held;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(pipelines = held, "handoff not finished in time");
+            return held;
+        }
+        let wait = if pending { 200 } else { 50 };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+}

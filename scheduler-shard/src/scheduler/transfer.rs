@@ -1,0 +1,220 @@
+//! Moving tasks between shards: taking a lost pipeline's tasks out (and putting them back
+//! if the handoff fails), forgetting them once the new owner has them, and adopting tasks
+//! handed to this shard. The decision of what to move, and the call, are
+//! [`crate::handoff`]'s.
+
+use pm_proto::internal::v1::{AdoptRequest, AdoptResponse, HandoffTask};
+
+use super::*;
+
+/// Tasks taken out of memory for a handoff. Their disk records stay until
+/// [`Scheduler::forget`], so a crash in between loses nothing.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    pub specs: Vec<PipelineSpec>,
+    pub tasks: Vec<HandoffTask>,
+    /// Tasks left behind because a write of theirs was in flight: take again later.
+    pub busy: usize,
+}
+
+impl Outgoing {
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+impl Inner {
+    /// Closes the streams of agents that serve `pipeline`; they reconnect through the
+    /// gateway, which routes them to the pipeline's new owner.
+    fn close_sessions_of(&mut self, pipeline: &str, reason: &str) {
+        let ids: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.pipelines.as_ref().is_none_or(|p| p.contains(pipeline)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(s) = self.sessions.remove(&id) {
+                tracing::info!(agent = %s.agent_id, session = id, "{reason}");
+                let _ = s.tx.send(Err(Status::unavailable(reason.to_owned())));
+            }
+        }
+    }
+}
+
+impl Scheduler {
+    /// Pipelines this shard holds tasks of.
+    pub fn pipelines(&self) -> Vec<Arc<str>> {
+        self.lock().by_pipeline.keys().cloned().collect()
+    }
+
+    /// Takes up to `limit` tasks of `pipeline` out of memory to hand them off, and closes
+    /// the streams of agents serving it. Tasks with a write in flight stay for a later round.
+    pub fn take_for_handoff(&self, pipeline: &str, limit: usize, reason: &str) -> Outgoing {
+        let mut inner = self.lock();
+        inner.close_sessions_of(pipeline, reason);
+        let Some(names) = inner.by_pipeline.get(pipeline) else {
+            return Outgoing::default();
+        };
+        let mut out = Outgoing::default();
+        let mut take = Vec::new();
+        for name in names {
+            if inner.tasks.get(name).is_some_and(|r| r.busy) {
+                out.busy += 1;
+            } else if take.len() < limit {
+                take.push(name.clone());
+            }
+        }
+        let now = Instant::now();
+        let mut specs = HashSet::new();
+        let mut finished = HashSet::new();
+        for name in take {
+            let Some(record) = inner.unindex(&name) else {
+                continue;
+            };
+            let mut lease_remaining_ms = 0;
+            match record.state() {
+                TaskState::Ready => {
+                    inner.queue.remove(&record.pipeline, record.rank, &name);
+                    inner.unreserve(&record.flow);
+                }
+                TaskState::InProgress => {
+                    if let Some(lease) = record
+                        .lease
+                        .as_ref()
+                        .and_then(|id| inner.leases.release(id))
+                    {
+                        lease_remaining_ms =
+                            lease.deadline.saturating_duration_since(now).as_millis() as i64;
+                    }
+                    inner.unreserve(&record.flow);
+                }
+                _ => {
+                    finished.insert(name.clone());
+                }
+            }
+            if specs.insert(record.spec_id) {
+                out.specs.push((*record.spec).clone());
+            }
+            out.tasks.push(HandoffTask {
+                stored: Some(record.to_stored(&record.task, record.lease.as_ref())),
+                lease_remaining_ms,
+            });
+        }
+        if !finished.is_empty() {
+            inner.finished.retain(|(_, name)| !finished.contains(name));
+        }
+        out
+    }
+
+    /// A handoff failed: the tasks are this shard's again, as they were.
+    pub fn put_back(&self, out: Outgoing) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        for t in out.tasks {
+            let Some(stored) = t.stored else { continue };
+            let name = stored.task.as_ref().map(|t| t.name.as_str()).unwrap_or("");
+            if inner.tasks.contains_key(name) {
+                continue;
+            }
+            let left = Duration::from_millis(t.lease_remaining_ms.max(0) as u64);
+            inner.restore(stored, left, now);
+        }
+        drop(inner);
+        self.dispatcher.notify_one();
+        self.reaper.notify_one();
+    }
+
+    /// The new owner has persisted the tasks: delete them from this shard's disk.
+    pub async fn forget(&self, out: &Outgoing) -> Result<(), Error> {
+        let ops = out
+            .tasks
+            .iter()
+            .filter_map(|t| t.stored.as_ref()?.task.as_ref())
+            .map(|t| Op::DeleteTask {
+                name: t.name.clone(),
+            })
+            .collect();
+        self.write(ops).await
+    }
+
+    /// Persists and queues tasks another shard hands over. Tasks already here are left as
+    /// they are; leased ones keep their lease id and deadline, so their agents reclaim them.
+    pub async fn adopt(&self, request: AdoptRequest) -> Result<AdoptResponse, Error> {
+        let specs: HashMap<SpecId, PipelineSpec> = request
+            .specs
+            .into_iter()
+            .map(|s| (spec_id(&s), s))
+            .collect();
+        let mut ops = Vec::new();
+        let mut incoming = Vec::new();
+        let mut already_held = 0u32;
+        {
+            let mut inner = self.lock();
+            for (id, spec) in &specs {
+                if !inner.durable_specs.contains(id) {
+                    ops.push(Op::PutSpec {
+                        id: *id,
+                        spec: spec.encode_to_vec(),
+                    });
+                }
+            }
+            for t in request.tasks {
+                let Some(mut stored) = t.stored else { continue };
+                let Some(task) = stored.task.as_ref() else {
+                    continue;
+                };
+                if inner.tasks.contains_key(task.name.as_str()) {
+                    already_held += 1;
+                    continue;
+                }
+                let known = SpecId::try_from(stored.spec_id.as_slice())
+                    .is_ok_and(|id| specs.contains_key(&id) || inner.specs.contains_key(&id));
+                if !known {
+                    return Err(Error::invalid(
+                        "tasks.stored.spec_id",
+                        format!("task {} runs a spec the request does not carry", task.name),
+                    ));
+                }
+                // Queued after what is here already, in the order the old owner had them.
+                inner.next_seq += 1;
+                stored.seq = inner.next_seq;
+                ops.push(Op::PutTask {
+                    name: task.name.clone(),
+                    record: stored.encode_to_vec(),
+                });
+                incoming.push((stored, t.lease_remaining_ms));
+            }
+        }
+        self.write(ops).await?;
+        let mut inner = self.lock();
+        for (id, spec) in specs {
+            inner.durable_specs.insert(id);
+            inner.specs.entry(id).or_insert_with(|| Arc::new(spec));
+        }
+        let now = Instant::now();
+        let mut adopted = 0u32;
+        for (stored, lease_ms) in incoming {
+            let name = stored
+                .task
+                .as_ref()
+                .map(|t| t.name.clone())
+                .unwrap_or_default();
+            if inner.tasks.contains_key(name.as_str()) {
+                already_held += 1;
+                continue;
+            }
+            let left = Duration::from_millis(lease_ms.max(0) as u64);
+            if !matches!(inner.restore(stored, left, now), Restored::Lost) {
+                adopted += 1;
+            }
+        }
+        drop(inner);
+        self.dispatcher.notify_one();
+        self.reaper.notify_one();
+        Ok(AdoptResponse {
+            adopted,
+            already_held,
+        })
+    }
+}
