@@ -7,13 +7,14 @@
 //! and tries again, a bounded number of times, so a client never sees a ring change.
 
 use std::collections::HashMap;
+use std::error::Error as _;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 
 use pm_cluster::{Member, Membership};
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
@@ -184,6 +185,14 @@ impl Routes {
                 Ok(v) => return Ok(v),
                 Err(status) => status,
             };
+            if status.code() == Code::Unknown && status.source().is_some() {
+                // The connection broke (a shard died mid-call): whether the call took
+                // effect is unknown, so it is not repeated here; the client may retry.
+                return Err(pm_proto::status::unavailable(
+                    format!("shard at {address} unreachable: {}", status.message()),
+                    Duration::from_secs(1),
+                ));
+            }
             let Some(view) = NotOwner::from_status(&status) else {
                 return Err(status);
             };
