@@ -15,4 +15,6 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
+# The Kubernetes manifests: every overlay rendered and validated against the schemas.
+./scripts/check-k8s.sh
 cargo nextest run --workspace --no-fail-fast

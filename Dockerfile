@@ -1,0 +1,16 @@
+# One image with every binary: pm-gateway, pm-tenant-service, pm-shard, pm-agent, pm, pmctl.
+# Not built in CI (no Docker engine on the build machines); k8s/ refers to it as
+# `pipeline-manager`, mapped to ghcr.io/pipeline-manager/pm by the kustomize base.
+FROM docker.io/library/rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN ./scripts/setup.sh && cargo build --release --locked \
+    --bin pm-gateway --bin pm-tenant-service --bin pm-shard --bin pm-agent --bin pm --bin pmctl
+
+FROM docker.io/library/debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/pm-gateway /src/target/release/pm-tenant-service \
+    /src/target/release/pm-shard /src/target/release/pm-agent /src/target/release/pm \
+    /src/target/release/pmctl /usr/local/bin/
+ENTRYPOINT ["pm-agent"]
