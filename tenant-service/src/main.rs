@@ -15,6 +15,9 @@ struct Args {
     /// any number of replicas can serve. Without it, the embedded store in --data-dir.
     #[arg(long, env = "PM_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
+    /// A tenant to create at start if missing (as `pm dev` does); empty for none.
+    #[arg(long, env = "PM_DEFAULT_TENANT", default_value = "default")]
+    default_tenant: String,
     /// Directory of the embedded metadata store (single replica, no etcd).
     #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/tenant-service")]
     data_dir: PathBuf,
@@ -41,6 +44,22 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
+    if !args.default_tenant.is_empty() {
+        let catalog = pm_tenant_service::Catalog::new(store.clone());
+        // Replicas starting together race for it; whoever loses finds it there.
+        let mut attempts = 0;
+        while let Err(e) = catalog.ensure_tenant(&args.default_tenant).await {
+            attempts += 1;
+            if attempts == 10 {
+                eprintln!(
+                    "pm-tenant-service: cannot create tenant {}: {e}",
+                    args.default_tenant
+                );
+                return std::process::ExitCode::from(69);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => {
