@@ -1,0 +1,107 @@
+//! `ring-sim`: the hash ring on paper, no etcd, no processes. For S = 1..=256 shards (named
+//! as the StatefulSet names them), over K ring keys (pipelines):
+//! - balance: the most loaded shard's keys over the mean (1.00 is perfect), and the
+//!   coefficient of variation;
+//! - keys moved when a shard joins (S-1 -> S) and when one leaves (S -> S-1), against the
+//!   ideal 1/S;
+//! - the cost of one lookup.
+//!
+//! `cargo run --release -p pm-perf --bin ring-sim [-- KEYS]`
+
+use std::time::Instant;
+
+use pm_cluster::{Member, Ring};
+
+fn ring(n: usize) -> Ring {
+    Ring::new(
+        1,
+        (0..n).map(|i| Member {
+            id: format!("pm-shard-{i}"),
+            address: String::new(),
+            started_at: 0,
+        }),
+    )
+}
+
+fn owners(ring: &Ring, keys: &[String]) -> Vec<usize> {
+    keys.iter()
+        .map(|k| {
+            let id = &ring.owner(k).expect("a member").id;
+            id.trim_start_matches("pm-shard-").parse().expect("our ids")
+        })
+        .collect()
+}
+
+fn main() {
+    let k: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(100_000);
+    let keys: Vec<String> = (0..k)
+        .map(|i| format!("tenant-{}/app-{}/pipeline-{i}", i % 97, i % 13))
+        .collect();
+    println!("ring-sim: {k} keys, rendezvous hashing (xxh3)");
+    println!(
+        "| S | max/mean | CV | moved on join | moved on leave | ideal 1/S | lookup ns |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut previous = owners(&ring(1), &keys);
+    let mut worst_join: f64 = 0.0;
+    let mut worst_balance: f64 = 0.0;
+    for s in 1..=256usize {
+        let r = ring(s);
+        let now = owners(&r, &keys);
+        let mut load = vec![0usize; s];
+        for o in &now {
+            load[*o] += 1;
+        }
+        let mean = k as f64 / s as f64;
+        let max = *load.iter().max().unwrap() as f64;
+        let var = load.iter().map(|l| (*l as f64 - mean).powi(2)).sum::<f64>() / s as f64;
+        let cv = var.sqrt() / mean;
+        let joined = if s == 1 {
+            0.0
+        } else {
+            previous.iter().zip(&now).filter(|(a, b)| a != b).count() as f64 / k as f64
+        };
+        // Leaving: the shard in the middle of the ids goes.
+        let gone = r.without(&format!("pm-shard-{}", s / 2));
+        let left = if s == 1 {
+            0.0
+        } else {
+            owners(&gone, &keys)
+                .iter()
+                .zip(&now)
+                .filter(|(a, b)| a != b)
+                .count() as f64
+                / k as f64
+        };
+        let sample = &keys[..k.min(20_000)];
+        let t = Instant::now();
+        let mut sink = 0usize;
+        for key in sample {
+            sink += r.owner(key).map_or(0, |m| m.id.len());
+        }
+        let ns = t.elapsed().as_nanos() as f64 / sample.len() as f64;
+        std::hint::black_box(sink);
+        if s > 1 {
+            worst_join = worst_join.max(joined * s as f64);
+        }
+        worst_balance = worst_balance.max(max / mean);
+        if [1, 2, 3, 4, 8, 16, 32, 64, 128, 256].contains(&s) {
+            println!(
+                "| {s} | {:.3} | {:.3} | {:.2}% | {:.2}% | {:.2}% | {:.0} |",
+                max / mean,
+                cv,
+                joined * 100.0,
+                left * 100.0,
+                100.0 / s as f64,
+                ns
+            );
+        }
+        previous = now;
+    }
+    println!(
+        "over S = 2..=256: keys moved on a join at most {worst_join:.2} x 1/S; most loaded shard at most {worst_balance:.3} x the mean"
+    );
+}
