@@ -5,6 +5,7 @@
 
 mod load;
 mod procs;
+mod scaling;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,8 +35,8 @@ struct Args {
     /// gRPC connections the load is spread over (HTTP/2 multiplexes the clients on them).
     #[arg(long, default_value_t = 8)]
     connections: usize,
-    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, restart (default
-    /// all). `submit` includes an unsynced baseline; `gateway` the direct baseline and a run
+    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, restart, scaling
+    /// (default all; scaling needs an etcd, /usr/bin/etcd or PM_ETCD_BIN). `submit` includes an unsynced baseline; `gateway` the direct baseline and a run
     /// over 10 tenants x 10 pipelines.
     scenarios: Vec<String>,
 }
@@ -509,7 +510,7 @@ async fn main() -> anyhow::Result<()> {
         (Duration::from_secs(2), Duration::from_secs(10))
     };
     let all = [
-        "submit", "batch", "latency", "dispatch", "cycle", "gateway", "restart",
+        "submit", "batch", "latency", "dispatch", "cycle", "gateway", "restart", "scaling",
     ];
     let chosen: Vec<String> =
         if args.scenarios.is_empty() || args.scenarios.iter().any(|s| s == "all") {
@@ -574,6 +575,14 @@ async fn main() -> anyhow::Result<()> {
     }
     if which.contains(&"restart") {
         bench.restart().await?;
+    }
+    if which.contains(&"scaling") {
+        let rate = if bench.args.quick { 2_000.0 } else { 5_000.0 };
+        let dir = bench.path("scaling");
+        std::fs::create_dir_all(&dir)?;
+        let f = scaling::run(&bench.args.bin_dir, &dir, rate, bench.args.quick).await?;
+        println!("{}", f.text);
+        bench.results.push(f.json);
     }
     if let Some(path) = &bench.args.json {
         std::fs::write(path, serde_json::to_string_pretty(&bench.results)?)?;

@@ -41,9 +41,7 @@ fn main() {
         .map(|i| format!("tenant-{}/app-{}/pipeline-{i}", i % 97, i % 13))
         .collect();
     println!("ring-sim: {k} keys, rendezvous hashing (xxh3)");
-    println!(
-        "| S | max/mean | CV | moved on join | moved on leave | ideal 1/S | lookup ns |"
-    );
+    println!("| S | max/mean | CV | moved on join | moved on leave | ideal 1/S | lookup ns |");
     println!("|---|---|---|---|---|---|---|");
     let mut previous = owners(&ring(1), &keys);
     let mut worst_join: f64 = 0.0;
