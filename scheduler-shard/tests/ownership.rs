@@ -178,8 +178,7 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
     let status = agents
         .connect(UnboundedReceiverStream::new(rx))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(NotOwner::from_status(&status).is_some(), "{status:?}");
 
     // Adopt: b takes a task of its own pipeline, once; a spec it is not given is refused by
