@@ -1,13 +1,19 @@
 //! The gateway's cache of pipelines. Every submit is validated against its pipeline's
-//! current version; asking tenant-service each time cost a second RPC per task. An entry
-//! lives for [`TTL`], so an apply through another gateway is seen within it; an apply or a
+//! current version; asking tenant-service each time cost a second RPC per task. An apply or a
 //! delete through this gateway drops the entry at once. Misses (NOT_FOUND) are not cached,
 //! so a new pipeline is usable immediately.
+//!
+//! Changes made through other gateways: in cluster mode the cache watches the pipelines'
+//! keys in etcd and drops an entry as soon as its key changes, and entries live
+//! [`WATCHED_TTL`] as a safety net. Without etcd, or while the watch is down, an entry lives
+//! [`TTL`], so another gateway's apply is seen within it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -15,14 +21,24 @@ use pm_proto::names::PipelineName;
 use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
 use pm_proto::v1::{GetPipelineRequest, Pipeline};
 
-/// How long a cached pipeline version is trusted.
+/// How long a cached pipeline version is trusted without a watch.
 pub const TTL: Duration = Duration::from_secs(2);
+/// How long it is trusted while the etcd watch reports changes.
+pub const WATCHED_TTL: Duration = Duration::from_secs(60);
+/// Where tenant-service keeps the latest version of each pipeline
+/// (`tenant-service/src/keys.rs`): `/pm/v1/pipelines/<tenant>/<app>/<pipeline>`.
+const PIPELINE_KEYS: &str = "/pm/v1/pipelines/";
 /// Entries kept at most; past it the cache starts over (pipelines are few per gateway).
 const MAX_ENTRIES: usize = 100_000;
 
 pub struct PipelineCache {
     client: PipelineServiceClient<Channel>,
     entries: Mutex<HashMap<String, (Arc<Pipeline>, Instant)>>,
+    /// Whether the etcd watch is following changes right now.
+    watching: AtomicBool,
+    /// Bumped by every invalidation: a fetch that raced one is not cached, since it may
+    /// hold the version from before the change.
+    generation: AtomicU64,
 }
 
 impl PipelineCache {
@@ -30,6 +46,76 @@ impl PipelineCache {
         Self {
             client,
             entries: Mutex::new(HashMap::new()),
+            watching: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether changes in etcd are being followed right now.
+    pub fn watching(&self) -> bool {
+        self.watching.load(Ordering::Relaxed)
+    }
+
+    fn ttl(&self) -> Duration {
+        if self.watching.load(Ordering::Relaxed) {
+            WATCHED_TTL
+        } else {
+            TTL
+        }
+    }
+
+    /// Drops entries whose pipeline changes in etcd, until `cancel`.
+    pub fn follow(self: &Arc<Self>, client: etcd_client::Client, cancel: CancellationToken) {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    end = cache.watch(&client) => {
+                        cache.watching.store(false, Ordering::Relaxed);
+                        tracing::warn!("pipeline watch ended ({end}); cache entries live {TTL:?} until it is back");
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        });
+    }
+
+    async fn watch(&self, client: &etcd_client::Client) -> String {
+        let options = etcd_client::WatchOptions::new().with_prefix();
+        let mut stream = match client
+            .watch_client()
+            .watch(PIPELINE_KEYS, Some(options))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return e.to_string(),
+        };
+        // Changes missed while not watching: start over.
+        {
+            let mut entries = self.entries.lock().expect("cache lock");
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            entries.clear();
+        }
+        self.watching.store(true, Ordering::Relaxed);
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) => {
+                    for event in response.events() {
+                        if let Some(kv) = event.kv() {
+                            let key = String::from_utf8_lossy(kv.key());
+                            if let Some(name) = pipeline_of_key(&key) {
+                                self.invalidate(&name);
+                            }
+                        }
+                    }
+                }
+                Ok(None) => return "closed by etcd".into(),
+                Err(e) => return e.to_string(),
+            }
         }
     }
 
@@ -37,10 +123,11 @@ impl PipelineCache {
     pub async fn get(&self, name: &PipelineName) -> Result<Arc<Pipeline>, Status> {
         let key = name.to_string();
         if let Some((pipeline, fetched)) = self.entries.lock().expect("cache lock").get(&key)
-            && fetched.elapsed() < TTL
+            && fetched.elapsed() < self.ttl()
         {
             return Ok(pipeline.clone());
         }
+        let generation = self.generation.load(Ordering::SeqCst);
         let request = GetPipelineRequest {
             name: key.clone(),
             version: 0,
@@ -56,12 +143,40 @@ impl PipelineCache {
         if entries.len() >= MAX_ENTRIES {
             entries.clear();
         }
-        entries.insert(key, (pipeline.clone(), Instant::now()));
+        if self.generation.load(Ordering::SeqCst) == generation {
+            entries.insert(key, (pipeline.clone(), Instant::now()));
+        }
         Ok(pipeline)
     }
 
     /// Forgets `name` (its spec changed or it was deleted through this gateway).
     pub fn invalidate(&self, name: &str) {
-        self.entries.lock().expect("cache lock").remove(name);
+        let mut entries = self.entries.lock().expect("cache lock");
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        entries.remove(name);
+    }
+}
+
+/// `/pm/v1/pipelines/t/a/p` -> `tenants/t/applications/a/pipelines/p`.
+fn pipeline_of_key(key: &str) -> Option<String> {
+    let rest = key.strip_prefix(PIPELINE_KEYS)?;
+    let mut parts = rest.split('/');
+    let (t, a, p) = (parts.next()?, parts.next()?, parts.next()?);
+    parts
+        .next()
+        .is_none()
+        .then(|| format!("tenants/{t}/applications/{a}/pipelines/{p}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pipeline_keys_map_to_names() {
+        assert_eq!(
+            super::pipeline_of_key("/pm/v1/pipelines/t/a/p").as_deref(),
+            Some("tenants/t/applications/a/pipelines/p")
+        );
+        assert_eq!(super::pipeline_of_key("/pm/v1/pipelines/t/a"), None);
+        assert_eq!(super::pipeline_of_key("/pm/v1/tenants/t"), None);
     }
 }

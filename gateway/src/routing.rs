@@ -54,6 +54,7 @@ impl Routes {
     pub async fn new(upstreams: &Upstreams, cancel: CancellationToken) -> anyhow::Result<Self> {
         let catalog = pm_proto::client::channel(&upstreams.tenant_service)?;
         let pipelines = pm_proto::client::pipelines(catalog.clone());
+        let cache = Arc::new(PipelineCache::new(pipelines.clone()));
         let membership = if upstreams.etcd.is_empty() {
             Membership::fixed([Member {
                 id: "standalone".into(),
@@ -62,6 +63,7 @@ impl Routes {
             }])
         } else {
             let client = pm_cluster::etcd::connect(&upstreams.etcd).await?;
+            cache.follow(client.clone(), cancel.clone());
             let membership = Membership::watch(client, cancel);
             // Serve at once either way; until the first ring arrives, task calls answer
             // UNAVAILABLE.
@@ -70,7 +72,7 @@ impl Routes {
         };
         Ok(Self {
             tenants: pm_proto::client::tenants(catalog),
-            cache: Arc::new(PipelineCache::new(pipelines.clone())),
+            cache,
             pipelines,
             membership,
             channels: Arc::default(),
