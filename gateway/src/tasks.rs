@@ -5,9 +5,12 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
 
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
 use pm_proto::names::{PipelineName, TaskName};
@@ -161,6 +164,9 @@ impl Tasks {
     }
 }
 
+/// Times a watch is opened again after its shard stopped serving it.
+const WATCH_REOPENS: u64 = 5;
+
 fn task_name(name: &str) -> Result<TaskName, Error> {
     TaskName::parse(name).map_err(|e| Error::invalid("name", e.to_string()))
 }
@@ -215,14 +221,66 @@ impl TaskService for Tasks {
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let req = request.into_inner();
         let name = task_name(&req.name)?;
-        let upstream = self
-            .routes
-            .call(&name.pipeline, |mut s| {
-                let req = req.clone();
-                async move { s.watch_task(req).await }
-            })
-            .await?;
-        Ok(Response::new(Box::pin(upstream.into_inner())))
+        let open = {
+            let routes = self.routes.clone();
+            move || {
+                let (routes, req, pipeline) = (routes.clone(), req.clone(), name.pipeline.clone());
+                async move {
+                    routes
+                        .call(&pipeline, |mut s| {
+                            let req = req.clone();
+                            async move { s.watch_task(req).await }
+                        })
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            }
+        };
+        let mut upstream = open().await?;
+        // A watch outlives a handoff: when the shard stops serving the task (it moved to
+        // another shard, or the shard left) before it finished, the watch is opened again at
+        // the owner, which starts with a snapshot.
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut reopened = 0;
+            loop {
+                let ended = match upstream.message().await {
+                    Ok(Some(event)) => {
+                        let last = matches!(
+                            event.event,
+                            Some(pm_proto::v1::task_event::Event::Finished(_))
+                        );
+                        if tx.send(Ok(event)).await.is_err() || last {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(None) => Status::unavailable("the watch ended before the task finished"),
+                    Err(status) => status,
+                };
+                loop {
+                    if reopened == WATCH_REOPENS {
+                        let _ = tx.send(Err(ended)).await;
+                        return;
+                    }
+                    reopened += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * reopened)).await;
+                    match open().await {
+                        Ok(next) => {
+                            upstream = next;
+                            break;
+                        }
+                        // Between the old owner forgetting and the new one answering.
+                        Err(s) if s.code() == Code::NotFound => {}
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn cancel_task(

@@ -19,8 +19,8 @@ use pm_cluster::testing::Etcd;
 use pm_cluster::{Membership, Ring};
 use pm_proto::v1::{
     ApplyPipelineRequest, CreateApplicationRequest, CreateTenantRequest, GetTaskRequest, Job,
-    PipelineSpec, Stage, SubmitTaskRequest, SubmitTasksRequest, TaskState, apply_pipeline_request,
-    submit_task_result,
+    PipelineSpec, Stage, SubmitTaskRequest, SubmitTasksRequest, TaskEvent, TaskState,
+    WatchTaskRequest, apply_pipeline_request, submit_task_result, task_event,
 };
 
 const PIPELINES: usize = 8;
@@ -396,6 +396,58 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         .collect();
     progress(&log, "runs with three shards").await;
 
+    // A watch on one task of each idle pipeline, open through every change until the task
+    // finishes at the end: the gateway follows each task to its new owner.
+    let idle_task = |p: &str| {
+        let acked = load.acked.lock().unwrap();
+        acked
+            .iter()
+            .find(|t| t.starts_with(&format!("{p}/")))
+            .cloned()
+    };
+    until(
+        "a task of every idle pipeline acknowledged",
+        Duration::from_secs(20),
+        async || {
+            pipelines[PIPELINES..]
+                .iter()
+                .all(|p| idle_task(p).is_some())
+        },
+    )
+    .await;
+    let watched: Vec<String> = pipelines[PIPELINES..]
+        .iter()
+        .filter_map(|p| idle_task(p))
+        .collect();
+    let watches: Vec<_> = watched
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let endpoint = gateways[i % 2].clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let mut client =
+                    pm_proto::client::tasks(pm_proto::client::channel(&endpoint).unwrap());
+                let mut events = client
+                    .watch_task(WatchTaskRequest { name })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                loop {
+                    match events.message().await {
+                        Ok(Some(TaskEvent {
+                            event: Some(task_event::Event::Finished(task)),
+                            ..
+                        })) => return Ok(task.state),
+                        Ok(Some(_)) => {}
+                        Ok(None) => return Err("ended without Finished".to_owned()),
+                        Err(status) => return Err(format!("{status:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+
     let mut moves = Vec::new();
     let idle_keys: Vec<String> = pipelines[PIPELINES..]
         .iter()
@@ -478,6 +530,14 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         "too few tasks acknowledged: {}",
         acked.len()
     );
+
+    for (name, watch) in watched.iter().zip(watches) {
+        let finished = tokio::time::timeout(Duration::from_secs(90), watch)
+            .await
+            .expect("the watch finishes")
+            .unwrap();
+        assert_eq!(finished, Ok(TaskState::Done as i32), "watch of {name}");
+    }
 
     // Every acknowledged task ends DONE, whichever shard holds it now.
     let mut tasks = pm_proto::client::tasks(pm_proto::client::channel(&gw1).unwrap());
