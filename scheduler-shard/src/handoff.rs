@@ -59,7 +59,10 @@ pub async fn run(scheduler: Arc<Scheduler>, ownership: Arc<Ownership>, cancel: C
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = changes.changed() => {}
+            // A view that stopped watching (its sender gone) no longer wakes us: tick.
+            changed = changes.changed() => if changed.is_err() {
+                tokio::time::sleep(wait).await;
+            },
             _ = tokio::time::sleep(wait) => {}
         }
     }
