@@ -17,4 +17,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 # The Kubernetes manifests: every overlay rendered and validated against the schemas.
 ./scripts/check-k8s.sh
+# The multi-process tests start the workspace's binaries (pm-shard, pm-gateway,
+# pm-tenant-service, pm-agent); cargo builds only those of packages with tests of their own.
+cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast
