@@ -74,6 +74,15 @@ pub async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Pee
     if !ownership.settled(&ring) {
         return false;
     }
+    // Agents of lost pipelines go, even where no task of theirs is held here: their
+    // pipeline's new tasks queue at the new owner.
+    let lost = |pipeline: Option<&str>| match pipeline {
+        Some(p) => ring
+            .owner(&ring_key_of(p))
+            .is_some_and(|o| o.id != ownership.me() || ownership.leaving()),
+        None => ring.len() > 1 || ownership.leaving(),
+    };
+    scheduler.close_sessions_where(lost, "its pipeline moved to another shard; reconnect");
     let mut pending = false;
     for pipeline in scheduler.pipelines() {
         // An empty ring (the last shard leaving) has no one to take them: they stay on disk.

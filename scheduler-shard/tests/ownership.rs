@@ -296,3 +296,65 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
     assert_eq!(a.ownership.ring().len(), 2);
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_of_a_pipeline_that_moves_is_disconnected_even_with_no_tasks_held() {
+    let etcd = Etcd::start();
+    let stop = CancellationToken::new();
+    let a = shard(&etcd.endpoint, "a", &stop).await;
+    assert!(
+        a.ownership
+            .membership()
+            .wait_for(Duration::from_secs(10), |r| r.len() == 1)
+            .await
+    );
+    // A pipeline that a owns alone and that b will take when it joins.
+    let both = pm_cluster::Ring::new(
+        1,
+        ["a", "b"].map(|id| Member {
+            id: id.into(),
+            address: String::new(),
+            started_at: 0,
+        }),
+    );
+    let pipeline = (0..100)
+        .map(|i| format!("tenants/t/applications/app/pipelines/p{i}"))
+        .find(|p| {
+            let key = pm_proto::names::PipelineName::parse(p).unwrap().ring_key();
+            both.owner(&key).unwrap().id == "b"
+        })
+        .unwrap();
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(AgentMessage {
+        message: Some(agent_message::Message::Hello(Hello {
+            agent_id: "x".into(),
+            slots: 1,
+            pipelines: vec![pipeline.clone()],
+            protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
+            protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
+            ..Hello::default()
+        })),
+    })
+    .unwrap();
+    let mut agents = pm_proto::client::agents(pm_proto::client::channel(&a.endpoint).unwrap());
+    let mut inbound = agents
+        .connect(UnboundedReceiverStream::new(rx))
+        .await
+        .expect("a owns the pipeline")
+        .into_inner();
+    let welcome = inbound.message().await.unwrap().unwrap();
+    assert!(matches!(
+        welcome.message,
+        Some(pm_proto::v1::server_message::Message::Welcome(_))
+    ));
+
+    let _b = shard(&etcd.endpoint, "b", &stop).await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), inbound.message())
+        .await
+        .expect("the stream is closed once b owns the pipeline");
+    let status = ended.expect_err("closed with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    drop(tx);
+    stop.cancel();
+}

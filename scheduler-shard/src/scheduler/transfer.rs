@@ -24,13 +24,18 @@ impl Outgoing {
 }
 
 impl Inner {
-    /// Closes the streams of agents that serve `pipeline`; they reconnect through the
-    /// gateway, which routes them to the pipeline's new owner.
+    /// Closes the streams of agents that serve `pipeline` (`""`: only those serving every
+    /// pipeline, as no named pipeline is empty); they reconnect through the gateway, which
+    /// routes them to the new owner.
     fn close_sessions_of(&mut self, pipeline: &str, reason: &str) {
         let ids: Vec<u64> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.pipelines.as_ref().is_none_or(|p| p.contains(pipeline)))
+            .filter(|(_, s)| match &s.pipelines {
+                // Serving every pipeline, so any move concerns it.
+                None => true,
+                Some(p) => p.contains(pipeline),
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
@@ -43,6 +48,26 @@ impl Inner {
 }
 
 impl Scheduler {
+    /// Closes the streams of agents whose pipelines `moved` says this shard lost (`None`: an
+    /// agent serving every pipeline), whether or not tasks of theirs are held here.
+    pub fn close_sessions_where(&self, moved: impl Fn(Option<&str>) -> bool, reason: &str) {
+        let mut inner = self.lock();
+        let lost: Vec<String> = inner
+            .sessions
+            .values()
+            .flat_map(|s| match &s.pipelines {
+                None => moved(None)
+                    .then(String::new)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+                Some(ps) => ps.iter().filter(|p| moved(Some(p))).cloned().collect(),
+            })
+            .collect();
+        for pipeline in lost {
+            inner.close_sessions_of(&pipeline, reason);
+        }
+    }
+
     /// Pipelines this shard holds tasks of.
     pub fn pipelines(&self) -> Vec<Arc<str>> {
         self.lock().by_pipeline.keys().cloned().collect()
