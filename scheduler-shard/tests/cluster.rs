@@ -79,13 +79,13 @@ impl Proc {
     }
 
     /// SIGTERM, then waits (bounded) for the exit; returns whether it exited cleanly.
-    fn terminate(mut self, limit: Duration) -> bool {
+    fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.0.try_wait().unwrap() {
-                return status.success();
+                return status;
             }
             assert!(Instant::now() < deadline, "no exit {limit:?} after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
@@ -100,19 +100,48 @@ impl Drop for Proc {
     }
 }
 
+/// The test's directory; when the test fails it is kept, and the end of every process's log
+/// is printed, so a failure in CI can be read.
+struct Logs(Option<tempfile::TempDir>);
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Some(dir) = self.0.take() else { return };
+        let path = dir.keep();
+        eprintln!("test directory kept: {}", path.display());
+        let mut logs: Vec<_> = std::fs::read_dir(&path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log") && !p.ends_with("runs.log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} (last 15 lines)", log.display());
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 struct Cluster {
     dir: PathBuf,
     etcd: String,
     tenant_service: String,
-    shard_ports: HashMap<String, u16>,
 }
 
 impl Cluster {
-    fn shard(&mut self, id: &str) -> Proc {
-        let port = *self
-            .shard_ports
-            .entry(id.to_owned())
-            .or_insert_with(free_port);
+    fn shard(&self, id: &str) -> Proc {
+        // A fresh port even for a restart: the identity is the id and the disk, and the
+        // port just freed may already serve someone else's connection.
+        let port = free_port();
         let args: Vec<String> = [
             "--etcd",
             &self.etcd,
@@ -291,8 +320,8 @@ async fn submitter(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
+    let tmp = Logs(Some(tempfile::tempdir().unwrap()));
+    let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
     let etcd = Etcd::start();
     let tenant_port = free_port();
     let _tenant = Proc::spawn(
@@ -305,11 +334,10 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         ],
         &dir.join("tenant.log"),
     );
-    let mut cluster = Cluster {
+    let cluster = Cluster {
         dir: dir.clone(),
         etcd: etcd.endpoint.clone(),
         tenant_service: format!("http://127.0.0.1:{tenant_port}"),
-        shard_ports: HashMap::new(),
     };
 
     // The test's own view of the ring, as the gateways build it.
@@ -489,7 +517,10 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     })
     .await
     .unwrap();
-    assert!(clean, "s0 did not exit cleanly after SIGTERM");
+    assert!(
+        clean.success(),
+        "s0 did not exit cleanly after SIGTERM: {clean}"
+    );
     assert!(view.wait_for(wait_ring, ring_is(&["s1", "s2", "s3"])).await);
     step(&before, &view.ring(), "SIGTERM s0");
     progress(&log, "runs after s0 left").await;
