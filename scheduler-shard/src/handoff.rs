@@ -46,30 +46,82 @@ impl Peers {
     }
 }
 
-/// Hands off lost pipelines on every ring change until `cancel`.
-pub async fn run(scheduler: Arc<Scheduler>, ownership: Arc<Ownership>, cancel: CancellationToken) {
-    let mut changes = ownership.membership().subscribe();
-    let mut peers = Peers::default();
-    loop {
-        let pending = round(&scheduler, &ownership, &mut peers).await;
-        let wait = if pending {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(5)
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            // A view that stopped watching (its sender gone) no longer wakes us: tick.
-            changed = changes.changed() => if changed.is_err() {
-                tokio::time::sleep(wait).await;
-            },
-            _ = tokio::time::sleep(wait) => {}
+/// The handoff of one shard. Rounds never overlap: the ring-change loop and a leaving
+/// shard's drain share one lock, so the drain cannot see "nothing left here" while a batch
+/// it did not take is still on its way to the new owner.
+pub struct Handoff {
+    scheduler: Arc<Scheduler>,
+    ownership: Arc<Ownership>,
+    peers: tokio::sync::Mutex<Peers>,
+}
+
+impl Handoff {
+    pub fn new(scheduler: Arc<Scheduler>, ownership: Arc<Ownership>) -> Arc<Self> {
+        Arc::new(Self {
+            scheduler,
+            ownership,
+            peers: tokio::sync::Mutex::new(Peers::default()),
+        })
+    }
+
+    /// Hands off lost pipelines on every ring change until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut changes = self.ownership.membership().subscribe();
+        loop {
+            let pending = self.round().await;
+            let wait = if pending {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(5)
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                // A view that stopped watching (its sender gone) no longer wakes us: tick.
+                changed = changes.changed() => if changed.is_err() {
+                    tokio::time::sleep(wait).await;
+                },
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One pass over the pipelines held here; returns whether something is left to move.
+    pub async fn round(&self) -> bool {
+        let mut peers = self.peers.lock().await;
+        round(&self.scheduler, &self.ownership, &mut peers).await
+    }
+
+    /// Scale-down: hands everything off by the ring without this shard, until nothing is
+    /// left or `timeout` passes. Returns how many pipelines are still held (0: all moved).
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.ownership.leave();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let pending = self.round().await;
+            let held = self.scheduler.pipelines().len();
+            // A submit that passed its ownership check before the leave may still land.
+            if held == 0 && self.scheduler.arrivals_in_flight() == 0 {
+                return 0;
+            }
+            if held > 0 && self.ownership.ring().is_empty() {
+                tracing::warn!(
+                    pipelines = held,
+                    "no other shard to hand off to: tasks stay on this shard's disk"
+                );
+                return held;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(pipelines = held, "handoff not finished in time");
+                return held;
+            }
+            let wait = if pending { 200 } else { 50 };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
         }
     }
 }
 
 /// One pass over the pipelines held here; returns whether something is left to move.
-pub async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Peers) -> bool {
+async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Peers) -> bool {
     let ring = ownership.ring();
     if !ownership.settled(&ring) {
         return false;
@@ -139,32 +191,4 @@ pub async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Pee
         }
     }
     pending
-}
-
-/// Scale-down: hands everything off by the ring without this shard, until nothing is left or
-/// `timeout` passes. Returns how many pipelines are still held (0 when all moved).
-pub async fn drain(scheduler: &Scheduler, ownership: &Ownership, timeout: Duration) -> usize {
-    ownership.leave();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut peers = Peers::default();
-    loop {
-        let pending = round(scheduler, ownership, &mut peers).await;
-        let held = scheduler.pipelines().len();
-        if held == 0 {
-            return 0;
-        }
-        if ownership.ring().is_empty() {
-            tracing::warn!(
-                pipelines = held,
-                "no other shard to hand off to: tasks stay on this shard's disk"
-            );
-            return held;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(pipelines = held, "handoff not finished in time");
-            return held;
-        }
-        let wait = if pending { 200 } else { 50 };
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-    }
 }

@@ -131,12 +131,9 @@ pub async fn serve(
     let reaper = tokio::spawn(scheduler.clone().run(cancel.clone()));
     let (health, health_service) = pm_proto::server::health();
     let ownership = cluster.ownership.clone();
+    let handoff = handoff::Handoff::new(scheduler.clone(), ownership.clone());
     if cluster.registration.is_some() {
-        tokio::spawn(handoff::run(
-            scheduler.clone(),
-            ownership.clone(),
-            cancel.clone(),
-        ));
+        tokio::spawn(handoff.clone().run(cancel.clone()));
         tokio::spawn(report_membership(
             health,
             ownership.membership().clone(),
@@ -147,7 +144,7 @@ pub async fn serve(
     // elsewhere, and the handoff itself is served by the others.
     let stopping = CancellationToken::new();
     let leave = {
-        let scheduler = scheduler.clone();
+        let handoff = handoff.clone();
         let ownership = ownership.clone();
         let stopping = stopping.clone();
         async move {
@@ -158,7 +155,7 @@ pub async fn serve(
                 if let Err(e) = registration.leave().await {
                     tracing::warn!("cannot leave the ring in etcd ({e}); it expires instead");
                 }
-                let held = handoff::drain(&scheduler, &ownership, cluster.handoff_timeout).await;
+                let held = handoff.drain(cluster.handoff_timeout).await;
                 tracing::info!(pipelines_left = held, "left the ring");
             }
         }

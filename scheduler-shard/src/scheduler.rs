@@ -44,7 +44,7 @@ mod sessions;
 mod submit;
 mod transfer;
 
-pub use transfer::Outgoing;
+pub use transfer::{Arriving, Outgoing};
 
 /// Tunables of a shard.
 #[derive(Debug, Clone)]
@@ -329,6 +329,8 @@ pub struct Scheduler {
     dispatcher: Notify,
     /// Wakes the lease reaper when an earlier deadline may exist.
     reaper: Notify,
+    /// Submits and adoptions between their ownership check and their tasks being indexed.
+    arriving: std::sync::atomic::AtomicUsize,
 }
 
 /// What a watcher gets: the task now, what its current attempt did so far, and its future
@@ -436,6 +438,7 @@ impl Scheduler {
             journal,
             dispatcher: Notify::new(),
             reaper: Notify::new(),
+            arriving: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 

@@ -61,6 +61,7 @@ impl ShardService for Shard {
         request: Request<EnqueueRequest>,
     ) -> Result<Response<EnqueueResponse>, Status> {
         let tasks = request.into_inner().tasks;
+        let _arriving = self.scheduler.arriving();
         self.check_owned(tasks.iter().map(|t| t.task.as_ref()))?;
         let results = self
             .scheduler
@@ -171,6 +172,7 @@ impl ShardService for Shard {
         request: Request<AdoptRequest>,
     ) -> Result<Response<AdoptResponse>, Status> {
         let request = request.into_inner();
+        let _arriving = self.scheduler.arriving();
         self.check_owned(
             request
                 .tasks

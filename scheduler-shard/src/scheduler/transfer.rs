@@ -5,6 +5,8 @@
 
 use pm_proto::internal::v1::{AdoptRequest, AdoptResponse, HandoffTask};
 
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+
 use super::*;
 
 /// Tasks taken out of memory for a handoff. Their disk records stay until
@@ -47,7 +49,29 @@ impl Inner {
     }
 }
 
+/// Counts a call that may add tasks (a submit or an adoption) from before its ownership
+/// check until its tasks are indexed, so a leaving shard does not stop while one is
+/// between the two.
+pub struct Arriving<'a>(&'a AtomicUsize);
+
+impl Drop for Arriving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::SeqCst);
+    }
+}
+
 impl Scheduler {
+    /// Marks a call that may add tasks; see [`Arriving`].
+    pub fn arriving(&self) -> Arriving<'_> {
+        self.arriving.fetch_add(1, AtomicOrdering::SeqCst);
+        Arriving(&self.arriving)
+    }
+
+    /// Calls that may still add tasks.
+    pub fn arrivals_in_flight(&self) -> usize {
+        self.arriving.load(AtomicOrdering::SeqCst)
+    }
+
     /// Closes the streams of agents whose pipelines `moved` says this shard lost (`None`: an
     /// agent serving every pipeline), whether or not tasks of theirs are held here.
     pub fn close_sessions_where(&self, moved: impl Fn(Option<&str>) -> bool, reason: &str) {
