@@ -148,9 +148,8 @@ async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Peers) 
             pending = true;
             continue;
         };
-        let reason = format!("pipeline {pipeline} moved to shard {}; reconnect", owner.id);
         loop {
-            let out = scheduler.take_for_handoff(&pipeline, BATCH, &reason);
+            let out = scheduler.take_for_handoff(&pipeline, BATCH);
             pending |= out.busy > 0;
             if out.is_empty() {
                 break;

@@ -25,30 +25,6 @@ impl Outgoing {
     }
 }
 
-impl Inner {
-    /// Closes the streams of agents that serve `pipeline` (`""`: only those serving every
-    /// pipeline, as no named pipeline is empty); they reconnect through the gateway, which
-    /// routes them to the new owner.
-    fn close_sessions_of(&mut self, pipeline: &str, reason: &str) {
-        let ids: Vec<u64> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| match &s.pipelines {
-                // Serving every pipeline, so any move concerns it.
-                None => true,
-                Some(p) => p.contains(pipeline),
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            if let Some(s) = self.sessions.remove(&id) {
-                tracing::info!(agent = %s.agent_id, session = id, "{reason}");
-                let _ = s.tx.send(Err(Status::unavailable(reason.to_owned())));
-            }
-        }
-    }
-}
-
 /// Counts a call that may add tasks (a submit or an adoption) from before its ownership
 /// check until its tasks are indexed, so a leaving shard does not stop while one is
 /// between the two.
@@ -73,22 +49,24 @@ impl Scheduler {
     }
 
     /// Closes the streams of agents whose pipelines `moved` says this shard lost (`None`: an
-    /// agent serving every pipeline), whether or not tasks of theirs are held here.
+    /// agent serving every pipeline), whether or not tasks of theirs are held here. They
+    /// reconnect through the gateway, which routes them to the new owner.
     pub fn close_sessions_where(&self, moved: impl Fn(Option<&str>) -> bool, reason: &str) {
         let mut inner = self.lock();
-        let lost: Vec<String> = inner
+        let lost: Vec<u64> = inner
             .sessions
-            .values()
-            .flat_map(|s| match &s.pipelines {
-                None => moved(None)
-                    .then(String::new)
-                    .into_iter()
-                    .collect::<Vec<_>>(),
-                Some(ps) => ps.iter().filter(|p| moved(Some(p))).cloned().collect(),
+            .iter()
+            .filter(|(_, s)| match &s.pipelines {
+                None => moved(None),
+                Some(ps) => ps.iter().any(|p| moved(Some(p))),
             })
+            .map(|(id, _)| *id)
             .collect();
-        for pipeline in lost {
-            inner.close_sessions_of(&pipeline, reason);
+        for id in lost {
+            if let Some(s) = inner.sessions.remove(&id) {
+                tracing::info!(agent = %s.agent_id, session = id, "{reason}");
+                let _ = s.tx.send(Err(Status::unavailable(reason.to_owned())));
+            }
         }
     }
 
@@ -97,11 +75,10 @@ impl Scheduler {
         self.lock().by_pipeline.keys().cloned().collect()
     }
 
-    /// Takes up to `limit` tasks of `pipeline` out of memory to hand them off, and closes
-    /// the streams of agents serving it. Tasks with a write in flight stay for a later round.
-    pub fn take_for_handoff(&self, pipeline: &str, limit: usize, reason: &str) -> Outgoing {
+    /// Takes up to `limit` tasks of `pipeline` out of memory to hand them off. Tasks with a
+    /// write in flight stay for a later round.
+    pub fn take_for_handoff(&self, pipeline: &str, limit: usize) -> Outgoing {
         let mut inner = self.lock();
-        inner.close_sessions_of(pipeline, reason);
         let Some(names) = inner.by_pipeline.get(pipeline) else {
             return Outgoing::default();
         };
