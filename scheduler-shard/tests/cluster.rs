@@ -15,12 +15,15 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
+mod common;
+use common::free_port;
+
 use pm_cluster::testing::Etcd;
 use pm_cluster::{Membership, Ring};
 use pm_proto::v1::{
-    ApplyPipelineRequest, CreateApplicationRequest, CreateTenantRequest, GetTaskRequest, Job,
-    PipelineSpec, Stage, SubmitTaskRequest, SubmitTasksRequest, TaskEvent, TaskState,
-    WatchTaskRequest, apply_pipeline_request, submit_task_result, task_event,
+    ApplyPipelineRequest, CreateApplicationRequest, CreateTenantRequest, GetTaskRequest,
+    PipelineSpec, SubmitTaskRequest, SubmitTasksRequest, TaskEvent, TaskState, WatchTaskRequest,
+    apply_pipeline_request, submit_task_result, task_event,
 };
 
 const PIPELINES: usize = 8;
@@ -43,14 +46,6 @@ fn bin(name: &str) -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A child process, SIGKILLed when dropped.
@@ -196,24 +191,12 @@ impl Cluster {
 }
 
 fn spec(log: &Path) -> PipelineSpec {
-    PipelineSpec {
-        stages: vec![Stage {
-            name: "s".into(),
-            jobs: vec![Job {
-                name: "j".into(),
-                executor: "host".into(),
-                // One line per execution: runs and duplicates are counted from it. The sleep
-                // keeps some tasks leased at every change.
-                commands: vec![
-                    format!("echo \"$PM_TASK_ID\" >> {}", log.display()),
-                    "sleep 0.1".into(),
-                ],
-                ..Job::default()
-            }],
-            priority: None,
-        }],
-        ..PipelineSpec::default()
-    }
+    // One line per execution: runs and duplicates are counted from it. The sleep keeps some
+    // tasks leased at every change.
+    common::spec(vec![
+        format!("echo \"$PM_TASK_ID\" >> {}", log.display()),
+        "sleep 0.1".into(),
+    ])
 }
 
 fn runs(log: &Path) -> Vec<String> {

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::free_port;
+
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
-use pm_proto::v1::{
-    Job, ListTasksRequest, PipelineSpec, Stage, Task, TaskState, submit_task_result,
-};
+use pm_proto::v1::{ListTasksRequest, PipelineSpec, Task, TaskState, submit_task_result};
 
 const PIPELINE: &str = "tenants/crash/applications/test/pipelines/p";
 const KILLS_WHILE_SUBMITTING: usize = 5;
@@ -58,29 +59,9 @@ impl Drop for Shard {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spec(log: &Path) -> PipelineSpec {
-    PipelineSpec {
-        stages: vec![Stage {
-            name: "s".into(),
-            jobs: vec![Job {
-                name: "j".into(),
-                executor: "host".into(),
-                // One line per execution: the duplicates are counted from it.
-                commands: vec![format!("echo \"$PM_TASK_ID\" >> {}", log.display())],
-                ..Job::default()
-            }],
-            priority: None,
-        }],
-        ..PipelineSpec::default()
-    }
+    // One line per execution: the duplicates are counted from it.
+    common::spec(vec![format!("echo \"$PM_TASK_ID\" >> {}", log.display())])
 }
 
 fn item(spec: &PipelineSpec) -> EnqueueTask {

@@ -5,18 +5,17 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+
+mod common;
 
 use pm_cluster::Member;
 use pm_cluster::testing::Etcd;
 use pm_proto::internal::v1::{AdoptRequest, EnqueueRequest, EnqueueTask, HandoffTask, StoredTask};
 use pm_proto::status::NotOwner;
 use pm_proto::v1::{
-    AgentMessage, GetTaskRequest, Hello, Job, ListTasksRequest, PipelineSpec, Stage, Task,
-    TaskState, agent_message, submit_task_result,
+    GetTaskRequest, ListTasksRequest, PipelineSpec, Task, TaskState, submit_task_result,
 };
 use pm_scheduler_shard::{Cluster, Ownership};
 
@@ -61,19 +60,7 @@ async fn shard(etcd: &str, id: &str, stop: &CancellationToken) -> Shard {
 }
 
 fn spec() -> PipelineSpec {
-    PipelineSpec {
-        stages: vec![Stage {
-            name: "s".into(),
-            jobs: vec![Job {
-                name: "j".into(),
-                executor: "host".into(),
-                commands: vec!["true".into()],
-                ..Job::default()
-            }],
-            priority: None,
-        }],
-        ..PipelineSpec::default()
-    }
+    common::spec(vec!["true".into()])
 }
 
 fn item(pipeline: &str) -> EnqueueTask {
@@ -162,23 +149,8 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
         assert_eq!(view.revision, ring.revision);
     }
     // So does the agent stream of a pipeline it does not own.
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(AgentMessage {
-        message: Some(agent_message::Message::Hello(Hello {
-            agent_id: "x".into(),
-            slots: 1,
-            pipelines: vec![pa.clone()],
-            protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
-            protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
-            ..Hello::default()
-        })),
-    })
-    .unwrap();
-    let mut agents = pm_proto::client::agents(pm_proto::client::channel(&b.endpoint).unwrap());
-    let status = agents
-        .connect(UnboundedReceiverStream::new(rx))
-        .await
-        .expect_err("refused");
+    let (_tx, answer) = common::connect_agent(&b.endpoint, &pa).await;
+    let status = answer.expect_err("refused");
     assert!(NotOwner::from_status(&status).is_some(), "{status:?}");
 
     // Adopt: b takes a task of its own pipeline, once; a spec it is not given is refused by
@@ -325,24 +297,8 @@ async fn an_agent_of_a_pipeline_that_moves_is_disconnected_even_with_no_tasks_he
         })
         .unwrap();
 
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(AgentMessage {
-        message: Some(agent_message::Message::Hello(Hello {
-            agent_id: "x".into(),
-            slots: 1,
-            pipelines: vec![pipeline.clone()],
-            protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
-            protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
-            ..Hello::default()
-        })),
-    })
-    .unwrap();
-    let mut agents = pm_proto::client::agents(pm_proto::client::channel(&a.endpoint).unwrap());
-    let mut inbound = agents
-        .connect(UnboundedReceiverStream::new(rx))
-        .await
-        .expect("a owns the pipeline")
-        .into_inner();
+    let (tx, answer) = common::connect_agent(&a.endpoint, &pipeline).await;
+    let mut inbound = answer.expect("a owns the pipeline").into_inner();
     let welcome = inbound.message().await.unwrap().unwrap();
     assert!(matches!(
         welcome.message,

@@ -1,0 +1,58 @@
+//! What the shard's process-level tests share: a free loopback port, a one-job spec, and
+//! an agent stream opened with a Hello.
+#![allow(dead_code)]
+
+use pm_proto::v1::{AgentMessage, Hello, Job, PipelineSpec, Stage, agent_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One stage of one job running `commands` on the host.
+pub fn spec(commands: Vec<String>) -> PipelineSpec {
+    PipelineSpec {
+        stages: vec![Stage {
+            name: "s".into(),
+            jobs: vec![Job {
+                name: "j".into(),
+                executor: "host".into(),
+                commands,
+                ..Job::default()
+            }],
+            priority: None,
+        }],
+        ..PipelineSpec::default()
+    }
+}
+
+/// Opens an agent stream at `endpoint` for `pipeline` with one slot; the sender keeps the
+/// agent's side open.
+pub async fn connect_agent(
+    endpoint: &str,
+    pipeline: &str,
+) -> (
+    mpsc::UnboundedSender<AgentMessage>,
+    Result<tonic::Response<tonic::codec::Streaming<pm_proto::v1::ServerMessage>>, tonic::Status>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(AgentMessage {
+        message: Some(agent_message::Message::Hello(Hello {
+            agent_id: "x".into(),
+            slots: 1,
+            pipelines: vec![pipeline.to_owned()],
+            protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
+            protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
+            ..Hello::default()
+        })),
+    })
+    .unwrap();
+    let mut agents = pm_proto::client::agents(pm_proto::client::channel(endpoint).unwrap());
+    let answer = agents.connect(UnboundedReceiverStream::new(rx)).await;
+    (tx, answer)
+}
