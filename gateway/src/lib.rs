@@ -1,7 +1,8 @@
 //! The gateway: the only public endpoint, for clients and agents alike, over gRPC and
 //! grpc-web (with CORS) on one port.
 //!
-//! - [`tasks`]: `TaskService`, validated here against the pipeline version, routed to shards.
+//! - [`tasks`]: `TaskService`, validated here against the pipeline version, routed to shards;
+//!   [`enqueue`]: the way to the shard (specs by reference, unary submits coalesced).
 //! - [`config`]: `TenantService` and `PipelineService`, forwarded to tenant-service.
 //! - [`agents`]: agents' `Connect` streams, spliced to the owning shard.
 //! - [`routing`]: which upstream serves what; [`pipelines`]: the pipeline cache submits are
@@ -9,6 +10,7 @@
 
 pub mod agents;
 pub mod config;
+pub mod enqueue;
 pub mod error;
 pub mod pipelines;
 pub mod routing;

@@ -31,9 +31,17 @@ const PIPELINE_KEYS: &str = "/pm/v1/pipelines/";
 /// Entries kept at most; past it the cache starts over (pipelines are few per gateway).
 const MAX_ENTRIES: usize = 100_000;
 
+/// A pipeline's latest version as the cache holds it, with its spec's id computed once, so
+/// tasks can name their spec instead of carrying it.
+#[derive(Debug)]
+pub struct PipelineVersion {
+    pub pipeline: Pipeline,
+    pub spec_id: pm_spec::SpecId,
+}
+
 pub struct PipelineCache {
     client: PipelineServiceClient<Channel>,
-    entries: Mutex<HashMap<String, (Arc<Pipeline>, Instant)>>,
+    entries: Mutex<HashMap<String, (Arc<PipelineVersion>, Instant)>>,
     /// Whether the etcd watch is following changes right now.
     watching: AtomicBool,
     /// Bumped by every invalidation: a fetch that raced one is not cached, since it may
@@ -120,7 +128,7 @@ impl PipelineCache {
     }
 
     /// The latest version of `name`, from the cache while fresh.
-    pub async fn get(&self, name: &PipelineName) -> Result<Arc<Pipeline>, Status> {
+    pub async fn get(&self, name: &PipelineName) -> Result<Arc<PipelineVersion>, Status> {
         let key = name.to_string();
         if let Some((pipeline, fetched)) = self.entries.lock().expect("cache lock").get(&key)
             && fetched.elapsed() < self.ttl()
@@ -132,13 +140,14 @@ impl PipelineCache {
             name: key.clone(),
             version: 0,
         };
-        let pipeline = Arc::new(
-            self.client
-                .clone()
-                .get_pipeline(request)
-                .await?
-                .into_inner(),
-        );
+        let pipeline = self
+            .client
+            .clone()
+            .get_pipeline(request)
+            .await?
+            .into_inner();
+        let spec_id = pm_spec::spec_id(&pipeline.spec.clone().unwrap_or_default());
+        let pipeline = Arc::new(PipelineVersion { pipeline, spec_id });
         let mut entries = self.entries.lock().expect("cache lock");
         if entries.len() >= MAX_ENTRIES {
             entries.clear();

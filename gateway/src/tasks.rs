@@ -2,6 +2,7 @@
 //! version it will run, before it reaches a shard; then each call goes to the shard that owns
 //! the task's pipeline.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,18 +13,20 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
-use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
+use pm_proto::internal::v1::EnqueueTask;
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::v1::task_service_server::TaskService;
 use pm_proto::v1::{
-    CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, Pipeline,
+    CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, PipelineSpec,
     SubmitTaskRequest, SubmitTaskResult, SubmitTasksRequest, SubmitTasksResponse, Task, TaskEvent,
     WatchTaskRequest, submit_task_request, submit_task_result,
 };
 use pm_spec::limits::DEFAULT_PRIORITY;
 use pm_spec::validate::{check_priority, check_timeout};
 
+use crate::enqueue::{Coalescer, Prepared, enqueue};
 use crate::error::{Error, status_of};
+use crate::pipelines::PipelineVersion;
 use crate::routing::Routes;
 
 /// Most tasks in one SubmitTasks call.
@@ -33,19 +36,25 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
 pub struct Tasks {
     routes: Routes,
+    coalescer: Arc<Coalescer>,
 }
 
 impl Tasks {
     pub fn new(routes: Routes) -> Self {
-        Self { routes }
+        Self {
+            coalescer: Coalescer::new(routes.clone()),
+            routes,
+        }
     }
 
-    async fn pipeline(&self, name: &PipelineName) -> Result<Arc<Pipeline>, Error> {
+    async fn pipeline(&self, name: &PipelineName) -> Result<Arc<PipelineVersion>, Error> {
         Ok(self.routes.pipeline_cache().get(name).await?)
     }
 
-    /// Checks one submit against its pipeline and builds what the shard queues.
-    fn prepare(pipeline: &Pipeline, req: SubmitTaskRequest) -> Result<EnqueueTask, Error> {
+    /// Checks one submit against its pipeline and builds what the shard queues: a task of
+    /// the pipeline's version names its spec by id; an inline task carries its own.
+    fn prepare(version: &Arc<PipelineVersion>, req: SubmitTaskRequest) -> Result<Prepared, Error> {
+        let pipeline = &version.pipeline;
         check_priority("priority", req.priority)?;
         check_timeout("timeout_seconds", req.timeout_seconds)?;
         if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
@@ -54,8 +63,12 @@ impl Tasks {
                 format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
             ));
         }
+        let default_spec = PipelineSpec::default();
         let (spec, inline) = match req.inline {
-            None => (pipeline.spec.clone().unwrap_or_default(), false),
+            None => (
+                Cow::Borrowed(pipeline.spec.as_ref().unwrap_or(&default_spec)),
+                false,
+            ),
             Some(source) => {
                 if !pipeline.spec.as_ref().is_some_and(|s| s.allow_inline_tasks) {
                     return Err(Error::FailedPrecondition(format!(
@@ -71,11 +84,15 @@ impl Tasks {
                         pm_spec::load_document(&doc, "inline_spec_document")?
                     }
                 };
-                (spec, true)
+                (Cow::Owned(spec), true)
             }
         };
         let params = pm_spec::resolve_params(&spec, &req.params)?;
-        Ok(EnqueueTask {
+        let (spec, spec_id, version) = match spec {
+            Cow::Owned(inline) => (Some(inline), Vec::new(), None),
+            Cow::Borrowed(_) => (None, version.spec_id.to_vec(), Some(version.clone())),
+        };
+        let task = EnqueueTask {
             task: Some(Task {
                 pipeline: pipeline.name.clone(),
                 pipeline_version: pipeline.version,
@@ -86,19 +103,23 @@ impl Tasks {
                 inline,
                 ..Task::default()
             }),
-            spec: Some(spec),
+            spec,
+            spec_id,
             // Client priorities arrive with authentication; until then every client is equal.
             client_priority: DEFAULT_PRIORITY,
-        })
+        };
+        Ok(Prepared { task, version })
     }
 
     /// Validates a batch (each task on its own) and queues the valid ones on their shards.
+    /// A lone submit joins the [`Coalescer`]; a batch goes as one Enqueue per pipeline.
     async fn submit(&self, requests: Vec<SubmitTaskRequest>) -> Vec<SubmitTaskResult> {
         let mut outcomes: Vec<Option<Result<Task, pm_proto::v1::Error>>> =
             vec![None; requests.len()];
-        let mut pipelines: HashMap<String, Result<Arc<Pipeline>, Status>> = HashMap::new();
+        let mut pipelines: HashMap<String, Result<Arc<PipelineVersion>, Status>> = HashMap::new();
         // Valid tasks grouped by pipeline (so by shard), with their index in the batch.
-        let mut by_pipeline: HashMap<PipelineName, Vec<(usize, EnqueueTask)>> = HashMap::new();
+        let mut by_pipeline: HashMap<PipelineName, Vec<(usize, Prepared)>> = HashMap::new();
+        let alone = requests.len() == 1;
         for (i, req) in requests.into_iter().enumerate() {
             let name = match PipelineName::parse(&req.parent) {
                 Ok(name) => name,
@@ -122,34 +143,15 @@ impl Tasks {
             }
         }
         for (pipeline, items) in by_pipeline {
-            let (indexes, tasks): (Vec<usize>, Vec<EnqueueTask>) = items.into_iter().unzip();
-            // Cloned per attempt: a shard that does not own the pipeline (a ring change under
-            // way) refuses the whole request before looking at it.
-            let answer = self
-                .routes
-                .call(&pipeline, |mut shard| {
-                    let tasks = tasks.clone();
-                    async move { shard.enqueue(EnqueueRequest { tasks }).await }
-                })
-                .await;
-            match answer {
-                Ok(response) => {
-                    for (i, result) in indexes.into_iter().zip(response.into_inner().results) {
-                        outcomes[i] = Some(match result.outcome {
-                            Some(submit_task_result::Outcome::Task(task)) => Ok(task),
-                            Some(submit_task_result::Outcome::Error(e)) => Err(e),
-                            None => {
-                                Err(Error::Upstream(Status::internal("empty result from shard"))
-                                    .into())
-                            }
-                        });
-                    }
-                }
-                Err(status) => {
-                    for i in indexes {
-                        outcomes[i] = Some(Err(Error::Upstream(status.clone()).into()));
-                    }
-                }
+            let (indexes, items): (Vec<usize>, Vec<Prepared>) = items.into_iter().unzip();
+            let answers = if alone {
+                let item = items.into_iter().next().expect("one item");
+                vec![self.coalescer.submit(pipeline, item).await]
+            } else {
+                enqueue(&self.routes, &pipeline, &items).await
+            };
+            for (i, outcome) in indexes.into_iter().zip(answers) {
+                outcomes[i] = Some(outcome);
             }
         }
         outcomes

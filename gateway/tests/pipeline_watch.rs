@@ -87,12 +87,12 @@ async fn a_version_applied_elsewhere_replaces_the_cached_one_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let first = version(&cache.get(&name).await.unwrap());
+    let first = version(&cache.get(&name).await.unwrap().pipeline);
 
     config.apply_pipeline(apply("echo two")).await.unwrap();
     let deadline = Instant::now() + WATCHED_TTL / 4;
     loop {
-        let now = version(&cache.get(&name).await.unwrap());
+        let now = version(&cache.get(&name).await.unwrap().pipeline);
         if now > first {
             break;
         }

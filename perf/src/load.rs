@@ -24,6 +24,10 @@ use pm_proto::v1::{
 /// Tasks acknowledged so far by any run, for the live progress line.
 pub static ACKED: AtomicU64 = AtomicU64::new(0);
 
+/// Send the spec with every task straight to a shard, as shards before specs by reference
+/// required (`--spec-every-task`, to measure older binaries); otherwise tasks name it by id.
+pub static SPEC_EVERY_TASK: AtomicBool = AtomicBool::new(false);
+
 /// Nanoseconds since this process's first look at the clock: the one clock that submit
 /// times and agent receipts are both read from.
 pub fn now_ns() -> u64 {
@@ -114,7 +118,9 @@ impl Target {
                 pipeline,
                 spec,
             } => {
-                let tasks = (0..n)
+                let every = SPEC_EVERY_TASK.load(Ordering::Relaxed);
+                let id = pm_spec::spec_id(spec).to_vec();
+                let mut tasks: Vec<EnqueueTask> = (0..n)
                     .map(|_| EnqueueTask {
                         task: Some(Task {
                             pipeline: pipeline.clone(),
@@ -122,15 +128,30 @@ impl Target {
                             priority: 10,
                             ..Task::default()
                         }),
-                        spec: Some(spec.clone()),
+                        spec: every.then(|| spec.clone()),
+                        spec_id: id.clone(),
                         client_priority: 10,
                     })
                     .collect();
-                let answer = client
-                    .enqueue(EnqueueRequest { tasks })
+                let mut answer = client
+                    .enqueue(EnqueueRequest {
+                        tasks: tasks.clone(),
+                    })
                     .await
-                    .map_err(code)?;
-                count_acked(answer.into_inner().results)
+                    .map_err(code)?
+                    .into_inner();
+                if !answer.spec_needed.is_empty() {
+                    // The shard does not hold the spec yet: once more, with it.
+                    for t in &mut tasks {
+                        t.spec = Some(spec.clone());
+                    }
+                    answer = client
+                        .enqueue(EnqueueRequest { tasks })
+                        .await
+                        .map_err(code)?
+                        .into_inner();
+                }
+                count_acked(answer.results)
             }
             Target::Gateway {
                 client,

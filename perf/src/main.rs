@@ -32,6 +32,10 @@ struct Args {
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Send the spec with every task straight to a shard (shards before specs by reference
+    /// need it; newer ones accept it, hashing each).
+    #[arg(long)]
+    spec_every_task: bool,
     /// gRPC connections the load is spread over (HTTP/2 multiplexes the clients on them).
     #[arg(long, default_value_t = 8)]
     connections: usize,
@@ -534,6 +538,7 @@ async fn main() -> anyhow::Result<()> {
         duration,
     };
     let _ = load::now_ns();
+    load::SPEC_EVERY_TASK.store(bench.args.spec_every_task, Ordering::Relaxed);
     anyhow::ensure!(
         bench.args.connections > 0,
         "--connections must be at least 1"

@@ -21,12 +21,19 @@ pub enum Error {
     Aborted(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A task named its spec by id, and this shard does not hold that spec.
+    #[error("spec {} is not held by this shard; send the task again with its spec", hex(.0))]
+    SpecNeeded(pm_spec::SpecId),
     /// A call on a ring key this shard does not own.
     #[error("{message}")]
     NotOwner {
         message: String,
         view: pm_proto::status::NotOwner,
     },
+}
+
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Error {
@@ -43,6 +50,7 @@ impl From<Error> for Status {
             }
             Error::NotFound(what) => Status::not_found(format!("{what} not found")),
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
+            e @ Error::SpecNeeded(_) => Status::failed_precondition(e.to_string()),
             Error::ResourceExhausted { what, retry_after } => {
                 pm_proto::status::resource_exhausted(what, retry_after)
             }

@@ -58,15 +58,28 @@ impl Journal {
 
     /// Makes `ops` durable; returns once they are synced.
     pub async fn write(&self, ops: Vec<Op>) -> Result<(), Arc<StoreError>> {
-        let Some(tx) = &self.tx else {
+        let Some(answer) = self.append(ops) else {
             return Ok(());
         };
-        let (done, answer) = oneshot::channel();
-        tx.send(Request { ops, done })
-            .map_err(|_| Arc::new(StoreError("the journal thread is gone".into())))?;
         answer
             .await
             .map_err(|_| Arc::new(StoreError("the journal thread is gone".into())))?
+    }
+
+    /// Queues `ops` behind every write appended before them and returns at once; the
+    /// receiver (`None` for a journal that keeps nothing) answers once they are synced. Writes
+    /// land in the order they were appended, so a caller holding the scheduler's lock fixes
+    /// their order against every later change of the same task. A failure is logged here
+    /// too, for callers that do not wait.
+    pub fn append(&self, ops: Vec<Op>) -> Option<oneshot::Receiver<Result<(), Arc<StoreError>>>> {
+        let tx = self.tx.as_ref()?;
+        let (done, answer) = oneshot::channel();
+        if let Err(mpsc::error::SendError(request)) = tx.send(Request { ops, done }) {
+            let _ = request.done.send(Err(Arc::new(StoreError(
+                "the journal thread is gone".into(),
+            ))));
+        }
+        Some(answer)
     }
 
     pub fn stats(&self) -> &Stats {
@@ -115,7 +128,7 @@ mod tests {
                 journal
                     .write(vec![Op::PutTask {
                         name: format!("t{i}"),
-                        record: vec![1, 2, 3],
+                        record: Box::default(),
                     }])
                     .await
             })

@@ -1,13 +1,16 @@
 //! The scheduler: the shard's task records, ready queue, lease table and agent sessions
 //! behind one lock, and every operation on them.
 //!
-//! Every state change follows one pattern: **plan** under the lock (check, mark the record
-//! busy), **write** the new record through the group-commit [`Journal`] without the lock,
-//! then **apply** under the lock. So a change is durable before anyone can see it: a submit is
-//! acknowledged after its fsync, an agent receives an Assign only once the dispatch is on
-//! disk, and a result is visible once written. A record marked busy refuses other changes
-//! until its write lands (a concurrent cancel answers ABORTED, a repeated result is a
-//! duplicate).
+//! Every state change a client can observe follows one pattern: **plan** under the lock
+//! (check, mark the record busy), **write** the new record through the group-commit
+//! [`Journal`] without the lock, then **apply** under the lock. So such a change is durable
+//! before anyone can see it: a submit is acknowledged after its fsync, and a result or a
+//! cancel is visible once written. A record marked busy refuses other changes until its write
+//! lands (a concurrent cancel answers ABORTED, a repeated result is a duplicate).
+//!
+//! The one exception is dispatch: an Assign goes out without waiting for its dispatch
+//! record, which is only appended to the journal (in order, under the lock). The argument
+//! that this keeps at-least-once is in [`dispatch`]'s module doc.
 //!
 //! Dispatch is push: a submit, a credit, a result or an expired lease wakes the dispatcher
 //! loop, which hands READY tasks to sessions with credit at once; nothing polls.
@@ -42,7 +45,10 @@ mod finish;
 mod retention;
 mod sessions;
 mod submit;
+mod task_map;
 mod transfer;
+
+use task_map::TaskMap;
 
 pub use transfer::{Arriving, Outgoing};
 
@@ -124,7 +130,7 @@ impl TaskRecord {
     fn stored(&self, task: &Task, lease: Option<&LeaseId>) -> Op {
         Op::PutTask {
             name: task.name.clone(),
-            record: self.to_stored(task, lease).encode_to_vec(),
+            record: Box::new(self.to_stored(task, lease)),
         }
     }
 
@@ -175,7 +181,7 @@ impl TaskRecord {
 }
 
 struct Inner {
-    tasks: HashMap<Arc<str>, TaskRecord>,
+    tasks: TaskMap,
     /// Task names per pipeline, ordered by id (ids are time-ordered UUIDv7).
     by_pipeline: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
     /// (pipeline, idempotency key) -> task name, for durable tasks.
@@ -373,14 +379,6 @@ struct Requeue {
     lease: Option<(LeaseId, Lease)>,
 }
 
-/// A dispatch being written.
-struct Dispatch {
-    name: Arc<str>,
-    session: u64,
-    lease_id: LeaseId,
-    next: Task,
-}
-
 impl Scheduler {
     /// A scheduler over what `contents` holds (the disk, read at start), writing through
     /// `journal`. Leased tasks from before a restart keep their leases for one TTL, so
@@ -389,7 +387,7 @@ impl Scheduler {
         let started = std::time::Instant::now();
         let incarnation = format!("{:x}", unix_ms());
         let mut inner = Inner {
-            tasks: HashMap::new(),
+            tasks: TaskMap::new(),
             by_pipeline: HashMap::new(),
             idempotency: HashMap::new(),
             idempotency_pending: HashSet::new(),
@@ -520,7 +518,7 @@ impl Scheduler {
         let mut tasks = Vec::with_capacity(page_size);
         let mut more = false;
         for name in names.range(..upper).rev() {
-            let task = &inner.tasks[name].task;
+            let task = &inner.tasks.get(name).expect("indexed tasks exist").task;
             if state != TaskState::Unspecified && task.state != state as i32 {
                 continue;
             }
@@ -584,6 +582,7 @@ mod tests {
                 ..PipelineSpec::default()
             }),
             client_priority: 10,
+            spec_id: Vec::new(),
         }
     }
 
@@ -865,6 +864,48 @@ mod tests {
         assert!(s.is_empty());
         let again = enqueue_one(&s, item(10, "key")).await;
         assert_ne!(again.name, task.name, "the key is forgotten with its task");
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_names_its_spec_by_id_once_the_shard_holds_it() {
+        let s = scheduler(100);
+        let with_spec = item(10, "");
+        let id = crate::store::spec_id(with_spec.spec.as_ref().unwrap()).to_vec();
+        let by_id = || {
+            let mut it = item(10, "");
+            it.spec = None;
+            it.spec_id = id.clone();
+            it
+        };
+        // Unknown id: refused as needing the spec, and nothing is held for it.
+        let refused = s.enqueue(vec![by_id()]).await.pop().unwrap();
+        assert!(matches!(refused, Err(Error::SpecNeeded(_))), "{refused:?}");
+        assert_eq!((s.active_tasks(), s.len()), (0, 0));
+        // A malformed id, or neither spec nor id, names the field.
+        let mut bad = by_id();
+        bad.spec_id = vec![1, 2, 3];
+        let mut neither = by_id();
+        neither.spec_id.clear();
+        for (it, field) in [(bad, "spec_id"), (neither, "spec")] {
+            match s.enqueue(vec![it]).await.pop().unwrap() {
+                Err(Error::InvalidArgument(v)) => assert_eq!(v.field, field),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Once a task brought the spec, the id alone is enough, and the task runs that spec.
+        let results = s.enqueue(vec![with_spec.clone(), by_id()]).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let cancel = start(&s);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        s.open_session(&hello(2, vec![]), tx);
+        for _ in 0..2 {
+            let message = rx.recv().await.unwrap().unwrap();
+            let Some(server_message::Message::Assign(a)) = message.message else {
+                panic!("{message:?}")
+            };
+            assert_eq!(a.spec, with_spec.spec);
+        }
         cancel.cancel();
     }
 

@@ -63,19 +63,29 @@ impl ShardService for Shard {
         let tasks = request.into_inner().tasks;
         let _arriving = self.scheduler.arriving();
         self.check_owned(tasks.iter().map(|t| t.task.as_ref()))?;
+        let mut spec_needed = Vec::new();
         let results = self
             .scheduler
             .enqueue(tasks)
             .await
             .into_iter()
-            .map(|r| SubmitTaskResult {
+            .enumerate()
+            .map(|(i, r)| SubmitTaskResult {
                 outcome: Some(match r {
                     Ok(task) => submit_task_result::Outcome::Task(task),
-                    Err(e) => submit_task_result::Outcome::Error(e.into()),
+                    Err(e) => {
+                        if matches!(e, Error::SpecNeeded(_)) {
+                            spec_needed.push(i as u32);
+                        }
+                        submit_task_result::Outcome::Error(e.into())
+                    }
                 }),
             })
             .collect();
-        Ok(Response::new(EnqueueResponse { results }))
+        Ok(Response::new(EnqueueResponse {
+            results,
+            spec_needed,
+        }))
     }
 
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {

@@ -4,30 +4,39 @@
 //! -> the spec), so a pipeline version shared by a million tasks is stored once. Writes go
 //! through [`crate::journal`], which batches them and syncs once per batch; this module only
 //! knows how to apply a batch and how to read everything back at start.
+//!
+//! Records are encoded here, on the journal's thread, not by the scheduler under its lock.
+//! A batch may change one task twice (its dispatch and its result can share a group commit,
+//! since an Assign no longer waits for its dispatch record): fjall gives every item of a batch
+//! the same sequence number, so [`Store::apply`] keeps only the last write of each key, which
+//! is what applying the ops one by one would leave.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message;
-use sha2::{Digest, Sha256};
 
 use pm_proto::internal::v1::StoredTask;
 use pm_proto::v1::PipelineSpec;
 
-/// Content address of a spec.
-pub type SpecId = [u8; 32];
-
-pub fn spec_id(spec: &PipelineSpec) -> SpecId {
-    Sha256::digest(spec.encode_to_vec()).into()
-}
+pub use pm_spec::{SpecId, spec_id};
 
 /// One write.
 #[derive(Debug, Clone)]
 pub enum Op {
-    PutTask { name: String, record: Vec<u8> },
-    DeleteTask { name: String },
-    PutSpec { id: SpecId, spec: Vec<u8> },
+    /// Encoded on the journal's thread.
+    PutTask {
+        name: String,
+        record: Box<StoredTask>,
+    },
+    DeleteTask {
+        name: String,
+    },
+    PutSpec {
+        id: SpecId,
+        spec: Vec<u8>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,11 +96,20 @@ impl Store {
 
     /// Applies `ops` atomically and makes them durable (fdatasync) before returning.
     pub fn apply<'a>(&self, ops: impl IntoIterator<Item = &'a Op>) -> Result<(), StoreError> {
+        let ops: Vec<&Op> = ops.into_iter().collect();
+        // The last write of each task wins (see the module doc).
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::PutTask { name, .. } | Op::DeleteTask { name } = op {
+                last.insert(name.as_str(), i);
+            }
+        }
         let mut batch = self.db.batch();
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             match op {
+                Op::PutTask { name, .. } | Op::DeleteTask { name } if last[name.as_str()] != i => {}
                 Op::PutTask { name, record } => {
-                    batch.insert(&self.tasks, name.as_bytes(), record.as_slice())
+                    batch.insert(&self.tasks, name.as_bytes(), record.encode_to_vec())
                 }
                 Op::DeleteTask { name } => batch.remove(&self.tasks, name.as_bytes()),
                 Op::PutSpec { id, spec } => {
@@ -164,19 +182,42 @@ mod tests {
                     },
                     Op::PutTask {
                         name: "a".into(),
-                        record: record("a").encode_to_vec(),
+                        record: Box::new(record("a")),
                     },
                     Op::PutTask {
                         name: "b".into(),
-                        record: record("b").encode_to_vec(),
+                        record: Box::new(record("b")),
                     },
                 ])
                 .unwrap();
             store.apply(&[Op::DeleteTask { name: "a".into() }]).unwrap();
+            // One batch that writes a task twice, then deletes and writes another: the last
+            // write of each key is what stays.
+            let mut second = record("c");
+            second.seq = 2;
+            store
+                .apply(&[
+                    Op::PutTask {
+                        name: "c".into(),
+                        record: Box::new(record("c")),
+                    },
+                    Op::PutTask {
+                        name: "c".into(),
+                        record: Box::new(second.clone()),
+                    },
+                    Op::DeleteTask { name: "b".into() },
+                    Op::PutTask {
+                        name: "b".into(),
+                        record: Box::new(record("b")),
+                    },
+                ])
+                .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         let contents = store.load().unwrap();
-        assert_eq!(contents.tasks, vec![record("b")]);
+        let mut c = record("c");
+        c.seq = 2;
+        assert_eq!(contents.tasks, vec![record("b"), c]);
         assert_eq!(contents.specs[&id], spec);
     }
 }

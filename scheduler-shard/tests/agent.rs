@@ -81,6 +81,7 @@ async fn submit(shard: &Shard, command: &str, n: usize) -> Vec<String> {
             }),
             spec: Some(spec.clone()),
             client_priority: 10,
+            ..EnqueueTask::default()
         })
         .collect();
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&shard.endpoint).unwrap());

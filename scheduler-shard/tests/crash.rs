@@ -73,6 +73,7 @@ fn item(spec: &PipelineSpec) -> EnqueueTask {
         }),
         spec: Some(spec.clone()),
         client_priority: 10,
+        ..EnqueueTask::default()
     }
 }
 

@@ -72,6 +72,7 @@ fn item(pipeline: &str) -> EnqueueTask {
         }),
         spec: Some(spec()),
         client_priority: 10,
+        ..EnqueueTask::default()
     }
 }
 
@@ -171,11 +172,7 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
         }),
         lease_remaining_ms: 0,
     };
-    let spec_id = {
-        use prost::Message;
-        use sha2::Digest;
-        sha2::Sha256::digest(spec().encode_to_vec()).to_vec()
-    };
+    let spec_id = pm_spec::spec_id(&spec()).to_vec();
     let adopt = |tasks: Vec<HandoffTask>, specs: Vec<PipelineSpec>| AdoptRequest {
         from_shard: "a".into(),
         ring_revision: ring.revision,

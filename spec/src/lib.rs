@@ -19,6 +19,16 @@ pub use document::parse_document;
 pub use template::{ResolvedParams, env_name, render, resolve_params};
 pub use validate::validate;
 
+/// The content address of a spec: SHA-256 of its encoding. Gateways and shards agree on it,
+/// so a task can name its spec instead of carrying it.
+pub type SpecId = [u8; 32];
+
+pub fn spec_id(spec: &PipelineSpec) -> SpecId {
+    use prost::Message;
+    use sha2::Digest;
+    sha2::Sha256::digest(spec.encode_to_vec()).into()
+}
+
 /// A problem with one field of the input: the path of the field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct Violation {

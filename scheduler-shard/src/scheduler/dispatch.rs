@@ -1,40 +1,71 @@
-//! The dispatcher loop: READY tasks to sessions with credit, each dispatch written before
-//! its Assign is sent.
+//! The dispatcher loop: READY tasks to sessions with credit.
+//!
+//! An Assign does not wait for its dispatch record to be durable. The record is appended to
+//! the journal under the scheduler's lock, so it lands before any later change of the same
+//! task (its result, a requeue, a cancel, a handoff), and the Assign goes out at once; the
+//! loop never waits for the disk, so any number of dispatch batches are in flight.
+//!
+//! Why this keeps at-least-once: a dispatch record only says "leased: attempt n, lease l".
+//! - If the shard crashes before it is synced, the disk still holds the task READY (or
+//!   leased by an older attempt), so after the restart it is delivered again: a duplicate
+//!   run, which at-least-once allows. The agent that ran attempt n reconnects holding lease
+//!   l, which the restarted shard does not know: its result is fenced off as stale.
+//! - If the write fails (disk full), memory says IN_PROGRESS and the disk does not: the same
+//!   as a crash for the disk, and in memory the task is leased as usual; its result is then
+//!   written like any other, and only a durable result is shown.
+//! - Nothing a client can observe as final depends on it: submits are acknowledged after their
+//!   own fsync, and results and cancels are visible only once written.
 
 use super::*;
+
+/// One Assign, built outside the lock.
+struct PendingAssign {
+    tx: AgentTx,
+    task: Task,
+    spec: Arc<PipelineSpec>,
+    lease: WireLease,
+}
 
 impl Scheduler {
     pub(super) async fn run_dispatcher(self: Arc<Self>, cancel: CancellationToken) {
         loop {
-            let (ops, planned) = self.plan_dispatch();
-            if planned.is_empty() {
+            let assigns = self.dispatch_ready();
+            if assigns.is_empty() {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = self.dispatcher.notified() => continue,
                 }
             }
-            let written = self.write(ops).await;
-            let failed = written.is_err();
-            self.apply_dispatch(planned, written);
-            if failed {
-                // The disk refused; do not spin on it.
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            for a in assigns {
+                let assign = ServerMessage {
+                    message: Some(server_message::Message::Assign(Assign {
+                        task: Some(a.task),
+                        spec: Some((*a.spec).clone()),
+                        lease: Some(a.lease),
+                    })),
+                };
+                if a.tx.send(Ok(assign)).is_err() {
+                    // The stream went away meanwhile; the lease expires and the task is
+                    // delivered again.
+                    tracing::debug!("assign to a closed stream");
                 }
             }
+            // Let submits and results in before the next round.
+            tokio::task::yield_now().await;
         }
     }
 
-    /// Takes READY tasks for sessions with credit and builds their dispatch records.
-    fn plan_dispatch(&self) -> (Vec<Op>, Vec<Dispatch>) {
+    /// Leases READY tasks to sessions with credit, appends their dispatch records to the
+    /// journal (not waiting for them), and returns the Assigns to send.
+    fn dispatch_ready(&self) -> Vec<PendingAssign> {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let mut ops = Vec::new();
-        let mut planned = Vec::new();
+        let mut out = Vec::new();
         if inner.queue.is_empty() {
-            return (ops, planned);
+            return out;
         }
+        let mut ops = Vec::new();
+        let deadline = Instant::now() + self.options.lease_ttl;
         let sessions: Vec<u64> = inner
             .sessions
             .iter()
@@ -49,81 +80,46 @@ impl Scheduler {
                     break;
                 };
                 session.credit -= 1;
+                let tx = session.tx.clone();
                 let lease_id = inner.leases.new_id();
                 let record = inner.tasks.get_mut(&name).expect("queued tasks exist");
-                record.busy = true;
+                debug_assert!(!record.busy, "a queued task is not being changed");
                 inner.fair.advance(record.rank.tag);
                 let mut next = record
                     .next(Event::Dispatch)
                     .expect("queued tasks are READY");
                 next.attempt += 1;
-                ops.push(record.stored(&next, Some(&lease_id)));
-                planned.push(Dispatch {
-                    name,
-                    session: session_id,
-                    lease_id,
-                    next,
+                record.task = next;
+                record.history.clear();
+                record.lease = Some(lease_id.clone());
+                record.publish_state("");
+                ops.push(record.stored(&record.task, Some(&lease_id)));
+                let attempt = record.task.attempt;
+                out.push(PendingAssign {
+                    tx,
+                    task: record.task.clone(),
+                    spec: record.spec.clone(),
+                    lease: wire_lease(&lease_id, &name, attempt, deadline),
                 });
-                if planned.len() >= DISPATCH_BATCH {
+                inner.leases.insert(
+                    lease_id,
+                    Lease {
+                        task: name,
+                        attempt,
+                        session: session_id,
+                        deadline,
+                    },
+                );
+                if out.len() >= DISPATCH_BATCH {
                     break 'sessions;
                 }
             }
         }
-        (ops, planned)
-    }
-
-    fn apply_dispatch(&self, planned: Vec<Dispatch>, written: Result<(), Error>) {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        let ttl = self.options.lease_ttl;
-        let mut granted = false;
-        for d in planned {
-            let record = inner.tasks.get_mut(&d.name).expect("busy tasks stay");
-            record.busy = false;
-            if let Err(e) = &written {
-                tracing::warn!(task = %d.name, error = %e, "dispatch not written; task stays READY");
-                inner
-                    .queue
-                    .push(&record.pipeline, record.rank, d.name.clone());
-                inner.credit(d.session, 1);
-                continue;
-            }
-            record.task = d.next;
-            record.history.clear();
-            record.lease = Some(d.lease_id.clone());
-            record.publish_state("");
-            let lease = Lease {
-                task: d.name.clone(),
-                attempt: record.task.attempt,
-                session: d.session,
-                deadline: Instant::now() + ttl,
-            };
-            let assign = ServerMessage {
-                message: Some(server_message::Message::Assign(Assign {
-                    task: Some(record.task.clone()),
-                    spec: Some((*record.spec).clone()),
-                    lease: Some(wire_lease(
-                        &d.lease_id,
-                        &d.name,
-                        lease.attempt,
-                        lease.deadline,
-                    )),
-                })),
-            };
-            inner.leases.insert(d.lease_id, lease);
-            granted = true;
-            let sent = inner
-                .sessions
-                .get(&d.session)
-                .is_some_and(|s| s.tx.send(Ok(assign)).is_ok());
-            if !sent {
-                // The stream went away meanwhile; the lease expires and the task is
-                // delivered again.
-                tracing::debug!(task = %d.name, "assign to a closed stream");
-            }
-        }
-        if granted {
+        if !out.is_empty() {
+            // Not awaited (see the module doc); a failure is logged by the journal.
+            drop(self.journal.append(ops));
             self.reaper.notify_one();
         }
+        out
     }
 }

@@ -6,6 +6,14 @@ impl Scheduler {
     /// Queues validated tasks; each is acknowledged (durable) or refused on its own. All
     /// the new tasks of one call share one write.
     pub async fn enqueue(&self, items: Vec<EnqueueTask>) -> Vec<Result<Task, Error>> {
+        // Specs that travel with their tasks are hashed here, not under the lock.
+        let items: Vec<(EnqueueTask, Option<SpecId>)> = items
+            .into_iter()
+            .map(|item| {
+                let id = item.spec.as_ref().map(spec_id);
+                (item, id)
+            })
+            .collect();
         let mut outcomes: Vec<Option<Result<Task, Error>>> = Vec::with_capacity(items.len());
         let mut planned: Vec<(usize, Arc<str>, TaskRecord)> = Vec::new();
         // A key repeated within this call gets the task of its first occurrence.
@@ -14,7 +22,7 @@ impl Scheduler {
         let mut ops = Vec::new();
         {
             let mut inner = self.lock();
-            for (i, item) in items.into_iter().enumerate() {
+            for (i, (item, spec_key)) in items.into_iter().enumerate() {
                 if let Some(task) = item.task.as_ref().filter(|t| !t.idempotency_key.is_empty()) {
                     let key = (task.pipeline.clone(), task.idempotency_key.clone());
                     if let Some(&first) = first_of_key.get(&key) {
@@ -24,7 +32,7 @@ impl Scheduler {
                     }
                     first_of_key.insert(key, i);
                 }
-                match self.plan_enqueue(&mut inner, item, &mut ops) {
+                match self.plan_enqueue(&mut inner, item, spec_key, &mut ops) {
                     Ok(Ok(existing)) => outcomes.push(Some(Ok(existing))),
                     Ok(Err((name, record))) => {
                         planned.push((i, name, record));
@@ -69,22 +77,30 @@ impl Scheduler {
     }
 
     /// Checks one task and builds its record; `Ok(Ok(task))` is an idempotent repeat.
+    /// `spec_key` is the hash of `item.spec`, when it carries one.
     #[allow(clippy::type_complexity)] // (existing task | new record), or a refusal
     fn plan_enqueue(
         &self,
         inner: &mut Inner,
         item: EnqueueTask,
+        spec_key: Option<SpecId>,
         ops: &mut Vec<Op>,
     ) -> Result<Result<Task, (Arc<str>, TaskRecord)>, Error> {
         let mut task = item.task.ok_or_else(|| Error::invalid("task", "missing"))?;
-        let spec = item.spec.ok_or_else(|| Error::invalid("spec", "missing"))?;
+        if item.spec.is_none() && item.spec_id.is_empty() {
+            return Err(Error::invalid(
+                "spec",
+                "missing: send the spec, or its spec_id once this shard holds it",
+            ));
+        }
         let pipeline_name = PipelineName::parse(&task.pipeline)
             .map_err(|e| Error::invalid("task.pipeline", e.to_string()))?;
         let pipeline: Arc<str> = pipeline_name.to_string().into();
         if !task.idempotency_key.is_empty() {
             let key = (pipeline.clone(), task.idempotency_key.clone());
             if let Some(existing) = inner.idempotency.get(&key) {
-                return Ok(Ok(inner.tasks[existing].task.clone()));
+                let existing = inner.tasks.get(existing).expect("indexed tasks exist");
+                return Ok(Ok(existing.task.clone()));
             }
             if inner.idempotency_pending.contains(&key) {
                 return Err(Error::Aborted(format!(
@@ -93,6 +109,23 @@ impl Scheduler {
                 )));
             }
         }
+        // The spec: the one sent, or the one held under the id named (never trusted to match a
+        // spec sent alongside: the shard hashes what it receives).
+        let (spec_key, spec) = match (item.spec, spec_key) {
+            (Some(spec), Some(key)) => {
+                let spec = match inner.specs.get(&key) {
+                    Some(held) => held.clone(),
+                    None => Arc::new(spec),
+                };
+                (key, spec)
+            }
+            _ => {
+                let key = SpecId::try_from(item.spec_id.as_slice())
+                    .map_err(|_| Error::invalid("spec_id", "not 32 bytes (a SHA-256)"))?;
+                let spec = inner.specs.get(&key).ok_or(Error::SpecNeeded(key))?.clone();
+                (key, spec)
+            }
+        };
         let flow: Arc<str> = format!("{}/{}", pipeline_name.tenant, task.client).into();
         if inner.active >= self.options.max_active_tasks {
             return Err(Error::ResourceExhausted {
@@ -134,18 +167,14 @@ impl Scheduler {
             tag: inner.fair.tag(&flow),
             seq: inner.next_seq,
         };
-        let spec_key = spec_id(&spec);
+        inner.specs.entry(spec_key).or_insert_with(|| spec.clone());
+        // Until a write carrying the spec has landed, every write that needs it carries it.
         if !inner.durable_specs.contains(&spec_key) {
             ops.push(Op::PutSpec {
                 id: spec_key,
                 spec: spec.encode_to_vec(),
             });
         }
-        let spec = inner
-            .specs
-            .entry(spec_key)
-            .or_insert_with(|| Arc::new(spec))
-            .clone();
         if !task.idempotency_key.is_empty() {
             inner
                 .idempotency_pending

@@ -207,7 +207,7 @@ impl Scheduler {
                 stored.seq = inner.next_seq;
                 ops.push(Op::PutTask {
                     name: task.name.clone(),
-                    record: stored.encode_to_vec(),
+                    record: Box::new(stored.clone()),
                 });
                 incoming.push((stored, t.lease_remaining_ms));
             }
