@@ -231,6 +231,64 @@ async fn all_three_document_forms_run() {
         h.submit("flat", &[]).await.unwrap_err().code(),
         Code::NotFound
     );
+    // Made again, it starts over at version 1 with another spec: tasks name their spec by
+    // content, so the shard runs the new one, not the old version 1 it still holds.
+    let remade = h
+        .apply(r#"{"name":"flat","pipeline":[{"executorName":"x","commands":["echo remade"]}]}"#)
+        .await;
+    assert_eq!(remade.version, 1);
+    let task = h.run_to_end("flat", &[]).await;
+    assert_eq!(step(&task, 0, 0).stdout, "remade\n", "{task:#?}");
+    h.dev.stop().await;
+}
+
+/// Concurrent unary submits to one pipeline share Enqueues at the gateway (coalescing), yet
+/// each keeps its own outcome: its own task, the original task for a repeated idempotency
+/// key (even when the repeats travel in one Enqueue), its own parameters.
+#[tokio::test]
+async fn concurrent_unary_submits_each_keep_their_own_outcome() {
+    let h = start_with_slots(16).await;
+    let submits = (0..300).map(|i| {
+        let mut tasks = h.tasks.clone();
+        async move {
+            let key = if i % 3 == 0 {
+                format!("key-{}", (i / 3) % 30)
+            } else {
+                String::new()
+            };
+            let doc = format!("file:///nonexistent/{i}");
+            let request = SubmitTaskRequest {
+                parent: pipeline_name("ocr"),
+                params: [("url".to_owned(), doc)].into(),
+                idempotency_key: key.clone(),
+                ..SubmitTaskRequest::default()
+            };
+            let task = tasks.submit_task(request).await.unwrap().into_inner();
+            (i, key, task)
+        }
+    });
+    let answers = futures::future::join_all(submits).await;
+    let mut by_key: HashMap<String, (usize, String)> = HashMap::new();
+    let mut names = std::collections::HashSet::new();
+    for (i, key, task) in &answers {
+        if key.is_empty() {
+            assert!(
+                names.insert(task.name.clone()),
+                "a task name came back twice"
+            );
+            assert_eq!(
+                task.params["url"],
+                format!("file:///nonexistent/{i}"),
+                "the task is this submit's own"
+            );
+        } else {
+            // The first submit of a key wins; every repeat gets that task.
+            let (first, name) = by_key.entry(key.clone()).or_insert((*i, task.name.clone()));
+            assert_eq!(&task.name, name, "submit {i} and {first} share {key}");
+        }
+    }
+    assert_eq!(names.len(), 200);
+    assert_eq!(by_key.len(), 30);
     h.dev.stop().await;
 }
 

@@ -39,10 +39,27 @@ struct Args {
     /// gRPC connections the load is spread over (HTTP/2 multiplexes the clients on them).
     #[arg(long, default_value_t = 8)]
     connections: usize,
-    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, restart, scaling
-    /// (default all; scaling needs an etcd, /usr/bin/etcd or PM_ETCD_BIN). `submit` includes an unsynced baseline; `gateway` the direct baseline and a run
-    /// over 10 tenants x 10 pipelines.
+    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, null, peers,
+    /// restart, scaling (default all; scaling needs an etcd, /usr/bin/etcd or PM_ETCD_BIN).
+    /// `submit` includes an unsynced baseline; `gateway` the direct baseline and a run over 10
+    /// tenants x 10 pipelines; `null` the null-gRPC floors (pm-null); `peers` the shape the
+    /// peers were measured in (8 agents x 1 and x 16 slots, dispatch at 1k/5k/10k per s).
     scenarios: Vec<String>,
+}
+
+/// The services a client talks to, each its own process.
+struct Stack {
+    tenants: Proc,
+    shard: Proc,
+    gateway: Proc,
+}
+
+impl Stack {
+    fn stop(self) {
+        self.gateway.stop();
+        self.shard.stop();
+        self.tenants.stop();
+    }
 }
 
 struct Bench {
@@ -212,36 +229,9 @@ impl Bench {
         if which.contains(&"dispatch") {
             for rate in [1_000.0, 10_000.0] {
                 let shard = self.shard(&format!("dispatch-{rate}")).await?;
-                let stats = Arc::new(AgentStats::default());
-                let agent = tokio::spawn(load::fake_agent(
-                    shard.endpoint.clone(),
-                    PIPELINE.into(),
-                    4096,
-                    stats.clone(),
-                ));
-                let targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
-                let recording = stats.clone();
-                let warmup = self.warmup;
-                tokio::spawn(async move {
-                    tokio::time::sleep(warmup).await;
-                    recording.recording.store(true, Ordering::Relaxed);
-                });
-                let submitted =
-                    load::open_loop(&targets, rate, 1, self.warmup, self.duration).await;
-                // Let the last tasks arrive (bounded).
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while stats.received.load(Ordering::Relaxed)
-                    < (rate * (self.warmup + self.duration).as_secs_f64()) as u64 * 99 / 100
-                    && Instant::now() < deadline
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                let m = Measured {
-                    tasks: submitted.tasks,
-                    window: self.duration,
-                    latency: stats.latency.lock().expect("lock").take(),
-                    errors: submitted.errors,
-                };
+                let m = self
+                    .open_dispatch(&shard.endpoint, false, &shard.endpoint, 1, 4096, rate)
+                    .await?;
                 line(
                     &format!("dispatch, open loop {rate:.0}/s"),
                     &m,
@@ -250,39 +240,14 @@ impl Bench {
                 let mut f = figures(&format!("dispatch_{rate:.0}"), &m);
                 f["target_rate"] = json!(rate);
                 self.results.push(f);
-                agent.abort();
                 shard.stop();
             }
         }
         if which.contains(&"cycle") {
             let shard = self.shard("cycle").await?;
-            let stats = Arc::new(AgentStats::default());
-            let agent = tokio::spawn(load::fake_agent(
-                shard.endpoint.clone(),
-                PIPELINE.into(),
-                1024,
-                stats.clone(),
-            ));
-            let targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
-            let (cpu0, own0) = (shard.cpu_seconds(), procs::own_cpu_seconds());
-            let measure = async {
-                tokio::time::sleep(self.warmup).await;
-                let before = stats.received.load(Ordering::Relaxed);
-                tokio::time::sleep(self.duration).await;
-                stats.received.load(Ordering::Relaxed) - before
-            };
-            let (submitted, cycled) = tokio::join!(
-                load::closed_loop(&targets, 64, 1, self.warmup, self.duration),
-                measure
-            );
-            let submitted_tps = submitted.tps();
-            let m = Measured {
-                tasks: cycled,
-                window: self.duration,
-                latency: submitted.latency,
-                errors: submitted.errors,
-            };
-            let cpu = cpu_per_k(&[&shard], &[cpu0], own0, cycled);
+            let (m, submitted_tps, cpu) = self
+                .cycle(&shard.endpoint, false, &shard.endpoint, 1, 1024, &[&shard])
+                .await?;
             line(
                 "full cycle (64 clients, no-op agent)",
                 &m,
@@ -292,17 +257,219 @@ impl Bench {
             f["submitted_per_s"] = json!(submitted_tps.round());
             f["cpu_s_per_1k"] = cpu;
             self.results.push(f);
-            agent.abort();
             shard.stop();
         }
         Ok(())
     }
 
-    /// The same closed-loop submit through the gateway (with tenant-service behind it) and
-    /// straight to a shard, side by side: throughput and CPU per 1,000 tasks of each process.
-    async fn gateway(&mut self) -> anyhow::Result<()> {
+    /// `agents` fake agents with `slots` each, connected to `agent_endpoint`; returns their
+    /// shared receipts and what stops them.
+    fn agents(
+        agent_endpoint: &str,
+        agents: usize,
+        slots: u32,
+    ) -> (
+        Arc<AgentStats>,
+        Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    ) {
+        let stats = Arc::new(AgentStats::default());
+        let handles = (0..agents)
+            .map(|_| {
+                tokio::spawn(load::fake_agent(
+                    agent_endpoint.to_owned(),
+                    PIPELINE.into(),
+                    slots,
+                    stats.clone(),
+                ))
+            })
+            .collect();
+        (stats, handles)
+    }
+
+    /// Open-loop submits at `rate` to `submit_endpoint` while `agents` x `slots` fake agents
+    /// on `agent_endpoint` take them; latency is submit (scheduled time) -> Assign received.
+    async fn open_dispatch(
+        &self,
+        submit_endpoint: &str,
+        gateway: bool,
+        agent_endpoint: &str,
+        agents: usize,
+        slots: u32,
+        rate: f64,
+    ) -> anyhow::Result<Measured> {
+        let (stats, handles) = Self::agents(agent_endpoint, agents, slots);
+        let targets = Self::targets(submit_endpoint, gateway, self.args.connections)?;
+        let recording = stats.clone();
+        let warmup = self.warmup;
+        tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            recording.recording.store(true, Ordering::Relaxed);
+        });
+        let submitted = load::open_loop(&targets, rate, 1, self.warmup, self.duration).await;
+        // Let the last tasks arrive (bounded).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.received.load(Ordering::Relaxed)
+            < (rate * (self.warmup + self.duration).as_secs_f64()) as u64 * 99 / 100
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for h in handles {
+            h.abort();
+        }
+        let latency = stats.latency.lock().expect("lock").take();
+        Ok(Measured {
+            tasks: submitted.tasks,
+            window: self.duration,
+            latency,
+            errors: submitted.errors,
+        })
+    }
+
+    /// The full cycle: 64 closed-loop producers submit to `submit_endpoint` while `agents` x
+    /// `slots` fake agents on `agent_endpoint` finish each task at once. Returns tasks
+    /// finished (latency: submit ack), the submit rate, and CPU per 1,000 finished of `procs`.
+    async fn cycle(
+        &self,
+        submit_endpoint: &str,
+        gateway: bool,
+        agent_endpoint: &str,
+        agents: usize,
+        slots: u32,
+        procs: &[&Proc],
+    ) -> anyhow::Result<(Measured, f64, serde_json::Value)> {
+        let (stats, handles) = Self::agents(agent_endpoint, agents, slots);
+        let targets = Self::targets(submit_endpoint, gateway, self.args.connections)?;
+        let before: Vec<f64> = procs.iter().map(|p| p.cpu_seconds()).collect();
+        let own0 = procs::own_cpu_seconds();
+        let measure = async {
+            tokio::time::sleep(self.warmup).await;
+            let before = stats.received.load(Ordering::Relaxed);
+            tokio::time::sleep(self.duration).await;
+            stats.received.load(Ordering::Relaxed) - before
+        };
+        let (submitted, cycled) = tokio::join!(
+            load::closed_loop(&targets, 64, 1, self.warmup, self.duration),
+            measure
+        );
+        for h in handles {
+            h.abort();
+        }
+        let cpu = cpu_per_k(procs, &before, own0, cycled);
+        let tps = submitted.tps();
+        Ok((
+            Measured {
+                tasks: cycled,
+                window: self.duration,
+                latency: submitted.latency,
+                errors: submitted.errors,
+            },
+            tps,
+            cpu,
+        ))
+    }
+
+    /// The null-gRPC floors: `pm-null` answering SubmitTask at once, then the same behind a
+    /// `pm-null --forward` hop, under the same 64 unary producers on the same connections as
+    /// every other unary scenario. The unary targets are ratios of these.
+    async fn null(&mut self) -> anyhow::Result<()> {
         let bin = self.args.bin_dir.clone();
-        let meta = self.path("tenant-service");
+        let server = Proc::start(&bin, "pm-null", &[], self.dir.path()).await?;
+        let targets = Self::targets(&server.endpoint, true, self.args.connections)?;
+        let (cpu0, own0) = (server.cpu_seconds(), procs::own_cpu_seconds());
+        let m = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
+        let cpu = cpu_per_k(&[&server], &[cpu0], own0, m.tasks);
+        line(
+            "null gRPC server (64 clients, unary)",
+            &m,
+            &format!("  cpu s/1k {cpu}"),
+        );
+        let mut f = figures("null_unary_64", &m);
+        f["cpu_s_per_1k"] = cpu;
+        self.results.push(f);
+        let mut hop = Proc::start(
+            &bin,
+            "pm-null",
+            &["--forward".into(), server.endpoint.clone()],
+            self.dir.path(),
+        )
+        .await?;
+        hop.name = "pm-null-hop".into();
+        let targets = Self::targets(&hop.endpoint, true, self.args.connections)?;
+        let before = [hop.cpu_seconds(), server.cpu_seconds()];
+        let own0 = procs::own_cpu_seconds();
+        let m = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
+        let cpu = cpu_per_k(&[&hop, &server], &before, own0, m.tasks);
+        line(
+            "null gRPC behind a null hop",
+            &m,
+            &format!("  cpu s/1k {cpu}"),
+        );
+        let mut f = figures("null_hop_unary_64", &m);
+        f["cpu_s_per_1k"] = cpu;
+        self.results.push(f);
+        hop.stop();
+        server.stop();
+        Ok(())
+    }
+
+    /// The peers' harness shape, through the gateway and straight to the shard: 64 unary
+    /// producers while 8 agents x 1 and x 16 slots finish every task at once, then open-loop
+    /// dispatch at 1,000, 5,000 and 10,000/s to 8 agents x 16 slots.
+    async fn peers(&mut self) -> anyhow::Result<()> {
+        for gateway in [true, false] {
+            let path = if gateway { "gateway" } else { "shard" };
+            for slots in [1u32, 16] {
+                let stack = self.stack(&format!("peers-{path}-{slots}")).await?;
+                let endpoint = if gateway {
+                    &stack.gateway.endpoint
+                } else {
+                    &stack.shard.endpoint
+                };
+                let procs = [&stack.gateway, &stack.shard];
+                let (m, submitted_tps, cpu) = self
+                    .cycle(endpoint, gateway, endpoint, 8, slots, &procs)
+                    .await?;
+                line(
+                    &format!("cycle via {path}, 8 agents x {slots}"),
+                    &m,
+                    &format!("  (submitted {submitted_tps:.0}/s; cpu s/1k {cpu})"),
+                );
+                let mut f = figures(&format!("peers_cycle_{path}_8x{slots}"), &m);
+                f["submitted_per_s"] = json!(submitted_tps.round());
+                f["cpu_s_per_1k"] = cpu;
+                self.results.push(f);
+                stack.stop();
+            }
+            for rate in [1_000.0, 5_000.0, 10_000.0] {
+                let stack = self.stack(&format!("peers-{path}-{rate}")).await?;
+                let endpoint = if gateway {
+                    &stack.gateway.endpoint
+                } else {
+                    &stack.shard.endpoint
+                };
+                let m = self
+                    .open_dispatch(endpoint, gateway, endpoint, 8, 16, rate)
+                    .await?;
+                line(
+                    &format!("dispatch via {path}, open loop {rate:.0}/s"),
+                    &m,
+                    "  (submit -> Assign, 8 agents x 16)",
+                );
+                let mut f = figures(&format!("peers_dispatch_{path}_{rate:.0}"), &m);
+                f["target_rate"] = json!(rate);
+                self.results.push(f);
+                stack.stop();
+            }
+        }
+        Ok(())
+    }
+
+    /// tenant-service, a shard and a gateway in front of them, with the tenant `perf`, the
+    /// application `bench` and the no-op pipeline applied through the public API.
+    async fn stack(&self, name: &str) -> anyhow::Result<Stack> {
+        let bin = self.args.bin_dir.clone();
+        let meta = self.path(&format!("{name}-tenant-service"));
         let tenants = Proc::start(
             &bin,
             "pm-tenant-service",
@@ -310,7 +477,7 @@ impl Bench {
             self.dir.path(),
         )
         .await?;
-        let shard = self.shard("gateway-shard").await?;
+        let shard = self.shard(&format!("{name}-shard")).await?;
         let gateway = Proc::start(
             &bin,
             "pm-gateway",
@@ -323,7 +490,6 @@ impl Bench {
             self.dir.path(),
         )
         .await?;
-        // The tenant, application and no-op pipeline, through the public API.
         let channel = pm_proto::client::channel(&gateway.endpoint)?;
         pm_proto::client::tenants(channel.clone())
             .create_tenant(pm_proto::v1::CreateTenantRequest {
@@ -348,6 +514,21 @@ impl Bench {
                 )),
             })
             .await?;
+        Ok(Stack {
+            tenants,
+            shard,
+            gateway,
+        })
+    }
+
+    /// The same closed-loop submit through the gateway (with tenant-service behind it) and
+    /// straight to a shard, side by side: throughput and CPU per 1,000 tasks of each process.
+    async fn gateway(&mut self) -> anyhow::Result<()> {
+        let Stack {
+            tenants,
+            shard,
+            gateway,
+        } = self.stack("gateway").await?;
         let all = [&gateway, &tenants, &shard];
         let before: Vec<f64> = all.iter().map(|p| p.cpu_seconds()).collect();
         let own0 = procs::own_cpu_seconds();
@@ -514,7 +695,8 @@ async fn main() -> anyhow::Result<()> {
         (Duration::from_secs(2), Duration::from_secs(10))
     };
     let all = [
-        "submit", "batch", "latency", "dispatch", "cycle", "gateway", "restart", "scaling",
+        "submit", "batch", "latency", "dispatch", "cycle", "gateway", "null", "peers", "restart",
+        "scaling",
     ];
     let chosen: Vec<String> =
         if args.scenarios.is_empty() || args.scenarios.iter().any(|s| s == "all") {
@@ -577,6 +759,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if which.contains(&"gateway") {
         bench.gateway().await?;
+    }
+    if which.contains(&"null") {
+        bench.null().await?;
+    }
+    if which.contains(&"peers") {
+        bench.peers().await?;
     }
     if which.contains(&"restart") {
         bench.restart().await?;
