@@ -116,7 +116,10 @@ fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Request>, stats: &St
 
 #[cfg(test)]
 mod tests {
+    use pm_proto::v1::Task;
+
     use super::*;
+    use crate::store::Record;
 
     #[tokio::test]
     async fn concurrent_writes_share_syncs() {
@@ -126,10 +129,16 @@ mod tests {
             let journal = journal.clone();
             tokio::spawn(async move {
                 journal
-                    .write(vec![Op::PutTask {
-                        name: format!("t{i}"),
-                        record: Box::default(),
-                    }])
+                    .write(vec![Op::PutTask(Record {
+                        task: Arc::new(Task {
+                            name: format!("t{i}"),
+                            ..Task::default()
+                        }),
+                        spec_id: [0; 32],
+                        client_priority: 0,
+                        seq: i,
+                        lease_id: None,
+                    })])
                     .await
             })
         });

@@ -37,7 +37,7 @@ use crate::error::Error;
 use crate::journal::Journal;
 use crate::lease::{Lease, LeaseId, LeaseTable};
 use crate::queue::{FairClock, Rank, ReadyQueue};
-use crate::store::{Contents, Op, SpecId, spec_id};
+use crate::store::{Contents, Op, Record, SpecId, spec_id};
 use crate::task::{self, Event};
 
 mod dispatch;
@@ -104,7 +104,8 @@ struct Session {
 }
 
 struct TaskRecord {
-    task: Task,
+    /// Shared with the writes that carry it and the readers that copy it out of the lock.
+    task: Arc<Task>,
     spec_id: SpecId,
     spec: Arc<PipelineSpec>,
     pipeline: Arc<str>,
@@ -127,27 +128,24 @@ impl TaskRecord {
     }
 
     /// The write that makes `task` (this record's task, changed) durable.
-    fn stored(&self, task: &Task, lease: Option<&LeaseId>) -> Op {
-        Op::PutTask {
-            name: task.name.clone(),
-            record: Box::new(self.to_stored(task, lease)),
-        }
+    fn stored(&self, task: &Arc<Task>, lease: Option<&LeaseId>) -> Op {
+        Op::PutTask(self.disk_record(task, lease))
     }
 
     /// `task` (this record's task, maybe changed) as it is kept on disk.
-    fn to_stored(&self, task: &Task, lease: Option<&LeaseId>) -> StoredTask {
-        StoredTask {
-            task: Some(task.clone()),
-            spec_id: self.spec_id.to_vec(),
+    fn disk_record(&self, task: &Arc<Task>, lease: Option<&LeaseId>) -> Record {
+        Record {
+            task: task.clone(),
+            spec_id: self.spec_id,
             client_priority: self.client_priority,
             seq: self.rank.seq,
-            lease_id: lease.map(|l| l.0.to_string()).unwrap_or_default(),
+            lease_id: lease.map(|l| l.0.clone()),
         }
     }
 
     /// This task after `event`, not yet applied.
     fn next(&self, event: Event) -> Result<Task, task::InvalidTransition> {
-        let mut next = self.task.clone();
+        let mut next = (*self.task).clone();
         next.state = task::transition(self.state(), event)? as i32;
         next.update_time_ms = unix_ms();
         Ok(next)
@@ -253,7 +251,7 @@ impl Inner {
         self.next_seq = self.next_seq.max(s.seq);
         let key: Arc<str> = task.name.as_str().into();
         let mut record = TaskRecord {
-            task,
+            task: Arc::new(task),
             spec_id: spec_key,
             spec,
             pipeline,
@@ -373,7 +371,7 @@ enum Restored {
 /// A requeue or final failure being written.
 struct Requeue {
     name: Arc<str>,
-    next: Task,
+    next: Arc<Task>,
     reason: String,
     /// The lease it had, restored (expiring soon) if the write fails.
     lease: Option<(LeaseId, Lease)>,
@@ -471,29 +469,33 @@ impl Scheduler {
     // ---- reads ----
 
     pub fn get(&self, name: &str) -> Result<Task, Error> {
-        let inner = self.lock();
-        inner
+        let task = self
+            .lock()
             .tasks
             .get(name)
             .map(|r| r.task.clone())
-            .ok_or_else(|| Error::NotFound(name.to_owned()))
+            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        Ok((*task).clone())
     }
 
     pub fn watch(&self, name: &str) -> Result<Watch, Error> {
-        let mut inner = self.lock();
-        let record = inner
-            .tasks
-            .get_mut(name)
-            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-        let events = (!task::is_final(record.state())).then(|| {
-            record
-                .watchers
-                .get_or_insert_with(|| broadcast::channel(1024).0)
-                .subscribe()
-        });
+        let (snapshot, history, events) = {
+            let mut inner = self.lock();
+            let record = inner
+                .tasks
+                .get_mut(name)
+                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            let events = (!task::is_final(record.state())).then(|| {
+                record
+                    .watchers
+                    .get_or_insert_with(|| broadcast::channel(1024).0)
+                    .subscribe()
+            });
+            (record.task.clone(), record.history.clone(), events)
+        };
         Ok(Watch {
-            snapshot: record.task.clone(),
-            history: record.history.clone(),
+            snapshot: (*snapshot).clone(),
+            history,
             events,
         })
     }
@@ -515,24 +517,26 @@ impl Scheduler {
         } else {
             format!("{pipeline}/tasks/{page_token}").into()
         };
-        let mut tasks = Vec::with_capacity(page_size);
+        let mut page: Vec<Arc<Task>> = Vec::with_capacity(page_size);
         let mut more = false;
         for name in names.range(..upper).rev() {
             let task = &inner.tasks.get(name).expect("indexed tasks exist").task;
             if state != TaskState::Unspecified && task.state != state as i32 {
                 continue;
             }
-            if tasks.len() == page_size {
+            if page.len() == page_size {
                 more = true;
                 break;
             }
-            tasks.push(task.clone());
+            page.push(task.clone());
         }
-        let next = match (more, tasks.last()) {
+        drop(inner);
+        let next = match (more, page.last()) {
             (true, Some(last)) => last.id.clone(),
             _ => String::new(),
         };
-        (tasks, next)
+        // Copied out of the records here, not under the lock.
+        (page.iter().map(|t| (**t).clone()).collect(), next)
     }
 
     /// READY + IN_PROGRESS tasks (for health and tests).

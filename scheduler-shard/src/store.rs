@@ -13,23 +13,21 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message;
 
 use pm_proto::internal::v1::StoredTask;
-use pm_proto::v1::PipelineSpec;
+use pm_proto::v1::{PipelineSpec, Task};
 
 pub use pm_spec::{SpecId, spec_id};
 
 /// One write.
 #[derive(Debug, Clone)]
 pub enum Op {
-    /// Encoded on the journal's thread.
-    PutTask {
-        name: String,
-        record: Box<StoredTask>,
-    },
+    /// A task's record, under its name (encoded on the journal's thread).
+    PutTask(Record),
     DeleteTask {
         name: String,
     },
@@ -37,6 +35,66 @@ pub enum Op {
         id: SpecId,
         spec: Vec<u8>,
     },
+}
+
+/// A task's disk record (a `StoredTask`) by its parts, sharing the task with the scheduler's
+/// memory: making a write copies no task.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub task: Arc<Task>,
+    pub spec_id: SpecId,
+    pub client_priority: u32,
+    pub seq: u64,
+    /// The lease of an IN_PROGRESS task.
+    pub lease_id: Option<Arc<str>>,
+}
+
+impl Record {
+    /// The parts of a decoded `StoredTask`; `None` without a task or with a malformed spec id.
+    pub fn from_stored(stored: &StoredTask) -> Option<Self> {
+        Some(Self {
+            task: Arc::new(stored.task.clone()?),
+            spec_id: SpecId::try_from(stored.spec_id.as_slice()).ok()?,
+            client_priority: stored.client_priority,
+            seq: stored.seq,
+            lease_id: (!stored.lease_id.is_empty()).then(|| stored.lease_id.as_str().into()),
+        })
+    }
+
+    /// The same bytes as the equivalent `StoredTask::encode_to_vec`, written from borrowed
+    /// parts (prost's own field encoders, field numbers of `pm/internal/v1/store.proto`).
+    pub fn encode(&self) -> Vec<u8> {
+        use prost::encoding::{self, WireType};
+        let lease = self.lease_id.as_deref().unwrap_or("");
+        let mut buf = Vec::with_capacity(self.task.encoded_len() + 96 + lease.len());
+        encoding::message::encode(1, &*self.task, &mut buf);
+        encoding::encode_key(2, WireType::LengthDelimited, &mut buf);
+        encoding::encode_varint(self.spec_id.len() as u64, &mut buf);
+        buf.extend_from_slice(&self.spec_id);
+        if self.client_priority != 0 {
+            encoding::uint32::encode(3, &self.client_priority, &mut buf);
+        }
+        if self.seq != 0 {
+            encoding::uint64::encode(4, &self.seq, &mut buf);
+        }
+        if !lease.is_empty() {
+            encoding::encode_key(5, WireType::LengthDelimited, &mut buf);
+            encoding::encode_varint(lease.len() as u64, &mut buf);
+            buf.extend_from_slice(lease.as_bytes());
+        }
+        buf
+    }
+
+    /// The `StoredTask` these parts make (for a handoff).
+    pub fn to_stored(&self) -> StoredTask {
+        StoredTask {
+            task: Some((*self.task).clone()),
+            spec_id: self.spec_id.to_vec(),
+            client_priority: self.client_priority,
+            seq: self.seq,
+            lease_id: self.lease_id.as_deref().unwrap_or("").to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,16 +158,19 @@ impl Store {
         // The last write of each task wins (see the module doc).
         let mut last: HashMap<&str, usize> = HashMap::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
-            if let Op::PutTask { name, .. } | Op::DeleteTask { name } = op {
-                last.insert(name.as_str(), i);
-            }
+            match op {
+                Op::PutTask(record) => last.insert(record.task.name.as_str(), i),
+                Op::DeleteTask { name } => last.insert(name.as_str(), i),
+                Op::PutSpec { .. } => None,
+            };
         }
         let mut batch = self.db.batch();
         for (i, op) in ops.iter().enumerate() {
             match op {
-                Op::PutTask { name, .. } | Op::DeleteTask { name } if last[name.as_str()] != i => {}
-                Op::PutTask { name, record } => {
-                    batch.insert(&self.tasks, name.as_bytes(), record.encode_to_vec())
+                Op::PutTask(record) if last[record.task.name.as_str()] != i => {}
+                Op::DeleteTask { name } if last[name.as_str()] != i => {}
+                Op::PutTask(record) => {
+                    batch.insert(&self.tasks, record.task.name.as_bytes(), record.encode())
                 }
                 Op::DeleteTask { name } => batch.remove(&self.tasks, name.as_bytes()),
                 Op::PutSpec { id, spec } => {
@@ -151,9 +212,33 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use pm_proto::v1::Task;
-
     use super::*;
+
+    #[test]
+    fn a_record_encodes_as_its_stored_task_does() {
+        let task = Task {
+            name: "tenants/t/applications/a/pipelines/p/tasks/x".into(),
+            params: [("k".to_owned(), "v".to_owned())].into(),
+            attempt: 3,
+            state: 2,
+            ..Task::default()
+        };
+        for (client_priority, seq, lease) in [(0, 0, None), (7, 1 << 40, Some("l1-2a"))] {
+            let record = Record {
+                task: Arc::new(task.clone()),
+                spec_id: [9; 32],
+                client_priority,
+                seq,
+                lease_id: lease.map(Into::into),
+            };
+            let stored = record.to_stored();
+            assert_eq!(record.encode(), stored.encode_to_vec());
+            assert_eq!(
+                StoredTask::decode(record.encode().as_slice()).unwrap(),
+                stored
+            );
+        }
+    }
 
     #[test]
     fn writes_survive_a_reopen() {
@@ -172,6 +257,7 @@ mod tests {
             seq: 1,
             ..StoredTask::default()
         };
+        let put = |stored: StoredTask| Op::PutTask(Record::from_stored(&stored).unwrap());
         {
             let store = Store::open(dir.path()).unwrap();
             store
@@ -180,14 +266,8 @@ mod tests {
                         id,
                         spec: spec.encode_to_vec(),
                     },
-                    Op::PutTask {
-                        name: "a".into(),
-                        record: Box::new(record("a")),
-                    },
-                    Op::PutTask {
-                        name: "b".into(),
-                        record: Box::new(record("b")),
-                    },
+                    put(record("a")),
+                    put(record("b")),
                 ])
                 .unwrap();
             store.apply(&[Op::DeleteTask { name: "a".into() }]).unwrap();
@@ -197,19 +277,10 @@ mod tests {
             second.seq = 2;
             store
                 .apply(&[
-                    Op::PutTask {
-                        name: "c".into(),
-                        record: Box::new(record("c")),
-                    },
-                    Op::PutTask {
-                        name: "c".into(),
-                        record: Box::new(second.clone()),
-                    },
+                    put(record("c")),
+                    put(second.clone()),
                     Op::DeleteTask { name: "b".into() },
-                    Op::PutTask {
-                        name: "b".into(),
-                        record: Box::new(record("b")),
-                    },
+                    put(record("b")),
                 ])
                 .unwrap();
         }

@@ -21,7 +21,7 @@ use super::*;
 /// One Assign, built outside the lock.
 struct PendingAssign {
     tx: AgentTx,
-    task: Task,
+    task: Arc<Task>,
     spec: Arc<PipelineSpec>,
     lease: WireLease,
 }
@@ -39,7 +39,7 @@ impl Scheduler {
             for a in assigns {
                 let assign = ServerMessage {
                     message: Some(server_message::Message::Assign(Assign {
-                        task: Some(a.task),
+                        task: Some((*a.task).clone()),
                         spec: Some((*a.spec).clone()),
                         lease: Some(a.lease),
                     })),
@@ -89,7 +89,7 @@ impl Scheduler {
                     .next(Event::Dispatch)
                     .expect("queued tasks are READY");
                 next.attempt += 1;
-                record.task = next;
+                record.task = Arc::new(next);
                 record.history.clear();
                 record.lease = Some(lease_id.clone());
                 record.publish_state("");

@@ -10,16 +10,19 @@ impl Scheduler {
         &self,
         inner: &mut Inner,
         name: &Arc<str>,
-        next: Task,
+        next: Arc<Task>,
         reason: &str,
-    ) -> Task {
+    ) -> Arc<Task> {
         let record = inner.tasks.get_mut(name).expect("task exists");
         record.busy = false;
         record.task = next;
         record.lease = None;
-        record.publish_state(reason);
-        record.publish(task_event::Event::Finished(record.task.clone()));
-        // Dropping the sender ends every watch after the final event.
+        if record.watchers.is_some() {
+            record.publish_state(reason);
+            record.publish(task_event::Event::Finished((*record.task).clone()));
+        }
+        // Dropping the sender ends every watch after the final event; a later watch gets
+        // the finished task as its snapshot.
         record.watchers = None;
         record.history = Vec::new();
         let flow = record.flow.clone();
@@ -51,6 +54,7 @@ impl Scheduler {
                 ))
             })?;
             record.busy = true;
+            let next = Arc::new(next);
             let op = record.stored(&next, None);
             let lease = match state {
                 TaskState::Ready => {
@@ -74,14 +78,17 @@ impl Scheduler {
             (next, op, lease)
         };
         let written = self.write(vec![op]).await;
-        let mut inner = self.lock();
-        match written {
-            Ok(()) => Ok(self.install_final(&mut inner, &key, next, "cancelled by a client")),
-            Err(e) => {
-                self.undo(&mut inner, &key, lease);
-                Err(e)
+        let installed = {
+            let mut inner = self.lock();
+            match written {
+                Ok(()) => self.install_final(&mut inner, &key, next, "cancelled by a client"),
+                Err(e) => {
+                    self.undo(&mut inner, &key, lease);
+                    return Err(e);
+                }
             }
-        }
+        };
+        Ok((*installed).clone())
     }
 
     /// Puts a task back as it was after a change could not be written: READY ones rejoin

@@ -98,6 +98,7 @@ impl Scheduler {
                 };
                 let mut next = record.next(event).ok()?;
                 next.result = Some(result);
+                let next = Arc::new(next);
                 let op = record.stored(&next, None);
                 Some((name, next, op, (id, held)))
             });
@@ -178,6 +179,7 @@ impl Scheduler {
                         ..TaskResult::default()
                     });
                 }
+                let next = Arc::new(next);
                 ops.push(record.stored(&next, None));
                 planned.push(Requeue {
                     name: lease.task.clone(),

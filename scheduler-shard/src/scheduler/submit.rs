@@ -14,7 +14,7 @@ impl Scheduler {
                 (item, id)
             })
             .collect();
-        let mut outcomes: Vec<Option<Result<Task, Error>>> = Vec::with_capacity(items.len());
+        let mut outcomes: Vec<Option<Result<Arc<Task>, Error>>> = Vec::with_capacity(items.len());
         let mut planned: Vec<(usize, Arc<str>, TaskRecord)> = Vec::new();
         // A key repeated within this call gets the task of its first occurrence.
         let mut repeats: Vec<(usize, usize)> = Vec::new();
@@ -70,9 +70,10 @@ impl Scheduler {
         for (i, first) in repeats {
             outcomes[i] = outcomes[first].clone();
         }
+        // Copied out of the records here, not under the lock.
         outcomes
             .into_iter()
-            .map(|o| o.expect("every task has an outcome"))
+            .map(|o| o.expect("every task has an outcome").map(|t| (*t).clone()))
             .collect()
     }
 
@@ -85,7 +86,7 @@ impl Scheduler {
         item: EnqueueTask,
         spec_key: Option<SpecId>,
         ops: &mut Vec<Op>,
-    ) -> Result<Result<Task, (Arc<str>, TaskRecord)>, Error> {
+    ) -> Result<Result<Arc<Task>, (Arc<str>, TaskRecord)>, Error> {
         let mut task = item.task.ok_or_else(|| Error::invalid("task", "missing"))?;
         if item.spec.is_none() && item.spec_id.is_empty() {
             return Err(Error::invalid(
@@ -182,7 +183,7 @@ impl Scheduler {
         }
         inner.reserve(&flow);
         let record = TaskRecord {
-            task,
+            task: Arc::new(task),
             spec_id: spec_key,
             spec,
             pipeline,

@@ -3,31 +3,38 @@
 //! One `HashMap` of a million records stalls the scheduler's lock while it grows: doubling it
 //! moves every record and hashes every key again (tens of milliseconds at a million, seen as
 //! the submit tail). Split over [`PARTS`] maps chosen by a hash of the name, each growth moves
-//! only its part's records, 1/64 of the whole.
+//! only its part's records, 1/64 of the whole. Records hold their task behind an `Arc`, so
+//! what moves is small. Keys are hashed with xxh3, not SipHash: names are ours (a random
+//! UUIDv7 each), so no client can aim at one bucket.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{Xxh3DefaultBuilder, xxh3_64_with_seed};
 
 use super::TaskRecord;
 
 /// Maps the tasks are spread over (a power of two).
 const PARTS: usize = 64;
 
+/// Seed of the part choice: independent of the hash each part's map uses.
+const PART_SEED: u64 = 0x706d_7061_7274;
+
+type Part = HashMap<Arc<str>, TaskRecord, Xxh3DefaultBuilder>;
+
 pub(super) struct TaskMap {
-    parts: Vec<HashMap<Arc<str>, TaskRecord>>,
+    parts: Vec<Part>,
     len: usize,
 }
 
 fn part(name: &str) -> usize {
-    xxh3_64(name.as_bytes()) as usize & (PARTS - 1)
+    xxh3_64_with_seed(name.as_bytes(), PART_SEED) as usize & (PARTS - 1)
 }
 
 impl TaskMap {
     pub fn new() -> Self {
         Self {
-            parts: (0..PARTS).map(|_| HashMap::new()).collect(),
+            parts: (0..PARTS).map(|_| Part::default()).collect(),
             len: 0,
         }
     }

@@ -123,7 +123,11 @@ impl Scheduler {
                 out.specs.push((*record.spec).clone());
             }
             out.tasks.push(HandoffTask {
-                stored: Some(record.to_stored(&record.task, record.lease.as_ref())),
+                stored: Some(
+                    record
+                        .disk_record(&record.task, record.lease.as_ref())
+                        .to_stored(),
+                ),
                 lease_remaining_ms,
             });
         }
@@ -205,10 +209,10 @@ impl Scheduler {
                 // Queued after what is here already, in the order the old owner had them.
                 inner.next_seq += 1;
                 stored.seq = inner.next_seq;
-                ops.push(Op::PutTask {
-                    name: task.name.clone(),
-                    record: Box::new(stored.clone()),
-                });
+                let Some(record) = Record::from_stored(&stored) else {
+                    continue;
+                };
+                ops.push(Op::PutTask(record));
                 incoming.push((stored, t.lease_remaining_ms));
             }
         }
