@@ -623,10 +623,13 @@ mod tests {
         s.enqueue(vec![item]).await.pop().unwrap().unwrap()
     }
 
-    /// Starts the scheduler's loops; returns what stops them.
-    fn start(s: &Arc<Scheduler>) -> CancellationToken {
+    /// Starts the scheduler's loops; returns what stops them. On the current-thread test
+    /// runtime one yield runs the new task first, so its timers (reaper, collector) start
+    /// now, before a test moves the paused clock.
+    async fn start(s: &Arc<Scheduler>) -> CancellationToken {
         let cancel = CancellationToken::new();
         tokio::spawn(s.clone().run(cancel.clone()));
+        tokio::task::yield_now().await;
         cancel
     }
 
@@ -672,7 +675,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_expired_lease_is_delivered_again_and_stale_results_are_fenced() {
         let s = scheduler(100);
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let (tx1, mut rx1) = mpsc::unbounded_channel();
         let first = s.open_session(&hello(1, vec![]), tx1);
         let task = enqueue_one(&s, item(10, "")).await;
@@ -706,7 +709,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn renewal_keeps_a_lease_and_a_reconnecting_agent_reclaims_it() {
         let s = scheduler(100);
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let session = s.open_session(&hello(1, vec![]), tx);
         let task = enqueue_one(&s, item(10, "")).await;
@@ -745,7 +748,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn priority_then_fifo_idempotency_admission_and_cancel() {
         let s = scheduler(3);
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let results = s
             .enqueue(vec![
                 item(10, "a"),
@@ -783,7 +786,7 @@ mod tests {
 
         // Cancel of a READY task: it is never dispatched.
         let s = scheduler(10);
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let task = enqueue_one(&s, item(10, "")).await;
         let cancelled = s.cancel(&task.name).await.unwrap();
         assert_eq!(
@@ -816,7 +819,7 @@ mod tests {
         let mut o = options(1000);
         o.max_active_per_client = 60;
         let s = Scheduler::new(o, Journal::discard(), Contents::default());
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let noisy: Vec<EnqueueTask> = (0..60).map(|_| from("noisy")).collect();
         assert!(s.enqueue(noisy).await.iter().all(Result::is_ok));
         let over = s.enqueue(vec![from("noisy")]).await.pop().unwrap();
@@ -851,7 +854,7 @@ mod tests {
         let mut o = options(100);
         o.retention = Duration::from_secs(60);
         let s = Scheduler::new(o, Journal::discard(), Contents::default());
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let session = s.open_session(&hello(1, vec![]), tx);
         let task = enqueue_one(&s, item(10, "key")).await;
@@ -900,7 +903,7 @@ mod tests {
         // Once a task brought the spec, the id alone is enough, and the task runs that spec.
         let results = s.enqueue(vec![with_spec.clone(), by_id()]).await;
         assert!(results.iter().all(Result::is_ok), "{results:?}");
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         s.open_session(&hello(2, vec![]), tx);
         for _ in 0..2 {
@@ -930,7 +933,7 @@ mod tests {
             }
         };
         let s = open().await;
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let session = s.open_session(&hello(2, vec![]), tx);
         let items = vec![item(10, ""), item(10, "k"), item(10, ""), item(10, "")];
@@ -949,7 +952,7 @@ mod tests {
         drop(s);
 
         let s = open().await;
-        let cancel = start(&s);
+        let cancel = start(&s).await;
         let state = |t: &Task| TaskState::try_from(s.get(&t.name).unwrap().state).unwrap();
         assert_eq!(state(&tasks[0]), TaskState::Done);
         assert_eq!(
