@@ -168,13 +168,22 @@ impl TaskRecord {
         });
     }
 
+    /// A state change, for current watchers only: a watch that starts later sees the state
+    /// in its snapshot, so it is not kept in the history (and a task nobody watches
+    /// allocates nothing for it).
     fn publish_state(&mut self, reason: &str) {
+        let Some(tx) = &self.watchers else {
+            return;
+        };
         let change = StateChange {
             state: self.task.state,
             attempt: self.task.attempt,
             reason: reason.to_owned(),
         };
-        self.publish(task_event::Event::StateChanged(change));
+        let _ = tx.send(TaskEvent {
+            time_ms: unix_ms(),
+            event: Some(task_event::Event::StateChanged(change)),
+        });
     }
 }
 
@@ -200,6 +209,8 @@ struct Inner {
     /// READY + IN_PROGRESS tasks (and submits being written), in all and per flow.
     active: usize,
     active_by_flow: HashMap<Arc<str>, usize>,
+    /// Pipeline and flow names (see [`Inner::intern`]).
+    interned: HashSet<Arc<str>>,
 }
 
 impl Inner {
@@ -216,6 +227,18 @@ impl Inner {
                 self.active_by_flow.remove(flow);
             }
         }
+    }
+
+    /// The one shared copy of a pipeline or flow name, so a million tasks of one pipeline
+    /// hold one string, not a million. Names are kept for the shard's life (like the fair
+    /// clock's flows): as many as pipelines and clients ever seen here.
+    fn intern(&mut self, name: String) -> Arc<str> {
+        if let Some(shared) = self.interned.get(name.as_str()) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = name.into();
+        self.interned.insert(shared.clone());
+        shared
     }
 
     fn credit(&mut self, session: u64, slots: u32) {
@@ -240,8 +263,8 @@ impl Inner {
         let Ok(name) = TaskName::parse(&task.name) else {
             return Restored::Lost;
         };
-        let pipeline: Arc<str> = name.pipeline.to_string().into();
-        let flow: Arc<str> = format!("{}/{}", name.pipeline.tenant, task.client).into();
+        let pipeline = self.intern(name.pipeline.to_string());
+        let flow = self.intern(format!("{}/{}", name.pipeline.tenant, task.client));
         let rank = Rank {
             client_priority: s.client_priority,
             task_priority: task.priority,
@@ -400,6 +423,7 @@ impl Scheduler {
             next_session: 0,
             active: 0,
             active_by_flow: HashMap::new(),
+            interned: HashSet::new(),
         };
         for (id, spec) in contents.specs {
             inner.durable_specs.insert(id);

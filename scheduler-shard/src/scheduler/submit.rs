@@ -96,7 +96,7 @@ impl Scheduler {
         }
         let pipeline_name = PipelineName::parse(&task.pipeline)
             .map_err(|e| Error::invalid("task.pipeline", e.to_string()))?;
-        let pipeline: Arc<str> = pipeline_name.to_string().into();
+        let pipeline = inner.intern(pipeline_name.to_string());
         if !task.idempotency_key.is_empty() {
             let key = (pipeline.clone(), task.idempotency_key.clone());
             if let Some(existing) = inner.idempotency.get(&key) {
@@ -127,7 +127,7 @@ impl Scheduler {
                 (key, spec)
             }
         };
-        let flow: Arc<str> = format!("{}/{}", pipeline_name.tenant, task.client).into();
+        let flow = inner.intern(format!("{}/{}", pipeline_name.tenant, task.client));
         if inner.active >= self.options.max_active_tasks {
             return Err(Error::ResourceExhausted {
                 what: format!(
