@@ -323,9 +323,22 @@ pub async fn open_loop(
         }
         m
     });
-    for i in 0..requests {
-        let scheduled = start + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(scheduled.into()).await;
+    // The send times come from a thread of their own: tokio's timers tick in whole
+    // milliseconds, so a request would leave up to 1 ms after its scheduled time, and that
+    // lateness (the generator's, not the server's) would count in every latency.
+    let (due_tx, mut due) = mpsc::unbounded_channel::<(u64, Instant)>();
+    let pacer = std::thread::spawn(move || {
+        for i in 0..requests {
+            let scheduled = start + interval.mul_f64(i as f64);
+            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if due_tx.send((i, scheduled)).is_err() {
+                return;
+            }
+        }
+    });
+    while let Some((i, scheduled)) = due.recv().await {
         let mut target = targets[i as usize % targets.len()].clone();
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -337,6 +350,7 @@ pub async fn open_loop(
             let _ = tx.send((scheduled, r));
         });
     }
+    let _ = pacer.join();
     drop(tx);
     collector.await.expect("collector")
 }
