@@ -8,10 +8,13 @@
 //!   `spec_needed`, and it is sent once more with its spec.
 //! - **Coalescing.** Each unary SubmitTask would otherwise be one HTTP/2 call from here to the
 //!   shard, and that hop costs about as much as the shard's own work. Concurrent submits to
-//!   one pipeline join a queue; at most [`MAX_IN_FLIGHT`] Enqueues per pipeline are in
-//!   flight, each taking everything queued when it starts (up to [`MAX_COALESCED`] tasks). A
-//!   submit to an idle pipeline goes at once: nothing waits on a timer. Every task is still
-//!   acknowledged or refused on its own, with its own result.
+//!   one shard (any of its pipelines) join a queue; at most [`MAX_IN_FLIGHT`] Enqueues per
+//!   shard are in flight, each taking everything queued when it starts (up to
+//!   [`MAX_COALESCED`] tasks). A submit to an idle shard (nothing in flight) goes at once,
+//!   on its own call: nothing waits on a timer. Every task is still acknowledged or refused on its own, with
+//!   its own result. A shard that answers "not the owner" (a ring change) gets nothing more
+//!   of that batch: each pipeline's tasks are sent again by [`enqueue`], which follows the
+//!   ring.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,13 +26,14 @@ use tonic::Status;
 
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
 use pm_proto::names::PipelineName;
+use pm_proto::status::NotOwner;
 use pm_proto::v1::{Task, submit_task_result};
 
 use crate::error::Error;
 use crate::pipelines::PipelineVersion;
 use crate::routing::Routes;
 
-/// Enqueues in flight per pipeline from unary submits; what arrives meanwhile waits for the
+/// Enqueues in flight per shard from unary submits; what arrives meanwhile waits for the
 /// next one, so the calls to a shard carry many tasks each under load.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// Tasks in one coalesced Enqueue, at most.
@@ -37,7 +41,7 @@ pub const MAX_COALESCED: usize = 512;
 /// Encoded bytes of the tasks in one coalesced Enqueue, at most (a single larger task goes
 /// alone), well within the shard's message limit.
 pub const MAX_COALESCED_BYTES: usize = 1024 * 1024;
-/// Unary submits waiting for an Enqueue of one pipeline; past it a submit is refused with
+/// Unary submits waiting for an Enqueue to one shard; past it a submit is refused with
 /// RESOURCE_EXHAUSTED.
 pub const MAX_QUEUED: usize = 16 * 1024;
 
@@ -51,67 +55,83 @@ pub struct Prepared {
 /// What one task came to.
 pub type Outcome = Result<Task, pm_proto::v1::Error>;
 
-/// Sends `items`, all of `pipeline`, to its owner in one Enqueue; those whose spec the
-/// shard asks for are sent again with it. One outcome per item, in order.
+/// Sends `items`, all of `pipeline`, to its owner in one Enqueue (following the ring);
+/// those whose spec the shard asks for are sent again with it. One outcome per item, in
+/// order.
 pub async fn enqueue(routes: &Routes, pipeline: &PipelineName, items: &[Prepared]) -> Vec<Outcome> {
+    send(routes, To::Owner(pipeline), items)
+        .await
+        .unwrap_or_else(|status| vec![Err(Error::Upstream(status).into()); items.len()])
+}
+
+/// Where one Enqueue goes.
+#[derive(Clone, Copy)]
+enum To<'a> {
+    /// The owner of this pipeline, following "not the owner" answers.
+    Owner(&'a PipelineName),
+    /// This shard, whatever it answers.
+    Shard(&'a str),
+}
+
+/// One Enqueue of `items`, then once more with their specs for those the shard asks for.
+/// Fails only if the first call does.
+async fn send(routes: &Routes, to: To<'_>, items: &[Prepared]) -> Result<Vec<Outcome>, Status> {
     let tasks: Vec<EnqueueTask> = items.iter().map(|p| p.task.clone()).collect();
-    let mut outcomes = match call(routes, pipeline, tasks).await {
-        Ok((outcomes, spec_needed)) if !spec_needed.is_empty() => {
-            let mut outcomes = outcomes;
-            let again: Vec<usize> = spec_needed
-                .into_iter()
-                .map(|i| i as usize)
-                .filter(|&i| i < items.len() && items[i].version.is_some())
-                .collect();
-            let tasks = again
-                .iter()
-                .map(|&i| {
-                    let mut task = items[i].task.clone();
-                    task.spec = items[i]
-                        .version
-                        .as_ref()
-                        .and_then(|v| v.pipeline.spec.clone());
-                    task
-                })
-                .collect();
-            match call(routes, pipeline, tasks).await {
-                Ok((retried, _)) => {
-                    for (i, outcome) in again.into_iter().zip(retried) {
-                        outcomes[i] = outcome;
-                    }
-                }
-                Err(status) => {
-                    for i in again {
-                        outcomes[i] = Err(Error::Upstream(status.clone()).into());
-                    }
+    let (mut outcomes, spec_needed) = call(routes, to, tasks).await?;
+    let again: Vec<usize> = spec_needed
+        .into_iter()
+        .map(|i| i as usize)
+        .filter(|&i| i < items.len() && items[i].version.is_some())
+        .collect();
+    if !again.is_empty() {
+        let tasks = again
+            .iter()
+            .map(|&i| {
+                let mut task = items[i].task.clone();
+                task.spec = items[i]
+                    .version
+                    .as_ref()
+                    .and_then(|v| v.pipeline.spec.clone());
+                task
+            })
+            .collect();
+        match call(routes, to, tasks).await {
+            Ok((retried, _)) => {
+                for (i, outcome) in again.into_iter().zip(retried) {
+                    outcomes[i] = outcome;
                 }
             }
-            outcomes
+            Err(status) => {
+                for i in again {
+                    outcomes[i] = Err(Error::Upstream(status.clone()).into());
+                }
+            }
         }
-        Ok((outcomes, _)) => outcomes,
-        Err(status) => vec![Err(Error::Upstream(status).into()); items.len()],
-    };
+    }
     outcomes.resize_with(items.len(), || {
         Err(Error::Upstream(Status::internal("no result from the shard for this task")).into())
     });
-    outcomes
+    Ok(outcomes)
 }
 
-/// One Enqueue at the owner; the outcomes and the indexes whose spec is needed.
+/// One Enqueue; the outcomes and the indexes whose spec is needed.
 async fn call(
     routes: &Routes,
-    pipeline: &PipelineName,
+    to: To<'_>,
     tasks: Vec<EnqueueTask>,
 ) -> Result<(Vec<Outcome>, Vec<u32>), Status> {
-    // Cloned per attempt: a shard that does not own the pipeline (a ring change under way)
-    // refuses the whole request before looking at it.
-    let answer = routes
-        .call(pipeline, |mut shard| {
-            let tasks = tasks.clone();
-            async move { shard.enqueue(EnqueueRequest { tasks }).await }
-        })
-        .await?
-        .into_inner();
+    let answer = match to {
+        // Cloned per attempt: a shard that does not own the pipeline (a ring change under
+        // way) refuses the whole request before looking at it.
+        To::Owner(pipeline) => routes
+            .call(pipeline, |mut shard| {
+                let tasks = tasks.clone();
+                async move { shard.enqueue(EnqueueRequest { tasks }).await }
+            })
+            .await?
+            .into_inner(),
+        To::Shard(address) => routes.enqueue_at(address, EnqueueRequest { tasks }).await?,
+    };
     let outcomes = answer
         .results
         .into_iter()
@@ -124,15 +144,55 @@ async fn call(
     Ok((outcomes, answer.spec_needed))
 }
 
+/// A unary submit waiting for its shard.
+struct Waiting {
+    pipeline: PipelineName,
+    item: Prepared,
+    done: oneshot::Sender<Outcome>,
+}
+
+#[derive(Default)]
 struct Queue {
-    waiting: Vec<(Prepared, oneshot::Sender<Outcome>)>,
+    waiting: Vec<Waiting>,
     in_flight: usize,
 }
 
-/// Unary submits coalesced per pipeline (see the module doc).
+/// Unary submits coalesced per shard (see the module doc).
 pub struct Coalescer {
     routes: Routes,
-    queues: Mutex<HashMap<PipelineName, Queue>>,
+    /// By shard address.
+    queues: Mutex<HashMap<String, Queue>>,
+}
+
+/// One Enqueue in flight to `address`, counted until dropped (also when the submit that
+/// sent it goes away mid-call); then whatever queued meanwhile gets a drainer.
+struct Flight {
+    coalescer: Arc<Coalescer>,
+    address: String,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let mut queues = self.coalescer.queues.lock().expect("coalescer lock");
+        let Some(queue) = queues.get_mut(&self.address) else {
+            return;
+        };
+        if queue.waiting.is_empty() {
+            queue.in_flight -= 1;
+            if queue.in_flight == 0 {
+                queues.remove(&self.address);
+            }
+            return;
+        }
+        // The flight goes on as a drainer of its own (not tied to any client's call). Without
+        // a runtime (it is shutting down) the waiting submits get their channel's error.
+        drop(queues);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let coalescer = self.coalescer.clone();
+            let address = std::mem::take(&mut self.address);
+            runtime.spawn(coalescer.drain(address));
+        }
+    }
 }
 
 impl Coalescer {
@@ -143,75 +203,134 @@ impl Coalescer {
         })
     }
 
-    /// Queues one task and waits for its own outcome.
+    /// Queues one task for the shard that owns `pipeline` and waits for its own outcome.
     pub async fn submit(self: &Arc<Self>, pipeline: PipelineName, item: Prepared) -> Outcome {
-        let (done, outcome) = oneshot::channel();
-        let start = {
+        let address = match self.routes.owner_of(&pipeline) {
+            Ok(address) => address,
+            Err(status) => return Err(Error::Upstream(status).into()),
+        };
+        // Decided under the lock, done after it.
+        enum Step {
+            Alone(PipelineName, Box<Prepared>),
+            Wait(oneshot::Receiver<Outcome>),
+        }
+        let step = {
             let mut queues = self.queues.lock().expect("coalescer lock");
-            let queue = queues.entry(pipeline.clone()).or_insert_with(|| Queue {
-                waiting: Vec::new(),
-                in_flight: 0,
-            });
-            if queue.waiting.len() >= MAX_QUEUED {
+            let queue = queues.entry(address.clone()).or_default();
+            if queue.in_flight == 0 {
+                // An idle shard: this submit goes now, alone, on its own call (no hand-off
+                // to a drainer). Under load there is always a flight, so submits queue and
+                // share calls.
+                queue.in_flight += 1;
+                Step::Alone(pipeline, Box::new(item))
+            } else if queue.waiting.len() >= MAX_QUEUED {
                 return Err(Error::Upstream(pm_proto::status::resource_exhausted(
-                    format!(
-                        "{MAX_QUEUED} submits to {pipeline} are waiting for the shard; retry later"
-                    ),
+                    format!("{MAX_QUEUED} submits to shard {address} are waiting; retry later"),
                     Duration::from_millis(100),
                 ))
                 .into());
+            } else {
+                let (done, outcome) = oneshot::channel();
+                queue.waiting.push(Waiting {
+                    pipeline,
+                    item,
+                    done,
+                });
+                if queue.in_flight < MAX_IN_FLIGHT {
+                    queue.in_flight += 1;
+                    // Its own task, so a client that goes away does not take others'
+                    // submits with it.
+                    tokio::spawn(self.clone().drain(address.clone()));
+                }
+                Step::Wait(outcome)
             }
-            queue.waiting.push((item, done));
-            let start = queue.in_flight < MAX_IN_FLIGHT;
-            if start {
-                queue.in_flight += 1;
-            }
-            start
         };
-        if start {
-            // Its own task, so a client that goes away does not take others' submits with it.
-            // It ends once the queue is empty.
-            tokio::spawn(self.clone().drain(pipeline));
+        match step {
+            Step::Alone(pipeline, item) => {
+                let _flight = Flight {
+                    coalescer: self.clone(),
+                    address: address.clone(),
+                };
+                let items = [*item];
+                match send(&self.routes, To::Shard(&address), &items).await {
+                    Ok(mut outcomes) => outcomes.pop().expect("one outcome"),
+                    Err(status) if NotOwner::from_status(&status).is_some() => {
+                        let mut outcomes = enqueue(&self.routes, &pipeline, &items).await;
+                        outcomes.pop().expect("one outcome")
+                    }
+                    Err(status) => Err(Error::Upstream(status).into()),
+                }
+            }
+            Step::Wait(outcome) => outcome.await.unwrap_or_else(|_| {
+                Err(
+                    Error::Upstream(Status::internal("the submit was dropped before its answer"))
+                        .into(),
+                )
+            }),
         }
-        outcome.await.unwrap_or_else(|_| {
-            Err(
-                Error::Upstream(Status::internal("the submit was dropped before its answer"))
-                    .into(),
-            )
-        })
     }
 
-    /// Sends what is queued for `pipeline`, batch after batch, until nothing is.
-    async fn drain(self: Arc<Self>, pipeline: PipelineName) {
+    /// One flight to `address`: sends what is queued, batch after batch, until nothing is.
+    async fn drain(self: Arc<Self>, address: String) {
+        let _flight = Flight {
+            coalescer: self.clone(),
+            address: address.clone(),
+        };
         loop {
-            let batch = {
+            let batch: Vec<Waiting> = {
                 let mut queues = self.queues.lock().expect("coalescer lock");
-                let Some(queue) = queues.get_mut(&pipeline) else {
+                let Some(queue) = queues.get_mut(&address) else {
                     return;
                 };
-                if queue.waiting.is_empty() {
-                    queue.in_flight -= 1;
-                    if queue.in_flight == 0 {
-                        queues.remove(&pipeline);
-                    }
-                    return;
-                }
                 let mut n = 0;
                 let mut bytes = 0;
-                for (item, _) in queue.waiting.iter().take(MAX_COALESCED) {
-                    bytes += item.task.encoded_len();
+                for w in queue.waiting.iter().take(MAX_COALESCED) {
+                    bytes += w.item.task.encoded_len();
                     if n > 0 && bytes > MAX_COALESCED_BYTES {
                         break;
                     }
                     n += 1;
                 }
-                queue.waiting.drain(..n).collect::<Vec<_>>()
+                queue.waiting.drain(..n).collect()
             };
-            let (items, senders): (Vec<Prepared>, Vec<_>) = batch.into_iter().unzip();
-            let outcomes = enqueue(&self.routes, &pipeline, &items).await;
-            for (sender, outcome) in senders.into_iter().zip(outcomes) {
-                let _ = sender.send(outcome);
+            if batch.is_empty() {
+                // `_flight` ends the flight (or hands it on if a submit slipped in).
+                return;
+            }
+            let items: Vec<Prepared> = batch.iter().map(|w| w.item.clone()).collect();
+            let outcomes = match send(&self.routes, To::Shard(&address), &items).await {
+                Ok(outcomes) => outcomes,
+                Err(status) if NotOwner::from_status(&status).is_some() => {
+                    self.per_pipeline(&batch, &items).await
+                }
+                Err(status) => vec![Err(Error::Upstream(status).into()); items.len()],
+            };
+            for (w, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = w.done.send(outcome);
             }
         }
+    }
+
+    /// A batch the shard no longer owns all of: each pipeline's tasks to its owner, in
+    /// parallel, following the ring. Outcomes in the batch's order.
+    async fn per_pipeline(&self, batch: &[Waiting], items: &[Prepared]) -> Vec<Outcome> {
+        let mut groups: HashMap<&PipelineName, Vec<usize>> = HashMap::new();
+        for (i, w) in batch.iter().enumerate() {
+            groups.entry(&w.pipeline).or_default().push(i);
+        }
+        let sends = groups.into_iter().map(|(pipeline, indexes)| async move {
+            let group: Vec<Prepared> = indexes.iter().map(|&i| items[i].clone()).collect();
+            (indexes, enqueue(&self.routes, pipeline, &group).await)
+        });
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+        for (indexes, answers) in futures::future::join_all(sends).await {
+            for (i, outcome) in indexes.into_iter().zip(answers) {
+                outcomes[i] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every task is in a group"))
+            .collect()
     }
 }

@@ -18,6 +18,7 @@ use tonic::{Code, Status};
 
 use pm_cluster::{Member, Membership};
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
+use pm_proto::internal::v1::{EnqueueRequest, EnqueueResponse};
 use pm_proto::names::PipelineName;
 use pm_proto::status::NotOwner;
 use pm_proto::v1::agent_service_client::AgentServiceClient;
@@ -124,6 +125,26 @@ impl Routes {
         }
     }
 
+    /// The address of the shard that owns `pipeline` now, by this gateway's ring.
+    pub fn owner_of(&self, pipeline: &PipelineName) -> Result<String, Status> {
+        self.owner(&pipeline.ring_key())
+    }
+
+    /// One Enqueue at the shard at `address`, without following "not the owner" answers:
+    /// the caller decides what to do with them (a coalesced batch of several pipelines goes
+    /// back to [`Routes::call`] one pipeline at a time).
+    pub async fn enqueue_at(
+        &self,
+        address: &str,
+        request: EnqueueRequest,
+    ) -> Result<EnqueueResponse, Status> {
+        let mut shard = pm_proto::client::shard(self.channel(address)?);
+        match shard.enqueue(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(broken(address, status)),
+        }
+    }
+
     /// Calls `f` on the shard that owns `pipeline`, following "not the owner" answers.
     pub async fn call<T, F, Fut>(&self, pipeline: &PipelineName, f: F) -> Result<T, Status>
     where
@@ -185,15 +206,10 @@ impl Routes {
             let address = self.owner(key)?;
             let status = match f(client(self.channel(&address)?)).await {
                 Ok(v) => return Ok(v),
-                Err(status) => status,
+                Err(status) => broken(&address, status),
             };
-            if status.code() == Code::Unknown && status.source().is_some() {
-                // The connection broke (a shard died mid-call): whether the call took
-                // effect is unknown, so it is not repeated here; the client may retry.
-                return Err(pm_proto::status::unavailable(
-                    format!("shard at {address} unreachable: {}", status.message()),
-                    Duration::from_secs(1),
-                ));
+            if status.code() == Code::Unavailable {
+                return Err(status);
             }
             let Some(view) = NotOwner::from_status(&status) else {
                 return Err(status);
@@ -222,4 +238,17 @@ impl Routes {
             },
         ))
     }
+}
+
+/// A call whose connection broke (a shard died mid-call) as UNAVAILABLE: whether it took
+/// effect is unknown, so it is not repeated here; the client may retry. Other answers as
+/// they are.
+fn broken(address: &str, status: Status) -> Status {
+    if status.code() == Code::Unknown && status.source().is_some() {
+        return pm_proto::status::unavailable(
+            format!("shard at {address} unreachable: {}", status.message()),
+            Duration::from_secs(1),
+        );
+    }
+    status
 }
