@@ -199,11 +199,13 @@ impl Bench {
             for rate in [1_000.0, 20_000.0] {
                 let m = load::open_loop(&targets, rate, 1, self.warmup, self.duration).await;
                 total += m.tasks;
-                let name = format!("ack latency, open loop {rate:.0}/s");
-                line(&name, &m, "");
-                let mut f = figures(&format!("ack_latency_{rate:.0}"), &m);
-                f["target_rate"] = json!(rate);
-                self.results.push(f);
+                self.record_open_loop(
+                    &format!("ack latency, open loop {rate:.0}/s"),
+                    &format!("ack_latency_{rate:.0}"),
+                    &m,
+                    "",
+                    rate,
+                );
             }
         }
         let cpu = cpu_per_k(&[&shard], &[cpu0], own0, total);
@@ -251,14 +253,13 @@ impl Bench {
                 let m = self
                     .open_dispatch(&shard.endpoint, false, &shard.endpoint, 1, 4096, rate)
                     .await?;
-                line(
+                self.record_open_loop(
                     &format!("dispatch, open loop {rate:.0}/s"),
+                    &format!("dispatch_{rate:.0}"),
                     &m,
                     "  (submit -> Assign at the agent)",
+                    rate,
                 );
-                let mut f = figures(&format!("dispatch_{rate:.0}"), &m);
-                f["target_rate"] = json!(rate);
-                self.results.push(f);
                 shard.stop();
             }
         }
@@ -280,6 +281,34 @@ impl Bench {
             shard.stop();
         }
         Ok(())
+    }
+
+    /// 64 unary producers against `targets`, closed loop; prints and keeps the figure with
+    /// the CPU per 1,000 tasks of `procs`.
+    async fn unary_64(&mut self, label: &str, scenario: &str, targets: &[Target], procs: &[&Proc]) {
+        let before: Vec<f64> = procs.iter().map(|p| p.cpu_seconds()).collect();
+        let own0 = procs::own_cpu_seconds();
+        let m = load::closed_loop(targets, 64, 1, self.warmup, self.duration).await;
+        let cpu = cpu_per_k(procs, &before, own0, m.tasks);
+        line(label, &m, &format!("  cpu s/1k {cpu}"));
+        let mut f = figures(scenario, &m);
+        f["cpu_s_per_1k"] = cpu;
+        self.results.push(f);
+    }
+
+    /// Prints and keeps an open-loop figure with the rate it was driven at.
+    fn record_open_loop(
+        &mut self,
+        label: &str,
+        scenario: &str,
+        m: &Measured,
+        note: &str,
+        rate: f64,
+    ) {
+        line(label, m, note);
+        let mut f = figures(scenario, m);
+        f["target_rate"] = json!(rate);
+        self.results.push(f);
     }
 
     /// `agents` fake agents with `slots` each, connected to `agent_endpoint`; returns their
@@ -397,17 +426,13 @@ impl Bench {
         let bin = self.args.bin_dir.clone();
         let server = Proc::start(&bin, "pm-null", &[], self.dir.path()).await?;
         let targets = Self::targets(&server.endpoint, true, self.args.connections)?;
-        let (cpu0, own0) = (server.cpu_seconds(), procs::own_cpu_seconds());
-        let m = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
-        let cpu = cpu_per_k(&[&server], &[cpu0], own0, m.tasks);
-        line(
+        self.unary_64(
             "null gRPC server (64 clients, unary)",
-            &m,
-            &format!("  cpu s/1k {cpu}"),
-        );
-        let mut f = figures("null_unary_64", &m);
-        f["cpu_s_per_1k"] = cpu;
-        self.results.push(f);
+            "null_unary_64",
+            &targets,
+            &[&server],
+        )
+        .await;
         // The latency floor: the same open loop as `latency`, answered at once.
         let m = load::open_loop(&targets, 1_000.0, 1, self.warmup, self.duration).await;
         line("null gRPC server, open loop 1000/s", &m, "");
@@ -421,18 +446,13 @@ impl Bench {
         .await?;
         hop.name = "pm-null-hop".into();
         let targets = Self::targets(&hop.endpoint, true, self.args.connections)?;
-        let before = [hop.cpu_seconds(), server.cpu_seconds()];
-        let own0 = procs::own_cpu_seconds();
-        let m = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
-        let cpu = cpu_per_k(&[&hop, &server], &before, own0, m.tasks);
-        line(
+        self.unary_64(
             "null gRPC behind a null hop",
-            &m,
-            &format!("  cpu s/1k {cpu}"),
-        );
-        let mut f = figures("null_hop_unary_64", &m);
-        f["cpu_s_per_1k"] = cpu;
-        self.results.push(f);
+            "null_hop_unary_64",
+            &targets,
+            &[&hop, &server],
+        )
+        .await;
         hop.stop();
         server.stop();
         Ok(())
@@ -478,14 +498,13 @@ impl Bench {
                 let m = self
                     .open_dispatch(endpoint, gateway, endpoint, 8, 16, rate)
                     .await?;
-                line(
+                self.record_open_loop(
                     &format!("dispatch via {path}, open loop {rate:.0}/s"),
+                    &format!("peers_dispatch_{path}_{rate:.0}"),
                     &m,
                     "  (submit -> Assign, 8 agents x 16)",
+                    rate,
                 );
-                let mut f = figures(&format!("peers_dispatch_{path}_{rate:.0}"), &m);
-                f["target_rate"] = json!(rate);
-                self.results.push(f);
                 stack.stop();
             }
         }
