@@ -340,6 +340,25 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
         assert!(Instant::now() < deadline, "the task never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // An Assign does not wait for its dispatch record, so the lease may not be on disk yet.
+    // The journal writes in order: once a later submit is acknowledged (durable), so is the
+    // dispatch. (Another pipeline's task, which this agent does not take.)
+    let mut marker = item(&spec);
+    marker.task.as_mut().unwrap().pipeline = format!("{PIPELINE}-marker");
+    let answer = client
+        .enqueue(EnqueueRequest {
+            tasks: vec![marker],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            answer.results[0].outcome,
+            Some(submit_task_result::Outcome::Task(_))
+        ),
+        "{answer:?}"
+    );
 
     // The shard dies mid-run and comes back on the same disk; the agent reconnects holding
     // the lease, and the shard (which replayed it) lets it keep the task.
