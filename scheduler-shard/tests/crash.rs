@@ -324,16 +324,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     let mut spec = spec(&log);
     spec.stages[0].jobs[0].commands.push("sleep 3".into());
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
-    let answer = client
-        .enqueue(EnqueueRequest {
-            tasks: vec![item(&spec)],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(submit_task_result::Outcome::Task(task)) = answer.results[0].outcome.clone() else {
-        panic!("{answer:?}")
-    };
+    let task = common::enqueue_acknowledged(&mut client, item(&spec)).await;
     let (agent_stop, agent) = start_agent(&endpoint, "reclaimer", 1, &dir_path);
     let deadline = Instant::now() + Duration::from_secs(60);
     while executions(&log).is_empty() {
@@ -345,20 +336,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     // dispatch. (Another pipeline's task, which this agent does not take.)
     let mut marker = item(&spec);
     marker.task.as_mut().unwrap().pipeline = format!("{PIPELINE}-marker");
-    let answer = client
-        .enqueue(EnqueueRequest {
-            tasks: vec![marker],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        matches!(
-            answer.results[0].outcome,
-            Some(submit_task_result::Outcome::Task(_))
-        ),
-        "{answer:?}"
-    );
+    common::enqueue_acknowledged(&mut client, marker).await;
 
     // The shard dies mid-run and comes back on the same disk; the agent reconnects holding
     // the lease, and the shard (which replayed it) lets it keep the task.

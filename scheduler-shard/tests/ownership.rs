@@ -14,9 +14,7 @@ use pm_cluster::Member;
 use pm_cluster::testing::Etcd;
 use pm_proto::internal::v1::{AdoptRequest, EnqueueRequest, EnqueueTask, HandoffTask, StoredTask};
 use pm_proto::status::NotOwner;
-use pm_proto::v1::{
-    GetTaskRequest, ListTasksRequest, PipelineSpec, Task, TaskState, submit_task_result,
-};
+use pm_proto::v1::{GetTaskRequest, ListTasksRequest, PipelineSpec, Task, TaskState};
 use pm_scheduler_shard::{Cluster, Ownership};
 
 struct Shard {
@@ -111,16 +109,7 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
 
     // The owner takes the submit.
     let mut ca = client(&a.endpoint);
-    let answer = ca
-        .enqueue(EnqueueRequest {
-            tasks: vec![item(&pa)],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(submit_task_result::Outcome::Task(task)) = answer.results[0].outcome.clone() else {
-        panic!("not acknowledged: {answer:?}");
-    };
+    let task = common::enqueue_acknowledged(&mut ca, item(&pa)).await;
 
     // The other shard refuses every call on it, naming the owner and its ring revision.
     let mut cb = client(&b.endpoint);
@@ -248,20 +237,7 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let answer = ca
-        .enqueue(EnqueueRequest {
-            tasks: vec![item(&pa)],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        matches!(
-            answer.results[0].outcome,
-            Some(submit_task_result::Outcome::Task(_))
-        ),
-        "{answer:?}"
-    );
+    common::enqueue_acknowledged(&mut ca, item(&pa)).await;
     assert_eq!(a.ownership.ring().len(), 2);
     stop.cancel();
 }

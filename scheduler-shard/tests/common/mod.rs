@@ -1,8 +1,12 @@
-//! What the shard's process-level tests share: a free loopback port, a one-job spec, and
-//! an agent stream opened with a Hello.
+//! What the shard's process-level tests share: a free loopback port, a one-job spec, one
+//! acknowledged submit, and an agent stream opened with a Hello.
 #![allow(dead_code)]
 
-use pm_proto::v1::{AgentMessage, Hello, Job, PipelineSpec, Stage, agent_message};
+use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
+use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
+use pm_proto::v1::{
+    AgentMessage, Hello, Job, PipelineSpec, Stage, Task, agent_message, submit_task_result,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -28,6 +32,22 @@ pub fn spec(commands: Vec<String>) -> PipelineSpec {
             priority: None,
         }],
         ..PipelineSpec::default()
+    }
+}
+
+/// Submits one task; panics unless the shard acknowledges it (durable).
+pub async fn enqueue_acknowledged(
+    client: &mut ShardServiceClient<tonic::transport::Channel>,
+    item: EnqueueTask,
+) -> Task {
+    let answer = client
+        .enqueue(EnqueueRequest { tasks: vec![item] })
+        .await
+        .unwrap()
+        .into_inner();
+    match answer.results.first().and_then(|r| r.outcome.clone()) {
+        Some(submit_task_result::Outcome::Task(task)) => task,
+        _ => panic!("not acknowledged: {answer:?}"),
     }
 }
 
