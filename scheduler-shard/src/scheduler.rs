@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use pm_proto::internal::v1::{EnqueueTask, StoredTask};
+use pm_proto::internal::v1::EnqueueTask;
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::unix_ms;
 use pm_proto::v1::{
@@ -249,13 +249,8 @@ impl Inner {
 
     /// Indexes a task from the disk (recovery) or from a handoff. A leased task keeps its
     /// lease for `lease_left`, held by no stream until its agent reclaims it.
-    fn restore(&mut self, s: StoredTask, lease_left: Duration, now: Instant) -> Restored {
-        let Some(task) = s.task else {
-            return Restored::Lost;
-        };
-        let Ok(spec_key) = SpecId::try_from(s.spec_id.as_slice()) else {
-            return Restored::Lost;
-        };
+    fn restore(&mut self, r: Record, lease_left: Duration, now: Instant) -> Restored {
+        let (task, spec_key) = (r.task, r.spec_id);
         let Some(spec) = self.specs.get(&spec_key).cloned() else {
             tracing::error!(task = %task.name, "the spec of a stored task is missing; task skipped");
             return Restored::Lost;
@@ -266,20 +261,20 @@ impl Inner {
         let pipeline = self.intern(name.pipeline.to_string());
         let flow = self.intern(format!("{}/{}", name.pipeline.tenant, task.client));
         let rank = Rank {
-            client_priority: s.client_priority,
+            client_priority: r.client_priority,
             task_priority: task.priority,
             tag: self.fair.tag(&flow),
-            seq: s.seq,
+            seq: r.seq,
         };
-        self.next_seq = self.next_seq.max(s.seq);
+        self.next_seq = self.next_seq.max(r.seq);
         let key: Arc<str> = task.name.as_str().into();
         let mut record = TaskRecord {
-            task: Arc::new(task),
+            task,
             spec_id: spec_key,
             spec,
             pipeline,
             flow: flow.clone(),
-            client_priority: s.client_priority,
+            client_priority: r.client_priority,
             rank,
             lease: None,
             busy: false,
@@ -293,7 +288,7 @@ impl Inner {
             }
             TaskState::InProgress => {
                 self.reserve(&flow);
-                let id = LeaseId(s.lease_id.as_str().into());
+                let id = LeaseId(r.lease_id.unwrap_or_default());
                 let lease = Lease {
                     task: key.clone(),
                     attempt: record.task.attempt,
@@ -434,7 +429,9 @@ impl Scheduler {
         let (mut ready, mut leased, mut lost) = (0usize, 0usize, 0usize);
         let now = Instant::now();
         for s in stored {
-            match inner.restore(s, options.lease_ttl, now) {
+            let restored = Record::from_stored(s)
+                .map_or(Restored::Lost, |r| inner.restore(r, options.lease_ttl, now));
+            match restored {
                 Restored::Ready => ready += 1,
                 Restored::Leased => leased += 1,
                 Restored::Finished => {}

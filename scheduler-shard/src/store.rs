@@ -51,9 +51,9 @@ pub struct Record {
 
 impl Record {
     /// The parts of a decoded `StoredTask`; `None` without a task or with a malformed spec id.
-    pub fn from_stored(stored: &StoredTask) -> Option<Self> {
+    pub fn from_stored(stored: StoredTask) -> Option<Self> {
         Some(Self {
-            task: Arc::new(stored.task.clone()?),
+            task: Arc::new(stored.task?),
             spec_id: SpecId::try_from(stored.spec_id.as_slice()).ok()?,
             client_priority: stored.client_priority,
             seq: stored.seq,
@@ -257,7 +257,7 @@ mod tests {
             seq: 1,
             ..StoredTask::default()
         };
-        let put = |stored: StoredTask| Op::PutTask(Record::from_stored(&stored).unwrap());
+        let put = |stored: StoredTask| Op::PutTask(Record::from_stored(stored).unwrap());
         {
             let store = Store::open(dir.path()).unwrap();
             store

@@ -142,13 +142,14 @@ impl Scheduler {
         let mut inner = self.lock();
         let now = Instant::now();
         for t in out.tasks {
-            let Some(stored) = t.stored else { continue };
-            let name = stored.task.as_ref().map(|t| t.name.as_str()).unwrap_or("");
-            if inner.tasks.contains_key(name) {
+            let Some(record) = t.stored.and_then(Record::from_stored) else {
+                continue;
+            };
+            if inner.tasks.contains_key(&record.task.name) {
                 continue;
             }
             let left = Duration::from_millis(t.lease_remaining_ms.max(0) as u64);
-            inner.restore(stored, left, now);
+            inner.restore(record, left, now);
         }
         drop(inner);
         self.dispatcher.notify_one();
@@ -209,11 +210,11 @@ impl Scheduler {
                 // Queued after what is here already, in the order the old owner had them.
                 inner.next_seq += 1;
                 stored.seq = inner.next_seq;
-                let Some(record) = Record::from_stored(&stored) else {
+                let Some(record) = Record::from_stored(stored) else {
                     continue;
                 };
-                ops.push(Op::PutTask(record));
-                incoming.push((stored, t.lease_remaining_ms));
+                ops.push(Op::PutTask(record.clone()));
+                incoming.push((record, t.lease_remaining_ms));
             }
         }
         self.write(ops).await?;
@@ -224,18 +225,13 @@ impl Scheduler {
         }
         let now = Instant::now();
         let mut adopted = 0u32;
-        for (stored, lease_ms) in incoming {
-            let name = stored
-                .task
-                .as_ref()
-                .map(|t| t.name.clone())
-                .unwrap_or_default();
-            if inner.tasks.contains_key(name.as_str()) {
+        for (record, lease_ms) in incoming {
+            if inner.tasks.contains_key(&record.task.name) {
                 already_held += 1;
                 continue;
             }
             let left = Duration::from_millis(lease_ms.max(0) as u64);
-            if !matches!(inner.restore(stored, left, now), Restored::Lost) {
+            if !matches!(inner.restore(record, left, now), Restored::Lost) {
                 adopted += 1;
             }
         }
