@@ -172,7 +172,16 @@ async fn a_draining_agent_finishes_short_tasks_and_hands_long_ones_back() {
         &dir.path().join("w1"),
         Duration::from_secs(2),
     );
-    let short = submit(&shard, "sleep 0.5", 1).await.remove(0);
+    // Short: runs until the test lets it finish, which it does once the drain has begun (a
+    // fixed sleep could end before the test looks, on a loaded machine).
+    let go = dir.path().join("go");
+    let short = submit(
+        &shard,
+        &format!("until [ -e {} ]; do sleep 0.02; done", go.display()),
+        1,
+    )
+    .await
+    .remove(0);
     // Long on its first delivery only: a second agent finishes it at once.
     let long = submit(&shard, "case $PM_TASK_ID in *-1) sleep 60;; esac", 1)
         .await
@@ -181,6 +190,7 @@ async fn a_draining_agent_finishes_short_tasks_and_hands_long_ones_back() {
     until(&shard, &long, |t| state(t) == TaskState::InProgress).await;
 
     first.cancel();
+    std::fs::write(&go, "").unwrap();
     let short = until(&shard, &short, |t| state(t) != TaskState::InProgress).await;
     assert_eq!(
         state(&short),
