@@ -146,7 +146,7 @@ impl PipelineCache {
             .get_pipeline(request)
             .await?
             .into_inner();
-        let spec_id = pm_spec::spec_id(&pipeline.spec.clone().unwrap_or_default());
+        let spec_id = pm_spec::spec_id(pipeline.spec.as_ref().unwrap_or(&Default::default()));
         let pipeline = Arc::new(PipelineVersion { pipeline, spec_id });
         let mut entries = self.entries.lock().expect("cache lock");
         if entries.len() >= MAX_ENTRIES {

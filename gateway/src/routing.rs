@@ -208,9 +208,6 @@ impl Routes {
                 Ok(v) => return Ok(v),
                 Err(status) => broken(&address, status),
             };
-            if status.code() == Code::Unavailable {
-                return Err(status);
-            }
             let Some(view) = NotOwner::from_status(&status) else {
                 return Err(status);
             };
