@@ -15,10 +15,7 @@ use pm_proto::v1::agent_service_server::AgentService;
 use pm_proto::v1::{AgentMessage, Hello, ServerMessage, Welcome, agent_message, server_message};
 
 use crate::ownership::Ownership;
-use crate::scheduler::Scheduler;
-
-/// Most tasks one agent may run at once.
-pub const MAX_SLOTS: u32 = 4096;
+use crate::scheduler::{MAX_SLOTS, Scheduler};
 
 pub struct AgentStreams {
     scheduler: Arc<Scheduler>,
@@ -68,6 +65,12 @@ fn check_hello(hello: &Hello) -> Result<(), Status> {
             "agent speaks protocol {}..={}, this shard speaks {AGENT_PROTOCOL_VERSION}",
             hello.protocol_min, hello.protocol_max
         )));
+    }
+    if hello.held_leases.len() > MAX_SLOTS as usize {
+        return Err(invalid_argument(
+            "hello.held_leases",
+            &format!("{} leases; at most {MAX_SLOTS}", hello.held_leases.len()),
+        ));
     }
     for (i, p) in hello.pipelines.iter().enumerate() {
         PipelineName::parse(p)
@@ -130,11 +133,11 @@ async fn read_stream(
             }
         };
         match message {
-            Message::Credit(c) => scheduler.credit(session, c.slots.min(MAX_SLOTS)),
+            Message::Credit(c) => scheduler.credit(session, c.slots),
             Message::Renew(r) => scheduler.renew(session, &r.leases),
             Message::Progress(p) => {
                 if let (Some(lease), Some(event)) = (p.lease, p.event) {
-                    scheduler.progress(&lease, event);
+                    scheduler.progress(session, &lease, event);
                 }
             }
             // Results and rejects are written concurrently, so one agent's results share

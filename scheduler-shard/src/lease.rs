@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A lease id: this shard incarnation's tag and a counter, e.g. `l5f3a-2a`. Unique across
-/// restarts, so a lease from before a crash never matches a new one by accident.
+/// A lease id: 128 random bits in hex. It is a capability: the agent that was sent it proves
+/// with it that it ran the attempt, so it must not be guessable (a counter was; any agent
+/// could then finish another agent's tasks), and it never matches a lease from before a
+/// restart by accident.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseId(pub Arc<str>);
 
@@ -30,27 +32,17 @@ pub struct Lease {
     pub deadline: Instant,
 }
 
+#[derive(Default)]
 pub struct LeaseTable {
-    incarnation: String,
-    next: u64,
     by_id: HashMap<LeaseId, Lease>,
     deadlines: BTreeSet<(Instant, LeaseId)>,
 }
 
 impl LeaseTable {
-    pub fn new(incarnation: String) -> Self {
-        Self {
-            incarnation,
-            next: 0,
-            by_id: HashMap::new(),
-            deadlines: BTreeSet::new(),
-        }
-    }
-
-    /// A fresh lease id (not yet in the table: the dispatch is written first).
+    /// A fresh lease id (not yet in the table: the dispatch is written first), from the
+    /// thread's CSPRNG (ChaCha, seeded by the OS).
     pub fn new_id(&mut self) -> LeaseId {
-        self.next += 1;
-        LeaseId(format!("l{}-{:x}", self.incarnation, self.next).into())
+        LeaseId(format!("{:032x}", rand::random::<u128>()).into())
     }
 
     /// Adds a lease, or replaces one with the same id.
@@ -118,11 +110,12 @@ impl LeaseTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     #[tokio::test(start_paused = true)]
     async fn renew_postpones_expiry_and_fences_sessions() {
         let ttl = Duration::from_secs(10);
-        let mut t = LeaseTable::new("t".into());
+        let mut t = LeaseTable::default();
         let mut grant = |task: &str| {
             let id = t.new_id();
             let lease = Lease {
@@ -150,5 +143,24 @@ mod tests {
         assert_eq!(t.get(&a).unwrap().session, 9);
         assert!(t.release(&a).is_some());
         assert!(t.is_empty() && t.next_deadline().is_none());
+    }
+
+    #[test]
+    fn lease_ids_are_128_random_bits() {
+        let mut t = LeaseTable::default();
+        let ids: HashSet<LeaseId> = (0..1000).map(|_| t.new_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.0.len(), 32, "{id}");
+            assert!(id.0.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+        // Consecutive ids share no structure a guesser could use: on average half of the
+        // 128 bits differ (a counter differs in a few low bits).
+        let ids: Vec<u128> = (0..200)
+            .map(|_| u128::from_str_radix(&t.new_id().0, 16).unwrap())
+            .collect();
+        let differing: u32 = ids.windows(2).map(|w| (w[0] ^ w[1]).count_ones()).sum();
+        let mean = differing as f64 / 199.0;
+        assert!((54.0..74.0).contains(&mean), "mean differing bits {mean}");
     }
 }

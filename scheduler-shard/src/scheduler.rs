@@ -88,6 +88,8 @@ impl Default for Options {
 /// the rest (Cancel, Drain) are rare.
 pub type AgentTx = mpsc::UnboundedSender<Result<ServerMessage, Status>>;
 
+/// Most tasks one agent stream may hold at once (its credit plus its unanswered leases).
+pub const MAX_SLOTS: u32 = 4096;
 /// Tasks dispatched per journal write, at most.
 const DISPATCH_BATCH: usize = 1024;
 /// Finished tasks collected per round, at most.
@@ -100,7 +102,18 @@ struct Session {
     /// `None` serves every pipeline.
     pipelines: Option<BTreeSet<String>>,
     credit: u32,
+    /// The leases this stream was given (or reclaimed in its Hello) and has not answered yet:
+    /// each holds one of its slots. Only a Result or Reject naming one of them gives a slot
+    /// back, so a forged or repeated one cannot raise credit. `credit + held.len()` stays
+    /// within [`MAX_SLOTS`].
+    held: HashSet<LeaseId>,
     tx: AgentTx,
+}
+
+impl Session {
+    fn serves(&self, pipeline: &str) -> bool {
+        self.pipelines.as_ref().is_none_or(|p| p.contains(pipeline))
+    }
 }
 
 struct TaskRecord {
@@ -241,9 +254,11 @@ impl Inner {
         shared
     }
 
+    /// More slots for `session`, never past [`MAX_SLOTS`] with the leases it holds.
     fn credit(&mut self, session: u64, slots: u32) {
         if let Some(s) = self.sessions.get_mut(&session) {
-            s.credit = s.credit.saturating_add(slots);
+            let room = MAX_SLOTS.saturating_sub(s.held.len() as u32);
+            s.credit = s.credit.saturating_add(slots).min(room);
         }
     }
 
@@ -401,7 +416,6 @@ impl Scheduler {
     /// reconnecting agents reclaim them; unclaimed ones are then delivered again.
     pub fn new(options: Options, journal: Journal, contents: Contents) -> Arc<Self> {
         let started = std::time::Instant::now();
-        let incarnation = format!("{:x}", unix_ms());
         let mut inner = Inner {
             tasks: TaskMap::new(),
             by_pipeline: HashMap::new(),
@@ -411,7 +425,7 @@ impl Scheduler {
             durable_specs: HashSet::new(),
             queue: ReadyQueue::default(),
             fair: FairClock::default(),
-            leases: LeaseTable::new(incarnation),
+            leases: LeaseTable::default(),
             sessions: BTreeMap::new(),
             finished: BTreeSet::new(),
             next_seq: 0,
@@ -724,6 +738,93 @@ mod tests {
             "a repeated result is not applied twice"
         );
         assert_eq!(s.active_tasks(), 0);
+        cancel.cancel();
+    }
+
+    fn credit_of(s: &Scheduler, session: u64) -> u32 {
+        s.lock().sessions[&session].credit
+    }
+
+    /// An attacker's agent stream, serving a pipeline of its own, that knows (or guesses)
+    /// the leases of another stream: nothing it sends about them counts.
+    #[tokio::test(start_paused = true)]
+    async fn results_renewals_rejects_and_reclaims_count_only_from_the_holder() {
+        let s = scheduler(100);
+        let cancel = start(&s).await;
+        let p = "tenants/t/applications/a/pipelines/p";
+        let q = "tenants/t/applications/a/pipelines/q";
+        let scoped = |slots, pipeline: &str, held| Hello {
+            pipelines: vec![pipeline.into()],
+            ..hello(slots, held)
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let victim = s.open_session(&scoped(2, p, vec![]), tx);
+        let (tx, mut rogue_rx) = mpsc::unbounded_channel();
+        let rogue = s.open_session(&scoped(1, q, vec![]), tx);
+        let first = enqueue_one(&s, item(10, "")).await;
+        let second = enqueue_one(&s, item(10, "")).await;
+        let (_, lease1) = assigned(&mut rx).await;
+        let (_, lease2) = assigned(&mut rx).await;
+
+        // A forged result for the victim's lease: not applied, and no credit for it.
+        let forged = TaskResult {
+            succeeded: true,
+            error: "forged".into(),
+            ..TaskResult::default()
+        };
+        assert!(!s.complete(rogue, &lease1, forged.clone()).await);
+        s.reject(rogue, &lease2, "forged").await;
+        s.progress(
+            rogue,
+            &lease1,
+            TaskEvent {
+                time_ms: 1,
+                event: None,
+            },
+        );
+        for name in [&first.name, &second.name] {
+            assert_eq!(state_of(&s, name), (TaskState::InProgress, 1));
+        }
+        assert!(s.lock().tasks.get(&first.name).unwrap().history.is_empty());
+        // Made-up leases (42 of them) raise no credit either: still the one slot it had.
+        for i in 0..42 {
+            let made_up = WireLease {
+                lease_id: format!("{i:032x}"),
+                ..lease1.clone()
+            };
+            assert!(!s.complete(rogue, &made_up, forged.clone()).await);
+        }
+        assert_eq!(credit_of(&s, rogue), 1);
+        // Nor does a flood of Credit: a stream holds at most MAX_SLOTS.
+        s.credit(rogue, u32::MAX);
+        assert_eq!(credit_of(&s, rogue), MAX_SLOTS);
+
+        // Its renewals do not keep the victim's lease: past the TTL the task is READY again
+        // (the victim has no free slot for it), while the renewed one is still running.
+        tokio::time::advance(TTL * 6 / 10).await;
+        s.renew(rogue, std::slice::from_ref(&lease1));
+        s.renew(victim, std::slice::from_ref(&lease2));
+        tokio::time::advance(TTL * 6 / 10).await;
+        until(|| state_of(&s, &first.name).0 == TaskState::Ready).await;
+        assert_eq!(state_of(&s, &second.name), (TaskState::InProgress, 1));
+
+        // A Hello outside the task's pipeline cannot reclaim the victim's lease.
+        s.close_session(rogue);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let thief = s.open_session(&scoped(1, q, vec![lease2.clone()]), tx);
+        assert!(!s.complete(thief, &lease2, forged).await);
+        assert_eq!(state_of(&s, &second.name), (TaskState::InProgress, 1));
+
+        // The holder's result counts, once, and gives its slot back once.
+        let before = credit_of(&s, victim);
+        assert!(s.complete(victim, &lease2, done()).await);
+        assert!(!s.complete(victim, &lease2, done()).await);
+        assert_eq!(state_of(&s, &second.name).0, TaskState::Done);
+        assert_eq!(credit_of(&s, victim), before + 1);
+        assert!(
+            rogue_rx.try_recv().is_err(),
+            "nothing of pipeline p was assigned to the stream serving q"
+        );
         cancel.cancel();
     }
 

@@ -80,8 +80,9 @@ impl Scheduler {
                     break;
                 };
                 session.credit -= 1;
-                let tx = session.tx.clone();
                 let lease_id = inner.leases.new_id();
+                session.held.insert(lease_id.clone());
+                let tx = session.tx.clone();
                 let record = inner.tasks.get_mut(&name).expect("queued tasks exist");
                 debug_assert!(!record.busy, "a queued task is not being changed");
                 inner.fair.advance(record.rank.tag);

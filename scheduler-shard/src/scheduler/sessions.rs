@@ -8,32 +8,40 @@ impl Scheduler {
     /// an earlier stream (or from before a restart of this shard) move to this one, so running
     /// work is not delivered again.
     pub fn open_session(&self, hello: &Hello, tx: AgentTx) -> u64 {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         inner.next_session += 1;
         let id = inner.next_session;
         let ttl = self.options.lease_ttl;
+        let pipelines = (!hello.pipelines.is_empty())
+            .then(|| hello.pipelines.iter().cloned().collect::<BTreeSet<_>>());
+        let mut session = Session {
+            agent_id: hello.agent_id.clone(),
+            pipelines,
+            credit: 0,
+            held: HashSet::new(),
+            tx,
+        };
         for held in &hello.held_leases {
             let lease_id = LeaseId(held.lease_id.as_str().into());
-            let current = inner
-                .leases
-                .get(&lease_id)
-                .is_some_and(|l| *l.task == *held.task && l.attempt == held.attempt);
+            // Still running on the agent: its slot comes back with its result, whether or
+            // not the lease is still current here.
+            session.held.insert(lease_id.clone());
+            let current = inner.leases.get(&lease_id).is_some_and(|l| {
+                *l.task == *held.task
+                    && l.attempt == held.attempt
+                    && inner
+                        .tasks
+                        .get(&l.task)
+                        .is_some_and(|r| session.serves(&r.pipeline))
+            });
             if current {
                 inner.leases.rebind(&lease_id, id, ttl);
                 tracing::info!(task = %held.task, lease = %lease_id, "lease reclaimed");
             }
         }
-        let pipelines = (!hello.pipelines.is_empty())
-            .then(|| hello.pipelines.iter().cloned().collect::<BTreeSet<_>>());
-        inner.sessions.insert(
-            id,
-            Session {
-                agent_id: hello.agent_id.clone(),
-                pipelines,
-                credit: hello.slots,
-                tx,
-            },
-        );
+        inner.sessions.insert(id, session);
+        inner.credit(id, hello.slots);
         self.dispatcher.notify_one();
         id
     }
@@ -64,31 +72,47 @@ impl Scheduler {
         }
     }
 
-    /// The task `lease` is the current lease of, if it is.
-    fn current(inner: &Inner, lease: &WireLease) -> Option<Arc<str>> {
+    /// The task `lease` is the current lease of, if `session` holds it.
+    fn current(inner: &Inner, session: u64, lease: &WireLease) -> Option<Arc<str>> {
         let held = inner.leases.get(&LeaseId(lease.lease_id.as_str().into()))?;
-        (*held.task == *lease.task && held.attempt == lease.attempt).then(|| held.task.clone())
+        (held.session == session && *held.task == *lease.task && held.attempt == lease.attempt)
+            .then(|| held.task.clone())
+    }
+
+    /// Ends `session`'s hold of `lease` and credits its slot back, if it held it: a forged
+    /// or repeated answer raises no credit.
+    fn answer(inner: &mut Inner, session: u64, lease: &WireLease) {
+        let id = LeaseId(lease.lease_id.as_str().into());
+        if inner
+            .sessions
+            .get_mut(&session)
+            .is_some_and(|s| s.held.remove(&id))
+        {
+            inner.credit(session, 1);
+        }
     }
 
     /// A running task's progress, kept for late watchers and sent to current ones when the
-    /// lease is current.
-    pub fn progress(&self, lease: &WireLease, event: TaskEvent) {
+    /// lease is current and held by `session`.
+    pub fn progress(&self, session: u64, lease: &WireLease, event: TaskEvent) {
         let mut inner = self.lock();
-        if let Some(name) = Self::current(&inner, lease)
+        if let Some(name) = Self::current(&inner, session, lease)
             && let Some(record) = inner.tasks.get_mut(&name)
         {
             record.record(event);
         }
     }
 
-    /// An attempt's end. The first result of the current lease wins; anything else is a
-    /// duplicate and changes nothing. Returns whether it was applied.
+    /// An attempt's end. Only the current lease, held by `session`, counts (the lease table
+    /// keeps the holder after its stream closed, so a result read just before the close
+    /// still lands); the first such result wins. Anything else is stale, repeated or forged
+    /// and changes nothing. Returns whether it was applied.
     pub async fn complete(&self, session: u64, lease: &WireLease, result: TaskResult) -> bool {
         let planned = {
             let mut guard = self.lock();
             let inner = &mut *guard;
-            inner.credit(session, 1);
-            let planned = Self::current(inner, lease).and_then(|name| {
+            Self::answer(inner, session, lease);
+            let planned = Self::current(inner, session, lease).and_then(|name| {
                 let id = LeaseId(lease.lease_id.as_str().into());
                 let held = inner.leases.release(&id)?;
                 let record = inner.tasks.get_mut(&name)?;
@@ -103,7 +127,7 @@ impl Scheduler {
                 Some((name, next, op, (id, held)))
             });
             if planned.is_none() {
-                tracing::info!(task = %lease.task, attempt = lease.attempt, "duplicate or stale result ignored");
+                tracing::info!(task = %lease.task, attempt = lease.attempt, session, "stale, repeated or foreign result ignored");
             }
             planned
         };
@@ -133,11 +157,13 @@ impl Scheduler {
     }
 
     /// The agent refused an assigned task: it goes back to READY (its slot is credited back).
+    /// Like a result, only from the session that holds the lease.
     pub async fn reject(&self, session: u64, lease: &WireLease, reason: &str) {
         let released = {
-            let mut inner = self.lock();
-            inner.credit(session, 1);
-            Self::current(&inner, lease).and_then(|name| {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            Self::answer(inner, session, lease);
+            Self::current(inner, session, lease).and_then(|name| {
                 let id = LeaseId(lease.lease_id.as_str().into());
                 inner.leases.release(&id).map(|held| (name, id, held))
             })
