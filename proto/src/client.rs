@@ -7,6 +7,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::MAX_MESSAGE_BYTES;
 use crate::internal::v1::exec_service_client::ExecServiceClient;
 use crate::internal::v1::shard_service_client::ShardServiceClient;
+use crate::internal::v1::token_keys_client::TokenKeysClient;
 use crate::v1::agent_service_client::AgentServiceClient;
 use crate::v1::auth_service_client::AuthServiceClient;
 use crate::v1::pipeline_service_client::PipelineServiceClient;
@@ -25,6 +26,51 @@ pub fn channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
+/// Sends `authorization: Bearer <token>` with every call of a client (none: sends nothing).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(..)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl Bearer {
+    /// `None` for no token; an error when the token cannot be a header value.
+    pub fn new(token: Option<&str>) -> Result<Self, String> {
+        token
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| "the token has characters a header cannot carry".to_owned())
+            })
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry a token.
+pub type AuthedChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
 macro_rules! constructor {
     ($(#[$doc:meta])* $fn:ident, $client:ident) => {
         $(#[$doc])*
@@ -35,19 +81,30 @@ macro_rules! constructor {
                 .accept_compressed(CompressionEncoding::Gzip)
         }
     };
+    ($(#[$doc:meta])* $fn:ident, $authed:ident, $client:ident) => {
+        constructor!($(#[$doc])* $fn, $client);
+
+        /// The same, sending `bearer`'s token with every call.
+        pub fn $authed(channel: Channel, bearer: Bearer) -> $client<AuthedChannel> {
+            $client::with_interceptor(channel, bearer)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                .accept_compressed(CompressionEncoding::Gzip)
+        }
+    };
 }
 
 constructor!(
     /// `pm.v1.TenantService`.
-    tenants, TenantServiceClient
+    tenants, tenants_with, TenantServiceClient
 );
 constructor!(
     /// `pm.v1.PipelineService`.
-    pipelines, PipelineServiceClient
+    pipelines, pipelines_with, PipelineServiceClient
 );
 constructor!(
     /// `pm.v1.TaskService`.
-    tasks, TaskServiceClient
+    tasks, tasks_with, TaskServiceClient
 );
 constructor!(
     /// `pm.v1.AuthService`.
@@ -55,7 +112,7 @@ constructor!(
 );
 constructor!(
     /// `pm.v1.AgentService`.
-    agents, AgentServiceClient
+    agents, agents_with, AgentServiceClient
 );
 constructor!(
     /// `pm.v1.RunnerService`.
@@ -69,3 +126,49 @@ constructor!(
     /// `pm.internal.v1.ExecService` (a sidecar on a Unix socket).
     exec, ExecServiceClient
 );
+constructor!(
+    /// `pm.internal.v1.TokenKeys` (tenant-service's public signing keys).
+    token_keys, TokenKeysClient
+);
+
+/// How a client of the gateway proves who it is.
+#[derive(Clone, Default)]
+pub enum Credentials {
+    /// No token (a gateway with auth off).
+    #[default]
+    None,
+    /// A token obtained elsewhere (`pmctl login`, `pm dev --auth`'s admin.token).
+    Token(String),
+    /// A client's id and secret, exchanged for a fresh token when one is needed: what a
+    /// long-running agent uses, since tokens are short-lived.
+    Client { id: String, secret: String },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::None => f.write_str("None"),
+            Credentials::Token(_) => f.write_str("Token(..)"),
+            Credentials::Client { id, .. } => write!(f, "Client {{ id: {id:?}, .. }}"),
+        }
+    }
+}
+
+impl Credentials {
+    /// The bearer token to send now, issued through `channel`'s AuthService if need be.
+    pub async fn token(&self, channel: &Channel) -> Result<Option<String>, tonic::Status> {
+        match self {
+            Credentials::None => Ok(None),
+            Credentials::Token(t) => Ok(Some(t.clone())),
+            Credentials::Client { id, secret } => {
+                let issued = auth(channel.clone())
+                    .issue_token(crate::v1::IssueTokenRequest {
+                        client_id: id.clone(),
+                        client_secret: secret.clone(),
+                    })
+                    .await?;
+                Ok(Some(issued.into_inner().access_token))
+            }
+        }
+    }
+}

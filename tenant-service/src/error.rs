@@ -14,6 +14,10 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Exhausted(String),
     #[error(transparent)]
     Store(#[from] pm_cluster::Error),
 }
@@ -39,6 +43,10 @@ impl From<Error> for Status {
             Error::NotFound(what) => Status::not_found(format!("{what} not found")),
             Error::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
+            Error::Unauthenticated(why) => Status::unauthenticated(why),
+            Error::Exhausted(why) => {
+                pm_proto::status::resource_exhausted(why, std::time::Duration::from_secs(1))
+            }
             // A concurrent writer won; the caller may read again and retry.
             Error::Store(e @ pm_cluster::Error::Conflict { .. }) => Status::aborted(e.to_string()),
             Error::Store(e @ pm_cluster::Error::Unavailable(_)) => {

@@ -9,6 +9,14 @@ pub const CLIENT_IDS: &str = "/pm/v1/client-ids/";
 pub const APPLICATIONS: &str = "/pm/v1/applications/";
 pub const PIPELINES: &str = "/pm/v1/pipelines/";
 pub const PIPELINE_VERSIONS: &str = "/pm/v1/pipeline-versions/";
+pub const SIGNING_KEYS: &str = "/pm/v1/signing-keys/";
+/// Set once, by the first platform admin's creation.
+pub const BOOTSTRAP_ADMIN: &str = "/pm/v1/bootstrap-admin";
+
+/// Creation time first, zero-padded, so key order is age order.
+pub fn signing_key(create_time_ms: i64, kid: &str) -> String {
+    format!("{SIGNING_KEYS}{create_time_ms:020}-{kid}")
+}
 
 pub fn tenant(n: &TenantName) -> String {
     format!("{TENANTS}{}", n.tenant)

@@ -2,8 +2,10 @@
 //!
 //! State lives in the metadata store ([`pm_cluster::MetadataStore`]); the service itself is
 //! stateless, so any number of replicas can serve. [`service::Catalog`] holds the handlers,
-//! [`keys`] the key layout, [`error`] the one mapping to `tonic::Status`.
+//! [`keys`] the key layout, [`error`] the one mapping to `tonic::Status`, [`auth`] the signing
+//! keys and token issuance.
 
+pub mod auth;
 pub mod error;
 pub mod keys;
 pub mod service;
@@ -15,18 +17,26 @@ use tokio::net::TcpListener;
 
 use pm_cluster::MetadataStore;
 use pm_proto::MAX_MESSAGE_BYTES;
+use pm_proto::internal::v1::token_keys_server::TokenKeysServer;
+use pm_proto::v1::auth_service_server::AuthServiceServer;
 use pm_proto::v1::pipeline_service_server::PipelineServiceServer;
 use pm_proto::v1::tenant_service_server::TenantServiceServer;
 
+pub use auth::Issuer;
 pub use error::Error;
 pub use service::Catalog;
 
-/// Serves tenant-service on `listener` until `shutdown` resolves.
+/// Serves tenant-service on `listener` until `shutdown` resolves; keeps the token signing
+/// keys rotated meanwhile.
 pub async fn run(
     listener: TcpListener,
     store: Arc<dyn MetadataStore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let issuer = Issuer::new(store.clone());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _stop_rotating = cancel.clone().drop_guard();
+    tokio::spawn(issuer.clone().run_key_rotation(cancel));
     let catalog = Catalog::new(store);
     let (_health, health_service) = pm_proto::server::health();
     tracing::info!(addr = ?listener.local_addr().ok(), "tenant-service serving");
@@ -39,6 +49,8 @@ pub async fn run(
         .add_service(
             PipelineServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(AuthServiceServer::new(issuer.clone()))
+        .add_service(TokenKeysServer::new(issuer))
         .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
         .await
 }

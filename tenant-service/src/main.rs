@@ -18,6 +18,11 @@ struct Args {
     /// A tenant to create at start if missing (as `pm dev` does); empty for none.
     #[arg(long, env = "PM_DEFAULT_TENANT", default_value = "default")]
     default_tenant: String,
+    /// Make the first platform admin (a client of --default-tenant) if the store has none,
+    /// and write its `id:secret` to this file (mode 0600). Trade it for a token with
+    /// `pmctl login`, make the clients you need, then delete the file.
+    #[arg(long, env = "PM_BOOTSTRAP_ADMIN_FILE")]
+    bootstrap_admin_file: Option<PathBuf>,
     /// Directory of the embedded metadata store (single replica, no etcd).
     #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/tenant-service")]
     data_dir: PathBuf,
@@ -58,6 +63,33 @@ async fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(69);
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+    if let Some(path) = &args.bootstrap_admin_file {
+        let catalog = pm_tenant_service::Catalog::new(store.clone());
+        let tenant = if args.default_tenant.is_empty() {
+            "default"
+        } else {
+            &args.default_tenant
+        };
+        match catalog.bootstrap_admin(tenant).await {
+            Ok(Some(created)) => {
+                let id = created.client.map(|c| c.client_id).unwrap_or_default();
+                let line = format!("{id}:{}\n", created.client_secret);
+                if let Err(e) = pm_auth::secret::write_private_file(path, line.as_bytes()) {
+                    eprintln!("pm-tenant-service: cannot write {}: {e}", path.display());
+                    return std::process::ExitCode::from(73);
+                }
+                tracing::info!(file = %path.display(), "platform admin created");
+            }
+            Ok(None) => tracing::info!("a platform admin was made before; none created"),
+            Err(s) => {
+                eprintln!(
+                    "pm-tenant-service: cannot create the platform admin: {}",
+                    s.message()
+                );
+                return std::process::ExitCode::from(69);
+            }
         }
     }
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {

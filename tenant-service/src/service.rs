@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use prost::Message;
 use rand::RngCore;
-use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use pm_cluster::{Expect, KeyValue, MetadataStore};
@@ -128,6 +127,57 @@ impl Catalog {
         }
     }
 
+    /// The first platform admin: a client of `tenant` (created if missing) with
+    /// ROLE_PLATFORM_ADMIN, made once per metadata store. Returns it with its secret, or
+    /// `None` when one was made before (its secret is not stored, so not shown again).
+    pub async fn bootstrap_admin(
+        &self,
+        tenant_id: &str,
+    ) -> std::result::Result<Option<CreateClientResponse>, Status> {
+        self.ensure_tenant(tenant_id).await?;
+        if self
+            .store
+            .get(keys::BOOTSTRAP_ADMIN)
+            .await
+            .map_err(Error::from)?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let created = self
+            .create_client(Request::new(CreateClientRequest {
+                parent: format!("tenants/{tenant_id}"),
+                client: Some(Client {
+                    display_name: "platform admin (bootstrap)".into(),
+                    roles: vec![Role::PlatformAdmin as i32],
+                    ..Client::default()
+                }),
+            }))
+            .await?
+            .into_inner();
+        let name = created
+            .client
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        if let Err(e) = self
+            .store
+            .put(keys::BOOTSTRAP_ADMIN, name.into_bytes(), Expect::Absent)
+            .await
+        {
+            // Another replica made one meanwhile: this one goes again.
+            let client = created.client.unwrap_or_default();
+            let _ = self
+                .delete_client(Request::new(DeleteClientRequest { name: client.name }))
+                .await;
+            return match e {
+                pm_cluster::Error::Conflict { .. } => Ok(None),
+                e => Err(Error::from(e).into()),
+            };
+        }
+        Ok(Some(created))
+    }
+
     async fn require_tenant(&self, name: &TenantName) -> Result<Tenant> {
         Ok(self
             .get_decoded(&keys::tenant(name), &name.to_string())
@@ -235,11 +285,58 @@ impl Catalog {
     }
 }
 
-fn secret_hash(salt: &[u8], secret: &str) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(secret.as_bytes());
-    h.finalize().to_vec()
+/// Most pipelines one agent client may serve.
+pub const MAX_CLIENT_PIPELINES: usize = 1000;
+
+/// A client's roles and agent scope: at least one role, pipelines (of its own tenant) only
+/// for agents, and named by every agent that is not a platform admin.
+fn check_grants(client: &Client, tenant: &TenantName) -> Result<()> {
+    if client.roles.is_empty() {
+        return Err(Error::invalid(
+            "client.roles",
+            "give at least one role (ROLE_TENANT_ADMIN, ROLE_SUBMITTER, ROLE_VIEWER, ROLE_AGENT)",
+        ));
+    }
+    let mut roles = Vec::new();
+    for (i, r) in client.roles.iter().enumerate() {
+        let role = pm_auth::Role::from_wire(*r).ok_or_else(|| {
+            Error::invalid(format!("client.roles[{i}]"), format!("{r} is not a role"))
+        })?;
+        roles.push(role);
+    }
+    let agent = roles.contains(&pm_auth::Role::Agent);
+    if !client.pipelines.is_empty() && !agent {
+        return Err(Error::invalid(
+            "client.pipelines",
+            "only an agent (ROLE_AGENT) serves pipelines",
+        ));
+    }
+    if agent && client.pipelines.is_empty() && !roles.contains(&pm_auth::Role::PlatformAdmin) {
+        return Err(Error::invalid(
+            "client.pipelines",
+            "an agent client names the pipelines it may serve",
+        ));
+    }
+    if client.pipelines.len() > MAX_CLIENT_PIPELINES {
+        return Err(Error::invalid(
+            "client.pipelines",
+            format!(
+                "{} pipelines; at most {MAX_CLIENT_PIPELINES}",
+                client.pipelines.len()
+            ),
+        ));
+    }
+    for (i, p) in client.pipelines.iter().enumerate() {
+        let field = || format!("client.pipelines[{i}]");
+        let name = PipelineName::parse(p).map_err(|e| Error::invalid(field(), e.to_string()))?;
+        if name.tenant != tenant.tenant {
+            return Err(Error::invalid(
+                field(),
+                format!("{p} is not a pipeline of {tenant}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -335,11 +432,10 @@ impl TenantService for Catalog {
         let given = req.client.unwrap_or_default();
         pm_spec::validate::check_priority("client.priority", given.priority)
             .map_err(Error::from)?;
+        check_grants(&given, &tenant)?;
         self.require_tenant(&tenant).await?;
         let client_id = random_hex(12);
-        let secret = random_hex(32);
-        let mut salt = vec![0u8; 16];
-        rand::rng().fill_bytes(&mut salt);
+        let secret = pm_auth::secret::generate();
         let name = ClientName {
             tenant: tenant.tenant.clone(),
             client: client_id.clone(),
@@ -350,11 +446,16 @@ impl TenantService for Catalog {
             display_name: given.display_name,
             create_time_ms: unix_ms(),
             priority: given.priority,
+            roles: given.roles,
+            pipelines: given.pipelines,
         };
+        let hashed = secret.clone();
+        let secret_hash = tokio::task::spawn_blocking(move || pm_auth::secret::hash(&hashed))
+            .await
+            .map_err(|e| Status::internal(format!("hashing the secret: {e}")))?;
         let stored = StoredClient {
             client: Some(client.clone()),
-            secret_sha256: secret_hash(&salt, &secret),
-            salt,
+            secret_hash,
         };
         self.create(
             &keys::client_id(&client_id),
