@@ -40,6 +40,9 @@ pub struct AgentOptions {
     pub runner: RunnerOptions,
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub drain_timeout: Duration,
+    /// What the agent presents to the gateway: client credentials of ROLE_AGENT, exchanged
+    /// for a fresh token on every connect.
+    pub credentials: pm_proto::client::Credentials,
 }
 
 /// Tasks running on this agent, by lease id.
@@ -104,7 +107,14 @@ async fn session(
 ) -> Result<(), SessionError> {
     let channel = pm_proto::client::channel(&options.endpoint)
         .map_err(|e| SessionError::Stream(e.to_string()))?;
-    let mut client = pm_proto::client::agents(channel);
+    let token = options
+        .credentials
+        .token(&channel)
+        .await
+        .map_err(|s| SessionError::Connect(options.endpoint.clone(), s))?;
+    let bearer = pm_proto::client::Bearer::new(token.as_deref())
+        .map_err(|e| SessionError::Stream(e.to_string()))?;
+    let mut client = pm_proto::client::agents_with(channel, bearer);
     let (stream_tx, stream_rx) = mpsc::unbounded_channel();
     let (held, busy) = {
         let running = running.lock().expect("running lock");

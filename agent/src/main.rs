@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use pm_agent::{AgentOptions, RunnerOptions};
+use pm_proto::client::Credentials;
 
 #[derive(Parser)]
 #[command(version, about = "pipeline-manager agent")]
@@ -47,6 +48,21 @@ struct Args {
     /// Also serve the direct RunnerService on this address.
     #[arg(long, env = "PM_RUNNER_LISTEN")]
     runner_listen: Option<String>,
+    /// The agent client's id (ROLE_AGENT; `pmctl client create --role agent`): with
+    /// PM_CLIENT_SECRET, a fresh token is issued on every connect.
+    #[arg(long, env = "PM_CLIENT_ID", requires = "client_secret")]
+    client_id: Option<String>,
+    /// The agent client's secret (prefer the environment to the command line).
+    #[arg(long, env = "PM_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: Option<String>,
+    /// A token to present instead of client credentials (it is not renewed).
+    #[arg(
+        long,
+        env = "PM_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "client_id"
+    )]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -131,6 +147,11 @@ async fn main() -> std::process::ExitCode {
         executors: args.executors,
         runner,
         drain_timeout: std::time::Duration::from_secs(args.drain_seconds),
+        credentials: match (args.client_id, args.client_secret, args.token) {
+            (Some(id), Some(secret), _) => Credentials::Client { id, secret },
+            (_, _, Some(token)) => Credentials::Token(token),
+            _ => Credentials::None,
+        },
     };
     let stop = shutdown.clone();
     tokio::spawn(async move {

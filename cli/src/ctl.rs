@@ -14,8 +14,11 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use tonic::transport::Channel;
 
+use pm_proto::client::{AuthedChannel, Bearer};
 use pm_proto::names::{ApplicationName, PipelineName, TaskName};
+use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
 use pm_proto::v1::task_service_client::TaskServiceClient;
+use pm_proto::v1::tenant_service_client::TenantServiceClient;
 use pm_proto::v1::*;
 
 #[derive(Parser, Debug)]
@@ -32,6 +35,14 @@ pub struct Cli {
     /// How answers are printed.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// A token to send (`authorization: Bearer`); else PM_TOKEN_FILE's, else the one
+    /// `pmctl login` cached for this endpoint.
+    #[arg(long, global = true, env = "PM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A file holding the token (read at every command: `pm dev --auth` keeps its
+    /// admin.token fresh).
+    #[arg(long, global = true, env = "PM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,6 +72,43 @@ pub enum Command {
         #[command(subcommand)]
         command: TaskCommand,
     },
+    /// API clients of a tenant (their secrets are shown once, at creation).
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+    /// Trade a client's id and secret for a token, cached for this endpoint in
+    /// `~/.config/pmctl/token` (readable by you only).
+    Login {
+        #[arg(long, env = "PM_CLIENT_ID")]
+        client_id: String,
+        /// Prefer the environment: a command line is visible to other users.
+        #[arg(long, env = "PM_CLIENT_SECRET", hide_env_values = true)]
+        client_secret: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Create a client of `TENANT`; prints its id and its secret (shown only now).
+    Create {
+        tenant: String,
+        /// A role: tenant-admin, submitter, viewer, agent or platform-admin; repeat for more.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// For agents: a pipeline (`TENANT/APP/PIPELINE`) it may serve; repeat for more.
+        #[arg(long = "pipeline")]
+        pipelines: Vec<String>,
+        /// Dispatch priority of its tasks, 0..=100, smaller first (default 10).
+        #[arg(long)]
+        priority: Option<u32>,
+        #[arg(long, default_value = "")]
+        display_name: String,
+    },
+    /// List a tenant's clients.
+    List { tenant: String },
+    /// Delete a client, `TENANT/CLIENT_ID`: it gets no new token.
+    Delete { client: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,17 +203,185 @@ fn exit_for(state: TaskState) -> ExitCode {
     }
 }
 
+/// Where `pmctl login` keeps its token: `$XDG_CONFIG_HOME/pmctl/token` or
+/// `~/.config/pmctl/token`, as `ENDPOINT TOKEN`.
+fn login_cache() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("pmctl").join("token"))
+}
+
+/// The token to send: --token, else --token-file's, else the login cache's for `endpoint`.
+fn token(cli: &Cli) -> anyhow::Result<Option<String>> {
+    if let Some(t) = &cli.token {
+        return Ok(Some(t.clone()));
+    }
+    if let Some(path) = &cli.token_file {
+        let t = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?;
+        return Ok(Some(t.trim().to_owned()));
+    }
+    let cached = login_cache().and_then(|p| std::fs::read_to_string(p).ok());
+    Ok(cached.and_then(|c| {
+        let (endpoint, token) = c.trim().split_once(' ')?;
+        (endpoint == cli.endpoint).then(|| token.to_owned())
+    }))
+}
+
 /// Runs one command; errors are printed by the caller.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let channel = pm_proto::client::channel(&cli.endpoint)
         .with_context(|| format!("bad endpoint {:?}", cli.endpoint))?;
+    let bearer = Bearer::new(token(&cli)?.as_deref()).map_err(anyhow::Error::msg)?;
     let out = Printer { output: cli.output };
+    let c = Conn { channel, bearer };
     match cli.command {
-        Command::App { command } => app(channel, &out, command).await,
-        Command::Pipeline { command } => pipeline(channel, &out, command).await,
-        Command::Submit(args) => submit(channel, &out, args).await,
-        Command::Task { command } => task(channel, &out, command).await,
+        Command::App { command } => app(c, &out, command).await,
+        Command::Pipeline { command } => pipeline(c, &out, command).await,
+        Command::Submit(args) => submit(c, &out, args).await,
+        Command::Task { command } => task(c, &out, command).await,
+        Command::Client { command } => client(c, &out, command).await,
+        Command::Login {
+            client_id,
+            client_secret,
+        } => login(&cli.endpoint, c, client_id, client_secret).await,
     }
+}
+
+/// A connection to the gateway and the token its calls carry.
+struct Conn {
+    channel: Channel,
+    bearer: Bearer,
+}
+
+impl Conn {
+    fn pipelines(self) -> PipelineServiceClient<AuthedChannel> {
+        pm_proto::client::pipelines_with(self.channel, self.bearer)
+    }
+
+    fn tasks(self) -> TaskServiceClient<AuthedChannel> {
+        pm_proto::client::tasks_with(self.channel, self.bearer)
+    }
+
+    fn tenants(self) -> TenantServiceClient<AuthedChannel> {
+        pm_proto::client::tenants_with(self.channel, self.bearer)
+    }
+}
+
+async fn login(
+    endpoint: &str,
+    c: Conn,
+    client_id: String,
+    client_secret: String,
+) -> anyhow::Result<ExitCode> {
+    let issued = pm_proto::client::auth(c.channel)
+        .issue_token(IssueTokenRequest {
+            client_id,
+            client_secret,
+        })
+        .await?
+        .into_inner();
+    let path = login_cache().context("no HOME to keep the token in")?;
+    let dir = path.parent().expect("a file in a directory");
+    std::fs::create_dir_all(dir)?;
+    let line = format!("{endpoint} {}\n", issued.access_token);
+    pm_auth::secret::write_private_file(&path, line.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!(
+        "pmctl: logged in to {endpoint}; the token lasts {} s (kept in {})",
+        issued.expires_in_seconds,
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn client(c: Conn, out: &Printer, command: ClientCommand) -> anyhow::Result<ExitCode> {
+    let mut clients = c.tenants();
+    match command {
+        ClientCommand::Create {
+            tenant,
+            roles,
+            pipelines,
+            priority,
+            display_name,
+        } => {
+            let roles = roles
+                .iter()
+                .map(|r| {
+                    pm_auth::Role::parse(r)
+                        .map(|r| r.to_wire() as i32)
+                        .with_context(|| format!("{r:?} is not a role (tenant-admin, submitter, viewer, agent, platform-admin)"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let pipelines = pipelines
+                .iter()
+                .map(|p| pipeline_name(p).map(|n| n.to_string()))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let created = clients
+                .create_client(CreateClientRequest {
+                    parent: format!("tenants/{tenant}"),
+                    client: Some(Client {
+                        display_name,
+                        priority,
+                        roles,
+                        pipelines,
+                        ..Client::default()
+                    }),
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.CreateClientResponse", &created, || {
+                let c = created.client.clone().unwrap_or_default();
+                println!("client_id      {}", c.client_id);
+                println!("client_secret  {}", created.client_secret);
+                println!("name           {}", c.name);
+                eprintln!("pmctl: the secret is not shown again; keep it now");
+            });
+        }
+        ClientCommand::List { tenant } => {
+            let listed = clients
+                .list_clients(ListClientsRequest {
+                    parent: format!("tenants/{tenant}"),
+                    page_size: 1000,
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner();
+            out.message("pm.v1.ListClientsResponse", &listed, || {
+                println!("{:<26} {:<10} ROLES", "CLIENT_ID", "PRIORITY");
+                for c in &listed.clients {
+                    let roles: Vec<&str> = c
+                        .roles
+                        .iter()
+                        .filter_map(|r| pm_auth::Role::from_wire(*r))
+                        .map(|r| r.as_str())
+                        .collect();
+                    println!(
+                        "{:<26} {:<10} {}",
+                        c.client_id,
+                        c.priority.unwrap_or(pm_spec::limits::DEFAULT_PRIORITY),
+                        roles.join(",")
+                    );
+                }
+            });
+        }
+        ClientCommand::Delete { client } => {
+            let name = match client.split_once('/') {
+                Some((t, id)) if !client.starts_with("tenants/") => {
+                    format!("tenants/{t}/clients/{id}")
+                }
+                _ => client.clone(),
+            };
+            clients
+                .delete_client(DeleteClientRequest { name: name.clone() })
+                .await?;
+            if out.output == Output::Table {
+                println!("deleted {name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn application(short: &str) -> anyhow::Result<ApplicationName> {
@@ -194,8 +410,8 @@ fn task_name(short: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("task {short:?}: {e} (or TENANT/APP/PIPELINE/ID)"))
 }
 
-async fn app(channel: Channel, out: &Printer, command: AppCommand) -> anyhow::Result<ExitCode> {
-    let mut client = pm_proto::client::pipelines(channel);
+async fn app(c: Conn, out: &Printer, command: AppCommand) -> anyhow::Result<ExitCode> {
+    let mut client = c.pipelines();
     match command {
         AppCommand::Create { app } => {
             let name = application(&app)?;
@@ -231,12 +447,8 @@ async fn app(channel: Channel, out: &Printer, command: AppCommand) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
-async fn pipeline(
-    channel: Channel,
-    out: &Printer,
-    command: PipelineCommand,
-) -> anyhow::Result<ExitCode> {
-    let mut client = pm_proto::client::pipelines(channel);
+async fn pipeline(c: Conn, out: &Printer, command: PipelineCommand) -> anyhow::Result<ExitCode> {
+    let mut client = c.pipelines();
     match command {
         PipelineCommand::Apply { file, app, name } => {
             let document = std::fs::read_to_string(&file)
@@ -309,7 +521,7 @@ fn print_pipeline(p: &Pipeline) {
     }
 }
 
-async fn submit(channel: Channel, out: &Printer, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+async fn submit(c: Conn, out: &Printer, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let mut params = HashMap::new();
     for pair in &args.params {
         let Some((k, v)) = pair.split_once('=') else {
@@ -324,7 +536,7 @@ async fn submit(channel: Channel, out: &Printer, args: SubmitArgs) -> anyhow::Re
         )),
         None => None,
     };
-    let mut client = pm_proto::client::tasks(channel);
+    let mut client = c.tasks();
     let task = client
         .submit_task(SubmitTaskRequest {
             parent: pipeline_name(&args.pipeline)?.to_string(),
@@ -347,8 +559,8 @@ async fn submit(channel: Channel, out: &Printer, args: SubmitArgs) -> anyhow::Re
     Ok(exit_for(state))
 }
 
-async fn task(channel: Channel, out: &Printer, command: TaskCommand) -> anyhow::Result<ExitCode> {
-    let mut client = pm_proto::client::tasks(channel);
+async fn task(c: Conn, out: &Printer, command: TaskCommand) -> anyhow::Result<ExitCode> {
+    let mut client = c.tasks();
     match command {
         TaskCommand::Get { task } => {
             let got = client
@@ -478,7 +690,7 @@ fn step_label(step: &Option<StepRef>) -> String {
 /// Follows a task to its end: spinners per step on a terminal, plain lines otherwise, one
 /// JSON event per line with `--output json`. Returns the final state.
 async fn watch(
-    client: &mut TaskServiceClient<Channel>,
+    client: &mut TaskServiceClient<AuthedChannel>,
     out: &Printer,
     name: String,
 ) -> anyhow::Result<TaskState> {

@@ -2,7 +2,7 @@
 //! binaries run, wired over loopback gRPC, with the embedded metadata store instead of etcd.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -12,9 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::Request;
 
 use pm_cluster::EmbeddedStore;
+use pm_proto::client::Credentials;
 use pm_proto::v1::pipeline_service_server::PipelineService;
-use pm_proto::v1::{ApplyPipelineRequest, CreateApplicationRequest, apply_pipeline_request};
-use pm_tenant_service::Catalog;
+use pm_proto::v1::tenant_service_server::TenantService;
+use pm_proto::v1::{
+    ApplyPipelineRequest, Client, CreateApplicationRequest, ListClientsRequest,
+    apply_pipeline_request,
+};
+use pm_tenant_service::{Catalog, Issuer};
 
 /// The sample pipeline `pm dev` applies as `default/demo/ocr`.
 pub const SAMPLE_PIPELINE: &str = include_str!("../../examples/ocr.yaml");
@@ -31,12 +36,24 @@ pub struct DevOptions {
     pub sample: bool,
     /// Tasks the embedded agent runs at once.
     pub slots: u32,
+    /// Turn authentication on: every call needs a token; a platform admin's token is kept
+    /// fresh in `<data_dir>/admin.token`.
+    pub auth: bool,
 }
+
+/// The platform admin's token, rewritten while `pm dev --auth` runs.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The platform admin's client id and secret (`id:secret`), written once.
+pub const ADMIN_CLIENT_FILE: &str = "admin.client";
+/// How often admin.token is rewritten (tokens last 15 minutes).
+const ADMIN_TOKEN_REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A running `pm dev`.
 pub struct Dev {
     /// The gateway's address.
     pub addr: SocketAddr,
+    /// With `--auth`: the platform admin's credentials.
+    pub admin: Option<Credentials>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -52,7 +69,13 @@ impl Dev {
         std::fs::create_dir_all(&options.data_dir)
             .with_context(|| format!("cannot create {}", options.data_dir.display()))?;
         let store = Arc::new(EmbeddedStore::open(options.data_dir.join("metadata.bin"))?);
-        seed(&Catalog::new(store.clone()), options.sample).await?;
+        let catalog = Catalog::new(store.clone());
+        seed(&catalog, options.sample).await?;
+        let admin = if options.auth {
+            Some(admin(&catalog, &options.data_dir).await?)
+        } else {
+            None
+        };
 
         let gateway = TcpListener::bind(&options.listen)
             .await
@@ -62,6 +85,7 @@ impl Dev {
             pm_scheduler_shard::Options::default(),
             Some(&options.data_dir.join("shard")),
         )?;
+        let store_for_tokens: Arc<dyn pm_cluster::MetadataStore> = store.clone();
         let tenant_service = TcpListener::bind("127.0.0.1:0").await?;
         let shard = TcpListener::bind("127.0.0.1:0").await?;
         let upstreams = pm_gateway::Upstreams {
@@ -88,8 +112,14 @@ impl Dev {
             }
         });
         let stop = shutdown.clone();
+        let auth = options.auth;
         tasks.spawn(async move {
-            if let Err(e) = pm_gateway::run(gateway, upstreams, stop.cancelled_owned()).await {
+            let security = pm_gateway::Security {
+                auth,
+                origins: pm_gateway::Origins::Localhost,
+            };
+            let served = pm_gateway::run(gateway, upstreams, security, stop.cancelled_owned());
+            if let Err(e) = served.await {
                 tracing::error!(error = %e, "gateway stopped");
             }
         });
@@ -104,9 +134,37 @@ impl Dev {
                 ..pm_agent::RunnerOptions::default()
             },
             drain_timeout: std::time::Duration::from_secs(5),
+            // The platform admin serves every pipeline.
+            credentials: admin
+                .as_ref()
+                .map(|a| a.credentials.clone())
+                .unwrap_or_default(),
         };
         tasks.spawn(pm_agent::run(agent, shutdown.clone()));
+        if let Some(admin) = &admin {
+            let (issuer, client) = (Issuer::new(store_for_tokens), admin.client.clone());
+            let path = options.data_dir.join(ADMIN_TOKEN_FILE);
+            let first = issuer.token_for(&client, DEFAULT_TENANT).await?;
+            write_private(&path, first.as_bytes())?;
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(ADMIN_TOKEN_REFRESH) => {}
+                    }
+                    let written = match issuer.token_for(&client, DEFAULT_TENANT).await {
+                        Ok(token) => write_private(&path, token.as_bytes()),
+                        Err(e) => Err(anyhow::anyhow!("{e}")),
+                    };
+                    if let Err(e) = written {
+                        tracing::warn!(error = %e, "admin.token not refreshed");
+                    }
+                }
+            });
+        }
         Ok(Dev {
+            admin: admin.map(|a| a.credentials),
             addr,
             shutdown,
             tasks,
@@ -118,6 +176,69 @@ impl Dev {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// The bootstrap platform admin of a `pm dev --auth` data dir.
+struct Admin {
+    client: Client,
+    credentials: Credentials,
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    pm_auth::secret::write_private_file(path, bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The platform admin: made on the first `--auth` start (its secret saved in admin.client),
+/// read back on later ones.
+async fn admin(catalog: &Catalog, data_dir: &Path) -> anyhow::Result<Admin> {
+    let path = data_dir.join(ADMIN_CLIENT_FILE);
+    if let Some(created) = catalog
+        .bootstrap_admin(DEFAULT_TENANT)
+        .await
+        .map_err(|s| anyhow::anyhow!("cannot create the platform admin: {}", s.message()))?
+    {
+        let client = created.client.unwrap_or_default();
+        let line = format!("{}:{}\n", client.client_id, created.client_secret);
+        write_private(&path, line.as_bytes())?;
+        return Ok(Admin {
+            credentials: Credentials::Client {
+                id: client.client_id.clone(),
+                secret: created.client_secret,
+            },
+            client,
+        });
+    }
+    let saved = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "this data dir has a platform admin, but its secret ({}) is gone",
+            path.display()
+        )
+    })?;
+    let (id, secret) = saved
+        .trim()
+        .split_once(':')
+        .with_context(|| format!("{} is not `id:secret`", path.display()))?;
+    let client = catalog
+        .list_clients(Request::new(ListClientsRequest {
+            parent: format!("tenants/{DEFAULT_TENANT}"),
+            page_size: 1000,
+            page_token: String::new(),
+        }))
+        .await
+        .map_err(|s| anyhow::anyhow!("cannot read the clients: {}", s.message()))?
+        .into_inner()
+        .clients
+        .into_iter()
+        .find(|c| c.client_id == id)
+        .with_context(|| format!("the platform admin of {} was deleted", path.display()))?;
+    Ok(Admin {
+        client,
+        credentials: Credentials::Client {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+        },
+    })
 }
 
 /// The `default` tenant, and with `sample` the `demo` application and its `ocr` pipeline.

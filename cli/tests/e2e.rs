@@ -15,6 +15,10 @@ use pm_proto::v1::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// `pm dev --auth`: the authorization table and the forgeries.
+#[path = "e2e/auth.rs"]
+mod auth;
+
 struct Harness {
     dev: Dev,
     dir: tempfile::TempDir,
@@ -33,6 +37,7 @@ async fn start_with_slots(slots: u32) -> Harness {
         listen: "127.0.0.1:0".into(),
         sample: true,
         slots,
+        auth: false,
     })
     .await
     .unwrap();

@@ -1,5 +1,6 @@
 //! Agents' streams through the gateway: the gateway reads Hello to learn which pipelines the
-//! agent serves, opens the same stream to the shard that owns them, and splices the two.
+//! agent serves (within its token's scope), opens the same stream to the shard that owns
+//! them, and splices the two.
 
 use futures::Stream;
 use std::pin::Pin;
@@ -10,6 +11,8 @@ use tonic::{Request, Response, Status, Streaming};
 use pm_proto::v1::agent_service_server::AgentService;
 use pm_proto::v1::{AgentMessage, ServerMessage, agent_message};
 
+use crate::auth::Caller;
+use crate::authz::{self, Rpc};
 use crate::routing::Routes;
 
 pub struct Agents {
@@ -22,6 +25,38 @@ impl Agents {
     }
 }
 
+/// Confines an agent's Hello to the pipelines its token names: an empty list becomes those
+/// pipelines, one outside them is PERMISSION_DENIED. Only a platform admin (or anyone with
+/// auth off) serves every pipeline.
+#[allow(clippy::result_large_err)]
+fn scope(caller: &Caller, pipelines: &mut Vec<String>) -> Result<(), Status> {
+    let Caller::Token(claims) = caller else {
+        return Ok(());
+    };
+    if claims.is_platform_admin() {
+        return Ok(());
+    }
+    if pipelines.is_empty() {
+        if claims.pipelines.is_empty() {
+            return Err(Status::permission_denied(format!(
+                "{} may serve no pipeline; serving every pipeline takes a platform admin",
+                claims.sub
+            )));
+        }
+        pipelines.clone_from(&claims.pipelines);
+        return Ok(());
+    }
+    for (i, p) in pipelines.iter().enumerate() {
+        if !claims.pipelines.contains(p) {
+            return Err(Status::permission_denied(format!(
+                "hello.pipelines[{i}]: {} may not serve {p}",
+                claims.sub
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl AgentService for Agents {
     type ConnectStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
@@ -30,8 +65,11 @@ impl AgentService for Agents {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let caller = Caller::of(&request)?;
+        authz::authorize(&caller, Rpc::Connect, None)?;
         let mut inbound = request.into_inner();
-        let h = pm_proto::agent::read_hello(&mut inbound).await?;
+        let mut h = pm_proto::agent::read_hello(&mut inbound).await?;
+        scope(&caller, &mut h.pipelines)?;
         let pipelines = h.pipelines.clone();
         let hello = AgentMessage {
             message: Some(agent_message::Message::Hello(h)),

@@ -7,8 +7,12 @@
 //! - [`agents`]: agents' `Connect` streams, spliced to the owning shard.
 //! - [`routing`]: which upstream serves what; [`pipelines`]: the pipeline cache submits are
 //!   validated against.
+//! - [`auth`]: who is calling (bearer tokens verified here); [`authz`]: the authorization
+//!   table every handler asks.
 
 pub mod agents;
+pub mod auth;
+pub mod authz;
 pub mod config;
 pub mod enqueue;
 pub mod error;
@@ -20,6 +24,7 @@ use std::future::Future;
 
 use http::header::HeaderName;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use pm_proto::MAX_MESSAGE_BYTES;
@@ -29,14 +34,59 @@ use pm_proto::v1::pipeline_service_server::PipelineServiceServer;
 use pm_proto::v1::task_service_server::TaskServiceServer;
 use pm_proto::v1::tenant_service_server::TenantServiceServer;
 
+pub use auth::Authenticator;
 pub use error::Error;
 pub use routing::{Routes, Upstreams};
 
-/// Browsers may call from any origin in this version (auth is off); they need to read the
-/// gRPC status headers.
-fn cors() -> CorsLayer {
+/// Which web origins browsers may call the gateway from (grpc-web).
+#[derive(Debug, Clone, Default)]
+pub enum Origins {
+    /// Only the gateway's own (no cross-origin call is allowed).
+    #[default]
+    SameOnly,
+    /// `http(s)://localhost`, `127.0.0.1` or `[::1]`, any port: a developer's machine.
+    Localhost,
+    /// These exact origins (`https://console.example.com`).
+    List(Vec<String>),
+    /// Any origin (tokens still apply).
+    Any,
+}
+
+/// How the gateway checks its callers.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Verify bearer tokens and authorize every call (`false`: everyone may do everything).
+    pub auth: bool,
+    pub origins: Origins,
+}
+
+fn is_localhost(origin: &[u8]) -> bool {
+    let Ok(origin) = std::str::from_utf8(origin) else {
+        return false;
+    };
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = match rest.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => rest,
+    };
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+}
+
+/// CORS for browsers of the allowed origins; they need to read the gRPC status headers.
+fn cors(origins: &Origins) -> CorsLayer {
+    let allow = match origins {
+        Origins::SameOnly => AllowOrigin::list([]),
+        Origins::Localhost => AllowOrigin::predicate(|o, _| is_localhost(o.as_bytes())),
+        Origins::List(list) => AllowOrigin::list(list.iter().filter_map(|o| o.parse().ok())),
+        Origins::Any => AllowOrigin::mirror_request(),
+    };
     CorsLayer::new()
-        .allow_origin(AllowOrigin::mirror_request())
+        .allow_origin(allow)
         .allow_headers(Any)
         .allow_methods([http::Method::POST, http::Method::OPTIONS])
         .expose_headers([
@@ -50,43 +100,83 @@ fn cors() -> CorsLayer {
 pub async fn run(
     listener: TcpListener,
     upstreams: Upstreams,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let cancel = tokio_util::sync::CancellationToken::new();
     let _stop_watching = cancel.clone().drop_guard();
-    let routes = Routes::new(&upstreams, cancel).await?;
+    let routes = Routes::new(&upstreams, cancel.clone()).await?;
+    let authn = if security.auth {
+        Authenticator::fetching(&routes, cancel).await
+    } else {
+        Authenticator::open()
+    };
+    // Every service but token issuance, health and reflection sees only authenticated calls.
+    let guard = |authn: &Authenticator| {
+        let authn = authn.clone();
+        move |request| authn.intercept(request)
+    };
     let (_health, health_service) = pm_proto::server::health();
-    tracing::info!(addr = ?listener.local_addr().ok(), ?upstreams, "gateway serving");
+    tracing::info!(addr = ?listener.local_addr().ok(), ?upstreams, ?security, "gateway serving");
     pm_proto::server::builder()
         // grpc-web arrives over HTTP/1.1.
         .accept_http1(true)
         // Outermost: CORS answers preflights before anything else looks at the request.
-        .layer(cors())
+        .layer(cors(&security.origins))
         // Then grpc-web is translated to gRPC for every service below.
         .layer(tonic_web::GrpcWebLayer::new())
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
-        .add_service(
+        .add_service(InterceptedService::new(
             TaskServiceServer::new(tasks::Tasks::new(routes.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+            guard(&authn),
+        ))
+        .add_service(InterceptedService::new(
             TenantServiceServer::new(config::Config::new(routes.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+            guard(&authn),
+        ))
+        .add_service(InterceptedService::new(
             PipelineServiceServer::new(config::Config::new(routes.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(AuthServiceServer::new(config::Auth))
-        .add_service(
+            guard(&authn),
+        ))
+        .add_service(AuthServiceServer::new(config::Auth::new(routes.clone())))
+        .add_service(InterceptedService::new(
             AgentServiceServer::new(agents::Agents::new(routes))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            guard(&authn),
+        ))
         .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_localhost;
+
+    #[test]
+    fn localhost_origins_are_loopback_hosts_on_any_port() {
+        for ok in [
+            "http://localhost:5173",
+            "http://127.0.0.1",
+            "https://[::1]:8443",
+        ] {
+            assert!(is_localhost(ok.as_bytes()), "{ok}");
+        }
+        for no in [
+            "http://localhost.evil.com",
+            "http://evil.com:80",
+            "http://127.0.0.1.evil.com:1",
+            "localhost",
+            "file://localhost",
+        ] {
+            assert!(!is_localhost(no.as_bytes()), "{no}");
+        }
+    }
 }

@@ -22,6 +22,28 @@ struct Args {
     /// ring, instead of --shard.
     #[arg(long, env = "PM_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
+    /// Let every caller do everything, with no token (as `pm dev` does). Only for a gateway
+    /// that nobody else can reach.
+    #[arg(long, env = "PM_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Web origins browsers may call from (grpc-web), comma-separated: exact origins
+    /// (`https://console.example.com`), `localhost` for loopback origins on any port, or `*`.
+    /// None by default: only the gateway's own pages.
+    #[arg(long, env = "PM_ALLOW_ORIGINS", value_delimiter = ',')]
+    allow_origins: Vec<String>,
+}
+
+fn origins(given: &[String]) -> pm_gateway::Origins {
+    use pm_gateway::Origins;
+    if given.iter().any(|o| o == "*") {
+        Origins::Any
+    } else if given.iter().any(|o| o == "localhost") {
+        Origins::Localhost
+    } else if given.is_empty() {
+        Origins::SameOnly
+    } else {
+        Origins::List(given.to_vec())
+    }
 }
 
 #[tokio::main]
@@ -40,7 +62,21 @@ async fn main() -> std::process::ExitCode {
         shard: args.shard,
         etcd: args.etcd,
     };
-    match pm_gateway::run(listener, upstreams, pm_proto::server::shutdown_signal()).await {
+    if args.insecure_no_auth {
+        tracing::warn!("authentication is OFF: every caller may do everything");
+    }
+    let security = pm_gateway::Security {
+        auth: !args.insecure_no_auth,
+        origins: origins(&args.allow_origins),
+    };
+    match pm_gateway::run(
+        listener,
+        upstreams,
+        security,
+        pm_proto::server::shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pm-gateway: {e:#}");

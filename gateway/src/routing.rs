@@ -18,10 +18,12 @@ use tonic::{Code, Status};
 
 use pm_cluster::{Member, Membership};
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
+use pm_proto::internal::v1::token_keys_client::TokenKeysClient;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueResponse};
 use pm_proto::names::PipelineName;
 use pm_proto::status::NotOwner;
 use pm_proto::v1::agent_service_client::AgentServiceClient;
+use pm_proto::v1::auth_service_client::AuthServiceClient;
 use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
 use pm_proto::v1::tenant_service_client::TenantServiceClient;
 
@@ -44,6 +46,8 @@ const RING_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Routes {
+    /// tenant-service.
+    catalog: Channel,
     tenants: TenantServiceClient<Channel>,
     pipelines: PipelineServiceClient<Channel>,
     cache: Arc<PipelineCache>,
@@ -72,7 +76,8 @@ impl Routes {
             membership
         };
         Ok(Self {
-            tenants: pm_proto::client::tenants(catalog),
+            tenants: pm_proto::client::tenants(catalog.clone()),
+            catalog,
             cache,
             pipelines,
             membership,
@@ -86,6 +91,16 @@ impl Routes {
 
     pub fn pipelines(&self) -> PipelineServiceClient<Channel> {
         self.pipelines.clone()
+    }
+
+    /// tenant-service's token issuance.
+    pub fn auth(&self) -> AuthServiceClient<Channel> {
+        pm_proto::client::auth(self.catalog.clone())
+    }
+
+    /// tenant-service's public signing keys.
+    pub fn token_keys(&self) -> TokenKeysClient<Channel> {
+        pm_proto::client::token_keys(self.catalog.clone())
     }
 
     /// Pipeline versions as submits are validated against them.

@@ -24,6 +24,8 @@ use pm_proto::v1::{
 use pm_spec::limits::DEFAULT_PRIORITY;
 use pm_spec::validate::{check_priority, check_timeout};
 
+use crate::auth::Caller;
+use crate::authz::{self, Rpc, tenant_of};
 use crate::enqueue::{Coalescer, Prepared, enqueue};
 use crate::error::{Error, status_of};
 use crate::pipelines::PipelineVersion;
@@ -53,7 +55,11 @@ impl Tasks {
 
     /// Checks one submit against its pipeline and builds what the shard queues: a task of
     /// the pipeline's version names its spec by id; an inline task carries its own.
-    fn prepare(version: &Arc<PipelineVersion>, req: SubmitTaskRequest) -> Result<Prepared, Error> {
+    fn prepare(
+        version: &Arc<PipelineVersion>,
+        req: SubmitTaskRequest,
+        caller: &Caller,
+    ) -> Result<Prepared, Error> {
         let pipeline = &version.pipeline;
         check_priority("priority", req.priority)?;
         check_timeout("timeout_seconds", req.timeout_seconds)?;
@@ -101,19 +107,26 @@ impl Tasks {
                 idempotency_key: req.idempotency_key,
                 timeout_seconds: req.timeout_seconds,
                 inline,
+                // Its fair share and its quota are counted per client.
+                client: caller.client().to_owned(),
                 ..Task::default()
             }),
             spec,
             spec_id,
-            // Client priorities arrive with authentication; until then every client is equal.
-            client_priority: DEFAULT_PRIORITY,
+            // The client's own, from its token: never from the request.
+            client_priority: caller.priority(),
         };
         Ok(Prepared { task, version })
     }
 
-    /// Validates a batch (each task on its own) and queues the valid ones on their shards.
-    /// A lone submit joins the [`Coalescer`]; a batch goes as one Enqueue per pipeline.
-    async fn submit(&self, requests: Vec<SubmitTaskRequest>) -> Vec<SubmitTaskResult> {
+    /// Authorizes and validates a batch (each task on its own) and queues the valid ones on
+    /// their shards. A lone submit joins the [`Coalescer`]; a batch goes as one Enqueue per
+    /// pipeline.
+    async fn submit(
+        &self,
+        caller: &Caller,
+        requests: Vec<SubmitTaskRequest>,
+    ) -> Vec<SubmitTaskResult> {
         let mut outcomes: Vec<Option<Result<Task, pm_proto::v1::Error>>> =
             vec![None; requests.len()];
         let mut pipelines: HashMap<String, Result<Arc<PipelineVersion>, Status>> = HashMap::new();
@@ -121,6 +134,10 @@ impl Tasks {
         let mut by_pipeline: HashMap<PipelineName, Vec<(usize, Prepared)>> = HashMap::new();
         let alone = requests.len() == 1;
         for (i, req) in requests.into_iter().enumerate() {
+            if let Err(denied) = authz::authorize(caller, Rpc::SubmitTask, tenant_of(&req.parent)) {
+                outcomes[i] = Some(Err(Error::Upstream(denied).into()));
+                continue;
+            }
             let name = match PipelineName::parse(&req.parent) {
                 Ok(name) => name,
                 Err(e) => {
@@ -134,7 +151,7 @@ impl Tasks {
                 pipelines.insert(key.clone(), fetched);
             }
             let prepared = match &pipelines[&key] {
-                Ok(pipeline) => Self::prepare(pipeline, req),
+                Ok(pipeline) => Self::prepare(pipeline, req, caller),
                 Err(status) => Err(Error::Upstream(status.clone())),
             };
             match prepared {
@@ -179,7 +196,8 @@ impl TaskService for Tasks {
         &self,
         request: Request<SubmitTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let mut results = self.submit(vec![request.into_inner()]).await;
+        let caller = authz::check(&request, Rpc::SubmitTask, &request.get_ref().parent)?;
+        let mut results = self.submit(&caller, vec![request.into_inner()]).await;
         match results.pop().and_then(|r| r.outcome) {
             Some(submit_task_result::Outcome::Task(task)) => Ok(Response::new(task)),
             Some(submit_task_result::Outcome::Error(e)) => Err(status_of(e)),
@@ -191,6 +209,9 @@ impl TaskService for Tasks {
         &self,
         request: Request<SubmitTasksRequest>,
     ) -> Result<Response<SubmitTasksResponse>, Status> {
+        // The role here; each task's tenant on its own below.
+        let caller = Caller::of(&request)?;
+        authz::authorize(&caller, Rpc::SubmitTasks, None)?;
         let requests = request.into_inner().requests;
         if requests.is_empty() || requests.len() > MAX_BATCH {
             return Err(Error::invalid(
@@ -199,11 +220,12 @@ impl TaskService for Tasks {
             )
             .into());
         }
-        let results = self.submit(requests).await;
+        let results = self.submit(&caller, requests).await;
         Ok(Response::new(SubmitTasksResponse { results }))
     }
 
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        authz::check(&request, Rpc::GetTask, &request.get_ref().name)?;
         let req = request.into_inner();
         let name = task_name(&req.name)?;
         let routes = &self.routes;
@@ -221,6 +243,7 @@ impl TaskService for Tasks {
         &self,
         request: Request<WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        authz::check(&request, Rpc::WatchTask, &request.get_ref().name)?;
         let req = request.into_inner();
         let name = task_name(&req.name)?;
         let open = {
@@ -289,6 +312,7 @@ impl TaskService for Tasks {
         &self,
         request: Request<CancelTaskRequest>,
     ) -> Result<Response<Task>, Status> {
+        authz::check(&request, Rpc::CancelTask, &request.get_ref().name)?;
         let req = request.into_inner();
         let name = task_name(&req.name)?;
         self.routes
@@ -303,6 +327,7 @@ impl TaskService for Tasks {
         &self,
         request: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
+        authz::check(&request, Rpc::ListTasks, &request.get_ref().parent)?;
         let req = request.into_inner();
         let pipeline = PipelineName::parse(&req.parent)
             .map_err(|e| Error::invalid("parent", e.to_string()))?;

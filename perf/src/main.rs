@@ -532,6 +532,8 @@ impl Bench {
                 tenants.endpoint.clone(),
                 "--shard".into(),
                 shard.endpoint.clone(),
+                // The hot path as measured before auth; `auth` measures its cost.
+                "--insecure-no-auth".into(),
             ],
             self.dir.path(),
         )

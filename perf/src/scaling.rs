@@ -64,6 +64,7 @@ pub async fn run(
             e.clone(),
             "--tenant-service".into(),
             tenants.endpoint.clone(),
+            "--insecure-no-auth".into(),
         ],
         dir,
     )

@@ -53,6 +53,7 @@ fn agent(shard: &Shard, id: &str, slots: u32, work: &Path, drain: Duration) -> C
                 ..pm_agent::RunnerOptions::default()
             },
             drain_timeout: drain,
+            credentials: Default::default(),
         },
         stop.clone(),
     ));

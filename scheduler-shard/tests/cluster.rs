@@ -4,7 +4,9 @@
 //! is SIGKILLed and restarted with the same identity and disk. After each change the agents
 //! must keep finishing work; at the end every acknowledged task must be DONE and have run
 //! (duplicates are counted and allowed, losses are not), and each change must have moved
-//! about 1/S of the ring's keys.
+//! about 1/S of the ring's keys. Authentication is on, as in production: the test, its
+//! gateways' clients and the agents hold tokens of the platform admin that tenant-service
+//! bootstraps.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -20,6 +22,8 @@ use common::free_port;
 
 use pm_cluster::testing::Etcd;
 use pm_cluster::{Membership, Ring};
+use pm_proto::client::{AuthedChannel, Bearer, Credentials};
+use pm_proto::v1::task_service_client::TaskServiceClient;
 use pm_proto::v1::{
     ApplyPipelineRequest, CreateApplicationRequest, CreateTenantRequest, GetTaskRequest,
     PipelineSpec, SubmitTaskRequest, SubmitTasksRequest, TaskEvent, TaskState, WatchTaskRequest,
@@ -130,6 +134,13 @@ struct Cluster {
     dir: PathBuf,
     etcd: String,
     tenant_service: String,
+    /// The platform admin's client id and secret.
+    admin: (String, String),
+}
+
+/// The task service of `gateway`, calling with `bearer`'s token.
+fn tasks(gateway: &str, bearer: &Bearer) -> TaskServiceClient<AuthedChannel> {
+    pm_proto::client::tasks_with(pm_proto::client::channel(gateway).unwrap(), bearer.clone())
 }
 
 impl Cluster {
@@ -184,6 +195,10 @@ impl Cluster {
             "4",
             "--work-root",
             &self.dir.join("work").display().to_string(),
+            "--client-id",
+            &self.admin.0,
+            "--client-secret",
+            &self.admin.1,
         ]
         .map(String::from);
         Proc::spawn("pm-agent", &args, &self.dir.join(format!("agent-{n}.log")))
@@ -249,12 +264,13 @@ struct Load {
 
 async fn submitter(
     gateway: String,
+    bearer: Bearer,
     pipelines: Arc<Vec<String>>,
     load: Arc<Load>,
     stop: CancellationToken,
     n: usize,
 ) {
-    let mut client = pm_proto::client::tasks(pm_proto::client::channel(&gateway).unwrap());
+    let mut client = tasks(&gateway, &bearer);
     let mut i = n;
     while !stop.is_cancelled() {
         let requests = (0..BATCH)
@@ -307,6 +323,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
     let etcd = Etcd::start();
     let tenant_port = free_port();
+    let admin_file = dir.join("admin.client");
     let _tenant = Proc::spawn(
         "pm-tenant-service",
         &[
@@ -314,13 +331,29 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
             etcd.endpoint.clone(),
             "--listen".into(),
             format!("127.0.0.1:{tenant_port}"),
+            "--bootstrap-admin-file".into(),
+            admin_file.display().to_string(),
         ],
         &dir.join("tenant.log"),
     );
+    // Written before tenant-service listens.
+    let mut saved = None;
+    until(
+        "the platform admin is made",
+        Duration::from_secs(30),
+        async || {
+            saved = std::fs::read_to_string(&admin_file).ok();
+            saved.is_some()
+        },
+    )
+    .await;
+    let saved = saved.unwrap();
+    let (id, secret) = saved.trim().split_once(':').expect("id:secret");
     let cluster = Cluster {
         dir: dir.clone(),
         etcd: etcd.endpoint.clone(),
         tenant_service: format!("http://127.0.0.1:{tenant_port}"),
+        admin: (id.to_owned(), secret.to_owned()),
     };
 
     // The test's own view of the ring, as the gateways build it.
@@ -350,7 +383,22 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     // Configuration through a gateway, stored in etcd by tenant-service.
     let log = dir.join("runs.log");
     let channel = pm_proto::client::channel(&gw0).unwrap();
-    let mut tenants = pm_proto::client::tenants(channel.clone());
+    let mut token = None;
+    until(
+        "the gateway issues a token",
+        Duration::from_secs(30),
+        async || {
+            let admin = Credentials::Client {
+                id: cluster.admin.0.clone(),
+                secret: cluster.admin.1.clone(),
+            };
+            token = admin.token(&channel).await.ok().flatten();
+            token.is_some()
+        },
+    )
+    .await;
+    let bearer = Bearer::new(token.as_deref()).unwrap();
+    let mut tenants = pm_proto::client::tenants_with(channel.clone(), bearer.clone());
     until("the gateway serves", Duration::from_secs(30), async || {
         let r = tenants
             .create_tenant(CreateTenantRequest {
@@ -361,7 +409,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         r.is_ok() || r.is_err_and(|s| s.code() == Code::AlreadyExists)
     })
     .await;
-    let mut config = pm_proto::client::pipelines(channel);
+    let mut config = pm_proto::client::pipelines_with(channel, bearer.clone());
     config
         .create_application(CreateApplicationRequest {
             parent: "tenants/c".into(),
@@ -398,6 +446,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         .map(|n| {
             tokio::spawn(submitter(
                 gateways[n % 2].clone(),
+                bearer.clone(),
                 pipelines.clone(),
                 load.clone(),
                 stop.clone(),
@@ -436,9 +485,9 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         .map(|(i, name)| {
             let endpoint = gateways[i % 2].clone();
             let name = name.clone();
+            let bearer = bearer.clone();
             tokio::spawn(async move {
-                let mut client =
-                    pm_proto::client::tasks(pm_proto::client::channel(&endpoint).unwrap());
+                let mut client = tasks(&endpoint, &bearer);
                 let mut events = client
                     .watch_task(WatchTaskRequest { name })
                     .await
@@ -554,7 +603,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     }
 
     // Every acknowledged task ends DONE, whichever shard holds it now.
-    let mut tasks = pm_proto::client::tasks(pm_proto::client::channel(&gw1).unwrap());
+    let mut tasks = tasks(&gw1, &bearer);
     let mut pending: Vec<String> = acked.clone();
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut last_states = BTreeMap::new();

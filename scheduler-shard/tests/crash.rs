@@ -198,6 +198,7 @@ fn start_agent(
                 ..pm_agent::RunnerOptions::default()
             },
             drain_timeout: Duration::from_secs(1),
+            credentials: Default::default(),
         },
         stop.clone(),
     ));

@@ -30,6 +30,10 @@ enum Command {
         /// Tasks the embedded agent runs at once.
         #[arg(long, default_value_t = 8)]
         slots: u32,
+        /// Turn authentication on: every call needs a token, and a platform admin's token is
+        /// kept fresh in `<data-dir>/admin.token` (its credentials in admin.client).
+        #[arg(long)]
+        auth: bool,
     },
 }
 
@@ -41,6 +45,7 @@ async fn main() -> std::process::ExitCode {
         listen,
         no_sample,
         slots,
+        auth,
     } = Cli::parse().command;
     if slots == 0 {
         eprintln!("pm dev: --slots must be at least 1");
@@ -51,7 +56,9 @@ async fn main() -> std::process::ExitCode {
         listen,
         sample: !no_sample,
         slots,
+        auth,
     };
+    let token_file = options.data_dir.join(pm_cli::dev::ADMIN_TOKEN_FILE);
     let dev = match Dev::start(options).await {
         Ok(dev) => dev,
         Err(e) => {
@@ -60,10 +67,23 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let endpoint = dev.endpoint();
-    eprintln!("pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth off)");
-    eprintln!(
-        "pm dev: try  pmctl --endpoint {endpoint} submit default/demo/ocr --param url=file:///etc/hostname --wait"
-    );
+    if auth {
+        eprintln!(
+            "pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth ON: a platform admin's token is in {})",
+            token_file.display()
+        );
+        eprintln!(
+            "pm dev: try  PM_TOKEN_FILE={} pmctl --endpoint {endpoint} submit default/demo/ocr --param url=file:///etc/hostname --wait",
+            token_file.display()
+        );
+    } else {
+        eprintln!(
+            "pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth OFF: anyone who reaches this port controls everything; --auth turns it on)"
+        );
+        eprintln!(
+            "pm dev: try  pmctl --endpoint {endpoint} submit default/demo/ocr --param url=file:///etc/hostname --wait"
+        );
+    }
     pm_proto::server::shutdown_signal().await;
     dev.stop().await;
     std::process::ExitCode::SUCCESS
