@@ -1,10 +1,17 @@
 //! The executor: runs one command with `sh -c` in the task's work directory and reports how
 //! it ended.
 //!
+//! A command's environment is built, never inherited: PATH, HOME (the work directory), the
+//! variables the operator allowed (`--pass-env`), and the step's own (`PM_*`, parameters).
+//! The agent's own variables (its credentials among them) never reach a job.
+//!
 //! Each command gets its own process group, so a timeout or a cancel reaches everything it
 //! started, background children included: SIGTERM to the group, then SIGKILL after a grace
 //! period. When the shell itself exits, whatever it left running in its group is killed too:
-//! a step is over when its command is. Output is captured up to a bound per stream (marked
+//! a step is over when its command is. Descendants that left the group (`setsid`, daemons)
+//! are found by the step's own `PM_STEP_ID` in their environment and killed as well; only a
+//! process that also dropped that variable (`env -i`) escapes (a cgroup per job would
+//! close that, where one is available). Output is captured up to a bound per stream (marked
 //! when cut) and handed to `on_output` as it arrives.
 
 use std::path::Path;
@@ -27,6 +34,9 @@ pub struct Step<'a> {
     /// The command after parameter substitution.
     pub command: &'a str,
     pub work_dir: &'a Path,
+    /// This process's variables a job may see (see [`base_env`]).
+    pub base_env: &'a [(String, String)],
+    /// The step's own variables: `PM_*` and the task's parameters.
     pub env: &'a [(String, String)],
     /// Kill the step at this instant.
     pub deadline: Option<Instant>,
@@ -34,6 +44,26 @@ pub struct Step<'a> {
     pub output_limit: usize,
     /// Between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+}
+
+/// PATH when this process has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What a job's environment starts from: this process's PATH (or a default) and the
+/// variables named in `allow` that this process has. Nothing else of it.
+pub fn base_env(allow: &[String]) -> Vec<(String, String)> {
+    let mut env = vec![(
+        "PATH".to_owned(),
+        std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned()),
+    )];
+    for name in allow {
+        if name != "PATH"
+            && let Ok(value) = std::env::var(name)
+        {
+            env.push((name.clone(), value));
+        }
+    }
+    env
 }
 
 /// Bytes kept of one output stream.
@@ -86,6 +116,50 @@ async fn pump(
     }
 }
 
+/// The variable that tells a step's processes apart from every other's.
+pub const STEP_ID_VAR: &str = "PM_STEP_ID";
+
+/// Kills every process whose environment holds `marker` (`PM_STEP_ID=...`), and the groups
+/// they lead: a step's descendants that left its process group. A few passes, for processes
+/// that forked while being killed.
+fn kill_marked(marker: &str) {
+    let mut needle = marker.as_bytes().to_vec();
+    needle.push(0);
+    for _ in 0..3 {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let mut found = 0;
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // Another user's process, or one gone meanwhile: not ours either way.
+            let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            let ours = environ
+                .split_inclusive(|b| *b == 0)
+                .any(|var| var == needle.as_slice());
+            if ours {
+                found += 1;
+                let pid = Pid::from_raw(pid);
+                if nix::unistd::getpgid(Some(pid)).is_ok_and(|g| g == pid) {
+                    let _ = killpg(pid, Signal::SIGKILL);
+                }
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            }
+        }
+        if found == 0 {
+            return;
+        }
+    }
+}
+
 fn signal_group(pgid: Option<u32>, signal: Signal) {
     if let Some(pgid) = pgid {
         // ESRCH (the group is gone already) is the good case.
@@ -108,12 +182,17 @@ pub async fn run_step(
     mut on_output: impl FnMut(OutputStream, &str),
 ) -> StepResult {
     let started = Instant::now();
+    let step_id = format!("{:016x}", rand::random::<u64>());
     let mut command = Command::new("sh");
     command
         .arg("-c")
         .arg(step.command)
         .current_dir(step.work_dir)
+        .env_clear()
+        .env("HOME", step.work_dir)
+        .envs(step.base_env.iter().map(|(k, v)| (k, v)))
         .envs(step.env.iter().map(|(k, v)| (k, v)))
+        .env(STEP_ID_VAR, &step_id)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -184,8 +263,11 @@ pub async fn run_step(
             }
         }
     };
-    // Whatever the command left behind in its group goes with it; then the pipes close.
+    // Whatever the command left behind in its group goes with it, and whatever left the group
+    // still carrying this step's id; then the pipes close.
     signal_group(pgid, Signal::SIGKILL);
+    let marker = format!("{STEP_ID_VAR}={step_id}");
+    let _ = tokio::task::spawn_blocking(move || kill_marked(&marker)).await;
     // A process that left the group (setsid) could hold a pipe open: bound the drain.
     let drain_until = Instant::now() + Duration::from_secs(2);
     while output_open {
@@ -254,6 +336,7 @@ mod tests {
         Step {
             command,
             work_dir: dir,
+            base_env: &[],
             env: &[],
             deadline: None,
             output_limit: 1024,
@@ -286,6 +369,74 @@ mod tests {
         .await;
         assert_eq!(r.stdout.len(), 1024);
         assert!(r.stdout_truncated && !r.stderr_truncated);
+    }
+
+    #[tokio::test]
+    async fn a_job_sees_only_its_own_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        // This test process has many variables (CARGO_*, its own HOME...): none may show.
+        let base = vec![
+            ("PATH".to_owned(), "/usr/bin:/bin".to_owned()),
+            ("ALLOWED".to_owned(), "yes".to_owned()),
+        ];
+        let env = vec![("PM_TASK_ID".to_owned(), "t1".to_owned())];
+        let s = Step {
+            base_env: &base,
+            env: &env,
+            ..step("env | sort", dir.path())
+        };
+        let r = run_step(&s, &CancellationToken::new(), |_, _| {}).await;
+        let mut names: Vec<&str> = r
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        // sh itself may add PWD, SHLVL and `_`; nothing of this test process's environment.
+        names.retain(|n| !["PWD", "SHLVL", "_", "OLDPWD"].contains(n));
+        assert_eq!(
+            names,
+            ["ALLOWED", "HOME", "PATH", STEP_ID_VAR, "PM_TASK_ID"],
+            "{}",
+            r.stdout
+        );
+        assert!(r.stdout.contains(&format!("HOME={}", dir.path().display())));
+    }
+
+    #[tokio::test]
+    async fn descendants_that_left_the_group_die_with_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        // One escapes into its own session and would outlive a timeout; another is left
+        // running, in its own session, by a step that ends well.
+        let command = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 60' & \
+                       while [ ! -s escaped.pid ]; do :; done; sleep 60";
+        let mut s = step(command, dir.path());
+        s.deadline = Some(Instant::now() + Duration::from_millis(300));
+        let r = run_step(&s, &CancellationToken::new(), |_, _| {}).await;
+        assert!(r.timed_out);
+        let command = "setsid sh -c 'echo $$ > daemon.pid; exec sleep 60' > /dev/null 2>&1 & \
+                       while [ ! -s daemon.pid ]; do :; done";
+        let r = run_step(
+            &step(command, dir.path()),
+            &CancellationToken::new(),
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(r.exit_code, 0, "{r:?}");
+        for file in ["escaped.pid", "daemon.pid"] {
+            let pid: i32 = std::fs::read_to_string(dir.path().join(file))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !gone(pid) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{file}: {pid} outlived its step"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 
     /// Whether a process is gone: no such pid, or a zombie waiting for its reaper.

@@ -45,6 +45,15 @@ struct Args {
         value_name = "NAME=SOCKET"
     )]
     sidecars: Vec<String>,
+    /// A variable of the agent's environment that jobs on the host may see (besides PATH;
+    /// none other is passed); repeat.
+    #[arg(
+        long = "pass-env",
+        env = "PM_PASS_ENV",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pass_env: Vec<String>,
     /// Also serve the direct RunnerService on this address.
     #[arg(long, env = "PM_RUNNER_LISTEN")]
     runner_listen: Option<String>,
@@ -78,9 +87,21 @@ enum Command {
     },
     /// Serve commands inside an executor container, on a Unix socket on the shared volume.
     ExecServer {
-        /// e.g. /mnt/pipe/wget.sock
+        /// e.g. /mnt/pipe/.sockets/wget.sock (mode 0600: only this user may connect).
         #[arg(long)]
         socket: PathBuf,
+        /// Work directories it accepts must be inside this one (the shared volume).
+        #[arg(long, default_value = "/mnt/pipe")]
+        work_root: PathBuf,
+        /// Most bytes of stdout and of stderr kept per step, whatever the agent asks.
+        #[arg(long, default_value_t = 1024 * 1024)]
+        max_output_bytes: u64,
+        /// A variable of this container's environment its jobs may see; repeat.
+        #[arg(long = "pass-env", value_name = "NAME")]
+        pass_env: Vec<String>,
+        /// Let this group id use the socket too (mode 0660).
+        #[arg(long)]
+        socket_group: Option<u32>,
     },
 }
 
@@ -88,8 +109,22 @@ enum Command {
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     let args = Args::parse();
-    if let Some(Command::ExecServer { socket }) = &args.command {
-        return match pm_agent::sidecar::serve(socket, pm_proto::server::shutdown_signal()).await {
+    if let Some(Command::ExecServer {
+        socket,
+        work_root,
+        max_output_bytes,
+        pass_env,
+        socket_group,
+    }) = &args.command
+    {
+        let options = pm_agent::sidecar::ExecServerOptions {
+            work_root: work_root.clone(),
+            max_output_bytes: *max_output_bytes,
+            pass_env: pass_env.clone(),
+            socket_group: *socket_group,
+        };
+        let served = pm_agent::sidecar::serve(socket, options, pm_proto::server::shutdown_signal());
+        return match served.await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("pm-agent exec-server: {e:#}");
@@ -101,6 +136,7 @@ async fn main() -> std::process::ExitCode {
         let runner = RunnerOptions {
             work_root: args.work_root.clone(),
             keep_failed_work_dirs: args.keep_failed_work_dirs,
+            pass_env: args.pass_env.clone(),
             ..RunnerOptions::default()
         };
         return pm_agent::runner_service::run_locally(runner, file, params).await;
@@ -121,6 +157,7 @@ async fn main() -> std::process::ExitCode {
         work_root: args.work_root,
         keep_failed_work_dirs: args.keep_failed_work_dirs,
         sidecars,
+        pass_env: args.pass_env,
         ..RunnerOptions::default()
     };
     let shutdown = CancellationToken::new();

@@ -42,6 +42,9 @@ pub struct RunnerOptions {
     /// Executors in their own containers, by name: jobs on them run through the exec-server
     /// at the socket. Other executors run on the agent's host.
     pub sidecars: Sidecars,
+    /// Variables of the agent's environment that jobs on the host may see (besides PATH);
+    /// no other is passed. Sidecar jobs get their exec-server's own allowlist instead.
+    pub pass_env: Vec<String>,
 }
 
 impl Default for RunnerOptions {
@@ -53,6 +56,7 @@ impl Default for RunnerOptions {
             keep_failed_work_dirs: false,
             retry_backoff: Duration::from_millis(500),
             sidecars: Sidecars::new(),
+            pass_env: Vec::new(),
         }
     }
 }
@@ -193,6 +197,7 @@ async fn run_job(
     env.push(("PM_WORK_DIR".into(), work_dir.display().to_string()));
     env.push(("PM_STAGE".into(), stage.to_owned()));
     env.push(("PM_JOB".into(), job.name.clone()));
+    let base_env = crate::executor::base_env(&options.pass_env);
 
     let mut result = JobResult {
         stage: stage.to_owned(),
@@ -243,6 +248,7 @@ async fn run_job(
             let step = Step {
                 command: &command,
                 work_dir,
+                base_env: &base_env,
                 env: &env,
                 deadline,
                 output_limit: options.output_limit,

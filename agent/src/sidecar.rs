@@ -29,8 +29,36 @@ use pm_proto::v1::{OutputStream, StepResult};
 
 use crate::executor::{self, Step};
 
+/// How an exec-server confines what it is asked to run.
+#[derive(Debug, Clone)]
+pub struct ExecServerOptions {
+    /// Work directories must be inside it (the shared volume, `/mnt/pipe`).
+    pub work_root: PathBuf,
+    /// Most bytes of stdout and of stderr kept per step, whatever the caller asks.
+    pub max_output_bytes: u64,
+    /// Variables of this container's environment that its jobs may see (besides PATH).
+    pub pass_env: Vec<String>,
+    /// Let this group use the socket too (mode 0660); else only this user (0600).
+    pub socket_group: Option<u32>,
+}
+
+impl Default for ExecServerOptions {
+    fn default() -> Self {
+        Self {
+            work_root: PathBuf::from("/mnt/pipe"),
+            max_output_bytes: 1024 * 1024,
+            pass_env: Vec::new(),
+            socket_group: None,
+        }
+    }
+}
+
 struct ExecServer {
     socket: PathBuf,
+    /// `work_root`, resolved.
+    work_root: PathBuf,
+    max_output_bytes: u64,
+    base_env: Vec<(String, String)>,
 }
 
 #[tonic::async_trait]
@@ -58,6 +86,22 @@ impl ExecService for ExecServer {
                 ),
             ));
         }
+        // Resolved, so `..` and symlinks cannot lead out of the work root.
+        let work_dir = work_dir
+            .canonicalize()
+            .map_err(|e| pm_proto::status::invalid_argument("work_dir", &e.to_string()))?;
+        if work_dir == self.work_root || !work_dir.starts_with(&self.work_root) {
+            return Err(pm_proto::status::invalid_argument(
+                "work_dir",
+                &format!(
+                    "{} is not inside this exec-server's work root {}",
+                    work_dir.display(),
+                    self.work_root.display()
+                ),
+            ));
+        }
+        let output_limit = req.output_limit.min(self.max_output_bytes);
+        let base_env = self.base_env.clone();
         let mut env: Vec<(String, String)> = req.env.into_iter().collect();
         env.push((
             "PM_SIDECAR_SOCKET".into(),
@@ -77,10 +121,11 @@ impl ExecService for ExecServer {
             let step = Step {
                 command: &req.command,
                 work_dir: &work_dir,
+                base_env: &base_env,
                 env: &env,
                 deadline: (req.timeout_ms > 0)
                     .then(|| Instant::now() + Duration::from_millis(req.timeout_ms)),
-                output_limit: usize::try_from(req.output_limit).unwrap_or(usize::MAX),
+                output_limit: usize::try_from(output_limit).unwrap_or(usize::MAX),
                 kill_grace: Duration::from_millis(req.kill_grace_ms),
             };
             let result = executor::run_step(&step, &cancel, |stream, data| {
@@ -105,18 +150,39 @@ impl ExecService for ExecServer {
 }
 
 /// Serves the exec-server on a Unix socket at `socket` until `shutdown`. A stale socket
-/// file from an earlier run is replaced.
+/// file from an earlier run is replaced. The socket is this user's only (0600), or also its
+/// group's (0660) with `socket_group`: whoever can connect runs commands here.
 pub async fn serve(
     socket: &Path,
+    options: ExecServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let work_root = options
+        .work_root
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("work root {}: {e}", options.work_root.display()))?;
     if socket.exists() {
         std::fs::remove_file(socket)?;
     }
     let listener = UnixListener::bind(socket)?;
-    tracing::info!(socket = %socket.display(), "exec-server serving");
+    // Between bind and chmod the socket has the umask's mode: its directory should be
+    // private too (the shared volume's .sockets/).
+    let mode = if options.socket_group.is_some() {
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = options.socket_group {
+        std::os::unix::fs::chown(socket, None, Some(gid))?;
+    }
+    tracing::info!(socket = %socket.display(), work_root = %work_root.display(), "exec-server serving");
     let server = ExecServer {
         socket: socket.to_owned(),
+        work_root,
+        max_output_bytes: options.max_output_bytes,
+        base_env: executor::base_env(&options.pass_env),
     };
     pm_proto::server::builder()
         .add_service(ExecServiceServer::new(server).max_decoding_message_size(MAX_MESSAGE_BYTES))

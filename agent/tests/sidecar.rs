@@ -22,11 +22,17 @@ impl Drop for ExecServer {
     }
 }
 
-fn exec_server(socket: &Path) -> ExecServer {
+fn exec_server(socket: &Path, work_root: &Path, extra: &[&str]) -> ExecServer {
+    std::fs::create_dir_all(work_root).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_pm-agent"))
         .arg("exec-server")
         .arg("--socket")
         .arg(socket)
+        .arg("--work-root")
+        .arg(work_root)
+        .args(extra)
+        .env("PM_TEST_SECRET", "leaked")
+        .env("PM_TEST_ALLOWED", "passed")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -90,7 +96,7 @@ fn gone(pid: i32) -> bool {
 async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("wget.sock");
-    let _server = exec_server(&socket);
+    let _server = exec_server(&socket, &dir.path().join("work"), &[]);
     let options = RunnerOptions {
         work_root: dir.path().join("work"),
         kill_grace: Duration::from_millis(300),
@@ -207,4 +213,91 @@ async fn an_unreachable_sidecar_is_a_step_that_could_not_start() {
     let step = &result.jobs[0].steps[0];
     assert_eq!(step.exit_code, 127);
     assert!(step.stderr.contains("nobody.sock"), "{}", step.stderr);
+}
+
+/// What an exec-server lets through its socket: only its user, only work dirs inside its
+/// work root, at most its own output limit, and only the environment it allows.
+#[tokio::test]
+async fn the_exec_server_confines_what_it_is_asked_to_run() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use hyper_util::rt::TokioIo;
+    use pm_proto::internal::v1::{ExecRequest, exec_event};
+    use tonic::transport::{Endpoint, Uri};
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("x.sock");
+    let root = dir.path().join("work");
+    let _server = exec_server(
+        &socket,
+        &root,
+        &["--max-output-bytes", "100", "--pass-env", "PM_TEST_ALLOWED"],
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+
+    let path = socket.clone();
+    let channel = Endpoint::from_static("http://sidecar")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = pm_proto::client::exec(channel);
+    let task_dir = root.join("t1");
+    std::fs::create_dir_all(&task_dir).unwrap();
+    let request = |work_dir: &Path, command: &str| ExecRequest {
+        command: command.into(),
+        work_dir: work_dir.display().to_string(),
+        env: [("PM_TASK_ID".to_owned(), "t1".to_owned())].into(),
+        output_limit: u64::MAX,
+        timeout_ms: 30_000,
+        kill_grace_ms: 100,
+    };
+    for outside in [Path::new("/"), dir.path(), &root, &root.join("t1/../..")] {
+        let refused = client.exec(request(outside, "true")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{outside:?}");
+        assert_eq!(
+            pm_proto::status::violated_field(&refused).as_deref(),
+            Some("work_dir")
+        );
+    }
+    // Inside: runs, with the output cut at the server's limit and a clean environment.
+    let mut events = client
+        .exec(request(
+            &task_dir,
+            "env | sort; head -c 5000 /dev/zero | tr '\\0' x",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let result = loop {
+        match events.message().await.unwrap().unwrap().event {
+            Some(exec_event::Event::Finished(r)) => break r,
+            _ => continue,
+        }
+    };
+    assert_eq!(result.stdout.len(), 100, "{result:?}");
+    assert!(result.stdout_truncated);
+    let mut events = client
+        .exec(request(&task_dir, "env"))
+        .await
+        .unwrap()
+        .into_inner();
+    let result = loop {
+        match events.message().await.unwrap().unwrap().event {
+            Some(exec_event::Event::Finished(r)) => break r,
+            _ => continue,
+        }
+    };
+    assert!(
+        result.stdout.contains("PM_TEST_ALLOWED=passed"),
+        "{}",
+        result.stdout
+    );
+    assert!(result.stdout.contains("PM_TASK_ID=t1"));
+    assert!(!result.stdout.contains("leaked"), "{}", result.stdout);
 }

@@ -130,7 +130,8 @@ impl Dev {
             slots: options.slots,
             executors: Vec::new(),
             runner: pm_agent::RunnerOptions {
-                work_root: options.data_dir.join("work"),
+                // Beside the data dir, not in it: a job's `..` is not the shard's files.
+                work_root: work_root(&options.data_dir),
                 ..pm_agent::RunnerOptions::default()
             },
             drain_timeout: std::time::Duration::from_secs(5),
@@ -176,6 +177,14 @@ impl Dev {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// Where the embedded agent makes task work directories: `<data-dir>.work`, a sibling of the
+/// data dir (created 0700).
+pub fn work_root(data_dir: &Path) -> PathBuf {
+    let mut name = data_dir.file_name().unwrap_or_default().to_owned();
+    name.push(".work");
+    data_dir.with_file_name(name)
 }
 
 /// The bootstrap platform admin of a `pm dev --auth` data dir.

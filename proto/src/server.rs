@@ -5,6 +5,14 @@ use std::time::Duration;
 
 use tonic_health::server::HealthReporter;
 
+/// Makes every file and directory this process creates from now on its user's only (umask
+/// 077: files 0600, directories 0700): tasks, metadata and credentials live in them. The
+/// shard, tenant-service and `pm dev` call it first thing; the agent does not, since its
+/// work directories are shared with executor containers.
+pub fn private_files() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 /// The server builder every pm server starts from: HTTP/2 keepalive, so dead peers of
 /// long-lived streams are noticed.
 pub fn builder() -> tonic::transport::Server {

@@ -53,6 +53,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
+    pm_proto::server::private_files();
     let args = Args::parse();
     if args.lease_ttl_seconds == 0 {
         eprintln!("pm-shard: --lease-ttl-seconds must be at least 1");

@@ -77,6 +77,25 @@ fn item(spec: &PipelineSpec) -> EnqueueTask {
     }
 }
 
+/// Everything under a shard's data dir is its user's only: directories 0700, files 0600.
+fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut seen = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", path.display());
+        seen += 1;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+        }
+    }
+    assert!(seen > 2, "the store made files");
+}
+
 async fn wait_ready(endpoint: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -343,6 +362,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     // the lease, and the shard (which replayed it) lets it keep the task.
     shard.kill();
     let _shard = Shard::start(&dir_path, port, 1);
+    assert_private(&dir_path.join("data"));
     wait_ready(&endpoint).await;
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
     let done = loop {

@@ -41,6 +41,7 @@ async fn store(args: &Args) -> anyhow::Result<Arc<dyn pm_cluster::MetadataStore>
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
+    pm_proto::server::private_files();
     let args = Args::parse();
     let store = match store(&args).await {
         Ok(store) => store,

@@ -40,6 +40,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
+    pm_proto::server::private_files();
     let Command::Dev {
         data_dir,
         listen,
