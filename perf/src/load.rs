@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
+use pm_proto::client::{AuthedChannel, Bearer};
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
 use pm_proto::v1::task_service_client::TaskServiceClient;
@@ -69,7 +70,7 @@ pub enum Target {
     },
     /// Through the gateway's public TaskService, round-robin over `pipelines`.
     Gateway {
-        client: TaskServiceClient<Channel>,
+        client: TaskServiceClient<AuthedChannel>,
         pipelines: Arc<Vec<String>>,
         next: usize,
     },
@@ -92,10 +93,20 @@ impl Target {
     }
 
     pub fn connect(endpoint: &str, gateway: bool, pipeline: &str) -> anyhow::Result<Target> {
+        Self::connect_as(endpoint, gateway, pipeline, Bearer::default())
+    }
+
+    /// The same, sending `bearer`'s token (to a gateway with auth on).
+    pub fn connect_as(
+        endpoint: &str,
+        gateway: bool,
+        pipeline: &str,
+        bearer: Bearer,
+    ) -> anyhow::Result<Target> {
         let channel = pm_proto::client::channel(endpoint)?;
         Ok(if gateway {
             Target::Gateway {
-                client: pm_proto::client::tasks(channel),
+                client: pm_proto::client::tasks_with(channel, bearer),
                 pipelines: Arc::new(vec![pipeline.to_owned()]),
                 next: 0,
             }

@@ -16,6 +16,7 @@ use clap::Parser;
 use serde_json::json;
 
 use load::{AgentStats, Measured, Target};
+use pm_proto::client::Bearer;
 use procs::Proc;
 
 const PIPELINE: &str = "tenants/perf/applications/bench/pipelines/noop";
@@ -43,7 +44,8 @@ struct Args {
     /// restart, scaling (default all; scaling needs an etcd, /usr/bin/etcd or PM_ETCD_BIN).
     /// `submit` includes an unsynced baseline; `gateway` the direct baseline and a run over 10
     /// tenants x 10 pipelines; `null` the null-gRPC floors (pm-null); `peers` the shape the
-    /// peers were measured in (8 agents x 1 and x 16 slots, dispatch at 1k/5k/10k per s).
+    /// peers were measured in (8 agents x 1 and x 16 slots, dispatch at 1k/5k/10k per s);
+    /// `auth` submits through a gateway with auth off and on, and the token check's cost.
     scenarios: Vec<String>,
 }
 
@@ -511,41 +513,61 @@ impl Bench {
         Ok(())
     }
 
-    /// tenant-service, a shard and a gateway in front of them, with the tenant `perf`, the
-    /// application `bench` and the no-op pipeline applied through the public API.
+    /// tenant-service, a shard and a gateway in front of them (auth off: the hot path as
+    /// measured before auth), with the tenant `perf`, the application `bench` and the no-op
+    /// pipeline applied through the public API.
     async fn stack(&self, name: &str) -> anyhow::Result<Stack> {
+        Ok(self.stack_with(name, false).await?.0)
+    }
+
+    /// The same, with auth on or off; with it on, also the platform admin's token.
+    async fn stack_with(&self, name: &str, auth: bool) -> anyhow::Result<(Stack, Bearer)> {
         let bin = self.args.bin_dir.clone();
         let meta = self.path(&format!("{name}-tenant-service"));
-        let tenants = Proc::start(
-            &bin,
-            "pm-tenant-service",
-            &["--data-dir".into(), meta.display().to_string()],
-            self.dir.path(),
-        )
-        .await?;
+        let admin_file = self.path(&format!("{name}-admin.client"));
+        let mut args = vec!["--data-dir".into(), meta.display().to_string()];
+        if auth {
+            args.extend([
+                "--bootstrap-admin-file".into(),
+                admin_file.display().to_string(),
+            ]);
+        }
+        let tenants = Proc::start(&bin, "pm-tenant-service", &args, self.dir.path()).await?;
         let shard = self.shard(&format!("{name}-shard")).await?;
-        let gateway = Proc::start(
-            &bin,
-            "pm-gateway",
-            &[
-                "--tenant-service".into(),
-                tenants.endpoint.clone(),
-                "--shard".into(),
-                shard.endpoint.clone(),
-                // The hot path as measured before auth; `auth` measures its cost.
-                "--insecure-no-auth".into(),
-            ],
-            self.dir.path(),
-        )
-        .await?;
+        let mut args = vec![
+            "--tenant-service".into(),
+            tenants.endpoint.clone(),
+            "--shard".into(),
+            shard.endpoint.clone(),
+        ];
+        if !auth {
+            args.push("--insecure-no-auth".into());
+        }
+        let gateway = Proc::start(&bin, "pm-gateway", &args, self.dir.path()).await?;
         let channel = pm_proto::client::channel(&gateway.endpoint)?;
-        pm_proto::client::tenants(channel.clone())
+        let token = if auth {
+            // Written before tenant-service listens, so it is there now.
+            let saved = std::fs::read_to_string(&admin_file)?;
+            let (id, secret) = saved
+                .trim()
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("{} is not id:secret", admin_file.display()))?;
+            let admin = pm_proto::client::Credentials::Client {
+                id: id.into(),
+                secret: secret.into(),
+            };
+            admin.token(&channel).await?
+        } else {
+            None
+        };
+        let bearer = Bearer::new(token.as_deref()).map_err(anyhow::Error::msg)?;
+        pm_proto::client::tenants_with(channel.clone(), bearer.clone())
             .create_tenant(pm_proto::v1::CreateTenantRequest {
                 tenant_id: "perf".into(),
                 tenant: None,
             })
             .await?;
-        let mut pipelines = pm_proto::client::pipelines(channel);
+        let mut pipelines = pm_proto::client::pipelines_with(channel, bearer.clone());
         pipelines
             .create_application(pm_proto::v1::CreateApplicationRequest {
                 parent: "tenants/perf".into(),
@@ -562,11 +584,50 @@ impl Bench {
                 )),
             })
             .await?;
-        Ok(Stack {
+        let stack = Stack {
             tenants,
             shard,
             gateway,
-        })
+        };
+        Ok((stack, bearer))
+    }
+
+    /// The cost of authentication on the submit path: the same unary submits through a
+    /// gateway with auth off, then on (a token per client, verified on every call), back to
+    /// back; and the token check itself, cold (a new token each time) and remembered.
+    async fn auth(&mut self) -> anyhow::Result<()> {
+        for on in [false, true] {
+            self.settle()?;
+            let name = if on { "auth-on" } else { "auth-off" };
+            let (stack, bearer) = self.stack_with(name, on).await?;
+            let targets = (0..self.args.connections)
+                .map(|_| {
+                    Target::connect_as(&stack.gateway.endpoint, true, PIPELINE, bearer.clone())
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let all = [&stack.gateway, &stack.tenants, &stack.shard];
+            let (label, scenario) = if on {
+                (
+                    "submit through the gateway, auth on",
+                    "submit_via_gateway_auth_on",
+                )
+            } else {
+                (
+                    "submit through the gateway, auth off",
+                    "submit_via_gateway_auth_off",
+                )
+            };
+            self.unary_64(label, scenario, &targets, &all).await;
+            stack.stop();
+        }
+        let (cold, warm) = auth_check_cost();
+        println!("  token check: {cold:.1} us cold (signature), {warm:.2} us remembered");
+        self.results.push(json!({
+            "scenario": "token_check",
+            "cold_us": cold,
+            "remembered_us": warm,
+        }));
+        Ok(())
     }
 
     /// The same closed-loop submit through the gateway (with tenant-service behind it) and
@@ -728,6 +789,42 @@ impl Bench {
     }
 }
 
+/// Microseconds per token check: cold (2,000 distinct tokens, each's signature verified) and
+/// remembered (the same token 100,000 times), on one core of this process.
+fn auth_check_cost() -> (f64, f64) {
+    use pm_auth::{Claims, KeyPair, Role, Signer, Verifier};
+    let key = KeyPair::generate();
+    let verifier = Verifier::default();
+    verifier.set_keys([(key.kid.clone(), key.public_key.clone())]);
+    let signer = Signer::new(&key);
+    let now = pm_auth::unix_secs();
+    let tokens: Vec<String> = (0..2_000)
+        .map(|i| {
+            signer.sign(&Claims {
+                iss: String::new(),
+                sub: format!("tenants/perf/clients/c{i}"),
+                tenant: "perf".into(),
+                roles: vec![Role::Submitter],
+                priority: 10,
+                pipelines: vec![],
+                iat: now,
+                exp: now + 600,
+            })
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    for t in &tokens {
+        verifier.verify(t).expect("a fresh token verifies");
+    }
+    let cold = start.elapsed().as_secs_f64() * 1e6 / tokens.len() as f64;
+    let start = std::time::Instant::now();
+    for _ in 0..100_000 {
+        verifier.verify(&tokens[0]).expect("remembered");
+    }
+    let warm = start.elapsed().as_secs_f64() * 1e6 / 100_000.0;
+    (cold, warm)
+}
+
 fn pick(results: &[serde_json::Value], scenario: &str, key: &str) -> f64 {
     results
         .iter()
@@ -746,7 +843,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let all = [
         "submit", "batch", "latency", "dispatch", "cycle", "gateway", "null", "peers", "restart",
-        "scaling",
+        "scaling", "auth",
     ];
     let chosen: Vec<String> =
         if args.scenarios.is_empty() || args.scenarios.iter().any(|s| s == "all") {
@@ -818,6 +915,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if which.contains(&"restart") {
         bench.restart().await?;
+    }
+    if which.contains(&"auth") {
+        bench.auth().await?;
     }
     if which.contains(&"scaling") {
         let rate = if bench.args.quick { 2_000.0 } else { 5_000.0 };
