@@ -33,3 +33,8 @@ done
 grep -q 'etcd-2=http://etcd-2.etcd:2380' "$out/prod.yaml" \
     || { echo "prod: ETCD_INITIAL_CLUSTER does not list three members" >&2; exit 1; }
 grep -q 'preStop' "$out/prod.yaml" || { echo "prod: the shards have no preStop" >&2; exit 1; }
+# The internal ports are closed to all but their callers (docs/security.md).
+for overlay in dev prod; do
+    [ "$(grep -c '^kind: NetworkPolicy' "$out/$overlay.yaml")" -eq 3 ] \
+        || { echo "$overlay: expected NetworkPolicies for tenant-service, shards and etcd" >&2; exit 1; }
+done
