@@ -779,3 +779,78 @@ async fn grpc_web_and_cors_are_served_on_the_same_port() {
     );
     h.dev.stop().await;
 }
+
+/// A tenant's `quota.max_queued_tasks` counts its unfinished tasks (READY or running): past
+/// it a submit is RESOURCE_EXHAUSTED, and a finished task frees its place.
+#[tokio::test]
+async fn a_tenant_quota_refuses_submits_past_it() {
+    let mut h = start().await;
+    let channel = pm_proto::client::channel(&h.dev.endpoint()).unwrap();
+    pm_proto::client::tenants(channel)
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "small".into(),
+            tenant: Some(Tenant {
+                quota: Some(Quota {
+                    max_queued_tasks: 1,
+                }),
+                ..Tenant::default()
+            }),
+        })
+        .await
+        .unwrap();
+    h.pipelines
+        .create_application(CreateApplicationRequest {
+            parent: "tenants/small".into(),
+            application_id: "a".into(),
+            application: None,
+        })
+        .await
+        .unwrap();
+    h.pipelines
+        .apply_pipeline(ApplyPipelineRequest {
+            parent: "tenants/small/applications/a".into(),
+            pipeline_id: "slow".into(),
+            source: Some(apply_pipeline_request::Source::SpecDocument(
+                "stages: [{name: s, jobs: [{name: j, commands: [\"sleep 60\"]}]}]".into(),
+            )),
+        })
+        .await
+        .unwrap();
+    let submit = || SubmitTaskRequest {
+        parent: "tenants/small/applications/a/pipelines/slow".into(),
+        ..SubmitTaskRequest::default()
+    };
+    let first = h.tasks.submit_task(submit()).await.unwrap().into_inner();
+    let refused = h.tasks.submit_task(submit()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("small"), "{refused:?}");
+    // In a batch, each task on its own: one place, taken.
+    let batch = h
+        .tasks
+        .submit_tasks(SubmitTasksRequest {
+            requests: vec![submit(), submit()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for r in &batch.results {
+        let Some(submit_task_result::Outcome::Error(e)) = &r.outcome else {
+            panic!("accepted past the quota: {r:?}")
+        };
+        assert_eq!(Code::from(e.code), Code::ResourceExhausted);
+    }
+    h.tasks
+        .cancel_task(CancelTaskRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .unwrap();
+    let (cancelled, _) = h.finish(&first.name).await;
+    assert_eq!(state(&cancelled), TaskState::Cancelled);
+    let second = h.tasks.submit_task(submit()).await.unwrap().into_inner();
+    h.tasks
+        .cancel_task(CancelTaskRequest { name: second.name })
+        .await
+        .unwrap();
+    h.dev.stop().await;
+}

@@ -1,5 +1,6 @@
-//! The gateway's cache of pipelines. Every submit is validated against its pipeline's
-//! current version; asking tenant-service each time cost a second RPC per task. An apply or a
+//! The gateway's cache of pipelines (with their tenant's quota). Every submit is validated
+//! against its pipeline's current version; asking tenant-service each time cost a second RPC
+//! per task. An apply or a
 //! delete through this gateway drops the entry at once. Misses (NOT_FOUND) are not cached,
 //! so a new pipeline is usable immediately.
 //!
@@ -19,7 +20,8 @@ use tonic::transport::Channel;
 
 use pm_proto::names::PipelineName;
 use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
-use pm_proto::v1::{GetPipelineRequest, Pipeline};
+use pm_proto::v1::tenant_service_client::TenantServiceClient;
+use pm_proto::v1::{GetPipelineRequest, GetTenantRequest, Pipeline};
 
 /// How long a cached pipeline version is trusted without a watch.
 pub const TTL: Duration = Duration::from_secs(2);
@@ -37,10 +39,14 @@ const MAX_ENTRIES: usize = 100_000;
 pub struct PipelineVersion {
     pub pipeline: Pipeline,
     pub spec_id: pm_spec::SpecId,
+    /// Its tenant's `quota.max_queued_tasks` (0: none). A tenant's quota is set when it is
+    /// made and cannot change while it has pipelines, so it is cached with them.
+    pub tenant_max_queued_tasks: u64,
 }
 
 pub struct PipelineCache {
     client: PipelineServiceClient<Channel>,
+    tenants: TenantServiceClient<Channel>,
     entries: Mutex<HashMap<String, (Arc<PipelineVersion>, Instant)>>,
     /// Whether the etcd watch is following changes right now.
     watching: AtomicBool,
@@ -50,9 +56,13 @@ pub struct PipelineCache {
 }
 
 impl PipelineCache {
-    pub fn new(client: PipelineServiceClient<Channel>) -> Self {
+    pub fn new(
+        client: PipelineServiceClient<Channel>,
+        tenants: TenantServiceClient<Channel>,
+    ) -> Self {
         Self {
             client,
+            tenants,
             entries: Mutex::new(HashMap::new()),
             watching: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -146,8 +156,20 @@ impl PipelineCache {
             .get_pipeline(request)
             .await?
             .into_inner();
+        let tenant = self
+            .tenants
+            .clone()
+            .get_tenant(GetTenantRequest {
+                name: format!("tenants/{}", name.tenant),
+            })
+            .await?
+            .into_inner();
         let spec_id = pm_spec::spec_id(pipeline.spec.as_ref().unwrap_or(&Default::default()));
-        let pipeline = Arc::new(PipelineVersion { pipeline, spec_id });
+        let pipeline = Arc::new(PipelineVersion {
+            pipeline,
+            spec_id,
+            tenant_max_queued_tasks: tenant.quota.map_or(0, |q| q.max_queued_tasks),
+        });
         let mut entries = self.entries.lock().expect("cache lock");
         if entries.len() >= MAX_ENTRIES {
             entries.clear();

@@ -59,7 +59,10 @@ impl Routes {
     pub async fn new(upstreams: &Upstreams, cancel: CancellationToken) -> anyhow::Result<Self> {
         let catalog = pm_proto::client::channel(&upstreams.tenant_service)?;
         let pipelines = pm_proto::client::pipelines(catalog.clone());
-        let cache = Arc::new(PipelineCache::new(pipelines.clone()));
+        let cache = Arc::new(PipelineCache::new(
+            pipelines.clone(),
+            pm_proto::client::tenants(catalog.clone()),
+        ));
         let membership = if upstreams.etcd.is_empty() {
             Membership::fixed([Member {
                 id: "standalone".into(),

@@ -94,6 +94,7 @@ impl Tasks {
             }
         };
         let params = pm_spec::resolve_params(&spec, &req.params)?;
+        let tenant_max_queued_tasks = version.tenant_max_queued_tasks;
         let (spec, spec_id, version) = match spec {
             Cow::Owned(inline) => (Some(inline), Vec::new(), None),
             Cow::Borrowed(_) => (None, version.spec_id.to_vec(), Some(version.clone())),
@@ -115,6 +116,7 @@ impl Tasks {
             spec_id,
             // The client's own, from its token: never from the request.
             client_priority: caller.priority(),
+            tenant_max_queued_tasks,
         };
         Ok(Prepared { task, version })
     }

@@ -73,7 +73,10 @@ async fn a_version_applied_elsewhere_replaces_the_cached_one_at_once() {
     };
     config.apply_pipeline(apply("echo one")).await.unwrap();
 
-    let cache = Arc::new(PipelineCache::new(config.clone()));
+    let cache = Arc::new(PipelineCache::new(
+        config.clone(),
+        pm_proto::client::tenants(channel.clone()),
+    ));
     let etcd_client = pm_cluster::etcd::connect(&endpoints).await.unwrap();
     cache.follow(etcd_client, stop.clone());
     let name = PipelineName::parse("tenants/t/applications/a/pipelines/p").unwrap();

@@ -142,6 +142,7 @@ impl Target {
                         spec: every.then(|| spec.clone()),
                         spec_id: id.clone(),
                         client_priority: 10,
+                        tenant_max_queued_tasks: 0,
                     })
                     .collect();
                 let mut answer = client

@@ -88,6 +88,11 @@ impl Default for Options {
 /// the rest (Cancel, Drain) are rare.
 pub type AgentTx = mpsc::UnboundedSender<Result<ServerMessage, Status>>;
 
+/// The tenant of a fair-share flow, `tenant/client`.
+fn tenant_of_flow(flow: &str) -> &str {
+    flow.split_once('/').map_or(flow, |(tenant, _)| tenant)
+}
+
 /// Most tasks one agent stream may hold at once (its credit plus its unanswered leases).
 pub const MAX_SLOTS: u32 = 4096;
 /// Tasks dispatched per journal write, at most.
@@ -222,6 +227,8 @@ struct Inner {
     /// READY + IN_PROGRESS tasks (and submits being written), in all and per flow.
     active: usize,
     active_by_flow: HashMap<Arc<str>, usize>,
+    /// Unfinished tasks per tenant (the tenant is the flow's first segment).
+    active_by_tenant: HashMap<Arc<str>, usize>,
     /// Pipeline and flow names (see [`Inner::intern`]).
     interned: HashSet<Arc<str>>,
 }
@@ -230,14 +237,27 @@ impl Inner {
     fn reserve(&mut self, flow: &Arc<str>) {
         self.active += 1;
         *self.active_by_flow.entry(flow.clone()).or_default() += 1;
+        let tenant = tenant_of_flow(flow);
+        match self.active_by_tenant.get_mut(tenant) {
+            Some(n) => *n += 1,
+            None => {
+                let tenant = self.intern(tenant.to_owned());
+                self.active_by_tenant.insert(tenant, 1);
+            }
+        }
     }
 
     fn unreserve(&mut self, flow: &Arc<str>) {
         self.active -= 1;
-        if let Some(n) = self.active_by_flow.get_mut(flow) {
-            *n -= 1;
-            if *n == 0 {
-                self.active_by_flow.remove(flow);
+        for (map, key) in [
+            (&mut self.active_by_flow, &**flow),
+            (&mut self.active_by_tenant, tenant_of_flow(flow)),
+        ] {
+            if let Some(n) = map.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(key);
+                }
             }
         }
     }
@@ -432,6 +452,7 @@ impl Scheduler {
             next_session: 0,
             active: 0,
             active_by_flow: HashMap::new(),
+            active_by_tenant: HashMap::new(),
             interned: HashSet::new(),
         };
         for (id, spec) in contents.specs {
@@ -622,6 +643,7 @@ mod tests {
             }),
             client_priority: 10,
             spec_id: Vec::new(),
+            tenant_max_queued_tasks: 0,
         }
     }
 
@@ -968,6 +990,41 @@ mod tests {
             "the quiet client's 5 tasks run among the first 10: {first_ten:?}"
         );
         assert_eq!(quiet.len(), 5);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_quota_counts_its_unfinished_tasks_on_the_shard() {
+        let s = scheduler(100);
+        let cancel = start(&s).await;
+        let quota = |tenant: &str, max| EnqueueTask {
+            task: Some(Task {
+                pipeline: format!("tenants/{tenant}/applications/a/pipelines/p"),
+                ..item(10, "").task.unwrap()
+            }),
+            tenant_max_queued_tasks: max,
+            ..item(10, "")
+        };
+        let first = enqueue_one(&s, quota("t", 2)).await;
+        enqueue_one(&s, quota("t", 2)).await;
+        let refused = Status::from(
+            s.enqueue(vec![quota("t", 2)])
+                .await
+                .pop()
+                .unwrap()
+                .unwrap_err(),
+        );
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(refused.message().contains("tenant t"), "{refused:?}");
+        // Another tenant is not held back.
+        enqueue_one(&s, quota("u", 2)).await;
+        // A finished task frees its place.
+        s.cancel(&first.name).await.unwrap();
+        enqueue_one(&s, quota("t", 2)).await;
         cancel.cancel();
     }
 

@@ -146,6 +146,21 @@ impl Scheduler {
                 retry_after: Duration::from_secs(1),
             });
         }
+        let quota = item.tenant_max_queued_tasks;
+        let of_tenant = inner
+            .active_by_tenant
+            .get(pipeline_name.tenant.as_str())
+            .copied()
+            .unwrap_or(0);
+        if quota > 0 && of_tenant as u64 >= quota {
+            return Err(Error::ResourceExhausted {
+                what: format!(
+                    "tenant {} has {of_tenant} unfinished tasks, its quota (max_queued_tasks); retry later",
+                    pipeline_name.tenant
+                ),
+                retry_after: Duration::from_secs(1),
+            });
+        }
         let id = uuid::Uuid::now_v7().simple().to_string();
         let name: Arc<str> = TaskName {
             pipeline: pipeline_name,
