@@ -11,6 +11,8 @@ use pm_proto::client::Credentials;
 #[derive(Parser)]
 #[command(version, about = "pipeline-manager agent")]
 struct Args {
+    #[command(flatten)]
+    tls: pm_proto::tls::TlsArgs,
     #[command(subcommand)]
     command: Option<Command>,
     /// The gateway to connect to.
@@ -109,6 +111,10 @@ enum Command {
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     let args = Args::parse();
+    if let Err(e) = args.tls.init(args.runner_listen.is_some()) {
+        eprintln!("pm-agent: {e}");
+        return std::process::ExitCode::from(64);
+    }
     if let Some(Command::ExecServer {
         socket,
         work_root,

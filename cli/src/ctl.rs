@@ -43,6 +43,9 @@ pub struct Cli {
     /// admin.token fresh).
     #[arg(long, global = true, env = "PM_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The CA of the gateway's certificate (PEM): speak TLS to it.
+    #[arg(long, global = true, env = "PM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -231,6 +234,11 @@ fn token(cli: &Cli) -> anyhow::Result<Option<String>> {
 
 /// Runs one command; errors are printed by the caller.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let tls = pm_proto::tls::TlsArgs {
+        tls_ca: cli.tls_ca.clone(),
+        ..Default::default()
+    };
+    tls.init(false)?;
     let channel = pm_proto::client::channel(&cli.endpoint)
         .with_context(|| format!("bad endpoint {:?}", cli.endpoint))?;
     let bearer = Bearer::new(token(&cli)?.as_deref()).map_err(anyhow::Error::msg)?;

@@ -151,7 +151,7 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             guard(&authn),
         ))
-        .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(pm_proto::server::incoming_public(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -5,6 +5,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about = "pipeline-manager gateway")]
 struct Args {
+    #[command(flatten)]
+    tls: pm_proto::tls::TlsArgs,
     /// Address to serve gRPC and grpc-web on.
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
@@ -50,6 +52,10 @@ fn origins(given: &[String]) -> pm_gateway::Origins {
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     let args = Args::parse();
+    if let Err(e) = args.tls.init(true) {
+        eprintln!("pm-gateway: {e}");
+        return std::process::ExitCode::from(64);
+    }
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -16,14 +16,30 @@ use crate::v1::task_service_client::TaskServiceClient;
 use crate::v1::tenant_service_client::TenantServiceClient;
 
 /// A lazily connecting channel to `endpoint` (`http://host:port`), with HTTP/2 keepalive so
-/// a dead peer is noticed on idle streams too.
+/// a dead peer is noticed on idle streams too. With TLS on ([`crate::tls::init`]) it speaks
+/// TLS whatever the scheme, verifying the server against the CA and presenting this
+/// process's certificate.
 pub fn channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(endpoint.to_owned())?
+    let endpoint = Endpoint::from_shared(endpoint.to_owned())?
         .connect_timeout(std::time::Duration::from_secs(5))
         .http2_keep_alive_interval(std::time::Duration::from_secs(10))
         .keep_alive_timeout(std::time::Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    Ok(match crate::tls::get() {
+        None => endpoint.connect_lazy(),
+        Some(tls) => channel_tls(endpoint, tls.client.clone()),
+    })
+}
+
+/// A lazily connecting channel through TLS with `config`.
+pub fn channel_tls(endpoint: Endpoint, config: std::sync::Arc<rustls::ClientConfig>) -> Channel {
+    endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: http::Uri| {
+        let config = config.clone();
+        async move {
+            let stream = crate::tls::connect(config, uri).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    }))
 }
 
 /// Sends `authorization: Bearer <token>` with every call of a client (none: sends nothing).

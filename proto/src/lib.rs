@@ -7,6 +7,7 @@ pub mod client;
 pub mod names;
 pub mod server;
 pub mod status;
+pub mod tls;
 
 /// The public API, `pm.v1`.
 #[allow(clippy::large_enum_variant)] // generated oneofs; boxing would change the API

@@ -21,11 +21,21 @@ pub fn builder() -> tonic::transport::Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
 }
 
-/// Connections accepted on a bound listener, with TCP_NODELAY. Without it the trailers of a
-/// unary answer (a separate small write) wait for the client's delayed ACK: ~40 ms a call.
-/// (The builder's own `tcp_nodelay` only reaches listeners tonic binds itself.)
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Connections accepted on a bound listener, with TCP_NODELAY: without it the trailers of a
+/// unary answer (a separate small write) wait for the client's delayed ACK, ~40 ms a call.
+/// With TLS on ([`crate::tls::init`]), through mTLS: the peer must present a certificate of
+/// the CA (internal services).
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<crate::tls::ServerIo>> + Send + 'static {
+    crate::tls::accept(listener, crate::tls::get().and_then(|t| t.mutual.clone()))
+}
+
+/// The same for a public port (the gateway's): with TLS on, clients need no certificate.
+pub fn incoming_public(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<crate::tls::ServerIo>> + Send + 'static {
+    crate::tls::accept(listener, crate::tls::get().and_then(|t| t.public.clone()))
 }
 
 /// Server reflection (v1) over every pm proto.

@@ -7,6 +7,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about = "pipeline-manager scheduler shard")]
 struct Args {
+    #[command(flatten)]
+    tls: pm_proto::tls::TlsArgs,
     /// Address to serve gRPC on (gateways and agents' streams).
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50053")]
     listen: String,
@@ -55,6 +57,10 @@ async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     pm_proto::server::private_files();
     let args = Args::parse();
+    if let Err(e) = args.tls.init(true) {
+        eprintln!("pm-shard: {e}");
+        return std::process::ExitCode::from(64);
+    }
     if args.lease_ttl_seconds == 0 {
         eprintln!("pm-shard: --lease-ttl-seconds must be at least 1");
         return std::process::ExitCode::from(64);

@@ -20,6 +20,10 @@ use tonic::Code;
 mod common;
 use common::free_port;
 
+/// TLS and mTLS between the same processes.
+#[path = "cluster/tls.rs"]
+mod tls;
+
 use pm_cluster::testing::Etcd;
 use pm_cluster::{Membership, Ring};
 use pm_proto::client::{AuthedChannel, Bearer, Credentials};

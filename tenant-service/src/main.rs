@@ -8,6 +8,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about = "pipeline-manager tenant-service")]
 struct Args {
+    #[command(flatten)]
+    tls: pm_proto::tls::TlsArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50052")]
     listen: String,
@@ -43,6 +45,10 @@ async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     pm_proto::server::private_files();
     let args = Args::parse();
+    if let Err(e) = args.tls.init(true) {
+        eprintln!("pm-tenant-service: {e}");
+        return std::process::ExitCode::from(64);
+    }
     let store = match store(&args).await {
         Ok(store) => store,
         Err(e) => {
