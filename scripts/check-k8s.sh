@@ -33,6 +33,10 @@ done
 grep -q 'etcd-2=http://etcd-2.etcd:2380' "$out/prod.yaml" \
     || { echo "prod: ETCD_INITIAL_CLUSTER does not list three members" >&2; exit 1; }
 grep -q 'preStop' "$out/prod.yaml" || { echo "prod: the shards have no preStop" >&2; exit 1; }
+# prod speaks TLS: gateway, tenant-service and shards have their files, the agent the CA.
+[ "$(grep -c 'name: PM_TLS_CERT' "$out/prod.yaml")" -eq 3 ] \
+    || { echo "prod: gateway, tenant-service and shards need PM_TLS_CERT" >&2; exit 1; }
+grep -q 'secretName: pm-tls-ca' "$out/prod.yaml" || { echo "prod: the agent has no CA" >&2; exit 1; }
 # The internal ports are closed to all but their callers (docs/security.md).
 for overlay in dev prod; do
     [ "$(grep -c '^kind: NetworkPolicy' "$out/$overlay.yaml")" -eq 3 ] \
