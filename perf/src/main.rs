@@ -70,6 +70,8 @@ struct Bench {
     results: Vec<serde_json::Value>,
     warmup: Duration,
     duration: Duration,
+    /// `--tls-*` flags every server started from now on gets (the `auth` scenario's last leg).
+    tls: Vec<String>,
 }
 
 fn shard_args(data: &std::path::Path) -> Vec<String> {
@@ -146,13 +148,9 @@ impl Bench {
     }
 
     async fn shard(&self, name: &str) -> anyhow::Result<Proc> {
-        Proc::start(
-            &self.args.bin_dir,
-            "pm-shard",
-            &shard_args(&self.path(name)),
-            self.dir.path(),
-        )
-        .await
+        let mut args = shard_args(&self.path(name));
+        args.extend(self.tls.iter().cloned());
+        Proc::start(&self.args.bin_dir, "pm-shard", &args, self.dir.path()).await
     }
 
     fn targets(endpoint: &str, gateway: bool, n: usize) -> anyhow::Result<Vec<Target>> {
@@ -532,6 +530,7 @@ impl Bench {
                 admin_file.display().to_string(),
             ]);
         }
+        args.extend(self.tls.iter().cloned());
         let tenants = Proc::start(&bin, "pm-tenant-service", &args, self.dir.path()).await?;
         let shard = self.shard(&format!("{name}-shard")).await?;
         let mut args = vec![
@@ -543,6 +542,7 @@ impl Bench {
         if !auth {
             args.push("--insecure-no-auth".into());
         }
+        args.extend(self.tls.iter().cloned());
         let gateway = Proc::start(&bin, "pm-gateway", &args, self.dir.path()).await?;
         let channel = pm_proto::client::channel(&gateway.endpoint)?;
         let token = if auth {
@@ -593,30 +593,43 @@ impl Bench {
     }
 
     /// The cost of authentication on the submit path: the same unary submits through a
-    /// gateway with auth off, then on (a token per client, verified on every call), back to
-    /// back; and the token check itself, cold (a new token each time) and remembered.
+    /// gateway with auth off, then on (a token per client, verified on every call), then on
+    /// over TLS with mTLS behind the gateway, back to back; and the token check itself, cold
+    /// (a new token each time) and remembered. Runs last: TLS, once on, stays on in this
+    /// process.
     async fn auth(&mut self) -> anyhow::Result<()> {
-        for on in [false, true] {
+        let legs = [
+            (
+                "auth-off",
+                false,
+                "submit through the gateway, auth off",
+                "submit_via_gateway_auth_off",
+            ),
+            (
+                "auth-on",
+                true,
+                "submit through the gateway, auth on",
+                "submit_via_gateway_auth_on",
+            ),
+            (
+                "auth-tls",
+                true,
+                "submit through the gateway, auth on, TLS + mTLS",
+                "submit_via_gateway_auth_tls",
+            ),
+        ];
+        for (name, auth, label, scenario) in legs {
             self.settle()?;
-            let name = if on { "auth-on" } else { "auth-off" };
-            let (stack, bearer) = self.stack_with(name, on).await?;
+            if name == "auth-tls" {
+                self.tls = self.certificates()?;
+            }
+            let (stack, bearer) = self.stack_with(name, auth).await?;
             let targets = (0..self.args.connections)
                 .map(|_| {
                     Target::connect_as(&stack.gateway.endpoint, true, PIPELINE, bearer.clone())
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let all = [&stack.gateway, &stack.tenants, &stack.shard];
-            let (label, scenario) = if on {
-                (
-                    "submit through the gateway, auth on",
-                    "submit_via_gateway_auth_on",
-                )
-            } else {
-                (
-                    "submit through the gateway, auth off",
-                    "submit_via_gateway_auth_off",
-                )
-            };
             self.unary_64(label, scenario, &targets, &all).await;
             stack.stop();
         }
@@ -789,6 +802,46 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// A CA and one certificate for 127.0.0.1 and localhost (made with rcgen), written to the
+    /// bench dir; turns TLS on in this process with them and returns the servers' flags.
+    fn certificates(&self) -> anyhow::Result<Vec<String>> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Not rcgen's default name, which the leaf also has: a leaf named like its issuer
+        // does not verify.
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "pm-perf CA");
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        let key = KeyPair::generate()?;
+        let cert = leaf.signed_by(&key, &issuer)?;
+        let (ca_path, cert_path, key_path) = (
+            self.path("tls-ca.pem"),
+            self.path("tls.crt"),
+            self.path("tls.key"),
+        );
+        std::fs::write(&ca_path, ca_cert.pem())?;
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        pm_proto::tls::init(&pm_proto::tls::TlsFiles {
+            identity: Some((cert_path.clone(), key_path.clone())),
+            ca: ca_path.clone(),
+        })?;
+        Ok(vec![
+            "--tls-cert".into(),
+            cert_path.display().to_string(),
+            "--tls-key".into(),
+            key_path.display().to_string(),
+            "--tls-ca".into(),
+            ca_path.display().to_string(),
+        ])
+    }
+}
+
 /// Microseconds per token check: cold (2,000 distinct tokens, each's signature verified) and
 /// remembered (the same token 100,000 times), on one core of this process.
 fn auth_check_cost() -> (f64, f64) {
@@ -865,6 +918,7 @@ async fn main() -> anyhow::Result<()> {
         results: Vec::new(),
         warmup,
         duration,
+        tls: Vec::new(),
     };
     let _ = load::now_ns();
     load::SPEC_EVERY_TASK.store(bench.args.spec_every_task, Ordering::Relaxed);
@@ -916,9 +970,6 @@ async fn main() -> anyhow::Result<()> {
     if which.contains(&"restart") {
         bench.restart().await?;
     }
-    if which.contains(&"auth") {
-        bench.auth().await?;
-    }
     if which.contains(&"scaling") {
         let rate = if bench.args.quick { 2_000.0 } else { 5_000.0 };
         let dir = bench.path("scaling");
@@ -926,6 +977,10 @@ async fn main() -> anyhow::Result<()> {
         let f = scaling::run(&bench.args.bin_dir, &dir, rate, bench.args.quick).await?;
         println!("{}", f.text);
         bench.results.push(f.json);
+    }
+    // Last: its TLS leg turns TLS on for the rest of this process.
+    if which.contains(&"auth") {
+        bench.auth().await?;
     }
     if let Some(path) = &bench.args.json {
         std::fs::write(path, serde_json::to_string_pretty(&bench.results)?)?;

@@ -73,14 +73,19 @@ impl Proc {
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         loop {
             let probe = health.check(tonic_health::pb::HealthCheckRequest::default());
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), probe).await {
-                return Ok(started.elapsed());
-            }
+            let last = match tokio::time::timeout(Duration::from_millis(500), probe).await {
+                Ok(Ok(_)) => return Ok(started.elapsed()),
+                Ok(Err(status)) => format!("{status:?}"),
+                Err(_) => "no answer within 500 ms".to_owned(),
+            };
             if started.elapsed() > limit {
+                // The log goes with the bench dir: its end is in the error.
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
                 bail!(
-                    "{} not serving after {limit:?}; see {}",
+                    "{} not serving after {limit:?} (last probe: {last}); the end of its log:\n{}",
                     self.name,
-                    self.log.display()
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
