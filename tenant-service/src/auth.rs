@@ -290,3 +290,103 @@ impl TokenKeys for Issuer {
         Ok(Response::new(PublicKeysResponse { keys }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer() -> (Issuer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pm_cluster::EmbeddedStore::open(dir.path().join("meta.bin")).unwrap();
+        (Issuer::new(Arc::new(store)), dir)
+    }
+
+    /// Moves a stored key's times back by `ms` (as if it had been made that long ago).
+    async fn age(issuer: &Issuer, kid: &str, ms: i64) {
+        let key = issuer
+            .keys()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|k| k.kid == kid)
+            .unwrap();
+        let old_key = keys::signing_key(key.create_time_ms, &key.kid);
+        issuer.store.delete(&old_key, Expect::Any).await.unwrap();
+        let aged = StoredSigningKey {
+            create_time_ms: key.create_time_ms - ms,
+            active_from_ms: key.active_from_ms - ms,
+            ..key
+        };
+        let new_key = keys::signing_key(aged.create_time_ms, &aged.kid);
+        issuer
+            .store
+            .put(&new_key, aged.encode_to_vec(), Expect::Absent)
+            .await
+            .unwrap();
+    }
+
+    fn kid_of(token: &str) -> String {
+        jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+    }
+
+    #[tokio::test]
+    async fn keys_rotate_published_ahead_and_retire_after_their_tokens() {
+        let (issuer, _dir) = issuer();
+        let client = Client {
+            name: "tenants/t/clients/c".into(),
+            roles: vec![pm_proto::v1::Role::Viewer as i32],
+            ..Client::default()
+        };
+        // The first key signs at once.
+        let first = issuer.token_for(&client, "t").await.unwrap();
+        let first_kid = kid_of(&first);
+        issuer.maintain_keys().await.unwrap();
+        assert_eq!(issuer.keys().await.unwrap().len(), 1, "not due yet");
+
+        // A day later a new key is made, public at once, signing only after KEY_PUBLISH_AHEAD.
+        age(&issuer, &first_kid, KEY_ROTATION.as_millis() as i64).await;
+        issuer.maintain_keys().await.unwrap();
+        let stored = issuer.keys().await.unwrap();
+        assert_eq!(stored.len(), 2);
+        let next_kid = stored[1].kid.clone();
+        assert!(stored[1].active_from_ms > unix_ms(), "published ahead");
+        let published = issuer
+            .public_keys(Request::new(PublicKeysRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        assert_eq!(published.len(), 2, "gateways learn the next key first");
+        assert_eq!(
+            kid_of(&issuer.token_for(&client, "t").await.unwrap()),
+            first_kid
+        );
+
+        // Once active, it signs; the old key is still handed out for the tokens it signed.
+        age(
+            &issuer,
+            &next_kid,
+            KEY_PUBLISH_AHEAD.as_millis() as i64 + 1_000,
+        )
+        .await;
+        assert_eq!(
+            kid_of(&issuer.token_for(&client, "t").await.unwrap()),
+            next_kid
+        );
+        issuer.maintain_keys().await.unwrap();
+        assert_eq!(issuer.keys().await.unwrap().len(), 2);
+
+        // A token lifetime (and a margin) after the switch, the old key goes.
+        let lifetime = (TOKEN_LIFETIME_SECS * 1000) as i64 + 120_000;
+        age(&issuer, &next_kid, lifetime).await;
+        issuer.maintain_keys().await.unwrap();
+        let left: Vec<String> = issuer
+            .keys()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.kid)
+            .collect();
+        assert_eq!(left, [next_kid]);
+    }
+}

@@ -86,7 +86,7 @@ const OTHER: &str = "globex";
 
 struct Fixture {
     dev: Dev,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     channel: Channel,
     tokens: HashMap<Who, String>,
     /// Per role of OWN: its client's id and secret.
@@ -149,7 +149,7 @@ impl Fixture {
         .unwrap();
         let channel = pm_proto::client::channel(&dev.endpoint()).unwrap();
         let mut f = Fixture {
-            _dir: dir,
+            dir,
             channel,
             tokens: HashMap::new(),
             clients: HashMap::new(),
@@ -660,5 +660,89 @@ async fn credentials_are_checked_and_a_deleted_client_gets_no_new_token() {
     let text = format!("{listed:?}");
     assert!(!text.contains(&f.clients[&Who::Viewer].1));
     assert!(!text.contains("argon2"));
+    f.dev.stop().await;
+}
+
+/// `pmctl` with `pm dev --auth`: runs the real binary with the environment given.
+fn pmctl(endpoint: &str, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pmctl"))
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .env_remove("PM_TOKEN")
+        .env_remove("PM_TOKEN_FILE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pmctl_logs_in_and_manages_clients_with_tokens() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::start().await;
+    let endpoint = f.dev.endpoint();
+    let admin_file = f
+        .dir
+        .path()
+        .join("data")
+        .join(pm_cli::dev::ADMIN_TOKEN_FILE);
+    // pmctl blocks: off the runtime that serves pm dev.
+    tokio::task::spawn_blocking(move || {
+        let home = tempfile::tempdir().unwrap();
+        let config = home.path().display().to_string();
+        let admin_file = admin_file.display().to_string();
+        let admin = [
+            ("PM_TOKEN_FILE", admin_file.as_str()),
+            ("XDG_CONFIG_HOME", config.as_str()),
+        ];
+        let nobody = [("XDG_CONFIG_HOME", config.as_str())];
+
+        let refused = pmctl(&endpoint, &nobody, &["app", "list", OWN]);
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("Unauthenticated"), "{stderr}");
+
+        let created = pmctl(
+            &endpoint,
+            &admin,
+            &["client", "create", OWN, "--role", "submitter", "-o", "json"],
+        );
+        assert!(created.status.success(), "{created:?}");
+        let json: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+        let id = json["client"]["clientId"].as_str().unwrap().to_owned();
+        let secret = json["clientSecret"].as_str().unwrap().to_owned();
+
+        let mut login_env = nobody.to_vec();
+        login_env.push(("PM_CLIENT_SECRET", secret.as_str()));
+        let login = pmctl(&endpoint, &login_env, &["login", "--client-id", &id]);
+        assert!(login.status.success(), "{login:?}");
+        let cache = home.path().join("pmctl").join("token");
+        let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // The cached token is used for this endpoint: a submitter may submit, not make apps.
+        let pipeline = format!("{OWN}/app/p");
+        let submitted = pmctl(&endpoint, &nobody, &["submit", &pipeline]);
+        assert!(submitted.status.success(), "{submitted:?}");
+        let denied = pmctl(&endpoint, &nobody, &["app", "create", &format!("{OWN}/x")]);
+        let stderr = String::from_utf8_lossy(&denied.stderr);
+        assert!(
+            !denied.status.success() && stderr.contains("PermissionDenied"),
+            "{stderr}"
+        );
+
+        let listed = pmctl(&endpoint, &admin, &["client", "list", OWN]);
+        assert!(String::from_utf8_lossy(&listed.stdout).contains(&id));
+        let deleted = pmctl(
+            &endpoint,
+            &admin,
+            &["client", "delete", &format!("{OWN}/{id}")],
+        );
+        assert!(deleted.status.success(), "{deleted:?}");
+        let again = pmctl(&endpoint, &login_env, &["login", "--client-id", &id]);
+        assert!(!again.status.success(), "a deleted client logged in");
+    })
+    .await
+    .unwrap();
     f.dev.stop().await;
 }
