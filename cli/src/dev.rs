@@ -19,6 +19,7 @@ use pm_proto::v1::{
     ApplyPipelineRequest, Client, CreateApplicationRequest, ListClientsRequest,
     apply_pipeline_request,
 };
+use pm_tenant_service::service::PLATFORM_TENANT;
 use pm_tenant_service::{Catalog, Issuer};
 
 /// The sample pipeline `pm dev` applies as `default/demo/ocr`.
@@ -145,7 +146,7 @@ impl Dev {
         if let Some(admin) = &admin {
             let (issuer, client) = (Issuer::new(store_for_tokens), admin.client.clone());
             let path = options.data_dir.join(ADMIN_TOKEN_FILE);
-            let first = issuer.token_for(&client, DEFAULT_TENANT).await?;
+            let first = issuer.token_for(&client, PLATFORM_TENANT).await?;
             write_private(&path, first.as_bytes())?;
             let stop = shutdown.clone();
             tasks.spawn(async move {
@@ -154,7 +155,7 @@ impl Dev {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(ADMIN_TOKEN_REFRESH) => {}
                     }
-                    let written = match issuer.token_for(&client, DEFAULT_TENANT).await {
+                    let written = match issuer.token_for(&client, PLATFORM_TENANT).await {
                         Ok(token) => write_private(&path, token.as_bytes()),
                         Err(e) => Err(anyhow::anyhow!("{e}")),
                     };
@@ -203,7 +204,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 async fn admin(catalog: &Catalog, data_dir: &Path) -> anyhow::Result<Admin> {
     let path = data_dir.join(ADMIN_CLIENT_FILE);
     if let Some(created) = catalog
-        .bootstrap_admin(DEFAULT_TENANT)
+        .bootstrap_admin()
         .await
         .map_err(|s| anyhow::anyhow!("cannot create the platform admin: {}", s.message()))?
     {
@@ -230,7 +231,7 @@ async fn admin(catalog: &Catalog, data_dir: &Path) -> anyhow::Result<Admin> {
         .with_context(|| format!("{} is not `id:secret`", path.display()))?;
     let client = catalog
         .list_clients(Request::new(ListClientsRequest {
-            parent: format!("tenants/{DEFAULT_TENANT}"),
+            parent: format!("tenants/{PLATFORM_TENANT}"),
             page_size: 1000,
             page_token: String::new(),
         }))

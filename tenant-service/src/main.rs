@@ -20,7 +20,7 @@ struct Args {
     /// A tenant to create at start if missing (as `pm dev` does); empty for none.
     #[arg(long, env = "PM_DEFAULT_TENANT", default_value = "default")]
     default_tenant: String,
-    /// Make the first platform admin (a client of --default-tenant) if the store has none,
+    /// Make the first platform admin (a client of the tenant `platform`) if the store has none,
     /// and write its `id:secret` to this file (mode 0600). Trade it for a token with
     /// `pmctl login`, make the clients you need, then delete the file.
     #[arg(long, env = "PM_BOOTSTRAP_ADMIN_FILE")]
@@ -74,12 +74,7 @@ async fn main() -> std::process::ExitCode {
     }
     if let Some(path) = &args.bootstrap_admin_file {
         let catalog = pm_tenant_service::Catalog::new(store.clone());
-        let tenant = if args.default_tenant.is_empty() {
-            "default"
-        } else {
-            &args.default_tenant
-        };
-        match catalog.bootstrap_admin(tenant).await {
+        match catalog.bootstrap_admin().await {
             Ok(Some(created)) => {
                 let id = created.client.map(|c| c.client_id).unwrap_or_default();
                 let line = format!("{id}:{}\n", created.client_secret);

@@ -127,13 +127,15 @@ impl Catalog {
         }
     }
 
-    /// The first platform admin: a client of `tenant` (created if missing) with
-    /// ROLE_PLATFORM_ADMIN, made once per metadata store. Returns it with its secret, or
-    /// `None` when one was made before (its secret is not stored, so not shown again).
+    /// The first platform admin: a client with ROLE_PLATFORM_ADMIN in the tenant
+    /// [`PLATFORM_TENANT`] (created if missing), made once per metadata store. It lives
+    /// apart from every user's tenant, so no tenant admin can delete it. Returns it with its
+    /// secret, or `None` when one was made before (its secret is not stored, so not shown
+    /// again).
     pub async fn bootstrap_admin(
         &self,
-        tenant_id: &str,
     ) -> std::result::Result<Option<CreateClientResponse>, Status> {
+        let tenant_id = PLATFORM_TENANT;
         self.ensure_tenant(tenant_id).await?;
         if self
             .store
@@ -284,6 +286,9 @@ impl Catalog {
         Ok(pipeline)
     }
 }
+
+/// The tenant of the platform admins that tenant-service bootstraps.
+pub const PLATFORM_TENANT: &str = "platform";
 
 /// Most pipelines one agent client may serve.
 pub const MAX_CLIENT_PIPELINES: usize = 1000;

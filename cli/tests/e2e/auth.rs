@@ -595,6 +595,18 @@ async fn lists_narrow_to_the_callers_tenant_and_identity_comes_from_the_token() 
         .await
         .unwrap_err();
     assert_eq!(escalate.code(), Code::PermissionDenied, "{escalate:?}");
+    // Nor delete the platform admin, who lives in a tenant of its own.
+    let Some(Credentials::Client { id, .. }) = f.dev.admin.clone() else {
+        unreachable!()
+    };
+    let remove_admin = f
+        .tenants(Who::TenantAdmin)
+        .delete_client(DeleteClientRequest {
+            name: format!("tenants/platform/clients/{id}"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(remove_admin.code(), Code::PermissionDenied);
 
     // An agent's scope: empty Hello means its own pipelines; it gets their tasks only.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
