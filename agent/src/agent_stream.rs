@@ -41,7 +41,7 @@ pub struct AgentOptions {
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub drain_timeout: Duration,
     /// What the agent presents to the gateway: client credentials of ROLE_AGENT, exchanged
-    /// for a fresh token on every connect.
+    /// for a token when it connects with none fresh.
     pub credentials: pm_proto::client::Credentials,
 }
 
@@ -66,11 +66,13 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
     // Tasks report here; whichever stream is current forwards it. Messages wait here while
     // the agent reconnects.
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
+    let tokens = pm_proto::client::TokenSource::new(options.credentials.clone());
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let mut welcomed = false;
         let end = session(
             &options,
+            &tokens,
             &running,
             &out_tx,
             &mut out_rx,
@@ -99,6 +101,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
 
 async fn session(
     options: &AgentOptions,
+    tokens: &pm_proto::client::TokenSource,
     running: &Running,
     out_tx: &mpsc::UnboundedSender<AgentMessage>,
     out_rx: &mut mpsc::UnboundedReceiver<AgentMessage>,
@@ -107,8 +110,7 @@ async fn session(
 ) -> Result<(), SessionError> {
     let channel = pm_proto::client::channel(&options.endpoint)
         .map_err(|e| SessionError::Stream(e.to_string()))?;
-    let token = options
-        .credentials
+    let token = tokens
         .token(&channel)
         .await
         .map_err(|s| SessionError::Connect(options.endpoint.clone(), s))?;

@@ -173,18 +173,66 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// The bearer token to send now, issued through `channel`'s AuthService if need be.
     pub async fn token(&self, channel: &Channel) -> Result<Option<String>, tonic::Status> {
+        Ok(self.issue(channel).await?.map(|(token, _)| token))
+    }
+
+    /// The token and, when just issued, how long it lasts.
+    async fn issue(
+        &self,
+        channel: &Channel,
+    ) -> Result<Option<(String, Option<std::time::Duration>)>, tonic::Status> {
         match self {
             Credentials::None => Ok(None),
-            Credentials::Token(t) => Ok(Some(t.clone())),
+            Credentials::Token(t) => Ok(Some((t.clone(), None))),
             Credentials::Client { id, secret } => {
                 let issued = auth(channel.clone())
                     .issue_token(crate::v1::IssueTokenRequest {
                         client_id: id.clone(),
                         client_secret: secret.clone(),
                     })
-                    .await?;
-                Ok(Some(issued.into_inner().access_token))
+                    .await?
+                    .into_inner();
+                let lasts = std::time::Duration::from_secs(issued.expires_in_seconds.into());
+                Ok(Some((issued.access_token, Some(lasts))))
             }
         }
+    }
+}
+
+/// Tokens of one set of credentials, reused until a minute before they expire: an agent
+/// that reconnects often (or a thousand agents after a gateway restart) does not make
+/// tenant-service check a slow secret hash on every connect.
+#[derive(Debug, Default)]
+pub struct TokenSource {
+    credentials: Credentials,
+    cached: std::sync::Mutex<Option<(String, std::time::Instant)>>,
+}
+
+impl TokenSource {
+    /// How long before its expiry a token is replaced.
+    pub const MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+    pub fn new(credentials: Credentials) -> Self {
+        Self {
+            credentials,
+            cached: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The token to send now: the cached one while it is fresh, else a new one.
+    pub async fn token(&self, channel: &Channel) -> Result<Option<String>, tonic::Status> {
+        if let Some((token, until)) = &*self.cached.lock().expect("token lock")
+            && std::time::Instant::now() < *until
+        {
+            return Ok(Some(token.clone()));
+        }
+        let Some((token, lasts)) = self.credentials.issue(channel).await? else {
+            return Ok(None);
+        };
+        if let Some(lasts) = lasts {
+            let until = std::time::Instant::now() + lasts.saturating_sub(Self::MARGIN);
+            *self.cached.lock().expect("token lock") = Some((token.clone(), until));
+        }
+        Ok(Some(token))
     }
 }

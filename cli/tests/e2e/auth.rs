@@ -651,6 +651,12 @@ async fn credentials_are_checked_and_a_deleted_client_gets_no_new_token() {
         Some("client_secret")
     );
     assert!(f.issue(&id, &secret).await.is_ok());
+    // An agent's token source asks once and reuses the token while it is fresh.
+    let source = pm_proto::client::TokenSource::new(Credentials::Client {
+        id: id.clone(),
+        secret: secret.clone(),
+    });
+    let first = source.token(&f.channel).await.unwrap().unwrap();
     f.tenants(Who::TenantAdmin)
         .delete_client(DeleteClientRequest {
             name: client.name.clone(),
@@ -659,6 +665,8 @@ async fn credentials_are_checked_and_a_deleted_client_gets_no_new_token() {
         .unwrap();
     let gone = f.issue(&id, &secret).await.unwrap_err();
     assert_eq!(gone.code(), Code::Unauthenticated);
+    // Tokens already issued stay valid until they expire (no revocation list).
+    assert_eq!(source.token(&f.channel).await.unwrap().unwrap(), first);
     // The listing never shows a secret or its hash: only the public record.
     let listed = f
         .tenants(Who::TenantAdmin)
