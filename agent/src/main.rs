@@ -60,7 +60,7 @@ struct Args {
     #[arg(long, env = "PM_RUNNER_LISTEN")]
     runner_listen: Option<String>,
     /// The agent client's id (ROLE_AGENT; `pmctl client create --role agent`): with
-    /// PM_CLIENT_SECRET, a fresh token is issued on every connect.
+    /// PM_CLIENT_SECRET, a token is issued when it connects (and reused while fresh).
     #[arg(long, env = "PM_CLIENT_ID", requires = "client_secret")]
     client_id: Option<String>,
     /// The agent client's secret (prefer the environment to the command line).
