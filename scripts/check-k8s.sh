@@ -37,6 +37,8 @@ grep -q 'preStop' "$out/prod.yaml" || { echo "prod: the shards have no preStop" 
 [ "$(grep -c 'name: PM_TLS_CERT' "$out/prod.yaml")" -eq 3 ] \
     || { echo "prod: gateway, tenant-service and shards need PM_TLS_CERT" >&2; exit 1; }
 grep -q 'secretName: pm-tls-ca' "$out/prod.yaml" || { echo "prod: the agent has no CA" >&2; exit 1; }
+[ "$(grep -c -- '--health-listen=0.0.0.0:8081' "$out/prod.yaml")" -eq 3 ] \
+    || { echo "prod: with TLS the probes need the plaintext health port" >&2; exit 1; }
 # The internal ports are closed to all but their callers (docs/security.md).
 for overlay in dev prod; do
     [ "$(grep -c '^kind: NetworkPolicy' "$out/$overlay.yaml")" -eq 3 ] \

@@ -117,6 +117,13 @@ pub async fn run(
         move |request| authn.intercept(request)
     };
     let (_health, health_service) = pm_proto::server::health();
+    // The plaintext health-only port, if any, for as long as this server runs.
+    let stop_health = tokio_util::sync::CancellationToken::new();
+    let _stop_health = stop_health.clone().drop_guard();
+    tokio::spawn(pm_proto::server::serve_health_port(
+        health_service.clone(),
+        stop_health.cancelled_owned(),
+    ));
     tracing::info!(addr = ?listener.local_addr().ok(), ?upstreams, ?security, "gateway serving");
     pm_proto::server::builder()
         // grpc-web arrives over HTTP/1.1.

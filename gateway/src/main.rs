@@ -7,6 +7,10 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     tls: pm_proto::tls::TlsArgs,
+    /// Also serve `grpc.health.v1` alone, in plaintext, on this address: for probes that
+    /// cannot speak TLS (kubelet's gRPC probes).
+    #[arg(long, env = "PM_HEALTH_LISTEN")]
+    health_listen: Option<String>,
     /// Address to serve gRPC and grpc-web on.
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
@@ -55,6 +59,15 @@ async fn main() -> std::process::ExitCode {
     if let Err(e) = args.tls.init(true) {
         eprintln!("pm-gateway: {e}");
         return std::process::ExitCode::from(64);
+    }
+    if let Some(addr) = &args.health_listen {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => pm_proto::server::set_health_listener(l),
+            Err(e) => {
+                eprintln!("pm-gateway: cannot listen on {addr}: {e}");
+                return std::process::ExitCode::from(64);
+            }
+        }
     }
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,

@@ -56,6 +56,43 @@ pub fn health() -> (
     tonic_health::server::health_reporter()
 }
 
+static HEALTH_LISTENER: std::sync::Mutex<Option<std::net::TcpListener>> =
+    std::sync::Mutex::new(None);
+
+/// Gives this process a health-only port: plaintext, serving `grpc.health.v1` and nothing
+/// else, for probes that cannot speak TLS (kubelet's). Call at start, before the server runs.
+pub fn set_health_listener(listener: std::net::TcpListener) {
+    *HEALTH_LISTENER.lock().expect("health listener lock") = Some(listener);
+}
+
+/// Serves `service` on the health-only port, if this process has one, until `shutdown`; the
+/// first server of the process to call it takes the port.
+pub async fn serve_health_port<S>(
+    service: tonic_health::pb::health_server::HealthServer<S>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) where
+    S: tonic_health::pb::health_server::Health,
+{
+    let Some(listener) = HEALTH_LISTENER.lock().expect("health listener lock").take() else {
+        return;
+    };
+    let served = async {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                shutdown,
+            )
+            .await
+            .map_err(std::io::Error::other)
+    };
+    if let Err(e) = served.await {
+        tracing::error!(error = %e, "the health port stopped");
+    }
+}
+
 /// Resolves on the first SIGTERM or SIGINT. A second signal exits the process at once, so a
 /// stuck drain can always be cut short.
 pub async fn shutdown_signal() {

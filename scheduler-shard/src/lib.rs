@@ -130,6 +130,13 @@ pub async fn serve(
     let cancel = CancellationToken::new();
     let reaper = tokio::spawn(scheduler.clone().run(cancel.clone()));
     let (health, health_service) = pm_proto::server::health();
+    // The plaintext health-only port, if any, for as long as this server runs.
+    let stop_health = tokio_util::sync::CancellationToken::new();
+    let _stop_health = stop_health.clone().drop_guard();
+    tokio::spawn(pm_proto::server::serve_health_port(
+        health_service.clone(),
+        stop_health.cancelled_owned(),
+    ));
     let ownership = cluster.ownership.clone();
     let handoff = handoff::Handoff::new(scheduler.clone(), ownership.clone());
     if cluster.registration.is_some() {

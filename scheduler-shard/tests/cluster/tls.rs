@@ -2,7 +2,7 @@
 //! of one CA (made here with rcgen), an agent that verifies the gateway. A task runs end to
 //! end over TLS; a plaintext client, a client without a certificate and one with a
 //! certificate of another CA are refused by the internal port; a rotated certificate is
-//! served without a restart.
+//! served without a restart; the plaintext health-only port serves probes and nothing else.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -116,6 +116,7 @@ async fn services_speak_mtls_refuse_strangers_and_reload_certificates() {
     rogue.leaf(dir, "rogue", &names);
 
     let (tenant_port, shard_port, gateway_port) = (free_port(), free_port(), free_port());
+    let health_port = free_port();
     let mut args = vec![
         "--listen".to_owned(),
         format!("127.0.0.1:{tenant_port}"),
@@ -129,6 +130,8 @@ async fn services_speak_mtls_refuse_strangers_and_reload_certificates() {
         format!("127.0.0.1:{shard_port}"),
         "--data-dir".into(),
         dir.join("shard-data").display().to_string(),
+        "--health-listen".into(),
+        format!("127.0.0.1:{health_port}"),
     ];
     args.extend(tls_args(dir, "shard"));
     let _shard = Proc::spawn("pm-shard", &args, &dir.join("shard.log"));
@@ -233,6 +236,21 @@ async fn services_speak_mtls_refuse_strangers_and_reload_certificates() {
     assert!(stranger.is_err(), "another CA's certificate: {stranger:?}");
     let member = health(client(dir, "ca.pem", Some("client"))).await;
     assert!(member.is_ok(), "the CA's certificate: {member:?}");
+    // The health-only port answers probes in plaintext, and serves nothing else.
+    let plain = Endpoint::from_shared(format!("http://127.0.0.1:{health_port}"))
+        .unwrap()
+        .connect_lazy();
+    let probe = tonic_health::pb::health_client::HealthClient::new(plain.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await;
+    assert!(probe.is_ok(), "{probe:?}");
+    let other = pm_proto::client::shard(plain)
+        .get_task(pm_proto::v1::GetTaskRequest {
+            name: task.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::Unimplemented, "{other:?}");
     // And the client checks the server: trusting only another CA, it refuses the shard.
     let wrong_trust = health(client(dir, "rogue-ca.pem", Some("rogue"))).await;
     assert!(wrong_trust.is_err(), "{wrong_trust:?}");
