@@ -408,10 +408,14 @@ mod tests {
         // One escapes into its own session and would outlive a timeout; another is left
         // running, in its own session, by a step that ends well.
         let command = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 60' & \
-                       while [ ! -s escaped.pid ]; do :; done; sleep 60";
+                       while [ ! -s escaped.pid ]; do :; done; echo ready; sleep 60";
         let mut s = step(command, dir.path());
-        s.deadline = Some(Instant::now() + Duration::from_millis(300));
+        s.deadline = Some(Instant::now() + Duration::from_secs(5));
         let r = run_step(&s, &CancellationToken::new(), |_, _| {}).await;
+        assert!(
+            r.stdout.contains("ready"),
+            "not ready within the deadline: {r:?}"
+        );
         assert!(r.timed_out);
         let command = "setsid sh -c 'echo $$ > daemon.pid; exec sleep 60' > /dev/null 2>&1 & \
                        while [ ! -s daemon.pid ]; do :; done";
@@ -455,10 +459,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A background child records its pid, then would outlive the step by far.
         let command = "sh -c 'echo $$ > child.pid; exec sleep 60' & \
-                       while [ ! -s child.pid ]; do :; done; sleep 60";
+                       while [ ! -s child.pid ]; do :; done; echo ready; sleep 60";
         let mut s = step(command, dir.path());
-        s.deadline = Some(Instant::now() + Duration::from_millis(300));
+        // Far more than a shell needs to write a file, even on a loaded machine; the step
+        // says when it is ready, so a miss fails here, not in a read of a missing file.
+        s.deadline = Some(Instant::now() + Duration::from_secs(5));
         let r = run_step(&s, &CancellationToken::new(), |_, _| {}).await;
+        assert!(
+            r.stdout.contains("ready"),
+            "not ready within the deadline: {r:?}"
+        );
         assert!(r.timed_out);
         assert_ne!(r.exit_code, 0);
         assert!(r.stderr.contains("timeout"), "{}", r.stderr);
