@@ -389,6 +389,53 @@ mod tests {
         assert!(!root.join("t1").exists(), "work dir removed after the task");
     }
 
+    /// The task's own timeout reaches a step of any job, and nothing runs after it.
+    #[tokio::test]
+    async fn the_task_timeout_kills_the_running_step_and_ends_the_task() {
+        let root = tempfile::tempdir().unwrap();
+        let options = RunnerOptions {
+            work_root: root.path().to_owned(),
+            kill_grace: Duration::from_millis(200),
+            ..RunnerOptions::default()
+        };
+        let spec = PipelineSpec {
+            stages: vec![
+                Stage {
+                    name: "slow".into(),
+                    jobs: vec![job("sleeps", &["sleep 60"])],
+                    priority: None,
+                },
+                Stage {
+                    name: "after".into(),
+                    jobs: vec![job("never", &["true"])],
+                    priority: None,
+                },
+            ],
+            ..PipelineSpec::default()
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let started = Instant::now();
+        let run = Run {
+            id: "t-timeout".into(),
+            spec: Arc::new(spec),
+            params: Default::default(),
+            timeout_seconds: 1,
+        };
+        let result = run_task(&options, run, tx, CancellationToken::new()).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "killed well before 60 s"
+        );
+        assert!(!result.succeeded);
+        assert_eq!(
+            result.jobs.len(),
+            1,
+            "no stage after the timeout: {result:?}"
+        );
+        let step = &result.jobs[0].steps[0];
+        assert!(step.timed_out, "{step:?}");
+    }
+
     #[tokio::test]
     async fn siblings_of_a_failed_job_finish_and_no_later_stage_starts() {
         let spec = PipelineSpec {

@@ -142,18 +142,32 @@ async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
     );
     assert!(!options.work_root.join("pwned").exists());
 
-    // A timeout kills the sidecar's process tree.
-    let mut slow = job(
-        "slow",
-        "wget",
-        &["sh -c 'echo $$ > child.pid; exec sleep 60' & sleep 60"],
+    // A timeout kills the sidecar's process tree: the background child too.
+    let slow_pid = dir.path().join("slow.pid");
+    let command = format!(
+        "sh -c 'echo $$ > {}; exec sleep 60' & sleep 60",
+        slow_pid.display()
     );
-    slow.timeout_seconds = 1;
+    let mut slow = job("slow", "wget", &[&command]);
+    slow.timeout_seconds = 5;
     let started = Instant::now();
     let result = run(&options, vec![slow], CancellationToken::new()).await;
     let step = &result.jobs[0].steps[0];
     assert!(step.timed_out, "{step:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
+    let pid: i32 = std::fs::read_to_string(&slow_pid)
+        .expect("the background child started within the timeout")
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out step's child {pid} outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // A cancel does too: the agent drops the call, the exec-server kills the group.
     let marker = dir.path().join("cancelled.pid");

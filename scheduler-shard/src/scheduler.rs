@@ -851,6 +851,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_task_delivered_max_deliveries_times_ends_in_error() {
+        let s = Scheduler::new(
+            Options {
+                max_deliveries: 2,
+                ..options(100)
+            },
+            Journal::discard(),
+            Contents::default(),
+        );
+        let cancel = start(&s).await;
+        let task = enqueue_one(&s, item(10, "")).await;
+        for attempt in 1..=2 {
+            // A fresh agent each time: the last one's slot is still busy with the lost run.
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            s.open_session(&hello(1, vec![]), tx);
+            let (_, lease) = assigned(&mut rx).await;
+            assert_eq!(lease.attempt, attempt);
+            tokio::time::advance(TTL + Duration::from_millis(1)).await;
+            until(|| state_of(&s, &task.name).0 != TaskState::InProgress).await;
+        }
+        let ended = s.get(&task.name).unwrap();
+        assert_eq!(TaskState::try_from(ended.state), Ok(TaskState::Error));
+        let error = ended.result.unwrap().error;
+        assert!(error.contains("gave up after 2 deliveries"), "{error}");
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn renewal_keeps_a_lease_and_a_reconnecting_agent_reclaims_it() {
         let s = scheduler(100);
         let cancel = start(&s).await;

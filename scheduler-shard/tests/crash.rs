@@ -305,7 +305,7 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
         (done, missing) = count_done(&endpoint, &acked).await;
     }
     agent_stop.cancel();
-    let _ = agent.await;
+    agent.await.expect("the agent stopped without a panic");
 
     let runs = executions(&log);
     let distinct: HashSet<&str> = runs
@@ -384,5 +384,5 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     let restarted_log = std::fs::read_to_string(dir_path.join("shard-1.log")).unwrap();
     assert!(restarted_log.contains("lease reclaimed"), "{restarted_log}");
     agent_stop.cancel();
-    let _ = agent.await;
+    agent.await.expect("the agent stopped without a panic");
 }
