@@ -7,6 +7,7 @@
 //! - [`agents`]: agents' `Connect` streams, spliced to the owning shard.
 //! - [`routing`]: which upstream serves what; [`pipelines`]: the pipeline cache submits are
 //!   validated against.
+//! - [`watch`]: task watches that follow a task across shard moves.
 //! - [`auth`]: who is calling (bearer tokens verified here); [`authz`]: the authorization
 //!   table every handler asks.
 
@@ -19,6 +20,7 @@ pub mod error;
 pub mod pipelines;
 pub mod routing;
 pub mod tasks;
+pub mod watch;
 
 use std::future::Future;
 

@@ -6,12 +6,11 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use pm_proto::internal::v1::EnqueueTask;
 use pm_proto::names::{PipelineName, TaskName};
@@ -185,9 +184,6 @@ impl Tasks {
     }
 }
 
-/// Times a watch is opened again after its shard stopped serving it.
-const WATCH_REOPENS: u64 = 5;
-
 fn task_name(name: &str) -> Result<TaskName, Error> {
     TaskName::parse(name).map_err(|e| Error::invalid("name", e.to_string()))
 }
@@ -263,50 +259,10 @@ impl TaskService for Tasks {
                 }
             }
         };
-        let mut upstream = open().await?;
-        // A watch outlives a handoff: when the shard stops serving the task (it moved to
-        // another shard, or the shard left) before it finished, the watch is opened again at
-        // the owner, which starts with a snapshot.
+        let upstream = open().await?;
+        // The watch outlives handoffs (see `watch`).
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
-            let mut reopened = 0;
-            loop {
-                let ended = match upstream.message().await {
-                    Ok(Some(event)) => {
-                        let last = matches!(
-                            event.event,
-                            Some(pm_proto::v1::task_event::Event::Finished(_))
-                        );
-                        if tx.send(Ok(event)).await.is_err() || last {
-                            return;
-                        }
-                        continue;
-                    }
-                    Ok(None) => Status::unavailable("the watch ended before the task finished"),
-                    Err(status) => status,
-                };
-                loop {
-                    if reopened == WATCH_REOPENS {
-                        let _ = tx.send(Err(ended)).await;
-                        return;
-                    }
-                    reopened += 1;
-                    tokio::time::sleep(Duration::from_millis(100 * reopened)).await;
-                    match open().await {
-                        Ok(next) => {
-                            upstream = next;
-                            break;
-                        }
-                        // Between the old owner forgetting and the new one answering.
-                        Err(s) if s.code() == Code::NotFound => {}
-                        Err(s) => {
-                            let _ = tx.send(Err(s)).await;
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        tokio::spawn(crate::watch::follow(upstream, open, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
