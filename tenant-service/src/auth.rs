@@ -184,12 +184,13 @@ impl Issuer {
 
     /// The signer of new tokens: the newest active key.
     pub async fn signer(&self) -> Result<Signer> {
-        let now = unix_ms();
         let mut stored = self.keys().await?;
         if stored.is_empty() {
             self.maintain_keys().await?;
             stored = self.keys().await?;
         }
+        // After the read: a first key made meanwhile (active from its making) counts.
+        let now = unix_ms();
         stored
             .iter()
             .rev()
