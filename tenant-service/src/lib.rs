@@ -34,6 +34,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let issuer = Issuer::new(store.clone());
+    // A key exists before the first PublicKeys answer, so a gateway that starts beside this
+    // service knows the key of the first tokens.
+    if let Err(e) = issuer.maintain_keys().await {
+        tracing::warn!(error = %e, "no signing key yet; the rotation loop tries again");
+    }
     let cancel = tokio_util::sync::CancellationToken::new();
     let _stop_rotating = cancel.clone().drop_guard();
     tokio::spawn(issuer.clone().run_key_rotation(cancel));
