@@ -36,6 +36,8 @@ pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once per listener; more wait to be accepted.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Pause after a failed accept (EMFILE...), so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// The files of one process.
 #[derive(Debug, Clone)]
@@ -367,6 +369,10 @@ pub fn accept(
 ) -> impl Stream<Item = io::Result<ServerIo>> + Send + 'static {
     let accepted = futures::stream::unfold(listener, |listener| async move {
         let next = listener.accept().await;
+        if next.is_err() {
+            // Out of file descriptors, say: try again shortly rather than spin.
+            tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+        }
         Some((next, listener))
     });
     let acceptor = config.map(TlsAcceptor::from);
