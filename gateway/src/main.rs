@@ -6,11 +6,7 @@ use clap::Parser;
 #[command(version, about = "pipeline-manager gateway")]
 struct Args {
     #[command(flatten)]
-    tls: pm_proto::tls::TlsArgs,
-    /// Also serve `grpc.health.v1` alone, in plaintext, on this address: for probes that
-    /// cannot speak TLS (kubelet's gRPC probes).
-    #[arg(long, env = "PM_HEALTH_LISTEN")]
-    health_listen: Option<String>,
+    server: pm_proto::server::ServerArgs,
     /// Address to serve gRPC and grpc-web on.
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
@@ -56,18 +52,9 @@ fn origins(given: &[String]) -> pm_gateway::Origins {
 async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     let args = Args::parse();
-    if let Err(e) = args.tls.init(true) {
+    if let Err(e) = args.server.init() {
         eprintln!("pm-gateway: {e}");
         return std::process::ExitCode::from(64);
-    }
-    if let Some(addr) = &args.health_listen {
-        match std::net::TcpListener::bind(addr) {
-            Ok(l) => pm_proto::server::set_health_listener(l),
-            Err(e) => {
-                eprintln!("pm-gateway: cannot listen on {addr}: {e}");
-                return std::process::ExitCode::from(64);
-            }
-        }
     }
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,

@@ -56,6 +56,30 @@ pub fn health() -> (
     tonic_health::server::health_reporter()
 }
 
+/// The flags every server binary (gateway, tenant-service, shard) takes besides its own.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// Also serve `grpc.health.v1` alone, in plaintext, on this address: for probes that
+    /// cannot speak TLS (kubelet's gRPC probes).
+    #[arg(long, env = "PM_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+}
+
+impl ServerArgs {
+    /// Turns TLS on and binds the health-only port, as the flags say; call at start.
+    pub fn init(&self) -> Result<(), String> {
+        self.tls.init(true).map_err(|e| e.to_string())?;
+        if let Some(addr) = &self.health_listen {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            set_health_listener(listener);
+        }
+        Ok(())
+    }
+}
+
 static HEALTH_LISTENER: std::sync::Mutex<Option<std::net::TcpListener>> =
     std::sync::Mutex::new(None);
 

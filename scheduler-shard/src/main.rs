@@ -8,11 +8,7 @@ use clap::Parser;
 #[command(version, about = "pipeline-manager scheduler shard")]
 struct Args {
     #[command(flatten)]
-    tls: pm_proto::tls::TlsArgs,
-    /// Also serve `grpc.health.v1` alone, in plaintext, on this address: for probes that
-    /// cannot speak TLS (kubelet's gRPC probes).
-    #[arg(long, env = "PM_HEALTH_LISTEN")]
-    health_listen: Option<String>,
+    server: pm_proto::server::ServerArgs,
     /// Address to serve gRPC on (gateways and agents' streams).
     #[arg(long, env = "PM_LISTEN", default_value = "127.0.0.1:50053")]
     listen: String,
@@ -61,18 +57,9 @@ async fn main() -> std::process::ExitCode {
     pm_proto::server::init_tracing();
     pm_proto::server::private_files();
     let args = Args::parse();
-    if let Err(e) = args.tls.init(true) {
+    if let Err(e) = args.server.init() {
         eprintln!("pm-shard: {e}");
         return std::process::ExitCode::from(64);
-    }
-    if let Some(addr) = &args.health_listen {
-        match std::net::TcpListener::bind(addr) {
-            Ok(l) => pm_proto::server::set_health_listener(l),
-            Err(e) => {
-                eprintln!("pm-shard: cannot listen on {addr}: {e}");
-                return std::process::ExitCode::from(64);
-            }
-        }
     }
     if args.lease_ttl_seconds == 0 {
         eprintln!("pm-shard: --lease-ttl-seconds must be at least 1");
