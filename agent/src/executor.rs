@@ -427,19 +427,25 @@ mod tests {
         .await;
         assert_eq!(r.exit_code, 0, "{r:?}");
         for file in ["escaped.pid", "daemon.pid"] {
-            let pid: i32 = std::fs::read_to_string(dir.path().join(file))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !gone(pid) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{file}: {pid} outlived its step"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            dies(&dir.path().join(file), Duration::from_secs(10)).await;
+        }
+    }
+
+    /// Waits (`limit` at most) for the process whose pid `pid_file` holds to be gone.
+    async fn dies(pid_file: &Path, limit: Duration) {
+        let pid: i32 = std::fs::read_to_string(pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = std::time::Instant::now() + limit;
+        while !gone(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: {pid} outlived its step",
+                pid_file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -472,19 +478,7 @@ mod tests {
         assert!(r.timed_out);
         assert_ne!(r.exit_code, 0);
         assert!(r.stderr.contains("timeout"), "{}", r.stderr);
-        let pid: i32 = std::fs::read_to_string(dir.path().join("child.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !gone(pid) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "background child {pid} outlived its step"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        dies(&dir.path().join("child.pid"), Duration::from_secs(5)).await;
     }
 
     #[tokio::test]

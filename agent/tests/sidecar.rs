@@ -92,6 +92,20 @@ fn gone(pid: i32) -> bool {
     }
 }
 
+/// Waits (10 s at most) for the process whose pid `pid_file` holds to be gone.
+async fn dies(pid_file: &Path, what: &str) {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .unwrap_or_else(|e| panic!("{what} never wrote {}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(pid) {
+        assert!(Instant::now() < deadline, "{what} {pid} outlived its step");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,19 +169,7 @@ async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
     let step = &result.jobs[0].steps[0];
     assert!(step.timed_out, "{step:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
-    let pid: i32 = std::fs::read_to_string(&slow_pid)
-        .expect("the background child started within the timeout")
-        .trim()
-        .parse()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gone(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "the timed-out step's child {pid} outlived it"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    dies(&slow_pid, "the timed-out step's child").await;
 
     // A cancel does too: the agent drops the call, the exec-server kills the group.
     let marker = dir.path().join("cancelled.pid");
@@ -194,19 +196,7 @@ async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
     let result = run(&options, vec![job("long", "wget", &[&command])], cancel).await;
     watcher.await.unwrap();
     assert!(!result.succeeded);
-    let pid: i32 = std::fs::read_to_string(&marker)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gone(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "the cancelled command {pid} outlived its call"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    dies(&marker, "the cancelled command").await;
 }
 
 #[tokio::test]
