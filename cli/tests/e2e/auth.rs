@@ -766,3 +766,95 @@ async fn pmctl_logs_in_and_manages_clients_with_tokens() {
     .unwrap();
     f.dev.stop().await;
 }
+
+/// CreateClient's own fields: each bad one is INVALID_ARGUMENT naming it, and nothing is made.
+#[tokio::test]
+async fn a_bad_client_is_refused_naming_its_field() {
+    let f = Fixture::start().await;
+    let other_pipeline = pipeline(OTHER);
+    let cases: Vec<(Client, &str)> = vec![
+        (Client::default(), "client.roles"),
+        (
+            Client {
+                roles: vec![99],
+                ..Client::default()
+            },
+            "client.roles[0]",
+        ),
+        (
+            Client {
+                roles: vec![Role::Viewer as i32],
+                pipelines: vec![pipeline(OWN)],
+                ..Client::default()
+            },
+            "client.pipelines",
+        ),
+        (
+            Client {
+                roles: vec![Role::Agent as i32],
+                ..Client::default()
+            },
+            "client.pipelines",
+        ),
+        (
+            Client {
+                roles: vec![Role::Agent as i32],
+                pipelines: vec![other_pipeline],
+                ..Client::default()
+            },
+            "client.pipelines[0]",
+        ),
+        (
+            Client {
+                roles: vec![Role::Viewer as i32],
+                priority: Some(101),
+                ..Client::default()
+            },
+            "client.priority",
+        ),
+    ];
+    let before = f
+        .tenants(Who::TenantAdmin)
+        .list_clients(ListClientsRequest {
+            parent: format!("tenants/{OWN}"),
+            ..ListClientsRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .clients
+        .len();
+    for (client, field) in cases {
+        let refused = f
+            .tenants(Who::TenantAdmin)
+            .create_client(CreateClientRequest {
+                parent: format!("tenants/{OWN}"),
+                client: Some(client.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{client:?}: {refused:?}"
+        );
+        assert_eq!(
+            pm_proto::status::violated_field(&refused).as_deref(),
+            Some(field),
+            "{client:?}"
+        );
+    }
+    let after = f
+        .tenants(Who::TenantAdmin)
+        .list_clients(ListClientsRequest {
+            parent: format!("tenants/{OWN}"),
+            ..ListClientsRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .clients
+        .len();
+    assert_eq!(before, after, "no refused client was made");
+    f.dev.stop().await;
+}
