@@ -781,21 +781,28 @@ impl Bench {
         let serving = restarted.elapsed();
         let rss_after = shard.rss_mib();
         let log = shard.stop();
-        let replay_ms = log
-            .lines()
-            .find(|l| l.contains("recovered tasks from disk"))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("elapsed_ms="))
-            })
-            .unwrap_or("?")
-            .to_owned();
+        // A field of the shard's log line that contains `line`.
+        let logged = |line: &str, field: &str| {
+            let prefix = format!("{field}=");
+            log.lines()
+                .find(|l| l.contains(line))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix(prefix.as_str()))
+                })
+                .unwrap_or("?")
+                .to_owned()
+        };
+        let open_ms = logged("read the task store", "open_ms");
+        let replay_ms = logged("read the task store", "read_and_index_ms");
+        let indexed_ms = logged("recovered tasks from disk", "indexed_ms");
         println!(
-            "restart with {acked} READY tasks        serving again {:.2} s after SIGKILL (replay {replay_ms} ms); rss {rss:.0} MiB before, {rss_after:.0} MiB after (idle {idle_rss:.0}); filled at {:.0} tasks/s in batches of 1000",
+            "restart with {acked} READY tasks        serving again {:.2} s after SIGKILL (store open {open_ms} ms, read and indexed {replay_ms} ms, records all read at {indexed_ms} ms); rss {rss:.0} MiB before, {rss_after:.0} MiB after (idle {idle_rss:.0}); filled at {:.0} tasks/s in batches of 1000",
             serving.as_secs_f64(),
             acked as f64 / fill_secs
         );
         self.results.push(json!({"scenario": "restart", "tasks": acked, "serving_after_s": serving.as_secs_f64(),
+            "store_open_ms": open_ms,
             "replay_ms": replay_ms, "rss_mib": rss, "rss_after_restart_mib": rss_after, "idle_rss_mib": idle_rss,
             "fill_tasks_per_s": (acked as f64 / fill_secs).round()}));
         Ok(())

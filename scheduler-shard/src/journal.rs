@@ -116,10 +116,7 @@ fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Request>, stats: &St
 
 #[cfg(test)]
 mod tests {
-    use pm_proto::v1::Task;
-
     use super::*;
-    use crate::store::Record;
 
     #[tokio::test]
     async fn concurrent_writes_share_syncs() {
@@ -129,16 +126,10 @@ mod tests {
             let journal = journal.clone();
             tokio::spawn(async move {
                 journal
-                    .write(vec![Op::PutTask(Record {
-                        task: Arc::new(Task {
-                            name: format!("t{i}"),
-                            ..Task::default()
-                        }),
-                        spec_id: [0; 32],
-                        client_priority: 0,
-                        seq: i,
-                        lease_id: None,
-                    })])
+                    .write(vec![Op::DeleteTask {
+                        pipeline: "tenants/t/applications/a/pipelines/p".into(),
+                        key: crate::key::TaskKey(i as u128),
+                    }])
                     .await
             })
         });

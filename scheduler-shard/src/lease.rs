@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::key::TaskKey;
+
 /// A lease id: 128 random bits in hex. It is a capability: the agent that was sent it proves
 /// with it that it ran the attempt, so it must not be guessable (a counter was; any agent
 /// could then finish another agent's tasks), and it never matches a lease from before a
@@ -25,7 +27,7 @@ impl fmt::Display for LeaseId {
 
 #[derive(Debug, Clone)]
 pub struct Lease {
-    pub task: Arc<str>,
+    pub task: TaskKey,
     pub attempt: u32,
     /// The agent stream holding it; changes when a reconnecting agent reclaims it.
     pub session: u64,
@@ -116,10 +118,10 @@ mod tests {
     async fn renew_postpones_expiry_and_fences_sessions() {
         let ttl = Duration::from_secs(10);
         let mut t = LeaseTable::default();
-        let mut grant = |task: &str| {
+        let mut grant = |task: u128| {
             let id = t.new_id();
             let lease = Lease {
-                task: task.into(),
+                task: TaskKey(task),
                 attempt: 1,
                 session: 7,
                 deadline: Instant::now() + ttl,
@@ -127,7 +129,7 @@ mod tests {
             t.insert(id.clone(), lease);
             id
         };
-        let (a, b) = (grant("task-a"), grant("task-b"));
+        let (a, b) = (grant(0xa), grant(0xb));
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(
             t.renew(&a, 8, ttl).is_none(),

@@ -14,6 +14,7 @@ pub mod agent_stream;
 pub mod error;
 pub mod handoff;
 pub mod journal;
+pub mod key;
 pub mod lease;
 pub mod ownership;
 pub mod queue;
@@ -46,16 +47,60 @@ pub fn open(
     options: Options,
     data_dir: Option<&Path>,
 ) -> Result<Arc<Scheduler>, store::StoreError> {
-    let (journal, contents) = match data_dir {
-        Some(dir) => {
-            let store = store::Store::open_with(dir, !options.unsafe_no_fsync)?;
-            let contents = store.load()?;
-            (journal::Journal::start(store), contents)
-        }
-        None => (journal::Journal::discard(), store::Contents::default()),
+    let Some(dir) = data_dir else {
+        return Ok(Scheduler::new(
+            options,
+            journal::Journal::discard(),
+            store::Contents::default(),
+        ));
     };
-    Ok(Scheduler::new(options, journal, contents))
+    let started = std::time::Instant::now();
+    let store = store::Store::open_with(dir, !options.unsafe_no_fsync)?;
+    let opened = started.elapsed();
+    let specs = store.read_specs()?;
+    let len = store.approximate_tasks();
+    let reader = store.clone();
+    // One thread reads and decodes while this one indexes: a restart takes the longer of the
+    // two, not their sum. Nothing writes until the scheduler serves.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<store::Record>>(READ_AHEAD_CHUNKS);
+    let scheduler = std::thread::scope(|scope| {
+        let read = scope.spawn(move || {
+            let mut chunk = Vec::with_capacity(READ_CHUNK);
+            let read = reader.read_tasks(|record| {
+                chunk.push(record);
+                if chunk.len() == READ_CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK));
+                    // Fails only if the indexing side is gone (it panicked).
+                    let _ = tx.send(full);
+                }
+            });
+            let _ = tx.send(chunk);
+            read
+        });
+        let scheduler = Scheduler::recover(
+            options,
+            journal::Journal::start(store),
+            specs,
+            rx.iter().flatten(),
+            len,
+        );
+        read.join()
+            .expect("the store reader panicked")
+            .map(|()| scheduler)
+    })?;
+    tracing::info!(
+        open_ms = opened.as_millis() as u64,
+        read_and_index_ms = (started.elapsed() - opened).as_millis() as u64,
+        tasks = scheduler.len(),
+        "read the task store"
+    );
+    Ok(scheduler)
 }
+
+/// Records sent at once from the store's reader to the indexing thread at start.
+const READ_CHUNK: usize = 4096;
+/// Chunks read ahead of indexing, at most.
+const READ_AHEAD_CHUNKS: usize = 16;
 
 /// A shard's place in the cluster: its view of the ring and, in cluster mode, its
 /// registration in etcd.

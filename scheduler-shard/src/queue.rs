@@ -13,6 +13,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::key::TaskKey;
+
 /// Dispatch order key; derives `Ord` field by field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rank {
@@ -36,9 +38,17 @@ pub struct FairClock {
 impl FairClock {
     /// The tag of a new task of `flow`.
     pub fn tag(&mut self, flow: &Arc<str>) -> u64 {
-        let last = self.last.entry(flow.clone()).or_default();
-        *last = (*last).max(self.now) + 1;
-        *last
+        let now = self.now;
+        match self.last.get_mut(flow) {
+            Some(last) => {
+                *last = (*last).max(now) + 1;
+                *last
+            }
+            None => {
+                self.last.insert(flow.clone(), now + 1);
+                now + 1
+            }
+        }
     }
 
     /// A task with `tag` was dispatched.
@@ -49,12 +59,12 @@ impl FairClock {
 
 #[derive(Default)]
 pub struct ReadyQueue {
-    by_pipeline: BTreeMap<Arc<str>, BTreeSet<(Rank, Arc<str>)>>,
+    by_pipeline: BTreeMap<Arc<str>, BTreeSet<(Rank, TaskKey)>>,
     len: usize,
 }
 
 impl ReadyQueue {
-    pub fn push(&mut self, pipeline: &Arc<str>, rank: Rank, task: Arc<str>) {
+    pub fn push(&mut self, pipeline: &Arc<str>, rank: Rank, task: TaskKey) {
         if self
             .by_pipeline
             .entry(pipeline.clone())
@@ -65,11 +75,11 @@ impl ReadyQueue {
         }
     }
 
-    pub fn remove(&mut self, pipeline: &str, rank: Rank, task: &Arc<str>) -> bool {
+    pub fn remove(&mut self, pipeline: &str, rank: Rank, task: TaskKey) -> bool {
         let Some(set) = self.by_pipeline.get_mut(pipeline) else {
             return false;
         };
-        let removed = set.remove(&(rank, task.clone()));
+        let removed = set.remove(&(rank, task));
         if set.is_empty() {
             self.by_pipeline.remove(pipeline);
         }
@@ -80,7 +90,7 @@ impl ReadyQueue {
     }
 
     /// Takes the first task among `pipelines` (all pipelines when `None`).
-    pub fn pop(&mut self, pipelines: Option<&BTreeSet<String>>) -> Option<Arc<str>> {
+    pub fn pop(&mut self, pipelines: Option<&BTreeSet<String>>) -> Option<TaskKey> {
         let best = match pipelines {
             None => self
                 .by_pipeline
@@ -130,6 +140,8 @@ mod tests {
         let p: Arc<str> = "p".into();
         let (noisy, quiet): (Arc<str>, Arc<str>) = ("t/noisy".into(), "t/quiet".into());
         let mut seq = 0;
+        // The flow of each task, by its key.
+        let mut flows: HashMap<TaskKey, Arc<str>> = HashMap::new();
         let mut push = |q: &mut ReadyQueue, clock: &mut FairClock, flow: &Arc<str>| {
             seq += 1;
             let tag = clock.tag(flow);
@@ -137,7 +149,8 @@ mod tests {
                 tag,
                 ..rank(10, 10, seq)
             };
-            q.push(&p, rank, format!("{flow}#{seq}").into());
+            q.push(&p, rank, TaskKey(seq.into()));
+            flows.insert(TaskKey(seq.into()), flow.clone());
         };
         for _ in 0..100 {
             push(&mut q, &mut clock, &noisy);
@@ -145,7 +158,7 @@ mod tests {
         // Ten noisy tasks run, then the quiet client shows up with three.
         let mut order = Vec::new();
         for tag in 1..=10 {
-            order.push(q.pop(None).unwrap().to_string());
+            order.push(q.pop(None).unwrap());
             // The noisy flow's tags are 1..=100, dispatched in order.
             clock.advance(tag);
         }
@@ -153,12 +166,9 @@ mod tests {
             push(&mut q, &mut clock, &quiet);
         }
         for _ in 0..6 {
-            order.push(q.pop(None).unwrap().to_string());
+            order.push(q.pop(None).unwrap());
         }
-        let next: Vec<&str> = order[10..]
-            .iter()
-            .map(|n| n.split('#').next().unwrap())
-            .collect();
+        let next: Vec<&str> = order[10..].iter().map(|k| &*flows[k]).collect();
         assert_eq!(
             next,
             [
@@ -171,15 +181,16 @@ mod tests {
     fn priority_then_fifo_and_pipeline_filter() {
         let mut q = ReadyQueue::default();
         let (a, b): (Arc<str>, Arc<str>) = ("p/a".into(), "p/b".into());
-        q.push(&a, rank(10, 10, 1), "a1".into());
-        q.push(&a, rank(10, 5, 2), "a2".into());
-        q.push(&b, rank(10, 10, 0), "b0".into());
-        q.push(&b, rank(1, 99, 3), "b3".into());
+        let [a1, a2, b0, b3] = [0xa1, 0xa2, 0xb0, 0xb3].map(TaskKey);
+        q.push(&a, rank(10, 10, 1), a1);
+        q.push(&a, rank(10, 5, 2), a2);
+        q.push(&b, rank(10, 10, 0), b0);
+        q.push(&b, rank(1, 99, 3), b3);
         let only_a: BTreeSet<String> = ["p/a".to_owned()].into();
-        assert_eq!(q.pop(Some(&only_a)).as_deref(), Some("a2"));
-        assert_eq!(q.pop(None).as_deref(), Some("b3"), "client priority first");
-        assert_eq!(q.pop(None).as_deref(), Some("b0"), "then FIFO");
-        assert!(q.remove("p/a", rank(10, 10, 1), &"a1".into()));
+        assert_eq!(q.pop(Some(&only_a)), Some(a2));
+        assert_eq!(q.pop(None), Some(b3), "client priority first");
+        assert_eq!(q.pop(None), Some(b0), "then FIFO");
+        assert!(q.remove("p/a", rank(10, 10, 1), a1));
         assert!(q.is_empty());
         assert_eq!(q.pop(None), None);
     }

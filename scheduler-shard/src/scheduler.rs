@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use pm_proto::internal::v1::EnqueueTask;
-use pm_proto::names::{PipelineName, TaskName};
+use pm_proto::names::PipelineName;
 use pm_proto::unix_ms;
 use pm_proto::v1::{
     Assign, Cancel, Hello, Lease as WireLease, PipelineSpec, ServerMessage, StateChange, Task,
@@ -35,6 +35,7 @@ use pm_proto::v1::{
 
 use crate::error::Error;
 use crate::journal::Journal;
+use crate::key::TaskKey;
 use crate::lease::{Lease, LeaseId, LeaseTable};
 use crate::queue::{FairClock, Rank, ReadyQueue};
 use crate::store::{Contents, Op, Record, SpecId, spec_id};
@@ -42,12 +43,14 @@ use crate::task::{self, Event};
 
 mod dispatch;
 mod finish;
+mod record;
 mod retention;
 mod sessions;
 mod submit;
 mod task_map;
 mod transfer;
 
+use record::{HeldSpec, Next, TaskRecord};
 use task_map::TaskMap;
 
 pub use transfer::{Arriving, Outgoing};
@@ -101,6 +104,8 @@ const DISPATCH_BATCH: usize = 1024;
 const COLLECT_BATCH: usize = 10_000;
 /// Events kept per running task for late watchers.
 const HISTORY_LIMIT: usize = 1024;
+/// Events buffered per watched task for a watcher that reads slowly.
+const WATCH_BUFFER: usize = 1024;
 
 struct Session {
     agent_id: String,
@@ -121,99 +126,15 @@ impl Session {
     }
 }
 
-struct TaskRecord {
-    /// Shared with the writes that carry it and the readers that copy it out of the lock.
-    task: Arc<Task>,
-    spec_id: SpecId,
-    spec: Arc<PipelineSpec>,
-    pipeline: Arc<str>,
-    /// The fair-share flow: `tenant/client`.
-    flow: Arc<str>,
-    client_priority: u32,
-    rank: Rank,
-    lease: Option<LeaseId>,
-    /// A change of this task is being written.
-    busy: bool,
-    watchers: Option<broadcast::Sender<TaskEvent>>,
-    /// The current attempt's events, replayed to a watch that starts late. Bounded; emptied
-    /// when the task finishes (its result carries the outputs).
-    history: Vec<TaskEvent>,
-}
-
-impl TaskRecord {
-    fn state(&self) -> TaskState {
-        TaskState::try_from(self.task.state).unwrap_or_default()
-    }
-
-    /// The write that makes `task` (this record's task, changed) durable.
-    fn stored(&self, task: &Arc<Task>, lease: Option<&LeaseId>) -> Op {
-        Op::PutTask(self.disk_record(task, lease))
-    }
-
-    /// `task` (this record's task, maybe changed) as it is kept on disk.
-    fn disk_record(&self, task: &Arc<Task>, lease: Option<&LeaseId>) -> Record {
-        Record {
-            task: task.clone(),
-            spec_id: self.spec_id,
-            client_priority: self.client_priority,
-            seq: self.rank.seq,
-            lease_id: lease.map(|l| l.0.clone()),
-        }
-    }
-
-    /// This task after `event`, not yet applied.
-    fn next(&self, event: Event) -> Result<Task, task::InvalidTransition> {
-        let mut next = (*self.task).clone();
-        next.state = task::transition(self.state(), event)? as i32;
-        next.update_time_ms = unix_ms();
-        Ok(next)
-    }
-
-    /// Keeps an event for late watchers and sends it to the current ones.
-    fn record(&mut self, event: TaskEvent) {
-        if self.history.len() < HISTORY_LIMIT {
-            self.history.push(event.clone());
-        }
-        if let Some(tx) = &self.watchers {
-            let _ = tx.send(event);
-        }
-    }
-
-    fn publish(&mut self, e: task_event::Event) {
-        self.record(TaskEvent {
-            time_ms: unix_ms(),
-            event: Some(e),
-        });
-    }
-
-    /// A state change, for current watchers only: a watch that starts later sees the state
-    /// in its snapshot, so it is not kept in the history (and a task nobody watches
-    /// allocates nothing for it).
-    fn publish_state(&mut self, reason: &str) {
-        let Some(tx) = &self.watchers else {
-            return;
-        };
-        let change = StateChange {
-            state: self.task.state,
-            attempt: self.task.attempt,
-            reason: reason.to_owned(),
-        };
-        let _ = tx.send(TaskEvent {
-            time_ms: unix_ms(),
-            event: Some(task_event::Event::StateChanged(change)),
-        });
-    }
-}
-
 struct Inner {
     tasks: TaskMap,
-    /// Task names per pipeline, ordered by id (ids are time-ordered UUIDv7).
-    by_pipeline: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
-    /// (pipeline, idempotency key) -> task name, for durable tasks.
-    idempotency: HashMap<(Arc<str>, String), Arc<str>>,
+    /// Tasks per pipeline, ordered by id (ids are time-ordered UUIDv7).
+    by_pipeline: HashMap<Arc<str>, BTreeSet<TaskKey>>,
+    /// (pipeline, idempotency key) -> task, for durable tasks.
+    idempotency: HashMap<(Arc<str>, String), TaskKey>,
     /// Keys whose first submit is being written.
     idempotency_pending: HashSet<(Arc<str>, String)>,
-    specs: HashMap<SpecId, Arc<PipelineSpec>>,
+    specs: HashMap<SpecId, Arc<HeldSpec>>,
     /// Specs known to be on disk; others are written with the task that brings them.
     durable_specs: HashSet<SpecId>,
     queue: ReadyQueue,
@@ -221,7 +142,7 @@ struct Inner {
     leases: LeaseTable,
     sessions: BTreeMap<u64, Session>,
     /// Finished tasks by when they finished, for retention.
-    finished: BTreeSet<(Instant, Arc<str>)>,
+    finished: BTreeSet<(Instant, TaskKey)>,
     next_seq: u64,
     next_session: u64,
     /// READY + IN_PROGRESS tasks (and submits being written), in all and per flow.
@@ -236,7 +157,12 @@ struct Inner {
 impl Inner {
     fn reserve(&mut self, flow: &Arc<str>) {
         self.active += 1;
-        *self.active_by_flow.entry(flow.clone()).or_default() += 1;
+        match self.active_by_flow.get_mut(flow) {
+            Some(n) => *n += 1,
+            None => {
+                self.active_by_flow.insert(flow.clone(), 1);
+            }
+        }
         let tenant = tenant_of_flow(flow);
         match self.active_by_tenant.get_mut(tenant) {
             Some(n) => *n += 1,
@@ -274,6 +200,27 @@ impl Inner {
         shared
     }
 
+    /// The shared entry of a spec, added if new.
+    fn hold_spec(&mut self, id: SpecId, spec: Arc<PipelineSpec>) -> Arc<HeldSpec> {
+        self.specs
+            .entry(id)
+            .or_insert_with(|| Arc::new(HeldSpec { id, spec }))
+            .clone()
+    }
+
+    /// [`Inner::intern`] of a shared name, in place: kept as the one copy when it is the
+    /// first, untouched when it is the one copy already (a restart moves a million names
+    /// shared with the store's reader thread without touching their counts).
+    fn intern_shared(&mut self, name: &mut Arc<str>) {
+        match self.interned.get(&**name) {
+            Some(shared) if Arc::ptr_eq(shared, name) => {}
+            Some(shared) => *name = shared.clone(),
+            None => {
+                self.interned.insert(name.clone());
+            }
+        }
+    }
+
     /// More slots for `session`, never past [`MAX_SLOTS`] with the leases it holds.
     fn credit(&mut self, session: u64, slots: u32) {
         if let Some(s) = self.sessions.get_mut(&session) {
@@ -282,51 +229,47 @@ impl Inner {
         }
     }
 
-    /// Indexes a task from the disk (recovery) or from a handoff. A leased task keeps its
-    /// lease for `lease_left`, held by no stream until its agent reclaims it.
+    /// Indexes a task from the disk (recovery) or from a handoff, and queues it. A leased
+    /// task keeps its lease for `lease_left`, held by no stream until its agent reclaims it.
     fn restore(&mut self, r: Record, lease_left: Duration, now: Instant) -> Restored {
-        let (task, spec_key) = (r.task, r.spec_id);
-        let Some(spec) = self.specs.get(&spec_key).cloned() else {
-            tracing::error!(task = %task.name, "the spec of a stored task is missing; task skipped");
-            return Restored::Lost;
+        let (restored, unfinished) = self.index_restored(r, lease_left, now);
+        if let Some((_, key)) = unfinished {
+            self.rank_restored(key);
+        }
+        restored
+    }
+
+    /// [`Inner::restore`] without the part that depends on arrival order: the fair-share
+    /// tag and the ready queue ([`Inner::rank_restored`]). Returns the (seq, key) of an
+    /// unfinished task, to be ranked in seq order.
+    fn index_restored(
+        &mut self,
+        r: Record,
+        lease_left: Duration,
+        now: Instant,
+    ) -> (Restored, Option<(u64, TaskKey)>) {
+        let Some(spec) = self.specs.get(&r.spec_id).cloned() else {
+            tracing::error!(task = %r.name(), "the spec of a stored task is missing; task skipped");
+            return (Restored::Lost, None);
         };
-        let Ok(name) = TaskName::parse(&task.name) else {
-            return Restored::Lost;
-        };
-        let pipeline = self.intern(name.pipeline.to_string());
-        let flow = self.intern(format!("{}/{}", name.pipeline.tenant, task.client));
-        let rank = Rank {
-            client_priority: r.client_priority,
-            task_priority: task.priority,
-            tag: self.fair.tag(&flow),
-            seq: r.seq,
-        };
+        let mut r = r;
+        self.intern_shared(&mut r.pipeline);
+        self.intern_shared(&mut r.flow);
         self.next_seq = self.next_seq.max(r.seq);
-        let key: Arc<str> = task.name.as_str().into();
-        let mut record = TaskRecord {
-            task,
-            spec_id: spec_key,
-            spec,
-            pipeline,
-            flow: flow.clone(),
-            client_priority: r.client_priority,
-            rank,
-            lease: None,
-            busy: false,
-            watchers: None,
-            history: Vec::new(),
-        };
-        let restored = match record.state() {
+        let (key, seq) = (r.key, r.seq);
+        let lease_id = r.lease_id.take();
+        let mut record = TaskRecord::from_disk(r, spec);
+        let restored = match record.state {
             TaskState::Ready => {
-                self.reserve(&flow);
+                self.reserve(&record.flow);
                 Restored::Ready
             }
             TaskState::InProgress => {
-                self.reserve(&flow);
-                let id = LeaseId(r.lease_id.unwrap_or_default());
+                self.reserve(&record.flow);
+                let id = LeaseId(lease_id.unwrap_or_else(|| "".into()));
                 let lease = Lease {
-                    task: key.clone(),
-                    attempt: record.task.attempt,
+                    task: key,
+                    attempt: record.attempt,
                     session: 0,
                     deadline: now + lease_left,
                 };
@@ -335,46 +278,77 @@ impl Inner {
                 Restored::Leased
             }
             _ => {
-                let age = (unix_ms() - record.task.update_time_ms).max(0) as u64;
+                let age = (unix_ms() - record.update_time_ms).max(0) as u64;
                 let finished_at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
-                self.finished.insert((finished_at, key.clone()));
+                self.finished.insert((finished_at, key));
                 Restored::Finished
             }
         };
-        self.insert(key, record);
-        restored
+        // Not queued yet: its rank is not known until every earlier task has its tag.
+        let unfinished = !task::is_final(record.state);
+        self.index(key, record);
+        (restored, unfinished.then_some((seq, key)))
+    }
+
+    /// Gives a restored, unfinished task its fair-share tag and queues it if READY. Called in
+    /// seq order, so each flow's tasks keep their order.
+    fn rank_restored(&mut self, key: TaskKey) {
+        let Some(record) = self.tasks.get_mut(key) else {
+            return;
+        };
+        record.rank.tag = self.fair.tag(&record.flow);
+        if record.state == TaskState::Ready {
+            self.queue.push(&record.pipeline, record.rank, key);
+        }
     }
 
     /// Removes a task from every index; its disk record is untouched.
-    fn unindex(&mut self, name: &Arc<str>) -> Option<TaskRecord> {
-        let record = self.tasks.remove(name)?;
-        if let Some(names) = self.by_pipeline.get_mut(&record.pipeline) {
-            names.remove(name);
-            if names.is_empty() {
+    fn unindex(&mut self, key: TaskKey) -> Option<TaskRecord> {
+        let record = self.tasks.remove(key)?;
+        if let Some(keys) = self.by_pipeline.get_mut(&record.pipeline) {
+            keys.remove(&key);
+            if keys.is_empty() {
                 self.by_pipeline.remove(&record.pipeline);
             }
         }
-        if !record.task.idempotency_key.is_empty() {
+        if record.keyed {
             self.idempotency
-                .remove(&(record.pipeline.clone(), record.task.idempotency_key.clone()));
+                .remove(&(record.pipeline.clone(), record.idempotency_key(key)));
         }
         Some(record)
     }
 
     /// Indexes a durable record; READY ones join the queue.
-    fn insert(&mut self, name: Arc<str>, record: TaskRecord) {
-        if !record.task.idempotency_key.is_empty() {
-            let key = (record.pipeline.clone(), record.task.idempotency_key.clone());
-            self.idempotency.insert(key, name.clone());
+    fn insert(&mut self, key: TaskKey, record: TaskRecord) {
+        if record.state == TaskState::Ready {
+            self.queue.push(&record.pipeline, record.rank, key);
+        }
+        self.index(key, record);
+    }
+
+    /// [`Inner::insert`] without the queue.
+    fn index(&mut self, key: TaskKey, record: TaskRecord) {
+        if record.keyed {
+            let idempotency = (record.pipeline.clone(), record.idempotency_key(key));
+            self.idempotency.insert(idempotency, key);
         }
         self.by_pipeline
             .entry(record.pipeline.clone())
             .or_default()
-            .insert(name.clone());
-        if record.state() == TaskState::Ready {
-            self.queue.push(&record.pipeline, record.rank, name.clone());
-        }
-        self.tasks.insert(name, record);
+            .insert(key);
+        self.tasks.insert(key, record);
+    }
+
+    /// The key of the task `name` names, if this shard holds it.
+    fn find(&self, name: &str) -> Result<TaskKey, Error> {
+        TaskKey::parse_name(name)
+            .filter(|(pipeline, key)| {
+                self.tasks
+                    .get(*key)
+                    .is_some_and(|r| &*r.pipeline == *pipeline)
+            })
+            .map(|(_, key)| key)
+            .ok_or_else(|| Error::NotFound(name.to_owned()))
     }
 }
 
@@ -398,10 +372,10 @@ pub struct Watch {
     pub events: Option<broadcast::Receiver<TaskEvent>>,
 }
 
-fn wire_lease(id: &LeaseId, task: &str, attempt: u32, deadline: Instant) -> WireLease {
+fn wire_lease(id: &LeaseId, task: String, attempt: u32, deadline: Instant) -> WireLease {
     let left = deadline.saturating_duration_since(Instant::now());
     WireLease {
-        task: task.to_owned(),
+        task,
         lease_id: id.0.to_string(),
         attempt,
         deadline_ms: unix_ms() + left.as_millis() as i64,
@@ -423,8 +397,8 @@ enum Restored {
 
 /// A requeue or final failure being written.
 struct Requeue {
-    name: Arc<str>,
-    next: Arc<Task>,
+    key: TaskKey,
+    next: Next,
     reason: String,
     /// The lease it had, restored (expiring soon) if the write fails.
     lease: Option<(LeaseId, Lease)>,
@@ -435,9 +409,22 @@ impl Scheduler {
     /// `journal`. Leased tasks from before a restart keep their leases for one TTL, so
     /// reconnecting agents reclaim them; unclaimed ones are then delivered again.
     pub fn new(options: Options, journal: Journal, contents: Contents) -> Arc<Self> {
+        let len = contents.tasks.len();
+        Self::recover(options, journal, contents.specs, contents.tasks, len)
+    }
+
+    /// [`Scheduler::new`] over tasks as they are read (about `len` of them), so a restart
+    /// indexes them while the store is still reading.
+    pub fn recover(
+        options: Options,
+        journal: Journal,
+        specs: HashMap<SpecId, PipelineSpec>,
+        tasks: impl IntoIterator<Item = Record>,
+        len: usize,
+    ) -> Arc<Self> {
         let started = std::time::Instant::now();
         let mut inner = Inner {
-            tasks: TaskMap::new(),
+            tasks: TaskMap::with_capacity(len),
             by_pipeline: HashMap::new(),
             idempotency: HashMap::new(),
             idempotency_pending: HashSet::new(),
@@ -455,23 +442,28 @@ impl Scheduler {
             active_by_tenant: HashMap::new(),
             interned: HashSet::new(),
         };
-        for (id, spec) in contents.specs {
+        for (id, spec) in specs {
             inner.durable_specs.insert(id);
-            inner.specs.insert(id, Arc::new(spec));
+            inner.hold_spec(id, Arc::new(spec));
         }
-        let mut stored = contents.tasks;
-        stored.sort_unstable_by_key(|t| t.seq);
         let (mut ready, mut leased, mut lost) = (0usize, 0usize, 0usize);
         let now = Instant::now();
-        for s in stored {
-            let restored = Record::from_stored(s)
-                .map_or(Restored::Lost, |r| inner.restore(r, options.lease_ttl, now));
+        let mut unfinished = Vec::with_capacity(len);
+        for r in tasks {
+            let (restored, pending) = inner.index_restored(r, options.lease_ttl, now);
             match restored {
                 Restored::Ready => ready += 1,
                 Restored::Leased => leased += 1,
                 Restored::Finished => {}
                 Restored::Lost => lost += 1,
             }
+            unfinished.extend(pending);
+        }
+        let indexed = started.elapsed();
+        // Tags and queue places in arrival order (records come in name order).
+        unfinished.sort_unstable();
+        for (_, key) in unfinished {
+            inner.rank_restored(key);
         }
         let total = inner.tasks.len();
         if total > 0 || lost > 0 {
@@ -480,6 +472,7 @@ impl Scheduler {
                 ready,
                 leased,
                 lost,
+                indexed_ms = indexed.as_millis() as u64,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "recovered tasks from disk"
             );
@@ -525,74 +518,87 @@ impl Scheduler {
     // ---- reads ----
 
     pub fn get(&self, name: &str) -> Result<Task, Error> {
-        let task = self
-            .lock()
-            .tasks
-            .get(name)
-            .map(|r| r.task.clone())
-            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-        Ok((*task).clone())
+        let record = {
+            let inner = self.lock();
+            let key = inner.find(name)?;
+            inner.tasks.get(key).expect("found").disk(key)
+        };
+        // Decoded here, not under the lock.
+        Ok(record.to_task())
     }
 
     pub fn watch(&self, name: &str) -> Result<Watch, Error> {
         let (snapshot, history, events) = {
             let mut inner = self.lock();
-            let record = inner
-                .tasks
-                .get_mut(name)
-                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
-            let events = (!task::is_final(record.state())).then(|| {
+            let key = inner.find(name)?;
+            let record = inner.tasks.get_mut(key).expect("found");
+            let events = (!task::is_final(record.state)).then(|| {
                 record
+                    .live
+                    .get_or_insert_with(Box::default)
                     .watchers
-                    .get_or_insert_with(|| broadcast::channel(1024).0)
+                    .get_or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
                     .subscribe()
             });
-            (record.task.clone(), record.history.clone(), events)
+            let history = record
+                .live
+                .as_ref()
+                .map(|l| l.history.clone())
+                .unwrap_or_default();
+            (record.disk(key), history, events)
         };
         Ok(Watch {
-            snapshot: (*snapshot).clone(),
+            snapshot: snapshot.to_task(),
             history,
             events,
         })
     }
 
+    /// A page of `pipeline`'s tasks, newest first; `page_token` is the id of the last task
+    /// of the page before.
     pub fn list(
         &self,
         pipeline: &str,
         state: TaskState,
         page_size: usize,
         page_token: &str,
-    ) -> (Vec<Task>, String) {
+    ) -> Result<(Vec<Task>, String), Error> {
+        let below =
+            if page_token.is_empty() {
+                None
+            } else {
+                Some(TaskKey::parse_id(page_token).ok_or_else(|| {
+                    Error::invalid("page_token", "not a token this list returned")
+                })?)
+            };
         let inner = self.lock();
-        let Some(names) = inner.by_pipeline.get(pipeline) else {
-            return (Vec::new(), String::new());
+        let Some(keys) = inner.by_pipeline.get(pipeline) else {
+            return Ok((Vec::new(), String::new()));
         };
-        let upper: Arc<str> = if page_token.is_empty() {
-            // Past every name of this pipeline: '~' sorts after the id alphabet.
-            format!("{pipeline}/tasks/~").into()
-        } else {
-            format!("{pipeline}/tasks/{page_token}").into()
+        let keys = match below {
+            Some(below) => keys.range(..below),
+            None => keys.range(..),
         };
-        let mut page: Vec<Arc<Task>> = Vec::with_capacity(page_size);
+        let mut page: Vec<Record> = Vec::with_capacity(page_size);
         let mut more = false;
-        for name in names.range(..upper).rev() {
-            let task = &inner.tasks.get(name).expect("indexed tasks exist").task;
-            if state != TaskState::Unspecified && task.state != state as i32 {
+        for &key in keys.rev() {
+            let record = inner.tasks.get(key).expect("indexed tasks exist");
+            if state != TaskState::Unspecified && record.state != state {
                 continue;
             }
             if page.len() == page_size {
                 more = true;
                 break;
             }
-            page.push(task.clone());
+            page.push(record.disk(key));
         }
         drop(inner);
         let next = match (more, page.last()) {
-            (true, Some(last)) => last.id.clone(),
+            (true, Some(last)) => last.key.to_string(),
             _ => String::new(),
         };
-        // Copied out of the records here, not under the lock.
-        (page.iter().map(|t| (**t).clone()).collect(), next)
+        // Decoded here, not under the lock.
+        Ok((page.iter().map(Record::to_task).collect(), next))
     }
 
     /// READY + IN_PROGRESS tasks (for health and tests).
@@ -807,7 +813,8 @@ mod tests {
         for name in [&first.name, &second.name] {
             assert_eq!(state_of(&s, name), (TaskState::InProgress, 1));
         }
-        assert!(s.lock().tasks.get(&first.name).unwrap().history.is_empty());
+        let first_key = TaskKey::parse_id(&first.id).unwrap();
+        assert!(s.lock().tasks.get(first_key).unwrap().live.is_none());
         // Made-up leases (42 of them) raise no credit either: still the one slot it had.
         for i in 0..42 {
             let made_up = WireLease {

@@ -170,7 +170,7 @@ impl ShardService for Shard {
             .map_err(Error::InvalidArgument)?;
         let (tasks, next_page_token) =
             self.scheduler
-                .list(&pipeline.to_string(), state, size, &req.page_token);
+                .list(&pipeline.to_string(), state, size, &req.page_token)?;
         Ok(Response::new(ListTasksResponse {
             tasks,
             next_page_token,

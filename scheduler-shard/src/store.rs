@@ -1,15 +1,25 @@
 //! The task store: the shard's tasks on its own disk, in fjall.
 //!
-//! Two keyspaces: `tasks` (task name -> `StoredTask`) and `specs` (SHA-256 of an encoded spec
-//! -> the spec), so a pipeline version shared by a million tasks is stored once. Writes go
-//! through [`crate::journal`], which batches them and syncs once per batch; this module only
-//! knows how to apply a batch and how to read everything back at start.
+//! Two keyspaces: `shard_tasks` (task name -> `ShardTask`, the shard's own compact record)
+//! and `specs` (SHA-256 of an encoded spec -> the spec), so a pipeline version shared by a
+//! million tasks is stored once. Writes go through [`crate::journal`], which batches them and
+//! syncs once per batch; this module only knows how to apply a batch, how to read everything
+//! back at start, and how to convert a record to and from the whole `pm.v1.Task` (for
+//! clients, agents and handoffs).
+//!
+//! A record keeps what a task was submitted with and scheduling never reads (parameters,
+//! timeout, idempotency key) as the encoded `TaskBody` bytes, in memory and on disk. So a
+//! restart decodes only the scheduling fields, and memory holds no decoded map or strings
+//! per task (docs/scheduler.md, "Compact state").
 //!
 //! Records are encoded here, on the journal's thread, not by the scheduler under its lock.
 //! A batch may change one task twice (its dispatch and its result can share a group commit,
 //! since an Assign no longer waits for its dispatch record): fjall gives every item of a batch
 //! the same sequence number, so [`Store::apply`] keeps only the last write of each key, which
 //! is what applying the ops one by one would leave.
+//!
+//! Data dirs of format 1 (whole `StoredTask`s in the keyspace `tasks`) are converted once at
+//! open, before anything is served; a crash midway converts again from the start.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,8 +28,10 @@ use std::sync::Arc;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message;
 
-use pm_proto::internal::v1::StoredTask;
-use pm_proto::v1::{PipelineSpec, Task};
+use pm_proto::internal::v1::{ShardTask, StoredTask, TaskBody};
+use pm_proto::v1::{PipelineSpec, Task, TaskResult, TaskState};
+
+use crate::key::TaskKey;
 
 pub use pm_spec::{SpecId, spec_id};
 
@@ -29,7 +41,8 @@ pub enum Op {
     /// A task's record, under its name (encoded on the journal's thread).
     PutTask(Record),
     DeleteTask {
-        name: String,
+        pipeline: Arc<str>,
+        key: TaskKey,
     },
     PutSpec {
         id: SpecId,
@@ -37,63 +50,253 @@ pub enum Op {
     },
 }
 
-/// A task's disk record (a `StoredTask`) by its parts, sharing the task with the scheduler's
-/// memory: making a write copies no task.
-#[derive(Debug, Clone)]
+/// A task as the shard keeps it: a `ShardTask` under the task's name, by its parts. The body
+/// and result are shared with the scheduler's memory, so making a write copies neither.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    pub task: Arc<Task>,
-    pub spec_id: SpecId,
+    /// `tenants/{t}/applications/{a}/pipelines/{p}`.
+    pub pipeline: Arc<str>,
+    /// The task id (the record is stored under `{pipeline}/tasks/{id}`).
+    pub key: TaskKey,
+    /// `{tenant}/{client}`: the fair-share flow (the client may be empty).
+    pub flow: Arc<str>,
+    pub state: TaskState,
+    pub attempt: u32,
+    pub priority: u32,
     pub client_priority: u32,
     pub seq: u64,
+    pub spec_id: SpecId,
     /// The lease of an IN_PROGRESS task.
     pub lease_id: Option<Arc<str>>,
+    pub create_time_ms: i64,
+    pub update_time_ms: i64,
+    /// The body holds an idempotency key.
+    pub keyed: bool,
+    /// An encoded `TaskBody`.
+    pub body: Arc<[u8]>,
+    pub result: Option<Arc<TaskResult>>,
+}
+
+/// The tenant in a task or pipeline name (`tenants/{t}/...`).
+fn tenant_of(name: &str) -> &str {
+    name.strip_prefix("tenants/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("")
+}
+
+/// The client in a flow (`{tenant}/{client}`).
+fn client_of(flow: &str) -> &str {
+    flow.split_once('/').map_or("", |(_, client)| client)
 }
 
 impl Record {
-    /// The parts of a decoded `StoredTask`; `None` without a task or with a malformed spec id.
+    /// The idempotency key in the body ("" without one).
+    pub fn idempotency_key(&self) -> String {
+        if !self.keyed {
+            return String::new();
+        }
+        TaskBody::decode(&*self.body)
+            .map(|b| b.idempotency_key)
+            .unwrap_or_default()
+    }
+
+    /// The task's resource name (the record's key on disk).
+    pub fn name(&self) -> String {
+        self.key.name(&self.pipeline)
+    }
+
+    /// The task as clients and agents see it (decodes the body).
+    pub fn to_task(&self) -> Task {
+        let body = TaskBody::decode(&*self.body).unwrap_or_default();
+        Task {
+            name: self.name(),
+            id: self.key.to_string(),
+            pipeline: self.pipeline.to_string(),
+            pipeline_version: body.pipeline_version,
+            params: body.params,
+            priority: self.priority,
+            idempotency_key: body.idempotency_key,
+            timeout_seconds: body.timeout_seconds,
+            inline: body.inline,
+            state: self.state as i32,
+            attempt: self.attempt,
+            create_time_ms: self.create_time_ms,
+            update_time_ms: self.update_time_ms,
+            result: self.result.as_deref().cloned(),
+            client: client_of(&self.flow).to_owned(),
+        }
+    }
+
+    /// The body of `task` (its fields fixed at submit that scheduling never reads), and
+    /// whether it holds an idempotency key. Takes the params out of `task` and puts them
+    /// back, so nothing is copied but the encoding.
+    pub fn body_of(task: &mut Task) -> (Arc<[u8]>, bool) {
+        let body = TaskBody {
+            params: std::mem::take(&mut task.params),
+            timeout_seconds: task.timeout_seconds,
+            inline: task.inline,
+            pipeline_version: task.pipeline_version,
+            idempotency_key: std::mem::take(&mut task.idempotency_key),
+        };
+        let bytes = body.encode_to_vec().into();
+        task.params = body.params;
+        task.idempotency_key = body.idempotency_key;
+        (bytes, !task.idempotency_key.is_empty())
+    }
+
+    /// The record of a whole task (a handoff, or a format-1 disk record); `None` without a
+    /// task, with a malformed spec id or a name that is not a task's.
     pub fn from_stored(stored: StoredTask) -> Option<Self> {
+        let mut task = stored.task?;
+        let (pipeline, key) = TaskKey::parse_name(&task.name)?;
+        let pipeline: Arc<str> = pipeline.into();
+        let (body, keyed) = Self::body_of(&mut task);
         Some(Self {
-            task: Arc::new(stored.task?),
-            spec_id: SpecId::try_from(stored.spec_id.as_slice()).ok()?,
+            flow: format!("{}/{}", tenant_of(&pipeline), task.client).into(),
+            pipeline,
+            key,
+            state: TaskState::try_from(task.state).unwrap_or_default(),
+            attempt: task.attempt,
+            priority: task.priority,
             client_priority: stored.client_priority,
             seq: stored.seq,
+            spec_id: SpecId::try_from(stored.spec_id.as_slice()).ok()?,
             lease_id: (!stored.lease_id.is_empty()).then(|| stored.lease_id.as_str().into()),
+            create_time_ms: task.create_time_ms,
+            update_time_ms: task.update_time_ms,
+            keyed,
+            body,
+            result: task.result.map(Arc::new),
         })
     }
 
-    /// The same bytes as the equivalent `StoredTask::encode_to_vec`, written from borrowed
-    /// parts (prost's own field encoders, field numbers of `pm/internal/v1/store.proto`).
-    pub fn encode(&self) -> Vec<u8> {
-        use prost::encoding::{self, WireType};
-        let lease = self.lease_id.as_deref().unwrap_or("");
-        let mut buf = Vec::with_capacity(self.task.encoded_len() + 96 + lease.len());
-        encoding::message::encode(1, &*self.task, &mut buf);
-        encoding::encode_key(2, WireType::LengthDelimited, &mut buf);
-        encoding::encode_varint(self.spec_id.len() as u64, &mut buf);
-        buf.extend_from_slice(&self.spec_id);
-        if self.client_priority != 0 {
-            encoding::uint32::encode(3, &self.client_priority, &mut buf);
-        }
-        if self.seq != 0 {
-            encoding::uint64::encode(4, &self.seq, &mut buf);
-        }
-        if !lease.is_empty() {
-            encoding::encode_key(5, WireType::LengthDelimited, &mut buf);
-            encoding::encode_varint(lease.len() as u64, &mut buf);
-            buf.extend_from_slice(lease.as_bytes());
-        }
-        buf
-    }
-
-    /// The `StoredTask` these parts make (for a handoff).
+    /// The whole task, for a handoff.
     pub fn to_stored(&self) -> StoredTask {
         StoredTask {
-            task: Some((*self.task).clone()),
+            task: Some(self.to_task()),
             spec_id: self.spec_id.to_vec(),
             client_priority: self.client_priority,
             seq: self.seq,
             lease_id: self.lease_id.as_deref().unwrap_or("").to_owned(),
         }
+    }
+
+    /// The record stored under `name`, its pipeline and flow shared through `names`.
+    pub fn decode(name: &[u8], value: &[u8], names: &mut Names) -> Result<Self, StoreError> {
+        let bad =
+            |why: String| StoreError(format!("task {}: {why}", String::from_utf8_lossy(name)));
+        let name = std::str::from_utf8(name).map_err(|e| bad(e.to_string()))?;
+        let (pipeline, key) =
+            TaskKey::parse_name(name).ok_or_else(|| bad("not a task name".into()))?;
+        let stored = ShardTask::decode(value).map_err(|e| bad(e.to_string()))?;
+        let (pipeline, flow) = names.get(pipeline, &stored.client);
+        Ok(Self {
+            pipeline,
+            key,
+            flow,
+            state: TaskState::try_from(stored.state).unwrap_or_default(),
+            attempt: stored.attempt,
+            priority: stored.priority,
+            client_priority: stored.client_priority,
+            seq: stored.seq,
+            spec_id: SpecId::try_from(stored.spec_id.as_slice())
+                .map_err(|_| bad("the spec id is not 32 bytes".into()))?,
+            lease_id: (!stored.lease_id.is_empty()).then(|| stored.lease_id.as_str().into()),
+            create_time_ms: stored.create_time_ms,
+            update_time_ms: stored.update_time_ms,
+            keyed: stored.keyed,
+            body: stored.body.into(),
+            result: stored.result.map(Arc::new),
+        })
+    }
+
+    /// The same bytes as the equivalent `ShardTask::encode_to_vec`, written from borrowed
+    /// parts (prost's own field encoders, field numbers of `pm/internal/v1/store.proto`).
+    pub fn encode(&self) -> Vec<u8> {
+        use prost::encoding::{self, WireType};
+        fn bytes(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
+            if !value.is_empty() {
+                encoding::encode_key(tag, WireType::LengthDelimited, buf);
+                encoding::encode_varint(value.len() as u64, buf);
+                buf.extend_from_slice(value);
+            }
+        }
+        let lease = self.lease_id.as_deref().unwrap_or("");
+        let result_len = self.result.as_ref().map_or(0, |r| r.encoded_len() + 8);
+        let mut buf = Vec::with_capacity(96 + self.body.len() + lease.len() + result_len);
+        bytes(1, client_of(&self.flow).as_bytes(), &mut buf);
+        if self.state as i32 != 0 {
+            encoding::int32::encode(2, &(self.state as i32), &mut buf);
+        }
+        for (tag, value) in [
+            (3, self.attempt),
+            (4, self.priority),
+            (5, self.client_priority),
+        ] {
+            if value != 0 {
+                encoding::uint32::encode(tag, &value, &mut buf);
+            }
+        }
+        if self.seq != 0 {
+            encoding::uint64::encode(6, &self.seq, &mut buf);
+        }
+        bytes(7, &self.spec_id, &mut buf);
+        bytes(8, lease.as_bytes(), &mut buf);
+        for (tag, value) in [(9, self.create_time_ms), (10, self.update_time_ms)] {
+            if value != 0 {
+                encoding::int64::encode(tag, &value, &mut buf);
+            }
+        }
+        if self.keyed {
+            encoding::bool::encode(11, &self.keyed, &mut buf);
+        }
+        bytes(12, &self.body, &mut buf);
+        if let Some(result) = &self.result {
+            encoding::message::encode(13, &**result, &mut buf);
+        }
+        buf
+    }
+}
+
+/// Pipeline and flow names read back at start, one shared copy of each (a million tasks of
+/// one pipeline allocate its name once). Records come in name order, so most share the last
+/// record's pipeline and client, which are checked first.
+#[derive(Default)]
+pub struct Names {
+    /// Pipeline -> client -> flow.
+    pipelines: HashMap<Arc<str>, HashMap<String, Arc<str>>>,
+    last: Option<(Arc<str>, String, Arc<str>)>,
+}
+
+impl Names {
+    fn get(&mut self, pipeline: &str, client: &str) -> (Arc<str>, Arc<str>) {
+        if let Some((p, c, flow)) = &self.last
+            && **p == *pipeline
+            && c == client
+        {
+            return (p.clone(), flow.clone());
+        }
+        if !self.pipelines.contains_key(pipeline) {
+            self.pipelines.insert(pipeline.into(), HashMap::new());
+        }
+        let (shared, flows) = self
+            .pipelines
+            .get_key_value(pipeline)
+            .expect("inserted above");
+        let (shared, flow) = match flows.get(client) {
+            Some(flow) => (shared.clone(), flow.clone()),
+            None => {
+                let shared = shared.clone();
+                let flow: Arc<str> = format!("{}/{client}", tenant_of(pipeline)).into();
+                self.pipelines
+                    .get_mut(pipeline)
+                    .expect("inserted above")
+                    .insert(client.to_owned(), flow.clone());
+                (shared, flow)
+            }
+        };
+        self.last = Some((shared.clone(), client.to_owned(), flow.clone()));
+        (shared, flow)
     }
 }
 
@@ -110,10 +313,26 @@ impl From<fjall::Error> for StoreError {
 /// Everything on disk, read back at start.
 #[derive(Default)]
 pub struct Contents {
-    pub tasks: Vec<StoredTask>,
+    pub tasks: Vec<Record>,
     pub specs: HashMap<SpecId, PipelineSpec>,
 }
 
+/// fjall replays its journal at open (every write not yet flushed to a table), and keeps it
+/// until the memtables it covers are flushed; an idle keyspace (`specs`) holds it until this
+/// size forces a flush. fjall's default (512 MiB) took ~2 s of replay at a restart with a
+/// million tasks; this is fjall's minimum.
+const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Memtable size of the tasks (fjall's default is 64 MiB): smaller memtables flush sooner,
+/// so less journal is replayed at a restart and less memory holds written records.
+const MAX_MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The keyspace of format-1 records (whole `StoredTask`s).
+const FORMAT_1_TASKS: &str = "tasks";
+/// Records converted per synced batch when a format-1 data dir is opened.
+const MIGRATE_BATCH: usize = 10_000;
+
+/// Cheap to clone: the handles share one database.
+#[derive(Clone)]
 pub struct Store {
     db: Database,
     tasks: Keyspace,
@@ -136,43 +355,87 @@ impl Store {
         let db = Database::builder(dir)
             // We sync ourselves, once per group commit.
             .manual_journal_persist(true)
+            .max_journaling_size(MAX_JOURNAL_BYTES)
             .open()?;
-        let tasks = db.keyspace("tasks", KeyspaceCreateOptions::default)?;
+        let tasks = db.keyspace("shard_tasks", || {
+            KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES)
+        })?;
         let specs = db.keyspace("specs", KeyspaceCreateOptions::default)?;
         let persist = if fsync {
             PersistMode::SyncData
         } else {
             PersistMode::Buffer
         };
-        Ok(Self {
+        let store = Self {
             db,
             tasks,
             specs,
             persist,
-        })
+        };
+        store.migrate_format_1()?;
+        Ok(store)
+    }
+
+    /// Converts format-1 records into this format, then drops their keyspace. Idempotent:
+    /// the old keyspace goes only after every converted record is synced.
+    fn migrate_format_1(&self) -> Result<(), StoreError> {
+        if !self.db.keyspace_exists(FORMAT_1_TASKS) {
+            return Ok(());
+        }
+        let old = self
+            .db
+            .keyspace(FORMAT_1_TASKS, KeyspaceCreateOptions::default)?;
+        let mut converted = 0usize;
+        let mut batch = self.db.batch();
+        let mut in_batch = 0;
+        for guard in old.iter() {
+            let (key, value) = guard.into_inner()?;
+            let stored = StoredTask::decode(value.as_ref()).map_err(|e| {
+                StoreError(format!(
+                    "undecodable format-1 task {}: {e}",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            let Some(record) = Record::from_stored(stored) else {
+                tracing::error!(task = %String::from_utf8_lossy(&key), "a format-1 task is malformed; skipped");
+                continue;
+            };
+            batch.insert(&self.tasks, record.name(), record.encode());
+            converted += 1;
+            in_batch += 1;
+            if in_batch == MIGRATE_BATCH {
+                batch.commit()?;
+                batch = self.db.batch();
+                in_batch = 0;
+            }
+        }
+        batch.commit()?;
+        self.db.persist(PersistMode::SyncAll)?;
+        self.db.delete_keyspace(old)?;
+        self.db.persist(PersistMode::SyncAll)?;
+        tracing::info!(converted, "task store converted from format 1");
+        Ok(())
     }
 
     /// Applies `ops` atomically and makes them durable (fdatasync) before returning.
     pub fn apply<'a>(&self, ops: impl IntoIterator<Item = &'a Op>) -> Result<(), StoreError> {
         let ops: Vec<&Op> = ops.into_iter().collect();
         // The last write of each task wins (see the module doc).
-        let mut last: HashMap<&str, usize> = HashMap::with_capacity(ops.len());
+        let mut last: HashMap<TaskKey, usize> = HashMap::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
             match op {
-                Op::PutTask(record) => last.insert(record.task.name.as_str(), i),
-                Op::DeleteTask { name } => last.insert(name.as_str(), i),
+                Op::PutTask(record) => last.insert(record.key, i),
+                Op::DeleteTask { key, .. } => last.insert(*key, i),
                 Op::PutSpec { .. } => None,
             };
         }
         let mut batch = self.db.batch();
         for (i, op) in ops.iter().enumerate() {
             match op {
-                Op::PutTask(record) if last[record.task.name.as_str()] != i => {}
-                Op::DeleteTask { name } if last[name.as_str()] != i => {}
-                Op::PutTask(record) => {
-                    batch.insert(&self.tasks, record.task.name.as_bytes(), record.encode())
-                }
-                Op::DeleteTask { name } => batch.remove(&self.tasks, name.as_bytes()),
+                Op::PutTask(record) if last[&record.key] != i => {}
+                Op::DeleteTask { key, .. } if last[key] != i => {}
+                Op::PutTask(record) => batch.insert(&self.tasks, record.name(), record.encode()),
+                Op::DeleteTask { pipeline, key } => batch.remove(&self.tasks, key.name(pipeline)),
                 Op::PutSpec { id, spec } => {
                     batch.insert(&self.specs, id.as_slice(), spec.as_slice())
                 }
@@ -185,7 +448,17 @@ impl Store {
 
     /// Reads every task and spec.
     pub fn load(&self) -> Result<Contents, StoreError> {
-        let mut contents = Contents::default();
+        let mut tasks = Vec::new();
+        self.read_tasks(|record| tasks.push(record))?;
+        Ok(Contents {
+            tasks,
+            specs: self.read_specs()?,
+        })
+    }
+
+    /// Every spec.
+    pub fn read_specs(&self) -> Result<HashMap<SpecId, PipelineSpec>, StoreError> {
+        let mut specs = HashMap::new();
         for guard in self.specs.iter() {
             let (key, value) = guard.into_inner()?;
             let id: SpecId = key
@@ -194,19 +467,24 @@ impl Store {
                 .map_err(|_| StoreError("a spec key is not 32 bytes".into()))?;
             let spec = PipelineSpec::decode(value.as_ref())
                 .map_err(|e| StoreError(format!("undecodable spec: {e}")))?;
-            contents.specs.insert(id, spec);
+            specs.insert(id, spec);
         }
+        Ok(specs)
+    }
+
+    /// Every task, in name order, to `each`.
+    pub fn read_tasks(&self, mut each: impl FnMut(Record)) -> Result<(), StoreError> {
+        let mut names = Names::default();
         for guard in self.tasks.iter() {
             let (key, value) = guard.into_inner()?;
-            let task = StoredTask::decode(value.as_ref()).map_err(|e| {
-                StoreError(format!(
-                    "undecodable task {}: {e}",
-                    String::from_utf8_lossy(&key)
-                ))
-            })?;
-            contents.tasks.push(task);
+            each(Record::decode(&key, &value, &mut names)?);
         }
-        Ok(contents)
+        Ok(())
+    }
+
+    /// About how many tasks are stored (fjall's estimate, for sizing).
+    pub fn approximate_tasks(&self) -> usize {
+        self.tasks.approximate_len()
     }
 }
 
@@ -214,30 +492,90 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_record_encodes_as_its_stored_task_does() {
-        let task = Task {
-            name: "tenants/t/applications/a/pipelines/p/tasks/x".into(),
+    fn task(name: &str) -> Task {
+        Task {
+            name: name.into(),
+            id: TaskKey::parse_name(name).unwrap().1.to_string(),
+            pipeline: TaskKey::parse_name(name).unwrap().0.into(),
+            pipeline_version: 4,
             params: [("k".to_owned(), "v".to_owned())].into(),
+            priority: 5,
+            idempotency_key: "key-1".into(),
+            timeout_seconds: 60,
+            inline: false,
+            state: TaskState::InProgress as i32,
             attempt: 3,
-            state: 2,
-            ..Task::default()
-        };
-        for (client_priority, seq, lease) in [(0, 0, None), (7, 1 << 40, Some("l1-2a"))] {
-            let record = Record {
-                task: Arc::new(task.clone()),
-                spec_id: [9; 32],
+            create_time_ms: 1_700_000_000_000,
+            update_time_ms: 1_700_000_000_500,
+            result: None,
+            client: "c1".into(),
+        }
+    }
+
+    const NAME: &str =
+        "tenants/t/applications/a/pipelines/p/tasks/0193aaaa0000700080000000000000aa";
+
+    #[test]
+    fn a_record_encodes_as_its_shard_task_does_and_round_trips_the_whole_task() {
+        let mut finished = task(NAME);
+        finished.state = TaskState::Done as i32;
+        finished.client = String::new();
+        finished.idempotency_key = String::new();
+        finished.result = Some(TaskResult {
+            succeeded: true,
+            duration_ms: 12,
+            ..TaskResult::default()
+        });
+        for (t, client_priority, seq, lease) in [
+            (task(NAME), 0, 0, None),
+            (task(NAME), 7, 1 << 40, Some("l1-2a")),
+            (finished, 1, 2, None),
+        ] {
+            let stored = StoredTask {
+                task: Some(t.clone()),
+                spec_id: vec![9; 32],
                 client_priority,
                 seq,
-                lease_id: lease.map(Into::into),
+                lease_id: lease.unwrap_or("").into(),
             };
-            let stored = record.to_stored();
-            assert_eq!(record.encode(), stored.encode_to_vec());
+            let record = Record::from_stored(stored.clone()).unwrap();
+            assert_eq!(record.keyed, !t.idempotency_key.is_empty());
+            let shard_task = ShardTask {
+                client: t.client.clone(),
+                state: t.state,
+                attempt: t.attempt,
+                priority: t.priority,
+                client_priority,
+                seq,
+                spec_id: vec![9; 32],
+                lease_id: lease.unwrap_or("").into(),
+                create_time_ms: t.create_time_ms,
+                update_time_ms: t.update_time_ms,
+                keyed: record.keyed,
+                body: record.body.to_vec(),
+                result: t.result.clone(),
+            };
+            assert_eq!(record.encode(), shard_task.encode_to_vec());
             assert_eq!(
-                StoredTask::decode(record.encode().as_slice()).unwrap(),
-                stored
+                Record::decode(NAME.as_bytes(), &record.encode(), &mut Names::default()).unwrap(),
+                record
             );
+            assert_eq!(record.to_task(), t);
+            assert_eq!(record.to_stored(), stored);
+            assert_eq!(record.idempotency_key(), t.idempotency_key);
         }
+    }
+
+    fn record(name: &str, seq: u64, id: SpecId) -> Record {
+        let mut t = task(name);
+        t.state = TaskState::Ready as i32;
+        Record::from_stored(StoredTask {
+            task: Some(t),
+            spec_id: id.to_vec(),
+            seq,
+            ..StoredTask::default()
+        })
+        .unwrap()
     }
 
     #[test]
@@ -248,16 +586,13 @@ mod tests {
             ..PipelineSpec::default()
         };
         let id = spec_id(&spec);
-        let record = |name: &str| StoredTask {
-            task: Some(Task {
-                name: name.into(),
-                ..Task::default()
-            }),
-            spec_id: id.to_vec(),
-            seq: 1,
-            ..StoredTask::default()
+        // Ids "…a", "…b", "…c" (the last hex digit), in that order on disk.
+        let name = |n: &str| format!("tenants/t/applications/a/pipelines/p/tasks/{:0>32}", n);
+        let put = |n: &str, seq| Op::PutTask(record(&name(n), seq, id));
+        let delete = |n: &str| Op::DeleteTask {
+            pipeline: "tenants/t/applications/a/pipelines/p".into(),
+            key: TaskKey::parse_name(&name(n)).unwrap().1,
         };
-        let put = |stored: StoredTask| Op::PutTask(Record::from_stored(stored).unwrap());
         {
             let store = Store::open(dir.path()).unwrap();
             store
@@ -266,29 +601,54 @@ mod tests {
                         id,
                         spec: spec.encode_to_vec(),
                     },
-                    put(record("a")),
-                    put(record("b")),
+                    put("a", 1),
+                    put("b", 1),
                 ])
                 .unwrap();
-            store.apply(&[Op::DeleteTask { name: "a".into() }]).unwrap();
+            store.apply(&[delete("a")]).unwrap();
             // One batch that writes a task twice, then deletes and writes another: the last
             // write of each key is what stays.
-            let mut second = record("c");
-            second.seq = 2;
             store
-                .apply(&[
-                    put(record("c")),
-                    put(second.clone()),
-                    Op::DeleteTask { name: "b".into() },
-                    put(record("b")),
-                ])
+                .apply(&[put("c", 1), put("c", 2), delete("b"), put("b", 1)])
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         let contents = store.load().unwrap();
-        let mut c = record("c");
-        c.seq = 2;
-        assert_eq!(contents.tasks, vec![record("b"), c]);
+        assert_eq!(
+            contents.tasks,
+            vec![record(&name("b"), 1, id), record(&name("c"), 2, id)]
+        );
         assert_eq!(contents.specs[&id], spec);
+    }
+
+    #[test]
+    fn a_format_1_data_dir_is_converted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stored = StoredTask {
+            task: Some(task(NAME)),
+            spec_id: vec![3; 32],
+            client_priority: 2,
+            seq: 9,
+            lease_id: "lease-1".into(),
+        };
+        {
+            // What a format-1 shard left: whole tasks in the keyspace `tasks`.
+            let db = Database::builder(dir.path()).open().unwrap();
+            let old = db
+                .keyspace(FORMAT_1_TASKS, KeyspaceCreateOptions::default)
+                .unwrap();
+            old.insert(NAME, stored.encode_to_vec()).unwrap();
+            old.insert("not a task name", stored.encode_to_vec())
+                .unwrap();
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let expected = Record::from_stored(stored.clone()).unwrap();
+        for _ in 0..2 {
+            let store = Store::open(dir.path()).unwrap();
+            assert!(!store.db.keyspace_exists(FORMAT_1_TASKS));
+            assert_eq!(store.load().unwrap().tasks, vec![expected.clone()]);
+        }
+        stored.task = None;
+        assert!(Record::from_stored(stored).is_none());
     }
 }

@@ -143,8 +143,10 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
     let status = answer.expect_err("refused");
     assert!(NotOwner::from_status(&status).is_some(), "{status:?}");
 
-    // Adopt: b takes a task of its own pipeline, once; a spec it is not given is refused by
-    // field; a task of a pipeline b does not own is refused with the owner.
+    // Adopt: b takes a task of its own pipeline, once; a spec it is not given, or a name that
+    // is not a task's (ids are 32 hex digits), is refused by field; a task of a pipeline b
+    // does not own is refused with the owner.
+    const T1: &str = "0193aaaa00007000800000000000a001";
     let stored = |pipeline: &str, id: &str, spec_id: Vec<u8>| HandoffTask {
         stored: Some(StoredTask {
             task: Some(Task {
@@ -169,33 +171,30 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
         tasks,
     };
     let first = cb
-        .adopt(adopt(
-            vec![stored(&pb, "t1", spec_id.clone())],
-            vec![spec()],
-        ))
+        .adopt(adopt(vec![stored(&pb, T1, spec_id.clone())], vec![spec()]))
         .await
         .unwrap()
         .into_inner();
     assert_eq!((first.adopted, first.already_held), (1, 0));
     let again = cb
-        .adopt(adopt(
-            vec![stored(&pb, "t1", spec_id.clone())],
-            vec![spec()],
-        ))
+        .adopt(adopt(vec![stored(&pb, T1, spec_id.clone())], vec![spec()]))
         .await
         .unwrap()
         .into_inner();
     assert_eq!((again.adopted, again.already_held), (0, 1));
     let adopted = cb
         .get_task(GetTaskRequest {
-            name: format!("{pb}/tasks/t1"),
+            name: format!("{pb}/tasks/{T1}"),
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(adopted.state, TaskState::Ready as i32);
     let status = cb
-        .adopt(adopt(vec![stored(&pb, "t2", vec![7; 32])], vec![]))
+        .adopt(adopt(
+            vec![stored(&pb, "0193aaaa00007000800000000000a002", vec![7; 32])],
+            vec![],
+        ))
         .await
         .unwrap_err();
     assert_eq!(
@@ -206,7 +205,24 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
         (Code::InvalidArgument, "tasks.stored.spec_id".into())
     );
     let status = cb
-        .adopt(adopt(vec![stored(&pa, "t3", spec_id)], vec![spec()]))
+        .adopt(adopt(
+            vec![stored(&pb, "t2", spec_id.clone())],
+            vec![spec()],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            status.code(),
+            pm_proto::status::violated_field(&status).unwrap_or_default()
+        ),
+        (Code::InvalidArgument, "tasks.stored.task.name".into())
+    );
+    let status = cb
+        .adopt(adopt(
+            vec![stored(&pa, "0193aaaa00007000800000000000a003", spec_id)],
+            vec![spec()],
+        ))
         .await
         .unwrap_err();
     assert!(NotOwner::from_status(&status).is_some(), "{status:?}");

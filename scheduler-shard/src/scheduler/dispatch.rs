@@ -21,9 +21,11 @@ use super::*;
 /// One Assign, built outside the lock.
 struct PendingAssign {
     tx: AgentTx,
-    task: Arc<Task>,
+    /// The task as leased (decoded into the Assign outside the lock).
+    task: Record,
     spec: Arc<PipelineSpec>,
-    lease: WireLease,
+    lease_id: LeaseId,
+    deadline: Instant,
 }
 
 impl Scheduler {
@@ -39,9 +41,14 @@ impl Scheduler {
             for a in assigns {
                 let assign = ServerMessage {
                     message: Some(server_message::Message::Assign(Assign {
-                        task: Some((*a.task).clone()),
+                        task: Some(a.task.to_task()),
                         spec: Some((*a.spec).clone()),
-                        lease: Some(a.lease),
+                        lease: Some(wire_lease(
+                            &a.lease_id,
+                            a.task.name(),
+                            a.task.attempt,
+                            a.deadline,
+                        )),
                     })),
                 };
                 if a.tx.send(Ok(assign)).is_err() {
@@ -76,36 +83,38 @@ impl Scheduler {
             while let Some(session) = inner.sessions.get_mut(&session_id)
                 && session.credit > 0
             {
-                let Some(name) = inner.queue.pop(session.pipelines.as_ref()) else {
+                let Some(key) = inner.queue.pop(session.pipelines.as_ref()) else {
                     break;
                 };
                 session.credit -= 1;
                 let lease_id = inner.leases.new_id();
                 session.held.insert(lease_id.clone());
                 let tx = session.tx.clone();
-                let record = inner.tasks.get_mut(&name).expect("queued tasks exist");
+                let record = inner.tasks.get_mut(key).expect("queued tasks exist");
                 debug_assert!(!record.busy, "a queued task is not being changed");
                 inner.fair.advance(record.rank.tag);
                 let mut next = record
                     .next(Event::Dispatch)
                     .expect("queued tasks are READY");
                 next.attempt += 1;
-                record.task = Arc::new(next);
-                record.history.clear();
+                record.apply(next);
+                record.clear_history();
                 record.lease = Some(lease_id.clone());
                 record.publish_state("");
-                ops.push(record.stored(&record.task, Some(&lease_id)));
-                let attempt = record.task.attempt;
+                let leased = record.disk(key);
+                ops.push(Op::PutTask(leased.clone()));
+                let attempt = record.attempt;
                 out.push(PendingAssign {
                     tx,
-                    task: record.task.clone(),
-                    spec: record.spec.clone(),
-                    lease: wire_lease(&lease_id, &name, attempt, deadline),
+                    task: leased,
+                    spec: record.spec.spec.clone(),
+                    lease_id: lease_id.clone(),
+                    deadline,
                 });
                 inner.leases.insert(
                     lease_id,
                     Lease {
-                        task: name,
+                        task: key,
                         attempt,
                         session: session_id,
                         deadline,

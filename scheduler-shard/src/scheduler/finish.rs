@@ -5,48 +5,44 @@ use super::*;
 
 impl Scheduler {
     /// Installs a written final state: tells watchers, frees the slot in the admission
-    /// counts, starts the retention clock.
+    /// counts, starts the retention clock. Returns the task as it ended.
     pub(super) fn install_final(
         &self,
         inner: &mut Inner,
-        name: &Arc<str>,
-        next: Arc<Task>,
+        key: TaskKey,
+        next: Next,
         reason: &str,
-    ) -> Arc<Task> {
-        let record = inner.tasks.get_mut(name).expect("task exists");
+    ) -> Record {
+        let record = inner.tasks.get_mut(key).expect("task exists");
         record.busy = false;
-        record.task = next;
+        record.apply(next);
         record.lease = None;
-        if record.watchers.is_some() {
+        let ended = record.disk(key);
+        if record.watched() {
             record.publish_state(reason);
-            record.publish(task_event::Event::Finished((*record.task).clone()));
+            record.publish(task_event::Event::Finished(ended.to_task()));
         }
         // Dropping the sender ends every watch after the final event; a later watch gets
         // the finished task as its snapshot.
-        record.watchers = None;
-        record.history = Vec::new();
+        record.live = None;
         let flow = record.flow.clone();
-        let task = record.task.clone();
         inner.unreserve(&flow);
-        inner.finished.insert((Instant::now(), name.clone()));
-        task
+        inner.finished.insert((Instant::now(), key));
+        ended
     }
 
     pub async fn cancel(&self, name: &str) -> Result<Task, Error> {
-        let key: Arc<str> = name.into();
-        let (next, op, lease) = {
+        let (key, next, op, lease) = {
             let mut guard = self.lock();
             let inner = &mut *guard;
-            let record = inner
-                .tasks
-                .get_mut(name)
-                .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+            let key = inner.find(name)?;
+            let record = inner.tasks.get_mut(key).expect("found");
             if record.busy {
                 return Err(Error::Aborted(format!(
                     "{name} is changing state; retry to cancel it"
                 )));
             }
-            let state = record.state();
+            let state = record.state;
             let next = record.next(Event::Cancel).map_err(|_| {
                 Error::FailedPrecondition(format!(
                     "{name} already finished ({})",
@@ -54,17 +50,16 @@ impl Scheduler {
                 ))
             })?;
             record.busy = true;
-            let next = Arc::new(next);
-            let op = record.stored(&next, None);
+            let op = record.stored(key, &next, None);
             let lease = match state {
                 TaskState::Ready => {
-                    inner.queue.remove(&record.pipeline, record.rank, &key);
+                    inner.queue.remove(&record.pipeline, record.rank, key);
                     None
                 }
                 _ => record.lease.clone().and_then(|id| {
                     let lease = inner.leases.release(&id)?;
                     // The agent kills the run; its result arrives fenced off as stale.
-                    let wire = wire_lease(&id, name, lease.attempt, lease.deadline);
+                    let wire = wire_lease(&id, name.to_owned(), lease.attempt, lease.deadline);
                     if let Some(session) = inner.sessions.get(&lease.session) {
                         let _ = session.tx.send(Ok(ServerMessage {
                             message: Some(server_message::Message::Cancel(Cancel {
@@ -75,33 +70,31 @@ impl Scheduler {
                     Some((id, lease))
                 }),
             };
-            (next, op, lease)
+            (key, next, op, lease)
         };
         let written = self.write(vec![op]).await;
-        let installed = {
+        let ended = {
             let mut inner = self.lock();
             match written {
-                Ok(()) => self.install_final(&mut inner, &key, next, "cancelled by a client"),
+                Ok(()) => self.install_final(&mut inner, key, next, "cancelled by a client"),
                 Err(e) => {
-                    self.undo(&mut inner, &key, lease);
+                    self.undo(&mut inner, key, lease);
                     return Err(e);
                 }
             }
         };
-        Ok((*installed).clone())
+        Ok(ended.to_task())
     }
 
     /// Puts a task back as it was after a change could not be written: READY ones rejoin
     /// the queue; leased ones get their lease back, expiring at once, so the reaper delivers
     /// them again.
-    pub(super) fn undo(&self, inner: &mut Inner, name: &Arc<str>, lease: Option<(LeaseId, Lease)>) {
-        let record = inner.tasks.get_mut(name).expect("busy tasks stay");
+    pub(super) fn undo(&self, inner: &mut Inner, key: TaskKey, lease: Option<(LeaseId, Lease)>) {
+        let record = inner.tasks.get_mut(key).expect("busy tasks stay");
         record.busy = false;
-        match (record.state(), lease) {
+        match (record.state, lease) {
             (TaskState::Ready, _) => {
-                inner
-                    .queue
-                    .push(&record.pipeline, record.rank, name.clone());
+                inner.queue.push(&record.pipeline, record.rank, key);
                 self.dispatcher.notify_one();
             }
             (_, Some((id, lease))) => {

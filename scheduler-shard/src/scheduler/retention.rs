@@ -17,7 +17,7 @@ impl Scheduler {
 
     /// Deletes finished tasks older than the retention period; returns how many.
     pub async fn collect(&self) -> usize {
-        let due: Vec<(Instant, Arc<str>)> = {
+        let due: Vec<(Instant, TaskKey)> = {
             let mut inner = self.lock();
             let Some(cutoff) = Instant::now().checked_sub(self.options.retention) else {
                 return 0;
@@ -33,12 +33,15 @@ impl Scheduler {
         if due.is_empty() {
             return 0;
         }
-        let ops = due
-            .iter()
-            .map(|(_, name)| Op::DeleteTask {
-                name: name.to_string(),
-            })
-            .collect();
+        let ops = {
+            let inner = self.lock();
+            due.iter()
+                .filter_map(|&(_, key)| {
+                    let pipeline = inner.tasks.get(key)?.pipeline.clone();
+                    Some(Op::DeleteTask { pipeline, key })
+                })
+                .collect()
+        };
         let written = self.write(ops).await;
         let mut inner = self.lock();
         if written.is_err() {
@@ -46,8 +49,8 @@ impl Scheduler {
             return 0;
         }
         let collected = due.len();
-        for (_, name) in due {
-            inner.unindex(&name);
+        for (_, key) in due {
+            inner.unindex(key);
         }
         tracing::debug!(collected, "finished tasks collected");
         collected

@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// Whether `name` (from an agent) is the name of task `key` of `pipeline`.
+fn names(key: TaskKey, pipeline: &str, name: &str) -> bool {
+    TaskKey::parse_name(name) == Some((pipeline, key))
+}
+
 impl Scheduler {
     /// Registers an agent stream; returns its session id. Leases the agent still holds from
     /// an earlier stream (or from before a restart of this shard) move to this one, so running
@@ -28,12 +33,10 @@ impl Scheduler {
             // not the lease is still current here.
             session.held.insert(lease_id.clone());
             let current = inner.leases.get(&lease_id).is_some_and(|l| {
-                *l.task == *held.task
-                    && l.attempt == held.attempt
-                    && inner
-                        .tasks
-                        .get(&l.task)
-                        .is_some_and(|r| session.serves(&r.pipeline))
+                l.attempt == held.attempt
+                    && inner.tasks.get(l.task).is_some_and(|r| {
+                        session.serves(&r.pipeline) && names(l.task, &r.pipeline, &held.task)
+                    })
             });
             if current {
                 inner.leases.rebind(&lease_id, id, ttl);
@@ -73,10 +76,13 @@ impl Scheduler {
     }
 
     /// The task `lease` is the current lease of, if `session` holds it.
-    fn current(inner: &Inner, session: u64, lease: &WireLease) -> Option<Arc<str>> {
+    fn current(inner: &Inner, session: u64, lease: &WireLease) -> Option<TaskKey> {
         let held = inner.leases.get(&LeaseId(lease.lease_id.as_str().into()))?;
-        (held.session == session && *held.task == *lease.task && held.attempt == lease.attempt)
-            .then(|| held.task.clone())
+        let record = inner.tasks.get(held.task)?;
+        (held.session == session
+            && held.attempt == lease.attempt
+            && names(held.task, &record.pipeline, &lease.task))
+        .then_some(held.task)
     }
 
     /// Ends `session`'s hold of `lease` and credits its slot back, if it held it: a forged
@@ -96,8 +102,8 @@ impl Scheduler {
     /// lease is current and held by `session`.
     pub fn progress(&self, session: u64, lease: &WireLease, event: TaskEvent) {
         let mut inner = self.lock();
-        if let Some(name) = Self::current(&inner, session, lease)
-            && let Some(record) = inner.tasks.get_mut(&name)
+        if let Some(key) = Self::current(&inner, session, lease)
+            && let Some(record) = inner.tasks.get_mut(key)
         {
             record.record(event);
         }
@@ -112,19 +118,18 @@ impl Scheduler {
             let mut guard = self.lock();
             let inner = &mut *guard;
             Self::answer(inner, session, lease);
-            let planned = Self::current(inner, session, lease).and_then(|name| {
+            let planned = Self::current(inner, session, lease).and_then(|key| {
                 let id = LeaseId(lease.lease_id.as_str().into());
                 let held = inner.leases.release(&id)?;
-                let record = inner.tasks.get_mut(&name)?;
-                record.busy = true;
+                let record = inner.tasks.get_mut(key)?;
                 let event = Event::Finish {
                     succeeded: result.succeeded,
                 };
                 let mut next = record.next(event).ok()?;
-                next.result = Some(result);
-                let next = Arc::new(next);
-                let op = record.stored(&next, None);
-                Some((name, next, op, (id, held)))
+                record.busy = true;
+                next.result = Some(Arc::new(result));
+                let op = record.stored(key, &next, None);
+                Some((key, next, op, (id, held)))
             });
             if planned.is_none() {
                 tracing::info!(task = %lease.task, attempt = lease.attempt, session, "stale, repeated or foreign result ignored");
@@ -133,7 +138,7 @@ impl Scheduler {
         };
         // The slot came back either way.
         self.dispatcher.notify_one();
-        let Some((name, next, op, lease)) = planned else {
+        let Some((key, next, op, lease)) = planned else {
             return false;
         };
         let written = self.write(vec![op]).await;
@@ -145,12 +150,12 @@ impl Scheduler {
                     .as_ref()
                     .map(|r| r.error.clone())
                     .unwrap_or_default();
-                self.install_final(&mut inner, &name, next, &reason);
+                self.install_final(&mut inner, key, next, &reason);
                 true
             }
             Err(e) => {
-                tracing::warn!(task = %name, error = %e, "result not written; the task will run again");
-                self.undo(&mut inner, &name, Some(lease));
+                tracing::warn!(task = %key, error = %e, "result not written; the task will run again");
+                self.undo(&mut inner, key, Some(lease));
                 false
             }
         }
@@ -163,13 +168,13 @@ impl Scheduler {
             let mut guard = self.lock();
             let inner = &mut *guard;
             Self::answer(inner, session, lease);
-            Self::current(inner, session, lease).and_then(|name| {
+            Self::current(inner, session, lease).and_then(|key| {
                 let id = LeaseId(lease.lease_id.as_str().into());
-                inner.leases.release(&id).map(|held| (name, id, held))
+                inner.leases.release(&id).map(|held| (key, id, held))
             })
         };
-        if let Some((name, id, held)) = released {
-            tracing::warn!(task = %name, reason, "agent rejected task");
+        if let Some((_, id, held)) = released {
+            tracing::warn!(task = %lease.task, reason, "agent rejected task");
             self.requeue(vec![(id, held)], reason).await;
         }
         self.dispatcher.notify_one();
@@ -184,31 +189,30 @@ impl Scheduler {
             let mut ops = Vec::new();
             let mut planned = Vec::new();
             for (id, lease) in leases {
-                let Some(record) = inner.tasks.get_mut(&lease.task) else {
+                let Some(record) = inner.tasks.get_mut(lease.task) else {
                     continue;
                 };
                 if record.busy || record.lease.as_ref() != Some(&id) {
                     continue;
                 }
                 record.busy = true;
-                let (event, why) = if record.task.attempt >= self.options.max_deliveries {
-                    let why = format!("{reason}; gave up after {} deliveries", record.task.attempt);
+                let (event, why) = if record.attempt >= self.options.max_deliveries {
+                    let why = format!("{reason}; gave up after {} deliveries", record.attempt);
                     (Event::Fail, why)
                 } else {
                     (Event::Requeue, reason.to_owned())
                 };
                 let mut next = record.next(event).expect("leased tasks are IN_PROGRESS");
                 if event == Event::Fail {
-                    next.result = Some(TaskResult {
+                    next.result = Some(Arc::new(TaskResult {
                         succeeded: false,
                         error: why.clone(),
                         ..TaskResult::default()
-                    });
+                    }));
                 }
-                let next = Arc::new(next);
-                ops.push(record.stored(&next, None));
+                ops.push(record.stored(lease.task, &next, None));
                 planned.push(Requeue {
-                    name: lease.task.clone(),
+                    key: lease.task,
                     next,
                     reason: why,
                     lease: Some((id, lease)),
@@ -224,9 +228,9 @@ impl Scheduler {
         let inner = &mut *guard;
         for r in planned {
             if let Err(e) = &written {
-                tracing::warn!(task = %r.name, error = %e, "requeue not written; retrying soon");
+                tracing::warn!(task = %r.key, error = %e, "requeue not written; retrying soon");
                 // Back as it was, expiring again shortly.
-                let record = inner.tasks.get_mut(&r.name).expect("busy tasks stay");
+                let record = inner.tasks.get_mut(r.key).expect("busy tasks stay");
                 record.busy = false;
                 if let Some((id, lease)) = r.lease {
                     let later = Instant::now() + Duration::from_secs(1);
@@ -240,18 +244,16 @@ impl Scheduler {
                 }
                 continue;
             }
-            if task::is_final(TaskState::try_from(r.next.state).unwrap_or_default()) {
-                self.install_final(inner, &r.name, r.next, &r.reason);
+            if task::is_final(r.next.state) {
+                self.install_final(inner, r.key, r.next, &r.reason);
                 continue;
             }
-            let record = inner.tasks.get_mut(&r.name).expect("busy tasks stay");
+            let record = inner.tasks.get_mut(r.key).expect("busy tasks stay");
             record.busy = false;
-            record.task = r.next;
+            record.apply(r.next);
             record.lease = None;
             record.publish_state(&r.reason);
-            inner
-                .queue
-                .push(&record.pipeline, record.rank, r.name.clone());
+            inner.queue.push(&record.pipeline, record.rank, r.key);
         }
         self.dispatcher.notify_one();
         self.reaper.notify_one();

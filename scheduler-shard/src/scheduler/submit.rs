@@ -2,6 +2,15 @@
 
 use super::*;
 
+/// What a submit answers with, made into a `Task` outside the lock.
+#[derive(Clone)]
+enum Answer {
+    /// An idempotent repeat: the task already held.
+    Held(Record),
+    /// The task just queued.
+    Queued(Task),
+}
+
 impl Scheduler {
     /// Queues validated tasks; each is acknowledged (durable) or refused on its own. All
     /// the new tasks of one call share one write.
@@ -14,8 +23,8 @@ impl Scheduler {
                 (item, id)
             })
             .collect();
-        let mut outcomes: Vec<Option<Result<Arc<Task>, Error>>> = Vec::with_capacity(items.len());
-        let mut planned: Vec<(usize, Arc<str>, TaskRecord)> = Vec::new();
+        let mut outcomes: Vec<Option<Result<Answer, Error>>> = Vec::with_capacity(items.len());
+        let mut planned: Vec<(usize, TaskKey, TaskRecord, Task)> = Vec::new();
         // A key repeated within this call gets the task of its first occurrence.
         let mut repeats: Vec<(usize, usize)> = Vec::new();
         let mut first_of_key: HashMap<(String, String), usize> = HashMap::new();
@@ -33,9 +42,9 @@ impl Scheduler {
                     first_of_key.insert(key, i);
                 }
                 match self.plan_enqueue(&mut inner, item, spec_key, &mut ops) {
-                    Ok(Ok(existing)) => outcomes.push(Some(Ok(existing))),
-                    Ok(Err((name, record))) => {
-                        planned.push((i, name, record));
+                    Ok(Ok(existing)) => outcomes.push(Some(Ok(Answer::Held(existing)))),
+                    Ok(Err((key, record, task))) => {
+                        planned.push((i, key, record, task));
                         outcomes.push(None);
                     }
                     Err(e) => outcomes.push(Some(Err(e))),
@@ -45,17 +54,16 @@ impl Scheduler {
         let written = self.write(ops).await;
         {
             let mut inner = self.lock();
-            for (i, name, record) in planned {
-                if !record.task.idempotency_key.is_empty() {
-                    let key = (record.pipeline.clone(), record.task.idempotency_key.clone());
+            for (i, key, record, task) in planned {
+                if record.keyed {
+                    let key = (record.pipeline.clone(), task.idempotency_key.clone());
                     inner.idempotency_pending.remove(&key);
                 }
                 outcomes[i] = Some(match &written {
                     Ok(()) => {
-                        inner.durable_specs.insert(record.spec_id);
-                        let task = record.task.clone();
-                        inner.insert(name, record);
-                        Ok(task)
+                        inner.durable_specs.insert(record.spec.id);
+                        inner.insert(key, record);
+                        Ok(Answer::Queued(task))
                     }
                     Err(e) => {
                         inner.unreserve(&record.flow);
@@ -70,15 +78,21 @@ impl Scheduler {
         for (i, first) in repeats {
             outcomes[i] = outcomes[first].clone();
         }
-        // Copied out of the records here, not under the lock.
+        // Decoded here, not under the lock.
         outcomes
             .into_iter()
-            .map(|o| o.expect("every task has an outcome").map(|t| (*t).clone()))
+            .map(|o| {
+                o.expect("every task has an outcome")
+                    .map(|answer| match answer {
+                        Answer::Held(record) => record.to_task(),
+                        Answer::Queued(task) => task,
+                    })
+            })
             .collect()
     }
 
-    /// Checks one task and builds its record; `Ok(Ok(task))` is an idempotent repeat.
-    /// `spec_key` is the hash of `item.spec`, when it carries one.
+    /// Checks one task and builds its record (and the task to answer with); `Ok(Ok(task))`
+    /// is an idempotent repeat. `spec_key` is the hash of `item.spec`, when it carries one.
     #[allow(clippy::type_complexity)] // (existing task | new record), or a refusal
     fn plan_enqueue(
         &self,
@@ -86,7 +100,7 @@ impl Scheduler {
         item: EnqueueTask,
         spec_key: Option<SpecId>,
         ops: &mut Vec<Op>,
-    ) -> Result<Result<Arc<Task>, (Arc<str>, TaskRecord)>, Error> {
+    ) -> Result<Result<Record, (TaskKey, TaskRecord, Task)>, Error> {
         let mut task = item.task.ok_or_else(|| Error::invalid("task", "missing"))?;
         if item.spec.is_none() && item.spec_id.is_empty() {
             return Err(Error::invalid(
@@ -100,8 +114,8 @@ impl Scheduler {
         if !task.idempotency_key.is_empty() {
             let key = (pipeline.clone(), task.idempotency_key.clone());
             if let Some(existing) = inner.idempotency.get(&key) {
-                let existing = inner.tasks.get(existing).expect("indexed tasks exist");
-                return Ok(Ok(existing.task.clone()));
+                let record = inner.tasks.get(*existing).expect("indexed tasks exist");
+                return Ok(Ok(record.disk(*existing)));
             }
             if inner.idempotency_pending.contains(&key) {
                 return Err(Error::Aborted(format!(
@@ -115,7 +129,7 @@ impl Scheduler {
         let (spec_key, spec) = match (item.spec, spec_key) {
             (Some(spec), Some(key)) => {
                 let spec = match inner.specs.get(&key) {
-                    Some(held) => held.clone(),
+                    Some(held) => held.spec.clone(),
                     None => Arc::new(spec),
                 };
                 (key, spec)
@@ -123,7 +137,12 @@ impl Scheduler {
             _ => {
                 let key = SpecId::try_from(item.spec_id.as_slice())
                     .map_err(|_| Error::invalid("spec_id", "not 32 bytes (a SHA-256)"))?;
-                let spec = inner.specs.get(&key).ok_or(Error::SpecNeeded(key))?.clone();
+                let spec = inner
+                    .specs
+                    .get(&key)
+                    .ok_or(Error::SpecNeeded(key))?
+                    .spec
+                    .clone();
                 (key, spec)
             }
         };
@@ -161,16 +180,11 @@ impl Scheduler {
                 retry_after: Duration::from_secs(1),
             });
         }
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let name: Arc<str> = TaskName {
-            pipeline: pipeline_name,
-            task: id.clone(),
-        }
-        .to_string()
-        .into();
+        let key = TaskKey::generate();
         let now = unix_ms();
-        task.name = name.to_string();
-        task.id = id;
+        task.name = key.name(&pipeline);
+        task.id = key.to_string();
+        task.pipeline = pipeline.to_string();
         task.state = TaskState::Ready as i32;
         task.attempt = 0;
         task.create_time_ms = now;
@@ -183,12 +197,12 @@ impl Scheduler {
             tag: inner.fair.tag(&flow),
             seq: inner.next_seq,
         };
-        inner.specs.entry(spec_key).or_insert_with(|| spec.clone());
+        let held = inner.hold_spec(spec_key, spec);
         // Until a write carrying the spec has landed, every write that needs it carries it.
         if !inner.durable_specs.contains(&spec_key) {
             ops.push(Op::PutSpec {
                 id: spec_key,
-                spec: spec.encode_to_vec(),
+                spec: held.spec.encode_to_vec(),
             });
         }
         if !task.idempotency_key.is_empty() {
@@ -197,20 +211,24 @@ impl Scheduler {
                 .insert((pipeline.clone(), task.idempotency_key.clone()));
         }
         inner.reserve(&flow);
+        let (body, keyed) = Record::body_of(&mut task);
         let record = TaskRecord {
-            task: Arc::new(task),
-            spec_id: spec_key,
-            spec,
             pipeline,
             flow,
-            client_priority: item.client_priority,
+            spec: held,
             rank,
             lease: None,
+            body,
+            result: None,
+            live: None,
+            create_time_ms: now,
+            update_time_ms: now,
+            attempt: 0,
+            state: TaskState::Ready,
             busy: false,
-            watchers: None,
-            history: Vec::new(),
+            keyed,
         };
-        ops.push(record.stored(&record.task, None));
-        Ok(Err((name, record)))
+        ops.push(Op::PutTask(record.disk(key)));
+        Ok(Err((key, record, task)))
     }
 }

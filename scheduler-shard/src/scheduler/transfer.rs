@@ -79,29 +79,29 @@ impl Scheduler {
     /// write in flight stay for a later round.
     pub fn take_for_handoff(&self, pipeline: &str, limit: usize) -> Outgoing {
         let mut inner = self.lock();
-        let Some(names) = inner.by_pipeline.get(pipeline) else {
+        let Some(keys) = inner.by_pipeline.get(pipeline) else {
             return Outgoing::default();
         };
         let mut out = Outgoing::default();
         let mut take = Vec::new();
-        for name in names {
-            if inner.tasks.get(name).is_some_and(|r| r.busy) {
+        for &key in keys {
+            if inner.tasks.get(key).is_some_and(|r| r.busy) {
                 out.busy += 1;
             } else if take.len() < limit {
-                take.push(name.clone());
+                take.push(key);
             }
         }
         let now = Instant::now();
         let mut specs = HashSet::new();
         let mut finished = HashSet::new();
-        for name in take {
-            let Some(record) = inner.unindex(&name) else {
+        for key in take {
+            let Some(record) = inner.unindex(key) else {
                 continue;
             };
             let mut lease_remaining_ms = 0;
-            match record.state() {
+            match record.state {
                 TaskState::Ready => {
-                    inner.queue.remove(&record.pipeline, record.rank, &name);
+                    inner.queue.remove(&record.pipeline, record.rank, key);
                     inner.unreserve(&record.flow);
                 }
                 TaskState::InProgress => {
@@ -116,23 +116,19 @@ impl Scheduler {
                     inner.unreserve(&record.flow);
                 }
                 _ => {
-                    finished.insert(name.clone());
+                    finished.insert(key);
                 }
             }
-            if specs.insert(record.spec_id) {
-                out.specs.push((*record.spec).clone());
+            if specs.insert(record.spec.id) {
+                out.specs.push((*record.spec.spec).clone());
             }
             out.tasks.push(HandoffTask {
-                stored: Some(
-                    record
-                        .disk_record(&record.task, record.lease.as_ref())
-                        .to_stored(),
-                ),
+                stored: Some(record.disk(key).to_stored()),
                 lease_remaining_ms,
             });
         }
         if !finished.is_empty() {
-            inner.finished.retain(|(_, name)| !finished.contains(name));
+            inner.finished.retain(|(_, key)| !finished.contains(key));
         }
         out
     }
@@ -145,7 +141,7 @@ impl Scheduler {
             let Some(record) = t.stored.and_then(Record::from_stored) else {
                 continue;
             };
-            if inner.tasks.contains_key(&record.task.name) {
+            if inner.tasks.contains_key(record.key) {
                 continue;
             }
             let left = Duration::from_millis(t.lease_remaining_ms.max(0) as u64);
@@ -162,8 +158,12 @@ impl Scheduler {
             .tasks
             .iter()
             .filter_map(|t| t.stored.as_ref()?.task.as_ref())
-            .map(|t| Op::DeleteTask {
-                name: t.name.clone(),
+            .filter_map(|t| {
+                let (pipeline, key) = TaskKey::parse_name(&t.name)?;
+                Some(Op::DeleteTask {
+                    pipeline: pipeline.into(),
+                    key,
+                })
             })
             .collect();
         self.write(ops).await
@@ -195,7 +195,14 @@ impl Scheduler {
                 let Some(task) = stored.task.as_ref() else {
                     continue;
                 };
-                if inner.tasks.contains_key(task.name.as_str()) {
+                // Refused, not skipped: the old owner keeps what this shard does not take.
+                let Some((_, key)) = TaskKey::parse_name(&task.name) else {
+                    return Err(Error::invalid(
+                        "tasks.stored.task.name",
+                        format!("{:?} is not a task name", task.name),
+                    ));
+                };
+                if inner.tasks.contains_key(key) {
                     already_held += 1;
                     continue;
                 }
@@ -210,9 +217,7 @@ impl Scheduler {
                 // Queued after what is here already, in the order the old owner had them.
                 inner.next_seq += 1;
                 stored.seq = inner.next_seq;
-                let Some(record) = Record::from_stored(stored) else {
-                    continue;
-                };
+                let record = Record::from_stored(stored).expect("name and spec id checked above");
                 ops.push(Op::PutTask(record.clone()));
                 incoming.push((record, t.lease_remaining_ms));
             }
@@ -221,12 +226,12 @@ impl Scheduler {
         let mut inner = self.lock();
         for (id, spec) in specs {
             inner.durable_specs.insert(id);
-            inner.specs.entry(id).or_insert_with(|| Arc::new(spec));
+            inner.hold_spec(id, Arc::new(spec));
         }
         let now = Instant::now();
         let mut adopted = 0u32;
         for (record, lease_ms) in incoming {
-            if inner.tasks.contains_key(&record.task.name) {
+            if inner.tasks.contains_key(record.key) {
                 already_held += 1;
                 continue;
             }

@@ -1,0 +1,81 @@
+//! Task keys: a task's id as the number it is.
+//!
+//! Every task id a shard issues is a UUIDv7 written as 32 lowercase hex digits, so it fits a
+//! `u128` whose order is the id's order (time order), and a task's name is its pipeline's
+//! name, `/tasks/`, and the id. The shard's indexes hold this 16-byte key, not the ~90-byte
+//! name: no string per task, and comparisons of two numbers instead of two long strings that
+//! share their prefix. Keys are unique on a shard (74 random bits per id); a record keeps its
+//! pipeline, and a name is only accepted when both parts match.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskKey(pub u128);
+
+impl TaskKey {
+    /// A new, time-ordered key (a UUIDv7).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().as_u128())
+    }
+
+    /// The key of a task id; `None` unless 32 lowercase hex digits.
+    pub fn parse_id(id: &str) -> Option<Self> {
+        if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        u128::from_str_radix(id, 16).ok().map(Self)
+    }
+
+    /// The pipeline and the key in a task name (`{pipeline}/tasks/{id}`).
+    pub fn parse_name(name: &str) -> Option<(&str, Self)> {
+        // The id is the last 32 bytes (a restart parses a million names: no search).
+        const SEPARATOR: &str = "/tasks/";
+        let split = name.len().checked_sub(32 + SEPARATOR.len())?;
+        let (pipeline, rest) = (name.get(..split)?, name.get(split..)?);
+        let id = rest.strip_prefix(SEPARATOR)?;
+        Some((pipeline, Self::parse_id(id)?))
+    }
+
+    /// The name of this task of `pipeline`.
+    pub fn name(self, pipeline: &str) -> String {
+        format!("{pipeline}/tasks/{self}")
+    }
+}
+
+/// The task id: 32 lowercase hex digits.
+impl fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_names_round_trip_in_order() {
+        let (a, b) = (TaskKey::generate(), TaskKey::generate());
+        assert!(a < b, "UUIDv7 keys are time-ordered");
+        assert!(a.to_string() < b.to_string(), "and so are their ids");
+        let uuid = uuid::Uuid::from_u128(a.0).simple().to_string();
+        assert_eq!(a.to_string(), uuid);
+        let name = a.name("tenants/t/applications/a/pipelines/p");
+        assert_eq!(
+            TaskKey::parse_name(&name),
+            Some(("tenants/t/applications/a/pipelines/p", a))
+        );
+        for bad in [
+            "",
+            "0193",
+            "0193AAAA0000700080000000000000aa",
+            "0193aaaa-0000-7000-8000-0000000000",
+            "+193aaaa0000700080000000000000aa",
+        ] {
+            assert_eq!(TaskKey::parse_id(bad), None, "{bad:?}");
+        }
+        assert_eq!(TaskKey::parse_name("tenants/t/tasks"), None);
+        assert_eq!(TaskKey::parse_name(&format!("{name}0")), None);
+        assert_eq!(TaskKey::parse_name(&name[1..]).map(|(_, k)| k), Some(a));
+    }
+}

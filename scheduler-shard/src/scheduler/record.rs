@@ -1,0 +1,209 @@
+//! A task as the scheduler holds it in memory: only what scheduling needs, about 150 bytes
+//! plus the encoded body (the params). Its disk record is made from shared parts
+//! ([`TaskRecord::disk`]), and the public `pm.v1.Task` from that, outside the lock, when a
+//! client or an agent reads the task.
+//!
+//! Every change goes through [`Next`]: planned under the lock (the record is marked busy),
+//! written, then applied, so the state machine of [`crate::task`] is the only judge of a
+//! state change.
+
+use super::*;
+
+/// A pipeline spec the shard holds, under its id (shared by every task that runs it).
+pub(super) struct HeldSpec {
+    pub id: SpecId,
+    pub spec: Arc<PipelineSpec>,
+}
+
+/// The watchers of a running task and its current attempt's events (for late watchers).
+/// Allocated only for watched tasks or tasks that report progress.
+#[derive(Default)]
+pub(super) struct Live {
+    pub watchers: Option<broadcast::Sender<TaskEvent>>,
+    /// Bounded by [`HISTORY_LIMIT`]; emptied when the task finishes (its result carries the
+    /// outputs).
+    pub history: Vec<TaskEvent>,
+}
+
+pub(super) struct TaskRecord {
+    pub pipeline: Arc<str>,
+    /// The fair-share flow: `tenant/client`.
+    pub flow: Arc<str>,
+    pub spec: Arc<HeldSpec>,
+    pub rank: Rank,
+    pub lease: Option<LeaseId>,
+    /// An encoded `TaskBody`: params, timeout, idempotency key. Decoded only to show the task.
+    pub body: Arc<[u8]>,
+    pub result: Option<Arc<TaskResult>>,
+    pub live: Option<Box<Live>>,
+    pub create_time_ms: i64,
+    pub update_time_ms: i64,
+    pub attempt: u32,
+    pub state: TaskState,
+    /// A change of this task is being written.
+    pub busy: bool,
+    /// The body holds an idempotency key.
+    pub keyed: bool,
+}
+
+/// A state change planned under the lock and applied once written.
+#[derive(Clone)]
+pub(super) struct Next {
+    pub state: TaskState,
+    pub attempt: u32,
+    pub update_time_ms: i64,
+    pub result: Option<Arc<TaskResult>>,
+}
+
+impl TaskRecord {
+    /// A record of a task read from the disk or handed over (its pipeline and flow, and
+    /// `spec`, interned by the caller). Its fair-share tag is 0 until it is ranked.
+    pub fn from_disk(r: Record, spec: Arc<HeldSpec>) -> Self {
+        Self {
+            pipeline: r.pipeline,
+            flow: r.flow,
+            spec,
+            rank: Rank {
+                client_priority: r.client_priority,
+                task_priority: r.priority,
+                tag: 0,
+                seq: r.seq,
+            },
+            lease: None,
+            body: r.body,
+            result: r.result,
+            live: None,
+            create_time_ms: r.create_time_ms,
+            update_time_ms: r.update_time_ms,
+            attempt: r.attempt,
+            state: r.state,
+            busy: false,
+            keyed: r.keyed,
+        }
+    }
+
+    /// The disk record of this task as it is now.
+    pub fn disk(&self, key: TaskKey) -> Record {
+        Record {
+            pipeline: self.pipeline.clone(),
+            key,
+            flow: self.flow.clone(),
+            state: self.state,
+            attempt: self.attempt,
+            priority: self.rank.task_priority,
+            client_priority: self.rank.client_priority,
+            seq: self.rank.seq,
+            spec_id: self.spec.id,
+            lease_id: self.lease.as_ref().map(|l| l.0.clone()),
+            create_time_ms: self.create_time_ms,
+            update_time_ms: self.update_time_ms,
+            keyed: self.keyed,
+            body: self.body.clone(),
+            result: self.result.clone(),
+        }
+    }
+
+    /// The write that makes this task after `next` durable, leased by `lease`.
+    pub fn stored(&self, key: TaskKey, next: &Next, lease: Option<&LeaseId>) -> Op {
+        let mut record = self.disk(key);
+        record.state = next.state;
+        record.attempt = next.attempt;
+        record.update_time_ms = next.update_time_ms;
+        record.result = next.result.clone();
+        record.lease_id = lease.map(|l| l.0.clone());
+        Op::PutTask(record)
+    }
+
+    /// The idempotency key ("" without one).
+    pub fn idempotency_key(&self, key: TaskKey) -> String {
+        if self.keyed {
+            self.disk(key).idempotency_key()
+        } else {
+            String::new()
+        }
+    }
+
+    /// This task after `event`, not yet applied.
+    pub fn next(&self, event: Event) -> Result<Next, task::InvalidTransition> {
+        Ok(Next {
+            state: task::transition(self.state, event)?,
+            attempt: self.attempt,
+            update_time_ms: unix_ms(),
+            result: self.result.clone(),
+        })
+    }
+
+    /// Applies a written change.
+    pub fn apply(&mut self, next: Next) {
+        self.state = next.state;
+        self.attempt = next.attempt;
+        self.update_time_ms = next.update_time_ms;
+        self.result = next.result;
+    }
+
+    /// Keeps an event for late watchers and sends it to the current ones.
+    pub fn record(&mut self, event: TaskEvent) {
+        let live = self.live.get_or_insert_with(Box::default);
+        if live.history.len() < HISTORY_LIMIT {
+            live.history.push(event.clone());
+        }
+        if let Some(tx) = &live.watchers {
+            let _ = tx.send(event);
+        }
+    }
+
+    pub fn publish(&mut self, e: task_event::Event) {
+        self.record(TaskEvent {
+            time_ms: unix_ms(),
+            event: Some(e),
+        });
+    }
+
+    pub fn watched(&self) -> bool {
+        self.live.as_ref().is_some_and(|l| l.watchers.is_some())
+    }
+
+    /// A new attempt starts: the last one's events are no longer replayed.
+    pub fn clear_history(&mut self) {
+        if let Some(live) = &mut self.live {
+            if live.watchers.is_none() {
+                self.live = None;
+            } else {
+                live.history.clear();
+            }
+        }
+    }
+
+    /// A state change, for current watchers only: a watch that starts later sees the state
+    /// in its snapshot, so it is not kept in the history (and a task nobody watches
+    /// allocates nothing for it).
+    pub fn publish_state(&mut self, reason: &str) {
+        let Some(tx) = self.live.as_ref().and_then(|l| l.watchers.as_ref()) else {
+            return;
+        };
+        let change = StateChange {
+            state: self.state as i32,
+            attempt: self.attempt,
+            reason: reason.to_owned(),
+        };
+        let _ = tx.send(TaskEvent {
+            time_ms: unix_ms(),
+            event: Some(task_event::Event::StateChanged(change)),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The budget behind "about 150 bytes": a change that grows the record shows here.
+    #[test]
+    fn a_record_stays_compact() {
+        assert!(
+            std::mem::size_of::<TaskRecord>() <= 144,
+            "TaskRecord is {} bytes",
+            std::mem::size_of::<TaskRecord>()
+        );
+    }
+}
