@@ -993,6 +993,82 @@ mod tests {
         it
     }
 
+    /// Tasks as a restart reads them: in name order, which is not their arrival order
+    /// across pipelines. Fair-share tags go by arrival, so one client's tasks of two
+    /// pipelines are dispatched in the order they came.
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_ranks_tasks_in_arrival_order_across_pipelines() {
+        let spec = item(10, "").spec.unwrap();
+        let spec_key = spec_id(&spec);
+        let record = |pipeline: &str, seq: u64| {
+            let name = TaskKey(0x0193_0000_0000_7000_8000_0000_0000_0000 + seq as u128)
+                .name(&format!("tenants/t/applications/a/pipelines/{pipeline}"));
+            Record::from_stored(pm_proto::internal::v1::StoredTask {
+                task: Some(Task {
+                    name,
+                    state: TaskState::Ready as i32,
+                    priority: 10,
+                    client: "c".into(),
+                    ..Task::default()
+                }),
+                spec_id: spec_key.to_vec(),
+                client_priority: 10,
+                seq,
+                lease_id: String::new(),
+            })
+            .unwrap()
+        };
+        // Pipeline p's tasks arrived 2nd, 4th and 6th; q's 1st, 3rd and 5th.
+        let tasks = vec![
+            record("p", 2),
+            record("p", 4),
+            record("p", 6),
+            record("q", 1),
+            record("q", 3),
+            record("q", 5),
+        ];
+        let contents = Contents {
+            tasks,
+            specs: [(spec_key, spec)].into(),
+        };
+        let s = Scheduler::new(options(100), Journal::discard(), contents);
+        let cancel = start(&s).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        s.open_session(&hello(6, vec![]), tx);
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let (task, _) = assigned(&mut rx).await;
+            order.push(TaskKey::parse_id(&task.id).unwrap().0 as u64 & 0xff);
+        }
+        assert_eq!(order, [1, 2, 3, 4, 5, 6]);
+        cancel.cancel();
+    }
+
+    /// A name is accepted whole: the right id under another pipeline is not the task, and a
+    /// list token that is not an id is refused by field.
+    #[tokio::test(start_paused = true)]
+    async fn names_and_page_tokens_are_checked_whole() {
+        let s = scheduler(100);
+        let task = enqueue_one(&s, item(10, "")).await;
+        assert_eq!(s.get(&task.name).unwrap().name, task.name);
+        let elsewhere = format!("tenants/t/applications/a/pipelines/other/tasks/{}", task.id);
+        assert!(matches!(s.get(&elsewhere), Err(Error::NotFound(_))));
+        assert!(matches!(
+            s.cancel(&elsewhere).await,
+            Err(Error::NotFound(_))
+        ));
+        let made_up = format!("{}/tasks/not-an-id", task.pipeline);
+        assert!(matches!(s.watch(&made_up), Err(Error::NotFound(_))));
+        let listed = s.list(&task.pipeline, TaskState::Unspecified, 10, "");
+        assert_eq!(listed.unwrap().0.len(), 1);
+        let refused = s.list(&task.pipeline, TaskState::Unspecified, 10, "zz");
+        assert!(
+            matches!(&refused, Err(Error::InvalidArgument(v)) if v.field == "page_token"),
+            "{:?}",
+            refused.err()
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_noisy_client_does_not_starve_a_quiet_one_and_quotas_are_per_client() {
         let mut o = options(1000);
