@@ -320,11 +320,10 @@ pub struct Contents {
 /// fjall replays its journal at open (every write not yet flushed to a table), and keeps it
 /// until the memtables it covers are flushed; an idle keyspace (`specs`) holds it until this
 /// size forces a flush. fjall's default (512 MiB) took ~2 s of replay at a restart with a
-/// million tasks; this is fjall's minimum.
+/// million tasks; this is fjall's minimum. The tasks' memtable keeps fjall's default size
+/// (64 MiB): 16 MiB saved ~135 MiB of RSS but cost ~20% more shard CPU per batched submit on
+/// a shard holding a million tasks (more flushes and compactions; perf/RESULTS.md).
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
-/// Memtable size of the tasks (fjall's default is 64 MiB): smaller memtables flush sooner,
-/// so less journal is replayed at a restart and less memory holds written records.
-const MAX_MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The keyspace of format-1 records (whole `StoredTask`s).
 const FORMAT_1_TASKS: &str = "tasks";
@@ -357,9 +356,7 @@ impl Store {
             .manual_journal_persist(true)
             .max_journaling_size(MAX_JOURNAL_BYTES)
             .open()?;
-        let tasks = db.keyspace("shard_tasks", || {
-            KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES)
-        })?;
+        let tasks = db.keyspace("shard_tasks", KeyspaceCreateOptions::default)?;
         let specs = db.keyspace("specs", KeyspaceCreateOptions::default)?;
         let persist = if fsync {
             PersistMode::SyncData
