@@ -51,7 +51,7 @@ mod task_map;
 mod transfer;
 
 use record::{HeldSpec, Next, TaskRecord};
-use task_map::TaskMap;
+use task_map::{Slot, TaskMap};
 
 pub use transfer::{Arriving, Outgoing};
 
@@ -233,21 +233,21 @@ impl Inner {
     /// task keeps its lease for `lease_left`, held by no stream until its agent reclaims it.
     fn restore(&mut self, r: Record, lease_left: Duration, now: Instant) -> Restored {
         let (restored, unfinished) = self.index_restored(r, lease_left, now);
-        if let Some((_, key)) = unfinished {
-            self.rank_restored(key);
+        if let Some((_, slot, key)) = unfinished {
+            self.rank_restored(slot, key);
         }
         restored
     }
 
     /// [`Inner::restore`] without the part that depends on arrival order: the fair-share
-    /// tag and the ready queue ([`Inner::rank_restored`]). Returns the (seq, key) of an
+    /// tag and the ready queue ([`Inner::rank_restored`]). Returns the (seq, slot, key) of an
     /// unfinished task, to be ranked in seq order.
     fn index_restored(
         &mut self,
         r: Record,
         lease_left: Duration,
         now: Instant,
-    ) -> (Restored, Option<(u64, TaskKey)>) {
+    ) -> (Restored, Option<(u64, Slot, TaskKey)>) {
         let Some(spec) = self.specs.get(&r.spec_id).cloned() else {
             tracing::error!(task = %r.name(), "the spec of a stored task is missing; task skipped");
             return (Restored::Lost, None);
@@ -286,14 +286,15 @@ impl Inner {
         };
         // Not queued yet: its rank is not known until every earlier task has its tag.
         let unfinished = !task::is_final(record.state);
-        self.index(key, record);
-        (restored, unfinished.then_some((seq, key)))
+        let slot = self.index(key, record);
+        (restored, unfinished.then_some((seq, slot, key)))
     }
 
     /// Gives a restored, unfinished task its fair-share tag and queues it if READY. Called in
-    /// seq order, so each flow's tasks keep their order.
-    fn rank_restored(&mut self, key: TaskKey) {
-        let Some(record) = self.tasks.get_mut(key) else {
+    /// seq order, so each flow's tasks keep their order. Found by slot, not key: a restart
+    /// ranks a million tasks, mostly in the order they were put in the slab.
+    fn rank_restored(&mut self, slot: Slot, key: TaskKey) {
+        let Some(record) = self.tasks.at_mut(slot) else {
             return;
         };
         record.rank.tag = self.fair.tag(&record.flow);
@@ -327,7 +328,7 @@ impl Inner {
     }
 
     /// [`Inner::insert`] without the queue.
-    fn index(&mut self, key: TaskKey, record: TaskRecord) {
+    fn index(&mut self, key: TaskKey, record: TaskRecord) -> Slot {
         if record.keyed {
             let idempotency = (record.pipeline.clone(), record.idempotency_key(key));
             self.idempotency.insert(idempotency, key);
@@ -336,7 +337,7 @@ impl Inner {
             .entry(record.pipeline.clone())
             .or_default()
             .insert(key);
-        self.tasks.insert(key, record);
+        self.tasks.insert(key, record)
     }
 
     /// The key of the task `name` names, if this shard holds it.
@@ -462,8 +463,8 @@ impl Scheduler {
         let indexed = started.elapsed();
         // Tags and queue places in arrival order (records come in name order).
         unfinished.sort_unstable();
-        for (_, key) in unfinished {
-            inner.rank_restored(key);
+        for (_, slot, key) in unfinished {
+            inner.rank_restored(slot, key);
         }
         let total = inner.tasks.len();
         if total > 0 || lost > 0 {

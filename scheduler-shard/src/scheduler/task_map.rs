@@ -20,13 +20,16 @@ use crate::key::TaskKey;
 /// Maps the index is spread over (a power of two).
 const PARTS: usize = 64;
 
-type Part = HashMap<TaskKey, u32, Xxh3DefaultBuilder>;
+type Part = HashMap<TaskKey, Slot, Xxh3DefaultBuilder>;
+
+/// Where a record is in the slab; valid until the record is removed.
+pub(super) type Slot = u32;
 
 pub(super) struct TaskMap {
     index: Vec<Part>,
     slots: Vec<Option<TaskRecord>>,
     /// Empty slots, reused first.
-    free: Vec<u32>,
+    free: Vec<Slot>,
 }
 
 /// The part of a key: its low bits, random in a UUIDv7.
@@ -69,10 +72,16 @@ impl TaskMap {
         self.index[part(key)].contains_key(&key)
     }
 
-    pub fn insert(&mut self, key: TaskKey, record: TaskRecord) {
+    /// The record at `slot` (from [`TaskMap::insert`], and not removed since).
+    pub fn at_mut(&mut self, slot: Slot) -> Option<&mut TaskRecord> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// Adds or replaces the record of `key`; returns its slot.
+    pub fn insert(&mut self, key: TaskKey, record: TaskRecord) -> Slot {
         if let Some(slot) = self.slot(key) {
             self.slots[slot] = Some(record);
-            return;
+            return slot as Slot;
         }
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -81,10 +90,11 @@ impl TaskMap {
             }
             None => {
                 self.slots.push(Some(record));
-                u32::try_from(self.slots.len() - 1).expect("fewer than 4 billion tasks")
+                Slot::try_from(self.slots.len() - 1).expect("fewer than 4 billion tasks")
             }
         };
         self.index[part(key)].insert(key, slot);
+        slot
     }
 
     pub fn remove(&mut self, key: TaskKey) -> Option<TaskRecord> {
