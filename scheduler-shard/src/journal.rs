@@ -29,6 +29,9 @@ pub struct Stats {
 pub struct Journal {
     tx: Option<mpsc::UnboundedSender<Request>>,
     stats: Arc<Stats>,
+    /// A journal that keeps nothing fails its writes while this is set (tests of the
+    /// scheduler's failure paths: [`Journal::fail_writes`]).
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Journal {
@@ -44,6 +47,7 @@ impl Journal {
         Self {
             tx: Some(tx),
             stats,
+            failing: Arc::default(),
         }
     }
 
@@ -53,12 +57,25 @@ impl Journal {
         Self {
             tx: None,
             stats: Arc::default(),
+            failing: Arc::default(),
         }
+    }
+
+    /// Tests only: while `on`, every write of a journal from [`Journal::discard`] fails, as
+    /// on a full disk, so the scheduler's undo paths run.
+    #[cfg(test)]
+    pub fn fail_writes(&self, on: bool) {
+        self.failing.store(on, Ordering::SeqCst);
     }
 
     /// Makes `ops` durable; returns once they are synced.
     pub async fn write(&self, ops: Vec<Op>) -> Result<(), Arc<StoreError>> {
         let Some(answer) = self.append(ops) else {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(Arc::new(StoreError(
+                    "injected: no space left on device".into(),
+                )));
+            }
             return Ok(());
         };
         answer

@@ -994,6 +994,81 @@ mod tests {
         it
     }
 
+    /// When the journal fails (a full disk), nothing a client was told changes: a submit is
+    /// refused and leaves no task or count behind, a result that was not written lets the
+    /// task run again, and a cancel that was not written leaves the task queued.
+    #[tokio::test(start_paused = true)]
+    async fn changes_whose_writes_fail_are_undone() {
+        let s = scheduler(100);
+        let cancel = start(&s).await;
+        let journal = s.journal().clone();
+
+        // A submit: refused, retryable, nothing left behind (not even its idempotency key).
+        journal.fail_writes(true);
+        let refused = s.enqueue(vec![item(10, "k")]).await.pop().unwrap();
+        assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
+        assert_eq!((s.len(), s.active_tasks()), (0, 0));
+        journal.fail_writes(false);
+        let task = enqueue_one(&s, item(10, "k")).await;
+        assert_eq!(s.active_tasks(), 1);
+
+        // A result: not applied; the lease comes back expiring at once, so once the disk
+        // takes writes again the task is delivered again and its next result counts.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(1, vec![]), tx);
+        let (_, lease) = assigned(&mut rx).await;
+        journal.fail_writes(true);
+        assert!(!s.complete(session, &lease, done()).await);
+        assert_eq!(state_of(&s, &task.name), (TaskState::InProgress, 1));
+        journal.fail_writes(false);
+        let (_, again) = assigned(&mut rx).await;
+        assert_eq!(again.attempt, 2);
+        assert!(s.complete(session, &again, done()).await);
+        assert_eq!(state_of(&s, &task.name), (TaskState::Done, 2));
+        assert_eq!(s.active_tasks(), 0);
+
+        // A cancel: refused; the task stays queued and is dispatched once writes succeed.
+        let queued = enqueue_one(&s, item(10, "")).await;
+        let (tx, mut idle) = mpsc::unbounded_channel();
+        let waiting = s.open_session(&hello(0, vec![]), tx);
+        journal.fail_writes(true);
+        let refused = s.cancel(&queued.name).await;
+        assert!(
+            matches!(refused, Err(Error::Unavailable(_))),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(state_of(&s, &queued.name), (TaskState::Ready, 0));
+        journal.fail_writes(false);
+        s.credit(waiting, 1);
+        let (assigned_task, queued_lease) = assigned(&mut idle).await;
+        assert_eq!(assigned_task.name, queued.name);
+        assert!(s.complete(waiting, &queued_lease, done()).await);
+
+        // A requeue (its lease ran out) that is not written: tried again a second later. The
+        // streams above go, so the task can only go to the next one.
+        s.close_session(session);
+        s.close_session(waiting);
+        let expiring = enqueue_one(&s, item(10, "")).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        s.open_session(&hello(1, vec![]), tx);
+        let (leased, _) = assigned(&mut rx).await;
+        assert_eq!(leased.name, expiring.name);
+        journal.fail_writes(true);
+        tokio::time::advance(TTL + Duration::from_millis(1)).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(state_of(&s, &expiring.name), (TaskState::InProgress, 1));
+        journal.fail_writes(false);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        s.open_session(&hello(1, vec![]), tx);
+        let (redelivered, lease) = assigned(&mut rx).await;
+        assert_eq!((redelivered.name, lease.attempt), (expiring.name, 2));
+        cancel.cancel();
+    }
+
     /// Tasks as a restart reads them: in name order, which is not their arrival order
     /// across pipelines. Fair-share tags go by arrival, so one client's tasks of two
     /// pipelines are dispatched in the order they came.
