@@ -38,7 +38,7 @@ use crate::journal::Journal;
 use crate::key::TaskKey;
 use crate::lease::{Lease, LeaseId, LeaseTable};
 use crate::queue::{FairClock, Rank, ReadyQueue};
-use crate::store::{Contents, Op, Record, SpecId, spec_id};
+use crate::store::{Contents, Op, Record, SpecId, flow_of, spec_id, tenant_of_flow};
 use crate::task::{self, Event};
 
 mod dispatch;
@@ -90,11 +90,6 @@ impl Default for Options {
 /// Messages to one agent stream. Unbounded because credit bounds the Assigns in flight and
 /// the rest (Cancel, Drain) are rare.
 pub type AgentTx = mpsc::UnboundedSender<Result<ServerMessage, Status>>;
-
-/// The tenant of a fair-share flow, `tenant/client`.
-fn tenant_of_flow(flow: &str) -> &str {
-    flow.split_once('/').map_or(flow, |(tenant, _)| tenant)
-}
 
 /// Most tasks one agent stream may hold at once (its credit plus its unanswered leases).
 pub const MAX_SLOTS: u32 = 4096;

@@ -77,15 +77,25 @@ pub struct Record {
     pub result: Option<Arc<TaskResult>>,
 }
 
-/// The tenant in a task or pipeline name (`tenants/{t}/...`).
-fn tenant_of(name: &str) -> &str {
-    name.strip_prefix("tenants/")
+// A fair-share flow is named `{tenant}/{client}` (the client may be empty): one place builds
+// and splits it.
+
+/// The flow of `client`'s tasks of `pipeline` (a pipeline or task name, `tenants/{t}/...`).
+pub fn flow_of(pipeline: &str, client: &str) -> String {
+    let tenant = pipeline
+        .strip_prefix("tenants/")
         .and_then(|rest| rest.split('/').next())
-        .unwrap_or("")
+        .unwrap_or("");
+    format!("{tenant}/{client}")
 }
 
-/// The client in a flow (`{tenant}/{client}`).
-fn client_of(flow: &str) -> &str {
+/// The tenant of a flow.
+pub fn tenant_of_flow(flow: &str) -> &str {
+    flow.split_once('/').map_or(flow, |(tenant, _)| tenant)
+}
+
+/// The client of a flow.
+fn client_of_flow(flow: &str) -> &str {
     flow.split_once('/').map_or("", |(_, client)| client)
 }
 
@@ -123,7 +133,7 @@ impl Record {
             create_time_ms: self.create_time_ms,
             update_time_ms: self.update_time_ms,
             result: self.result.as_deref().cloned(),
-            client: client_of(&self.flow).to_owned(),
+            client: client_of_flow(&self.flow).to_owned(),
         }
     }
 
@@ -152,7 +162,7 @@ impl Record {
         let pipeline: Arc<str> = pipeline.into();
         let (body, keyed) = Self::body_of(&mut task);
         Some(Self {
-            flow: format!("{}/{}", tenant_of(&pipeline), task.client).into(),
+            flow: flow_of(&pipeline, &task.client).into(),
             pipeline,
             key,
             state: TaskState::try_from(task.state).unwrap_or_default(),
@@ -224,7 +234,7 @@ impl Record {
         let lease = self.lease_id.as_deref().unwrap_or("");
         let result_len = self.result.as_ref().map_or(0, |r| r.encoded_len() + 8);
         let mut buf = Vec::with_capacity(96 + self.body.len() + lease.len() + result_len);
-        bytes(1, client_of(&self.flow).as_bytes(), &mut buf);
+        bytes(1, client_of_flow(&self.flow).as_bytes(), &mut buf);
         if self.state as i32 != 0 {
             encoding::int32::encode(2, &(self.state as i32), &mut buf);
         }
@@ -287,7 +297,7 @@ impl Names {
             Some(flow) => (shared.clone(), flow.clone()),
             None => {
                 let shared = shared.clone();
-                let flow: Arc<str> = format!("{}/{client}", tenant_of(pipeline)).into();
+                let flow: Arc<str> = flow_of(pipeline, client).into();
                 self.pipelines
                     .get_mut(pipeline)
                     .expect("inserted above")

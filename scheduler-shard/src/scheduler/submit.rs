@@ -146,7 +146,7 @@ impl Scheduler {
                 (key, spec)
             }
         };
-        let flow = inner.intern(format!("{}/{}", pipeline_name.tenant, task.client));
+        let flow = inner.intern(flow_of(&pipeline, &task.client));
         if inner.active >= self.options.max_active_tasks {
             return Err(Error::ResourceExhausted {
                 what: format!(
