@@ -309,7 +309,7 @@ impl Inner {
         }
         if record.keyed {
             self.idempotency
-                .remove(&(record.pipeline.clone(), record.idempotency_key(key)));
+                .remove(&(record.pipeline.clone(), record.idempotency_key()));
         }
         Some(record)
     }
@@ -325,7 +325,7 @@ impl Inner {
     /// [`Inner::insert`] without the queue.
     fn index(&mut self, key: TaskKey, record: TaskRecord) -> Slot {
         if record.keyed {
-            let idempotency = (record.pipeline.clone(), record.idempotency_key(key));
+            let idempotency = (record.pipeline.clone(), record.idempotency_key());
             self.idempotency.insert(idempotency, key);
         }
         self.by_pipeline

@@ -99,15 +99,20 @@ fn client_of_flow(flow: &str) -> &str {
     flow.split_once('/').map_or("", |(_, client)| client)
 }
 
+/// The idempotency key in an encoded `TaskBody` (decoded only when `keyed`).
+pub fn idempotency_key_in(keyed: bool, body: &[u8]) -> String {
+    if !keyed {
+        return String::new();
+    }
+    TaskBody::decode(body)
+        .map(|b| b.idempotency_key)
+        .unwrap_or_default()
+}
+
 impl Record {
     /// The idempotency key in the body ("" without one).
     pub fn idempotency_key(&self) -> String {
-        if !self.keyed {
-            return String::new();
-        }
-        TaskBody::decode(&*self.body)
-            .map(|b| b.idempotency_key)
-            .unwrap_or_default()
+        idempotency_key_in(self.keyed, &self.body)
     }
 
     /// The task's resource name (the record's key on disk).

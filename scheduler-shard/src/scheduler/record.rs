@@ -115,12 +115,8 @@ impl TaskRecord {
     }
 
     /// The idempotency key ("" without one).
-    pub fn idempotency_key(&self, key: TaskKey) -> String {
-        if self.keyed {
-            self.disk(key).idempotency_key()
-        } else {
-            String::new()
-        }
+    pub fn idempotency_key(&self) -> String {
+        crate::store::idempotency_key_in(self.keyed, &self.body)
     }
 
     /// This task after `event`, not yet applied.
