@@ -2,7 +2,8 @@
 //!
 //! Records live in one slab (`Vec`), found through an index of key -> slot. A hash map of the
 //! records themselves was sized in powers of two and, with its entries spread at random,
-//! touched every page of its capacity: ~320 MiB for a million 150-byte records. The slab holds
+//! touched every page of its capacity: the slab took 169 MiB off a shard holding a million
+//! READY tasks (perf/RESULTS.md). The slab holds
 //! records densely (a freed slot is reused) and the index entries are 20 bytes. The index is
 //! split over [`PARTS`] maps chosen by the key's random low bits, so growing it rehashes only
 //! 1/64 of it at a time, never a million entries under the scheduler's lock; the slab grows by
