@@ -147,6 +147,10 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
     // is not a task's (ids are 32 hex digits), is refused by field; a task of a pipeline b
     // does not own is refused with the owner.
     const T1: &str = "0193aaaa00007000800000000000a001";
+    let refusal = |status: &tonic::Status| {
+        let field = pm_proto::status::violated_field(status).unwrap_or_default();
+        (status.code(), field)
+    };
     let stored = |pipeline: &str, id: &str, spec_id: Vec<u8>| HandoffTask {
         stored: Some(StoredTask {
             task: Some(Task {
@@ -198,10 +202,7 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
         .await
         .unwrap_err();
     assert_eq!(
-        (
-            status.code(),
-            pm_proto::status::violated_field(&status).unwrap_or_default()
-        ),
+        refusal(&status),
         (Code::InvalidArgument, "tasks.stored.spec_id".into())
     );
     let status = cb
@@ -212,10 +213,7 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
         .await
         .unwrap_err();
     assert_eq!(
-        (
-            status.code(),
-            pm_proto::status::violated_field(&status).unwrap_or_default()
-        ),
+        refusal(&status),
         (Code::InvalidArgument, "tasks.stored.task.name".into())
     );
     let status = cb
