@@ -253,6 +253,18 @@ async fn the_exec_server_confines_what_it_is_asked_to_run() {
     let mut client = pm_proto::client::exec(channel);
     let task_dir = root.join("t1");
     std::fs::create_dir_all(&task_dir).unwrap();
+    // An exec's result, after whatever output it streams first.
+    async fn finished(
+        mut events: tonic::Streaming<pm_proto::internal::v1::ExecEvent>,
+    ) -> pm_proto::v1::StepResult {
+        loop {
+            if let Some(exec_event::Event::Finished(r)) =
+                events.message().await.unwrap().unwrap().event
+            {
+                return r;
+            }
+        }
+    }
     let request = |work_dir: &Path, command: &str| ExecRequest {
         command: command.into(),
         work_dir: work_dir.display().to_string(),
@@ -270,7 +282,7 @@ async fn the_exec_server_confines_what_it_is_asked_to_run() {
         );
     }
     // Inside: runs, with the output cut at the server's limit and a clean environment.
-    let mut events = client
+    let events = client
         .exec(request(
             &task_dir,
             "env | sort; head -c 5000 /dev/zero | tr '\\0' x",
@@ -278,25 +290,15 @@ async fn the_exec_server_confines_what_it_is_asked_to_run() {
         .await
         .unwrap()
         .into_inner();
-    let result = loop {
-        match events.message().await.unwrap().unwrap().event {
-            Some(exec_event::Event::Finished(r)) => break r,
-            _ => continue,
-        }
-    };
+    let result = finished(events).await;
     assert_eq!(result.stdout.len(), 100, "{result:?}");
     assert!(result.stdout_truncated);
-    let mut events = client
+    let events = client
         .exec(request(&task_dir, "env"))
         .await
         .unwrap()
         .into_inner();
-    let result = loop {
-        match events.message().await.unwrap().unwrap().event {
-            Some(exec_event::Event::Finished(r)) => break r,
-            _ => continue,
-        }
-    };
+    let result = finished(events).await;
     assert!(
         result.stdout.contains("PM_TEST_ALLOWED=passed"),
         "{}",
