@@ -344,6 +344,22 @@ mod tests {
         }
     }
 
+    /// Runs `command` with a 5 s deadline and checks that it printed "ready" and was then
+    /// killed by the deadline. 5 s is far more than a shell needs to write a file, even on a
+    /// loaded machine; the step says when it is ready, so a miss fails here, not in a read of
+    /// a missing file.
+    async fn timed_out_after_ready(command: &str, dir: &Path) -> StepResult {
+        let mut s = step(command, dir);
+        s.deadline = Some(Instant::now() + Duration::from_secs(5));
+        let r = run_step(&s, &CancellationToken::new(), |_, _| {}).await;
+        assert!(
+            r.stdout.contains("ready"),
+            "not ready within the deadline: {r:?}"
+        );
+        assert!(r.timed_out);
+        r
+    }
+
     #[tokio::test]
     async fn exit_codes_output_and_truncation() {
         let dir = tempfile::tempdir().unwrap();
@@ -409,14 +425,7 @@ mod tests {
         // running, in its own session, by a step that ends well.
         let command = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 60' & \
                        while [ ! -s escaped.pid ]; do :; done; echo ready; sleep 60";
-        let mut s = step(command, dir.path());
-        s.deadline = Some(Instant::now() + Duration::from_secs(5));
-        let r = run_step(&s, &CancellationToken::new(), |_, _| {}).await;
-        assert!(
-            r.stdout.contains("ready"),
-            "not ready within the deadline: {r:?}"
-        );
-        assert!(r.timed_out);
+        timed_out_after_ready(command, dir.path()).await;
         let command = "setsid sh -c 'echo $$ > daemon.pid; exec sleep 60' > /dev/null 2>&1 & \
                        while [ ! -s daemon.pid ]; do :; done";
         let r = run_step(
@@ -466,16 +475,7 @@ mod tests {
         // A background child records its pid, then would outlive the step by far.
         let command = "sh -c 'echo $$ > child.pid; exec sleep 60' & \
                        while [ ! -s child.pid ]; do :; done; echo ready; sleep 60";
-        let mut s = step(command, dir.path());
-        // Far more than a shell needs to write a file, even on a loaded machine; the step
-        // says when it is ready, so a miss fails here, not in a read of a missing file.
-        s.deadline = Some(Instant::now() + Duration::from_secs(5));
-        let r = run_step(&s, &CancellationToken::new(), |_, _| {}).await;
-        assert!(
-            r.stdout.contains("ready"),
-            "not ready within the deadline: {r:?}"
-        );
-        assert!(r.timed_out);
+        let r = timed_out_after_ready(command, dir.path()).await;
         assert_ne!(r.exit_code, 0);
         assert!(r.stderr.contains("timeout"), "{}", r.stderr);
         dies(&dir.path().join("child.pid"), Duration::from_secs(5)).await;
