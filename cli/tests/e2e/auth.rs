@@ -813,17 +813,20 @@ async fn a_bad_client_is_refused_naming_its_field() {
             "client.priority",
         ),
     ];
-    let before = f
-        .tenants(Who::TenantAdmin)
-        .list_clients(ListClientsRequest {
-            parent: format!("tenants/{OWN}"),
-            ..ListClientsRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .clients
-        .len();
+    // The tenant's clients, counted as its admin sees them.
+    let clients = || async {
+        f.tenants(Who::TenantAdmin)
+            .list_clients(ListClientsRequest {
+                parent: format!("tenants/{OWN}"),
+                ..ListClientsRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .clients
+            .len()
+    };
+    let before = clients().await;
     for (client, field) in cases {
         let refused = f
             .tenants(Who::TenantAdmin)
@@ -844,17 +847,7 @@ async fn a_bad_client_is_refused_naming_its_field() {
             "{client:?}"
         );
     }
-    let after = f
-        .tenants(Who::TenantAdmin)
-        .list_clients(ListClientsRequest {
-            parent: format!("tenants/{OWN}"),
-            ..ListClientsRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .clients
-        .len();
+    let after = clients().await;
     assert_eq!(before, after, "no refused client was made");
     f.dev.stop().await;
 }
