@@ -130,6 +130,33 @@ impl PipelineName {
         })
     }
 
+    /// Checks that `name` is a pipeline's name, as [`PipelineName::parse`] does, without
+    /// allocating, and gives its tenant: the submit path's form (a valid name is already
+    /// its own canonical form, so there is nothing to rebuild).
+    pub fn check(name: &str) -> Result<&str, NameError> {
+        let mut parts = name.split('/');
+        let mut tenant = None;
+        for collection in ["tenants", "applications", "pipelines"] {
+            match (parts.next(), parts.next()) {
+                (Some(c), Some(id)) if c == collection && check_id(id).is_ok() => {
+                    tenant.get_or_insert(id);
+                }
+                _ => return Err(Self::refusal(name)),
+            }
+        }
+        match (parts.next(), tenant) {
+            (None, Some(tenant)) => Ok(tenant),
+            _ => Err(Self::refusal(name)),
+        }
+    }
+
+    /// Why `parse` refuses `name`, with its message.
+    fn refusal(name: &str) -> NameError {
+        Self::parse(name)
+            .err()
+            .unwrap_or_else(|| NameError(format!("{name:?} is not a pipeline's name")))
+    }
+
     pub fn application(&self) -> ApplicationName {
         ApplicationName {
             tenant: self.tenant.clone(),
@@ -245,5 +272,31 @@ mod tests {
         assert!(check_id(&"a".repeat(64)).is_err());
         assert!(check_id("9a").is_err());
         assert!(check_id("a-9").is_ok());
+    }
+
+    #[test]
+    fn check_agrees_with_parse() {
+        for name in [
+            "tenants/acme/applications/ocr/pipelines/scan",
+            "tenants/a/applications/b-2/pipelines/c",
+            "tenants/acme/applications/ocr/pipelines/scan/",
+            "tenants/acme/applications/ocr/pipelines/scan/tasks/x",
+            "tenants/acme/applications/ocr/pipelines",
+            "tenants/acme/applications/ocr",
+            "tenants/acme/pipelines/ocr/applications/scan",
+            "tenants/Acme/applications/ocr/pipelines/scan",
+            "tenants//applications/ocr/pipelines/scan",
+            "/tenants/acme/applications/ocr/pipelines/scan",
+            "",
+        ] {
+            match (PipelineName::parse(name), PipelineName::check(name)) {
+                (Ok(parsed), Ok(tenant)) => {
+                    assert_eq!(tenant, parsed.tenant, "{name}");
+                    assert_eq!(parsed.to_string(), name, "a valid name is canonical");
+                }
+                (Err(parsed), Err(checked)) => assert_eq!(parsed, checked, "{name}"),
+                (parsed, checked) => panic!("{name}: parse {parsed:?}, check {checked:?}"),
+            }
+        }
     }
 }

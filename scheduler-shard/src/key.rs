@@ -38,14 +38,39 @@ impl TaskKey {
 
     /// The name of this task of `pipeline`.
     pub fn name(self, pipeline: &str) -> String {
-        format!("{pipeline}/tasks/{self}")
+        const TASKS: &str = "/tasks/";
+        let mut name = String::with_capacity(pipeline.len() + TASKS.len() + 32);
+        name.push_str(pipeline);
+        name.push_str(TASKS);
+        name.push_str(self.hex().as_str());
+        name
+    }
+
+    /// The id's 32 lowercase hex digits, written without `fmt`'s machinery (every submit
+    /// writes one, inside its name).
+    fn hex(self) -> Hex {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, digit) in out.iter_mut().enumerate() {
+            *digit = DIGITS[(self.0 >> (124 - 4 * i) & 0xf) as usize];
+        }
+        Hex(out)
+    }
+}
+
+/// Hex digits: ASCII by construction.
+struct Hex([u8; 32]);
+
+impl Hex {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
     }
 }
 
 /// The task id: 32 lowercase hex digits.
 impl fmt::Display for TaskKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        f.write_str(self.hex().as_str())
     }
 }
 
@@ -60,6 +85,9 @@ mod tests {
         assert!(a.to_string() < b.to_string(), "and so are their ids");
         let uuid = uuid::Uuid::from_u128(a.0).simple().to_string();
         assert_eq!(a.to_string(), uuid);
+        for small in [0, 0xab, u128::MAX] {
+            assert_eq!(TaskKey(small).to_string(), format!("{small:032x}"));
+        }
         let name = a.name("tenants/t/applications/a/pipelines/p");
         assert_eq!(
             TaskKey::parse_name(&name),

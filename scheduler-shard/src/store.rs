@@ -86,7 +86,11 @@ pub fn flow_of(pipeline: &str, client: &str) -> String {
         .strip_prefix("tenants/")
         .and_then(|rest| rest.split('/').next())
         .unwrap_or("");
-    format!("{tenant}/{client}")
+    let mut flow = String::with_capacity(tenant.len() + 1 + client.len());
+    flow.push_str(tenant);
+    flow.push('/');
+    flow.push_str(client);
+    flow
 }
 
 /// The tenant of a flow.
