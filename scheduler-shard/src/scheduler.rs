@@ -162,7 +162,7 @@ impl Inner {
         match self.active_by_tenant.get_mut(tenant) {
             Some(n) => *n += 1,
             None => {
-                let tenant = self.intern(tenant.to_owned());
+                let tenant = self.intern(tenant);
                 self.active_by_tenant.insert(tenant, 1);
             }
         }
@@ -186,8 +186,8 @@ impl Inner {
     /// The one shared copy of a pipeline or flow name, so a million tasks of one pipeline
     /// hold one string, not a million. Names are kept for the shard's life (like the fair
     /// clock's flows): as many as pipelines and clients ever seen here.
-    fn intern(&mut self, name: String) -> Arc<str> {
-        if let Some(shared) = self.interned.get(name.as_str()) {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.interned.get(name) {
             return shared.clone();
         }
         let shared: Arc<str> = name.into();

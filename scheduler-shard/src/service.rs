@@ -45,8 +45,11 @@ impl Shard {
         let mut seen = HashSet::new();
         for task in tasks {
             let pipeline = task.map(|t| t.pipeline.as_str()).unwrap_or_default();
+            if !seen.insert(pipeline) {
+                continue;
+            }
             // A bad name is refused for that task alone, by the scheduler.
-            if let (true, Ok(name)) = (seen.insert(pipeline), PipelineName::parse(pipeline)) {
+            if let Ok(name) = PipelineName::parse(pipeline) {
                 self.ownership.check(&name)?;
             }
         }

@@ -11,18 +11,68 @@ enum Answer {
     Queued(Task),
 }
 
+/// A submit checked, named and encoded before the lock: everything that needs no shard
+/// state, so the lock is held only for lookups and counters.
+struct Prepared {
+    /// The task to answer with: named, READY, its params kept.
+    task: Task,
+    key: TaskKey,
+    /// The encoded [`crate::store::TaskBody`], and whether it holds an idempotency key.
+    body: Arc<[u8]>,
+    keyed: bool,
+    flow: String,
+    /// The spec sent with the task (and its hash), or the id of one this shard holds.
+    spec: Result<(SpecId, PipelineSpec), SpecId>,
+    client_priority: u32,
+    tenant_max_queued_tasks: u64,
+}
+
+impl Prepared {
+    /// Checks one task's shape and builds what it will be if admitted.
+    fn new(item: EnqueueTask) -> Result<Self, Error> {
+        let mut task = item.task.ok_or_else(|| Error::invalid("task", "missing"))?;
+        let spec = match item.spec {
+            // Specs that travel with their tasks are hashed here, not under the lock.
+            Some(spec) => Ok((spec_id(&spec), spec)),
+            None if item.spec_id.is_empty() => {
+                return Err(Error::invalid(
+                    "spec",
+                    "missing: send the spec, or its spec_id once this shard holds it",
+                ));
+            }
+            None => Err(SpecId::try_from(item.spec_id.as_slice())
+                .map_err(|_| Error::invalid("spec_id", "not 32 bytes (a SHA-256)"))?),
+        };
+        PipelineName::check(&task.pipeline)
+            .map_err(|e| Error::invalid("task.pipeline", e.to_string()))?;
+        let key = TaskKey::generate();
+        let now = unix_ms();
+        task.name = key.name(&task.pipeline);
+        task.id = key.to_string();
+        task.state = TaskState::Ready as i32;
+        task.attempt = 0;
+        task.create_time_ms = now;
+        task.update_time_ms = now;
+        task.result = None;
+        let (body, keyed) = Record::body_of(&mut task);
+        Ok(Self {
+            flow: flow_of(&task.pipeline, &task.client),
+            task,
+            key,
+            body,
+            keyed,
+            spec,
+            client_priority: item.client_priority,
+            tenant_max_queued_tasks: item.tenant_max_queued_tasks,
+        })
+    }
+}
+
 impl Scheduler {
     /// Queues validated tasks; each is acknowledged (durable) or refused on its own. All
     /// the new tasks of one call share one write.
     pub async fn enqueue(&self, items: Vec<EnqueueTask>) -> Vec<Result<Task, Error>> {
-        // Specs that travel with their tasks are hashed here, not under the lock.
-        let items: Vec<(EnqueueTask, Option<SpecId>)> = items
-            .into_iter()
-            .map(|item| {
-                let id = item.spec.as_ref().map(spec_id);
-                (item, id)
-            })
-            .collect();
+        let items: Vec<Result<Prepared, Error>> = items.into_iter().map(Prepared::new).collect();
         let mut outcomes: Vec<Option<Result<Answer, Error>>> = Vec::with_capacity(items.len());
         let mut planned: Vec<(usize, TaskKey, TaskRecord, Task)> = Vec::new();
         // A key repeated within this call gets the task of its first occurrence.
@@ -31,8 +81,16 @@ impl Scheduler {
         let mut ops = Vec::new();
         {
             let mut inner = self.lock();
-            for (i, (item, spec_key)) in items.into_iter().enumerate() {
-                if let Some(task) = item.task.as_ref().filter(|t| !t.idempotency_key.is_empty()) {
+            for (i, item) in items.into_iter().enumerate() {
+                let item = match item {
+                    Ok(item) => item,
+                    Err(e) => {
+                        outcomes.push(Some(Err(e)));
+                        continue;
+                    }
+                };
+                if item.keyed {
+                    let task = &item.task;
                     let key = (task.pipeline.clone(), task.idempotency_key.clone());
                     if let Some(&first) = first_of_key.get(&key) {
                         repeats.push((i, first));
@@ -41,7 +99,7 @@ impl Scheduler {
                     }
                     first_of_key.insert(key, i);
                 }
-                match self.plan_enqueue(&mut inner, item, spec_key, &mut ops) {
+                match self.plan_enqueue(&mut inner, item, &mut ops) {
                     Ok(Ok(existing)) => outcomes.push(Some(Ok(Answer::Held(existing)))),
                     Ok(Err((key, record, task))) => {
                         planned.push((i, key, record, task));
@@ -91,27 +149,27 @@ impl Scheduler {
             .collect()
     }
 
-    /// Checks one task and builds its record (and the task to answer with); `Ok(Ok(task))`
-    /// is an idempotent repeat. `spec_key` is the hash of `item.spec`, when it carries one.
+    /// Admits one prepared task and builds its record; `Ok(Ok(task))` is an idempotent
+    /// repeat. Only lookups and counters: the checking and encoding happened before the lock.
     #[allow(clippy::type_complexity)] // (existing task | new record), or a refusal
     fn plan_enqueue(
         &self,
         inner: &mut Inner,
-        item: EnqueueTask,
-        spec_key: Option<SpecId>,
+        item: Prepared,
         ops: &mut Vec<Op>,
     ) -> Result<Result<Record, (TaskKey, TaskRecord, Task)>, Error> {
-        let mut task = item.task.ok_or_else(|| Error::invalid("task", "missing"))?;
-        if item.spec.is_none() && item.spec_id.is_empty() {
-            return Err(Error::invalid(
-                "spec",
-                "missing: send the spec, or its spec_id once this shard holds it",
-            ));
-        }
-        let pipeline_name = PipelineName::parse(&task.pipeline)
-            .map_err(|e| Error::invalid("task.pipeline", e.to_string()))?;
-        let pipeline = inner.intern(pipeline_name.to_string());
-        if !task.idempotency_key.is_empty() {
+        let Prepared {
+            task,
+            key,
+            body,
+            keyed,
+            flow,
+            spec,
+            client_priority,
+            tenant_max_queued_tasks,
+        } = item;
+        let pipeline = inner.intern(&task.pipeline);
+        if keyed {
             let key = (pipeline.clone(), task.idempotency_key.clone());
             if let Some(existing) = inner.idempotency.get(&key) {
                 let record = inner.tasks.get(*existing).expect("indexed tasks exist");
@@ -126,27 +184,22 @@ impl Scheduler {
         }
         // The spec: the one sent, or the one held under the id named (never trusted to match a
         // spec sent alongside: the shard hashes what it receives).
-        let (spec_key, spec) = match (item.spec, spec_key) {
-            (Some(spec), Some(key)) => {
-                let spec = match inner.specs.get(&key) {
-                    Some(held) => held.spec.clone(),
-                    None => Arc::new(spec),
-                };
-                (key, spec)
-            }
-            _ => {
-                let key = SpecId::try_from(item.spec_id.as_slice())
-                    .map_err(|_| Error::invalid("spec_id", "not 32 bytes (a SHA-256)"))?;
-                let spec = inner
+        let (spec_key, spec) = match spec {
+            Ok((key, spec)) => match inner.specs.get(&key) {
+                Some(held) => (key, held.spec.clone()),
+                None => (key, Arc::new(spec)),
+            },
+            Err(key) => (
+                key,
+                inner
                     .specs
                     .get(&key)
                     .ok_or(Error::SpecNeeded(key))?
                     .spec
-                    .clone();
-                (key, spec)
-            }
+                    .clone(),
+            ),
         };
-        let flow = inner.intern(flow_of(&pipeline, &task.client));
+        let flow = inner.intern(&flow);
         if inner.active >= self.options.max_active_tasks {
             return Err(Error::ResourceExhausted {
                 what: format!(
@@ -165,34 +218,20 @@ impl Scheduler {
                 retry_after: Duration::from_secs(1),
             });
         }
-        let quota = item.tenant_max_queued_tasks;
-        let of_tenant = inner
-            .active_by_tenant
-            .get(pipeline_name.tenant.as_str())
-            .copied()
-            .unwrap_or(0);
+        let tenant = tenant_of_flow(&flow);
+        let of_tenant = inner.active_by_tenant.get(tenant).copied().unwrap_or(0);
+        let quota = tenant_max_queued_tasks;
         if quota > 0 && of_tenant as u64 >= quota {
             return Err(Error::ResourceExhausted {
                 what: format!(
-                    "tenant {} has {of_tenant} unfinished tasks, its quota (max_queued_tasks); retry later",
-                    pipeline_name.tenant
+                    "tenant {tenant} has {of_tenant} unfinished tasks, its quota (max_queued_tasks); retry later"
                 ),
                 retry_after: Duration::from_secs(1),
             });
         }
-        let key = TaskKey::generate();
-        let now = unix_ms();
-        task.name = key.name(&pipeline);
-        task.id = key.to_string();
-        task.pipeline = pipeline.to_string();
-        task.state = TaskState::Ready as i32;
-        task.attempt = 0;
-        task.create_time_ms = now;
-        task.update_time_ms = now;
-        task.result = None;
         inner.next_seq += 1;
         let rank = Rank {
-            client_priority: item.client_priority,
+            client_priority,
             task_priority: task.priority,
             tag: inner.fair.tag(&flow),
             seq: inner.next_seq,
@@ -205,13 +244,13 @@ impl Scheduler {
                 spec: held.spec.encode_to_vec(),
             });
         }
-        if !task.idempotency_key.is_empty() {
+        if keyed {
             inner
                 .idempotency_pending
                 .insert((pipeline.clone(), task.idempotency_key.clone()));
         }
         inner.reserve(&flow);
-        let (body, keyed) = Record::body_of(&mut task);
+        let now = task.create_time_ms;
         let record = TaskRecord {
             pipeline,
             flow,
