@@ -29,13 +29,13 @@ impl From<Violation> for Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        match e {
+        pm_proto::status::bounded(match e {
             Error::InvalidArgument(v) => {
                 pm_proto::status::invalid_argument(&v.field, &v.description)
             }
             Error::FailedPrecondition(why) => Status::failed_precondition(why),
             Error::Upstream(status) => status,
-        }
+        })
     }
 }
 

@@ -15,6 +15,19 @@ impl fmt::Display for NameError {
 
 impl std::error::Error for NameError {}
 
+/// Most characters of an input value that a message quotes.
+const SHOWN_CHARS: usize = 64;
+
+/// `value` quoted for a message: its first [`SHOWN_CHARS`] characters and its size when it
+/// is longer. A refusal travels in the `grpc-message` header, so it must stay small whatever
+/// was sent (a 10 KB name quoted whole made the client see INTERNAL instead).
+pub fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_CHARS) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes)", &value[..end], value.len()),
+    }
+}
+
 /// Checks a resource id: 1..=63 of lowercase ASCII letters, digits and '-', starting with a
 /// letter (the DNS-label shape Kubernetes users know).
 pub fn check_id(id: &str) -> Result<(), NameError> {
@@ -28,7 +41,8 @@ pub fn check_id(id: &str) -> Result<(), NameError> {
         Ok(())
     } else {
         Err(NameError(format!(
-            "{id:?} is not a valid id: use 1 to 63 lowercase letters, digits and '-', starting with a letter"
+            "{} is not a valid id: use 1 to 63 lowercase letters, digits and '-', starting with a letter",
+            shown(id)
         )))
     }
 }
@@ -37,7 +51,11 @@ fn segments<'a>(name: &'a str, collections: &[&str]) -> Result<Vec<&'a str>, Nam
     let parts: Vec<&str> = name.split('/').collect();
     let shape = || {
         let want: Vec<String> = collections.iter().map(|c| format!("{c}/{{id}}")).collect();
-        NameError(format!("{name:?} is not of the form {}", want.join("/")))
+        NameError(format!(
+            "{} is not of the form {}",
+            shown(name),
+            want.join("/")
+        ))
     };
     if parts.len() != collections.len() * 2 {
         return Err(shape());
@@ -154,7 +172,7 @@ impl PipelineName {
     fn refusal(name: &str) -> NameError {
         Self::parse(name)
             .err()
-            .unwrap_or_else(|| NameError(format!("{name:?} is not a pipeline's name")))
+            .unwrap_or_else(|| NameError(format!("{} is not a pipeline's name", shown(name))))
     }
 
     pub fn application(&self) -> ApplicationName {
@@ -186,7 +204,10 @@ impl TaskName {
             check_id(id)?;
         }
         if ids[3].is_empty() || ids[3].len() > 128 {
-            return Err(NameError(format!("{:?} is not a valid task id", ids[3])));
+            return Err(NameError(format!(
+                "{} is not a valid task id",
+                shown(ids[3])
+            )));
         }
         Ok(Self {
             pipeline: PipelineName {
@@ -204,7 +225,10 @@ impl ClientName {
         let ids = segments(name, &["tenants", "clients"])?;
         check_id(ids[0])?;
         if ids[1].is_empty() || ids[1].len() > 128 {
-            return Err(NameError(format!("{:?} is not a valid client id", ids[1])));
+            return Err(NameError(format!(
+                "{} is not a valid client id",
+                shown(ids[1])
+            )));
         }
         Ok(Self {
             tenant: ids[0].to_owned(),
@@ -272,6 +296,23 @@ mod tests {
         assert!(check_id(&"a".repeat(64)).is_err());
         assert!(check_id("9a").is_err());
         assert!(check_id("a-9").is_ok());
+    }
+
+    #[test]
+    fn refusals_quote_a_long_value_cut() {
+        assert_eq!(shown("abc"), "\"abc\"");
+        let long = format!("{}é", "a".repeat(63));
+        assert_eq!(
+            shown(&long),
+            format!("{long:?}"),
+            "64 characters are quoted whole"
+        );
+        let longer = "é".repeat(10_000);
+        let quoted = shown(&longer);
+        assert!(quoted.ends_with("... (20000 bytes)"), "{quoted}");
+        assert!(quoted.len() < 200, "{quoted}");
+        let refusal = PipelineName::parse(&format!("tenants/{longer}")).unwrap_err();
+        assert!(refusal.0.len() < 300, "{refusal}");
     }
 
     #[test]

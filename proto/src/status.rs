@@ -5,6 +5,31 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+/// Most bytes of a status message. The message travels in the `grpc-message` header, and
+/// a header past the peer's limit turns the whole answer into INTERNAL.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `status` with its message cut to [`MAX_MESSAGE_BYTES`] (on a character boundary, marked
+/// "..."), its code, details and metadata kept: every service's error mapping ends here, so no
+/// input echoed into a message can break the answer.
+pub fn bounded(status: Status) -> Status {
+    let message = status.message();
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return status;
+    }
+    let mut end = MAX_MESSAGE_BYTES - 3;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = format!("{}...", &message[..end]);
+    Status::with_details_and_metadata(
+        status.code(),
+        cut,
+        status.details().to_vec().into(),
+        status.metadata().clone(),
+    )
+}
+
 /// INVALID_ARGUMENT naming `field`.
 pub fn invalid_argument(field: &str, description: &str) -> Status {
     let message = if field.is_empty() {

@@ -44,7 +44,7 @@ impl Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        match e {
+        pm_proto::status::bounded(match e {
             Error::InvalidArgument(v) => {
                 pm_proto::status::invalid_argument(&v.field, &v.description)
             }
@@ -57,7 +57,7 @@ impl From<Error> for Status {
             Error::Aborted(why) => Status::aborted(why),
             Error::Unavailable(why) => pm_proto::status::unavailable(why, Duration::from_secs(1)),
             Error::NotOwner { message, view } => view.to_status(message),
-        }
+        })
     }
 }
 

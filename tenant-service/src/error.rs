@@ -36,7 +36,7 @@ impl From<Violation> for Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        match e {
+        pm_proto::status::bounded(match e {
             Error::InvalidArgument(v) => {
                 pm_proto::status::invalid_argument(&v.field, &v.description)
             }
@@ -56,6 +56,6 @@ impl From<Error> for Status {
                 tracing::error!(error = %e, "metadata store failed");
                 Status::internal(e.to_string())
             }
-        }
+        })
     }
 }
