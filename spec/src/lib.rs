@@ -100,6 +100,8 @@ pub mod limits {
     pub const DEFAULT_PAGE_SIZE: u32 = 100;
     /// Most items of one list page.
     pub const MAX_PAGE_SIZE: u32 = 1000;
+    /// Bytes of a tenant's, application's or client's display name.
+    pub const MAX_DISPLAY_NAME_BYTES: usize = 256;
 }
 
 /// A spec as a request carries it, validated; violations are reported under `field`.

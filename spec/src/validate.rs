@@ -237,6 +237,17 @@ pub fn check_page(page_size: u32, page_token: &str) -> Result<usize, Violation> 
     } as usize)
 }
 
+/// A display name: free text, bounded (it is stored with its resource and listed with it).
+pub fn check_display_name(field: &str, value: &str) -> Result<(), Violation> {
+    if value.len() > MAX_DISPLAY_NAME_BYTES {
+        return Err(Violation::new(
+            field,
+            format!("{} bytes, more than {MAX_DISPLAY_NAME_BYTES}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// A parameter value: bounded, no NUL (it could not be passed to a process).
 pub fn check_param_value(field: &str, value: &str) -> Result<(), Violation> {
     if value.len() > MAX_PARAM_VALUE_BYTES {

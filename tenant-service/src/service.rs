@@ -359,6 +359,8 @@ impl TenantService for Catalog {
         let req = request.into_inner();
         check_id(&req.tenant_id).map_err(|e| Error::invalid("tenant_id", e.to_string()))?;
         let given = req.tenant.unwrap_or_default();
+        pm_spec::validate::check_display_name("tenant.display_name", &given.display_name)
+            .map_err(Error::from)?;
         let tenant = Tenant {
             name: format!("tenants/{}", req.tenant_id),
             display_name: given.display_name,
@@ -436,6 +438,8 @@ impl TenantService for Catalog {
         let tenant = name_field("parent", TenantName::parse(&req.parent))?;
         let given = req.client.unwrap_or_default();
         pm_spec::validate::check_priority("client.priority", given.priority)
+            .map_err(Error::from)?;
+        pm_spec::validate::check_display_name("client.display_name", &given.display_name)
             .map_err(Error::from)?;
         check_grants(&given, &tenant)?;
         self.require_tenant(&tenant).await?;
@@ -523,6 +527,9 @@ impl PipelineService for Catalog {
         let tenant = name_field("parent", TenantName::parse(&req.parent))?;
         check_id(&req.application_id)
             .map_err(|e| Error::invalid("application_id", e.to_string()))?;
+        let given = req.application.unwrap_or_default();
+        pm_spec::validate::check_display_name("application.display_name", &given.display_name)
+            .map_err(Error::from)?;
         self.require_tenant(&tenant).await?;
         let name = ApplicationName {
             tenant: tenant.tenant,
@@ -530,7 +537,7 @@ impl PipelineService for Catalog {
         };
         let app = Application {
             name: name.to_string(),
-            display_name: req.application.unwrap_or_default().display_name,
+            display_name: given.display_name,
             create_time_ms: unix_ms(),
         };
         self.create(&keys::application(&name), &app, &app.name)
