@@ -19,6 +19,10 @@ const WAIT: Duration = Duration::from_secs(60);
 #[path = "e2e/auth.rs"]
 mod auth;
 
+/// Bad input for every public RPC.
+#[path = "e2e/bad_input.rs"]
+mod bad_input;
+
 struct Harness {
     dev: Dev,
     dir: tempfile::TempDir,

@@ -1,0 +1,449 @@
+//! Every public RPC, called with bad input through the gateway of `pm dev`: each answer has
+//! the exact code, names the field, and never echoes an over-long value back whole (a
+//! message that large would not fit in the `grpc-message` header and the client would see
+//! INTERNAL instead). The expected outcomes are this file's own table.
+
+use std::collections::HashMap;
+
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Code, Status};
+
+use pm_proto::v1::*;
+
+use super::{APP, Harness, pipeline_name, start};
+
+/// A value far over every limit: longer than any name, id, token or display name may be.
+fn long() -> String {
+    "a".repeat(10 * 1024)
+}
+
+/// Most bytes of an answer's message; a refusal says what was wrong, not the whole value.
+const MESSAGE_BYTES: usize = 1024;
+
+/// Checks one refusal against the table: its code, the field it names (`""` for none) and
+/// the size of its message.
+fn refused<T: std::fmt::Debug>(what: &str, got: Result<T, Status>, code: Code, field: &str) {
+    let status = match got {
+        Ok(answer) => panic!("{what}: accepted: {answer:?}"),
+        Err(status) => status,
+    };
+    let named = pm_proto::status::violated_field(&status).unwrap_or_default();
+    assert_eq!(
+        (status.code(), named.as_str()),
+        (code, field),
+        "{what}: {status:?}"
+    );
+    assert!(
+        status.message().len() <= MESSAGE_BYTES,
+        "{what}: a {}-byte message",
+        status.message().len()
+    );
+    if code == Code::InvalidArgument && !field.is_empty() {
+        assert!(
+            status.message().starts_with(field),
+            "{what}: the message starts with the field: {status:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
+    let mut h: Harness = start().await;
+    let channel = pm_proto::client::channel(&h.dev.endpoint()).unwrap();
+    let mut tenants = pm_proto::client::tenants(channel.clone());
+    let mut auth = pm_proto::client::auth(channel.clone());
+    let mut agents = pm_proto::client::agents(channel);
+    let (long, ocr) = (long(), pipeline_name("ocr"));
+    use Code::{AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated};
+
+    // TenantService.
+    for (id, code, field) in [
+        ("", InvalidArgument, "tenant_id"),
+        ("Upper", InvalidArgument, "tenant_id"),
+        (long.as_str(), InvalidArgument, "tenant_id"),
+        ("default", AlreadyExists, ""),
+    ] {
+        let got = tenants
+            .create_tenant(CreateTenantRequest {
+                tenant_id: id.into(),
+                tenant: None,
+            })
+            .await;
+        refused(&format!("CreateTenant {:.20}", id), got, code, field);
+    }
+    let got = tenants
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "named".into(),
+            tenant: Some(Tenant {
+                display_name: long.clone(),
+                ..Tenant::default()
+            }),
+        })
+        .await;
+    refused(
+        "CreateTenant long display_name",
+        got,
+        InvalidArgument,
+        "tenant.display_name",
+    );
+    for (name, code, field) in [
+        ("default", InvalidArgument, "name"),
+        (&*format!("tenants/{long}"), InvalidArgument, "name"),
+        ("tenants/nope", NotFound, ""),
+    ] {
+        let get = GetTenantRequest { name: name.into() };
+        refused("GetTenant", tenants.get_tenant(get).await, code, field);
+        let delete = DeleteTenantRequest { name: name.into() };
+        refused(
+            "DeleteTenant",
+            tenants.delete_tenant(delete).await,
+            code,
+            field,
+        );
+    }
+    let got = tenants
+        .delete_tenant(DeleteTenantRequest {
+            name: "tenants/default".into(),
+        })
+        .await;
+    refused(
+        "DeleteTenant with applications",
+        got,
+        FailedPrecondition,
+        "",
+    );
+    for (size, token, field) in [(1_000_000, "", "page_size"), (0, "a/b", "page_token")] {
+        let got = tenants
+            .list_tenants(ListTenantsRequest {
+                page_size: size,
+                page_token: token.into(),
+            })
+            .await;
+        refused("ListTenants", got, InvalidArgument, field);
+    }
+    let client = |roles: Vec<i32>, display_name: &str| Client {
+        roles,
+        display_name: display_name.into(),
+        ..Client::default()
+    };
+    let submitter = Role::Submitter as i32;
+    for (parent, given, code, field) in [
+        (
+            "default",
+            client(vec![submitter], ""),
+            InvalidArgument,
+            "parent",
+        ),
+        ("tenants/nope", client(vec![submitter], ""), NotFound, ""),
+        (
+            "tenants/default",
+            client(vec![], ""),
+            InvalidArgument,
+            "client.roles",
+        ),
+        (
+            "tenants/default",
+            client(vec![99], ""),
+            InvalidArgument,
+            "client.roles[0]",
+        ),
+        (
+            "tenants/default",
+            client(vec![submitter], &long),
+            InvalidArgument,
+            "client.display_name",
+        ),
+    ] {
+        let got = tenants
+            .create_client(CreateClientRequest {
+                parent: parent.into(),
+                client: Some(given),
+            })
+            .await;
+        refused("CreateClient", got, code, field);
+    }
+    let got = tenants
+        .list_clients(ListClientsRequest {
+            parent: format!("tenants/{long}"),
+            ..ListClientsRequest::default()
+        })
+        .await;
+    refused("ListClients", got, InvalidArgument, "parent");
+    for (name, code, field) in [
+        ("tenants/default", InvalidArgument, "name"),
+        (
+            &*format!("tenants/default/clients/{long}"),
+            InvalidArgument,
+            "name",
+        ),
+        ("tenants/default/clients/nope", NotFound, ""),
+    ] {
+        let got = tenants
+            .delete_client(DeleteClientRequest { name: name.into() })
+            .await;
+        refused("DeleteClient", got, code, field);
+    }
+
+    // PipelineService: applications.
+    for (parent, id, code, field) in [
+        ("default", "x", InvalidArgument, "parent"),
+        ("tenants/default", "", InvalidArgument, "application_id"),
+        (
+            "tenants/default",
+            long.as_str(),
+            InvalidArgument,
+            "application_id",
+        ),
+        ("tenants/nope", "x", NotFound, ""),
+        ("tenants/default", "demo", AlreadyExists, ""),
+    ] {
+        let got = h
+            .pipelines
+            .create_application(CreateApplicationRequest {
+                parent: parent.into(),
+                application_id: id.into(),
+                application: None,
+            })
+            .await;
+        refused("CreateApplication", got, code, field);
+    }
+    let got = h
+        .pipelines
+        .create_application(CreateApplicationRequest {
+            parent: "tenants/default".into(),
+            application_id: "named".into(),
+            application: Some(Application {
+                display_name: long.clone(),
+                ..Application::default()
+            }),
+        })
+        .await;
+    refused(
+        "CreateApplication long display_name",
+        got,
+        InvalidArgument,
+        "application.display_name",
+    );
+    for (name, code, field) in [
+        ("tenants/default", InvalidArgument, "name"),
+        (&*format!("{APP}{long}"), InvalidArgument, "name"),
+        ("tenants/default/applications/nope", NotFound, ""),
+    ] {
+        let get = GetApplicationRequest { name: name.into() };
+        refused(
+            "GetApplication",
+            h.pipelines.get_application(get).await,
+            code,
+            field,
+        );
+        let delete = DeleteApplicationRequest { name: name.into() };
+        let got = h.pipelines.delete_application(delete).await;
+        refused("DeleteApplication", got, code, field);
+    }
+    let got = h
+        .pipelines
+        .delete_application(DeleteApplicationRequest { name: APP.into() })
+        .await;
+    refused(
+        "DeleteApplication with pipelines",
+        got,
+        FailedPrecondition,
+        "",
+    );
+    for (parent, token, field) in [
+        (long.as_str(), "", "parent"),
+        ("tenants/default", long.as_str(), "page_token"),
+    ] {
+        let got = h
+            .pipelines
+            .list_applications(ListApplicationsRequest {
+                parent: parent.into(),
+                page_size: 0,
+                page_token: token.into(),
+            })
+            .await;
+        refused("ListApplications", got, InvalidArgument, field);
+    }
+
+    // PipelineService: pipelines.
+    let document = "stages: [{name: s, jobs: [{name: j, commands: [date]}]}]";
+    for (parent, id, field) in [
+        (long.as_str(), "p", "parent"),
+        (APP, long.as_str(), "pipeline_id"),
+        (APP, "Bad", "pipeline_id"),
+    ] {
+        let got = h
+            .pipelines
+            .apply_pipeline(ApplyPipelineRequest {
+                parent: parent.into(),
+                pipeline_id: id.into(),
+                source: Some(apply_pipeline_request::Source::SpecDocument(
+                    document.into(),
+                )),
+            })
+            .await;
+        refused("ApplyPipeline", got, InvalidArgument, field);
+    }
+    for (name, version, code, field) in [
+        (APP.to_owned(), 0, InvalidArgument, "name"),
+        (
+            format!("{APP}/pipelines/{long}"),
+            0,
+            InvalidArgument,
+            "name",
+        ),
+        (pipeline_name("nope"), 0, NotFound, ""),
+        (ocr.clone(), 999, NotFound, ""),
+    ] {
+        let get = GetPipelineRequest {
+            name: name.clone(),
+            version,
+        };
+        refused(
+            "GetPipeline",
+            h.pipelines.get_pipeline(get).await,
+            code,
+            field,
+        );
+        if version == 0 {
+            let delete = DeletePipelineRequest { name };
+            let got = h.pipelines.delete_pipeline(delete).await;
+            refused("DeletePipeline", got, code, field);
+        }
+    }
+    for (parent, size, token, field) in [
+        ("tenants/default", 0, "", "parent"),
+        (APP, 1_000_000, "", "page_size"),
+        (APP, 0, "x/y", "page_token"),
+    ] {
+        let got = h
+            .pipelines
+            .list_pipelines(ListPipelinesRequest {
+                parent: parent.into(),
+                page_size: size,
+                page_token: token.into(),
+            })
+            .await;
+        refused("ListPipelines", got, InvalidArgument, field);
+    }
+
+    // TaskService (SubmitTask's own matrix is in `bad_input_gets_the_exact_code_naming_the_field`).
+    let got = h
+        .tasks
+        .submit_task(SubmitTaskRequest {
+            parent: format!("{APP}/pipelines/{long}"),
+            ..SubmitTaskRequest::default()
+        })
+        .await;
+    refused("SubmitTask long parent", got, InvalidArgument, "parent");
+    let got = h
+        .tasks
+        .submit_task(SubmitTaskRequest {
+            parent: ocr.clone(),
+            params: HashMap::from([("url".into(), "x".into())]),
+            idempotency_key: long.clone(),
+            ..SubmitTaskRequest::default()
+        })
+        .await;
+    refused(
+        "SubmitTask long key",
+        got,
+        InvalidArgument,
+        "idempotency_key",
+    );
+    let requests = vec![SubmitTaskRequest::default(); 10_000];
+    let got = h.tasks.submit_tasks(SubmitTasksRequest { requests }).await;
+    refused("SubmitTasks too many", got, InvalidArgument, "requests");
+    let missing = format!("{ocr}/tasks/{:032x}", 1);
+    for (name, code, field) in [
+        (ocr.clone(), InvalidArgument, "name"),
+        (format!("{ocr}/tasks/{long}"), InvalidArgument, "name"),
+        (missing, NotFound, ""),
+    ] {
+        let get = GetTaskRequest { name: name.clone() };
+        refused("GetTask", h.tasks.get_task(get).await, code, field);
+        let cancel = CancelTaskRequest { name: name.clone() };
+        refused("CancelTask", h.tasks.cancel_task(cancel).await, code, field);
+        let watch = WatchTaskRequest { name };
+        refused("WatchTask", h.tasks.watch_task(watch).await, code, field);
+    }
+    for (parent, size, token, field) in [
+        (APP.to_owned(), 0, String::new(), "parent"),
+        (
+            format!("{APP}/pipelines/{long}"),
+            0,
+            String::new(),
+            "parent",
+        ),
+        (ocr.clone(), 1_000_000, String::new(), "page_size"),
+        (ocr.clone(), 0, "not-an-id".to_owned(), "page_token"),
+    ] {
+        let got = h
+            .tasks
+            .list_tasks(ListTasksRequest {
+                parent,
+                page_size: size,
+                page_token: token,
+                ..ListTasksRequest::default()
+            })
+            .await;
+        refused("ListTasks", got, InvalidArgument, field);
+    }
+
+    // AuthService: a missing credential names its field; a wrong one of any size is
+    // UNAUTHENTICATED, saying no more.
+    for (id, secret, code, field) in [
+        ("", "s", InvalidArgument, "client_id"),
+        ("c", "", InvalidArgument, "client_secret"),
+        (long.as_str(), long.as_str(), Unauthenticated, ""),
+    ] {
+        let got = auth
+            .issue_token(IssueTokenRequest {
+                client_id: id.into(),
+                client_secret: secret.into(),
+            })
+            .await;
+        refused("IssueToken", got, code, field);
+    }
+
+    // AgentService: the first message must be a Hello, and it is checked whole.
+    let hello = Hello {
+        agent_id: "a".into(),
+        slots: 1,
+        protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
+        protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
+        ..Hello::default()
+    };
+    for (first, field) in [
+        (
+            Hello {
+                slots: 0,
+                ..hello.clone()
+            },
+            "hello.slots",
+        ),
+        (
+            Hello {
+                agent_id: long.clone(),
+                ..hello.clone()
+            },
+            "hello.agent_id",
+        ),
+        (
+            Hello {
+                pipelines: vec![long.clone()],
+                ..hello.clone()
+            },
+            "hello.pipelines[0]",
+        ),
+    ] {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(AgentMessage {
+            message: Some(agent_message::Message::Hello(first)),
+        })
+        .unwrap();
+        let got = agents.connect(UnboundedReceiverStream::new(rx)).await;
+        refused("Connect", got.map(|_| ()), InvalidArgument, field);
+    }
+    h.dev.stop().await;
+}
