@@ -21,6 +21,9 @@ struct Args {
     /// Most unfinished tasks of one client.
     #[arg(long, env = "PM_MAX_ACTIVE_PER_CLIENT", default_value_t = 250_000)]
     max_active_per_client: usize,
+    /// Most WatchTask streams served at once.
+    #[arg(long, env = "PM_MAX_WATCHES", default_value_t = 10_000)]
+    max_watches: usize,
     /// Seconds finished tasks keep their result before they are collected.
     #[arg(long, env = "PM_RETENTION_SECONDS", default_value_t = 24 * 3600)]
     retention_seconds: u64,
@@ -71,6 +74,7 @@ async fn main() -> std::process::ExitCode {
         max_active_per_client: args.max_active_per_client,
         retention: Duration::from_secs(args.retention_seconds),
         unsafe_no_fsync: args.unsafe_no_fsync,
+        max_watches: args.max_watches,
         ..Default::default()
     };
     if options.unsafe_no_fsync {

@@ -72,6 +72,9 @@ pub struct Options {
     pub retention: Duration,
     /// Benchmarks only: acknowledge without fsync (see [`crate::store::Store::open_with`]).
     pub unsafe_no_fsync: bool,
+    /// Watches (WatchTask streams) served at once; past it WatchTask answers
+    /// RESOURCE_EXHAUSTED.
+    pub max_watches: usize,
 }
 
 impl Default for Options {
@@ -83,6 +86,7 @@ impl Default for Options {
             max_deliveries: 10,
             retention: Duration::from_secs(24 * 3600),
             unsafe_no_fsync: false,
+            max_watches: 10_000,
         }
     }
 }
@@ -99,8 +103,9 @@ const DISPATCH_BATCH: usize = 1024;
 const COLLECT_BATCH: usize = 10_000;
 /// Events kept per running task for late watchers.
 const HISTORY_LIMIT: usize = 1024;
-/// Events buffered per watched task for a watcher that reads slowly.
-const WATCH_BUFFER: usize = 1024;
+/// Events buffered per watched task for a watcher that reads slowly; one that falls further
+/// behind is ended with RESOURCE_EXHAUSTED (a new watch starts from a snapshot).
+pub const WATCH_BUFFER: usize = 128;
 
 struct Session {
     agent_id: String,
@@ -364,8 +369,8 @@ pub struct Scheduler {
 /// events unless it already finished.
 pub struct Watch {
     pub snapshot: Task,
-    pub history: Vec<TaskEvent>,
-    pub events: Option<broadcast::Receiver<TaskEvent>>,
+    pub history: Vec<Arc<TaskEvent>>,
+    pub events: Option<broadcast::Receiver<Arc<TaskEvent>>>,
 }
 
 fn wire_lease(id: &LeaseId, task: String, attempt: u32, deadline: Instant) -> WireLease {
@@ -665,7 +670,7 @@ mod tests {
             max_active_per_client: max_active_tasks,
             max_deliveries: 10,
             retention: Duration::from_secs(3600),
-            unsafe_no_fsync: false,
+            ..Options::default()
         }
     }
 
@@ -1274,6 +1279,103 @@ mod tests {
             };
             assert_eq!(a.spec, with_spec.spec);
         }
+        cancel.cancel();
+    }
+
+    /// Watches are bounded: past `max_watches` one is refused, a watch that closes gives its
+    /// place back, and a watcher that falls a buffer behind the task's events is ended with a
+    /// clear status while one that keeps reading gets every event.
+    #[tokio::test(start_paused = true)]
+    async fn watches_are_bounded_in_number_and_in_what_they_hold() {
+        use futures::StreamExt;
+        use pm_proto::internal::v1::shard_service_server::ShardService;
+        use pm_proto::v1::WatchTaskRequest;
+
+        let s = Scheduler::new(
+            Options {
+                max_watches: 2,
+                ..options(100)
+            },
+            Journal::discard(),
+            Contents::default(),
+        );
+        let cancel = start(&s).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let agent = s.open_session(&hello(1, vec![]), tx);
+        let task = enqueue_one(&s, item(10, "")).await;
+        let (_, lease) = assigned(&mut rx).await;
+        let shard = crate::service::Shard::new(
+            s.clone(),
+            Arc::new(crate::ownership::Ownership::standalone()),
+        );
+        let watch = || {
+            shard.watch_task(tonic::Request::new(WatchTaskRequest {
+                name: task.name.clone(),
+            }))
+        };
+        let slow = watch().await.unwrap().into_inner();
+        let mut closing = watch().await.unwrap().into_inner();
+        let refused = watch().await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        // Its forwarder sent the snapshot and waits for the task's next event when it closes.
+        closing.next().await.unwrap().unwrap();
+        tokio::task::yield_now().await;
+        drop(closing);
+        let mut reader = None;
+        for _ in 0..1000 {
+            match watch().await {
+                Ok(w) => {
+                    reader = Some(w.into_inner());
+                    break;
+                }
+                Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted),
+            }
+            tokio::task::yield_now().await;
+        }
+        let mut reader = reader.expect("the closed watch's place is given back");
+        let first = reader.next().await.unwrap().unwrap();
+        assert!(matches!(first.event, Some(task_event::Event::Snapshot(_))));
+
+        // Four buffers' worth of progress, read as it comes by one watcher only.
+        let events = WATCH_BUFFER as i64 * 4;
+        for n in 0..events {
+            s.progress(
+                agent,
+                &lease,
+                TaskEvent {
+                    time_ms: n,
+                    event: None,
+                },
+            );
+            let event = tokio::time::timeout(Duration::from_secs(10), reader.next())
+                .await
+                .expect("the reading watcher keeps up")
+                .unwrap()
+                .unwrap();
+            assert_eq!(event.time_ms, n, "every event, in order");
+        }
+        let mut slow = slow;
+        let mut ended = None;
+        for _ in 0..events + 2 {
+            let next = tokio::time::timeout(Duration::from_secs(10), slow.next()).await;
+            match next
+                .expect("not held")
+                .expect("ended with a status, not silently")
+            {
+                Ok(_) => {}
+                Err(status) => {
+                    ended = Some(status);
+                    break;
+                }
+            }
+        }
+        let ended = ended.expect("the slow watcher is told it fell behind");
+        assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
+        assert!(ended.message().contains("fell"), "{ended:?}");
         cancel.cancel();
     }
 

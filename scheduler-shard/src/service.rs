@@ -4,7 +4,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
+use futures::StreamExt;
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -18,18 +19,30 @@ use pm_proto::v1::{
 
 use crate::error::Error;
 use crate::ownership::Ownership;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Scheduler, WATCH_BUFFER};
+
+/// Events queued per watch for the HTTP/2 stream (pointers to shared events).
+const WATCH_CHANNEL: usize = 64;
+
+/// A watch's events, as the server sends them.
+pub type WatchStream = futures::stream::Map<
+    ReceiverStream<Result<Arc<TaskEvent>, Status>>,
+    fn(Result<Arc<TaskEvent>, Status>) -> Result<TaskEvent, Status>,
+>;
 
 pub struct Shard {
     scheduler: Arc<Scheduler>,
     ownership: Arc<Ownership>,
+    /// One permit per open watch.
+    watches: Arc<Semaphore>,
 }
 
 impl Shard {
     pub fn new(scheduler: Arc<Scheduler>, ownership: Arc<Ownership>) -> Self {
         Self {
-            scheduler,
             ownership,
+            watches: Arc::new(Semaphore::new(scheduler.options().max_watches)),
+            scheduler,
         }
     }
 
@@ -96,21 +109,36 @@ impl ShardService for Shard {
         Ok(Response::new(self.scheduler.get(&name)?))
     }
 
-    type WatchTaskStream = ReceiverStream<Result<TaskEvent, Status>>;
+    type WatchTaskStream = WatchStream;
 
     async fn watch_task(
         &self,
         request: Request<WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let name = self.task_name(&request.get_ref().name)?;
+        let permit =
+            self.watches
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Error::ResourceExhausted {
+                    what: format!(
+                        "this shard serves {} watches, its limit (--max-watches); retry later",
+                        self.scheduler.options().max_watches
+                    ),
+                    retry_after: std::time::Duration::from_secs(1),
+                })?;
         let watch = self.scheduler.watch(&name)?;
-        let (tx, rx) = mpsc::channel(256);
+        // Events are pointers until h2 takes them: an idle watch holds no event copies.
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL);
         tokio::spawn(async move {
+            let _permit = permit;
             let snapshot = watch.snapshot;
             let now = pm_proto::unix_ms();
-            let send = |e| TaskEvent {
-                time_ms: now,
-                event: Some(e),
+            let send = |e| {
+                Arc::new(TaskEvent {
+                    time_ms: now,
+                    event: Some(e),
+                })
             };
             if tx
                 .send(Ok(send(task_event::Event::Snapshot(snapshot.clone()))))
@@ -132,23 +160,39 @@ impl ShardService for Shard {
                 return;
             };
             loop {
-                match events.recv().await {
+                let next = tokio::select! {
+                    next = events.recv() => next,
+                    // The watcher went: its permit comes back now, not at the next event.
+                    () = tx.closed() => return,
+                };
+                match next {
                     Ok(event) => {
                         let last = matches!(event.event, Some(task_event::Event::Finished(_)));
                         if tx.send(Ok(event)).await.is_err() || last {
                             return;
                         }
                     }
-                    // A slow watcher misses some progress; state and the final result
-                    // still arrive.
+                    // Past the buffer, the watcher is told rather than held: the events it
+                    // missed are gone, and a new watch starts from a snapshot.
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::debug!(skipped = n, "watcher lagged");
+                        let _ = tx
+                            .send(Err(pm_proto::status::resource_exhausted(
+                                format!(
+                                    "this watcher fell {n} events behind the task (a watch \
+                                     buffers {WATCH_BUFFER}); watch again for a snapshot"
+                                ),
+                                std::time::Duration::ZERO,
+                            )))
+                            .await;
+                        return;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(
+            ReceiverStream::new(rx).map(|e| e.map(Arc::unwrap_or_clone)),
+        ))
     }
 
     async fn cancel_task(

@@ -19,10 +19,12 @@ pub(super) struct HeldSpec {
 /// Allocated only for watched tasks or tasks that report progress.
 #[derive(Default)]
 pub(super) struct Live {
-    pub watchers: Option<broadcast::Sender<TaskEvent>>,
+    /// Events are shared, not copied, by the watchers and the history: a slot of the
+    /// channel is a pointer, so a watched task costs [`WATCH_BUFFER`] pointers, not events.
+    pub watchers: Option<broadcast::Sender<Arc<TaskEvent>>>,
     /// Bounded by [`HISTORY_LIMIT`]; emptied when the task finishes (its result carries the
     /// outputs).
-    pub history: Vec<TaskEvent>,
+    pub history: Vec<Arc<TaskEvent>>,
 }
 
 pub(super) struct TaskRecord {
@@ -140,6 +142,7 @@ impl TaskRecord {
     /// Keeps an event for late watchers and sends it to the current ones.
     pub fn record(&mut self, event: TaskEvent) {
         let live = self.live.get_or_insert_with(Box::default);
+        let event = Arc::new(event);
         if live.history.len() < HISTORY_LIMIT {
             live.history.push(event.clone());
         }
@@ -182,10 +185,10 @@ impl TaskRecord {
             attempt: self.attempt,
             reason: reason.to_owned(),
         };
-        let _ = tx.send(TaskEvent {
+        let _ = tx.send(Arc::new(TaskEvent {
             time_ms: unix_ms(),
             event: Some(task_event::Event::StateChanged(change)),
-        });
+        }));
     }
 }
 
