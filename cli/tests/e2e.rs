@@ -23,6 +23,10 @@ mod auth;
 #[path = "e2e/bad_input.rs"]
 mod bad_input;
 
+/// What an idle watch costs.
+#[path = "e2e/watches.rs"]
+mod watches;
+
 struct Harness {
     dev: Dev,
     dir: tempfile::TempDir,

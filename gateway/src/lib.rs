@@ -36,6 +36,10 @@ use pm_proto::v1::pipeline_service_server::PipelineServiceServer;
 use pm_proto::v1::task_service_server::TaskServiceServer;
 use pm_proto::v1::tenant_service_server::TenantServiceServer;
 
+/// Calls and watches one client connection may have open at once (HTTP/2
+/// SETTINGS_MAX_CONCURRENT_STREAMS): past it, the client's next call waits for one to end.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 2048;
+
 pub use auth::Authenticator;
 pub use error::Error;
 pub use routing::{Routes, Upstreams};
@@ -128,6 +132,7 @@ pub async fn run(
     ));
     tracing::info!(addr = ?listener.local_addr().ok(), ?upstreams, ?security, "gateway serving");
     pm_proto::server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // grpc-web arrives over HTTP/1.1.
         .accept_http1(true)
         // Outermost: CORS answers preflights before anything else looks at the request.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -29,6 +29,9 @@ use crate::enqueue::{Coalescer, Prepared, enqueue};
 use crate::error::{Error, status_of};
 use crate::pipelines::PipelineVersion;
 use crate::routing::Routes;
+
+/// Events queued per watch for the client's HTTP/2 stream (boxed: pointers).
+const WATCH_CHANNEL: usize = 64;
 
 /// Most tasks in one SubmitTasks call.
 pub const MAX_BATCH: usize = 1000;
@@ -261,9 +264,11 @@ impl TaskService for Tasks {
         };
         let upstream = open().await?;
         // The watch outlives handoffs (see `watch`).
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL);
         tokio::spawn(crate::watch::follow(upstream, open, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|e| e.map(|event| *event)),
+        )))
     }
 
     async fn cancel_task(

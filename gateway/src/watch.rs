@@ -16,9 +16,13 @@ use pm_proto::v1::{TaskEvent, task_event};
 pub const WATCH_REOPENS: u64 = 5;
 
 /// Forwards `upstream`'s events to `tx` until the task finishes or the client goes, opening
-/// the watch again with `open` when a shard stops serving it.
-pub async fn follow<S, O, F>(mut upstream: S, open: O, tx: mpsc::Sender<Result<TaskEvent, Status>>)
-where
+/// the watch again with `open` when a shard stops serving it. Events travel boxed: a slot of
+/// the channel is then a pointer, and an idle watch holds no room for whole events.
+pub async fn follow<S, O, F>(
+    mut upstream: S,
+    open: O,
+    tx: mpsc::Sender<Result<Box<TaskEvent>, Status>>,
+) where
     S: Stream<Item = Result<TaskEvent, Status>> + Unpin,
     O: Fn() -> F,
     F: Future<Output = Result<S, Status>>,
@@ -28,7 +32,7 @@ where
         let ended = match upstream.next().await {
             Some(Ok(event)) => {
                 let last = matches!(event.event, Some(task_event::Event::Finished(_)));
-                if tx.send(Ok(event)).await.is_err() || last {
+                if tx.send(Ok(Box::new(event))).await.is_err() || last {
                     return;
                 }
                 // The watch is live again: a later move gets the whole budget.
@@ -91,7 +95,7 @@ mod tests {
     /// re-open in turn; returns what the client received.
     async fn watch(
         opens: Vec<Result<Vec<Result<TaskEvent, Status>>, Status>>,
-    ) -> Vec<Result<TaskEvent, Status>> {
+    ) -> Vec<Result<Box<TaskEvent>, Status>> {
         let opens = Mutex::new(VecDeque::from(opens));
         let open = || {
             let next = opens
