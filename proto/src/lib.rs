@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod connections;
 pub mod names;
 pub mod server;
 pub mod status;

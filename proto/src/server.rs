@@ -57,7 +57,7 @@ pub fn health() -> (
 }
 
 /// The flags every server binary (gateway, tenant-service, shard) takes besides its own.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
@@ -65,12 +65,17 @@ pub struct ServerArgs {
     /// cannot speak TLS (kubelet's gRPC probes).
     #[arg(long, env = "PM_HEALTH_LISTEN")]
     pub health_listen: Option<String>,
+    /// Connections the server holds at once; past it a new one is closed at once. Kept
+    /// below the file-descriptor limit, which the server raises to its hard limit.
+    #[arg(long, env = "PM_MAX_CONNECTIONS", default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 impl ServerArgs {
     /// Turns TLS on and binds the health-only port, as the flags say; call at start.
     pub fn init(&self) -> Result<(), String> {
         self.tls.init(true).map_err(|e| e.to_string())?;
+        crate::connections::set_max_connections(self.max_connections);
         if let Some(addr) = &self.health_listen {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -30,6 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::connections::{Admitted, FIRST_BYTE_TIMEOUT, Places};
+
 /// How often a connection may look at the certificate files for a rotation.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
 /// Longest a TLS handshake may take before the connection is dropped.
@@ -284,8 +286,12 @@ pub fn get() -> Option<&'static Tls> {
     TLS.get()
 }
 
-/// A connection a server accepted: plaintext, or TLS over TCP.
-pub enum ServerIo {
+/// A connection a server accepted, holding its place among the listener's
+/// ([`crate::connections`]).
+pub type ServerIo = Admitted<Transport>;
+
+/// How a connection speaks: plaintext, or TLS over TCP.
+pub enum Transport {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
@@ -294,35 +300,35 @@ impl tonic::transport::server::Connected for ServerIo {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            ServerIo::Plain(s) => s.connect_info(),
-            ServerIo::Tls(s) => s.get_ref().0.connect_info(),
+        match self.get_ref() {
+            Transport::Plain(s) => s.connect_info(),
+            Transport::Tls(s) => s.get_ref().0.connect_info(),
         }
     }
 }
 
-impl AsyncRead for ServerIo {
+impl AsyncRead for Transport {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for ServerIo {
+impl AsyncWrite for Transport {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -332,40 +338,51 @@ impl AsyncWrite for ServerIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            ServerIo::Plain(s) => s.is_write_vectored(),
-            ServerIo::Tls(s) => s.is_write_vectored(),
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ServerIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
-/// Connections accepted on `listener` (TCP_NODELAY set), through TLS with `config` if given.
-/// Handshakes run concurrently (at most [`MAX_HANDSHAKES`], each within
-/// [`HANDSHAKE_TIMEOUT`]); a failed one (no client certificate, another CA, plaintext) drops
-/// that connection only.
+/// Connections accepted on `listener` (TCP_NODELAY set), through TLS with `config` if given,
+/// within the process's connection limit ([`crate::connections`]).
 pub fn accept(
     listener: TcpListener,
     config: Option<Arc<ServerConfig>>,
+) -> impl Stream<Item = io::Result<ServerIo>> + Send + 'static {
+    accept_with(listener, config, Places::new(), FIRST_BYTE_TIMEOUT)
+}
+
+/// [`accept`] with `places` and a deadline for a plaintext peer's first byte. Handshakes
+/// run concurrently (at most [`MAX_HANDSHAKES`], each within [`HANDSHAKE_TIMEOUT`]); a
+/// failed one (no client certificate, another CA, plaintext) drops that connection only.
+/// A connection that finds no place is closed at once.
+pub fn accept_with(
+    listener: TcpListener,
+    config: Option<Arc<ServerConfig>>,
+    places: Places,
+    first_byte: Duration,
 ) -> impl Stream<Item = io::Result<ServerIo>> + Send + 'static {
     let accepted = futures::stream::unfold(listener, |listener| async move {
         let next = listener.accept().await;
@@ -379,6 +396,7 @@ pub fn accept(
     accepted
         .map(move |next: io::Result<(TcpStream, SocketAddr)>| {
             let acceptor = acceptor.clone();
+            let places = places.clone();
             async move {
                 let (stream, peer) = match next {
                     Ok(s) => s,
@@ -388,12 +406,18 @@ pub fn accept(
                         return None;
                     }
                 };
+                // No place: dropped here, which closes it.
+                let place = places.take(peer)?;
                 let _ = stream.set_nodelay(true);
                 let Some(acceptor) = acceptor else {
-                    return Some(ServerIo::Plain(stream));
+                    return Some(Admitted::new(
+                        Transport::Plain(stream),
+                        place,
+                        Some(first_byte),
+                    ));
                 };
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => Some(ServerIo::Tls(Box::new(tls))),
+                    Ok(Ok(tls)) => Some(Admitted::new(Transport::Tls(Box::new(tls)), place, None)),
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %e, "TLS handshake refused");
                         None
