@@ -373,6 +373,22 @@ pub struct Watch {
     pub events: Option<broadcast::Receiver<Arc<TaskEvent>>>,
 }
 
+/// Most bytes of the tasks of one ListTasks page (under the 4 MiB message limit); a page
+/// that would pass it ends early, with a `next_page_token`.
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+
+/// `task` as a list shows it: its steps' stdout and stderr left out (GetTask and WatchTask
+/// have them), so a page of finished tasks stays small whatever they printed.
+fn summary(mut task: Task) -> Task {
+    if let Some(result) = &mut task.result {
+        for step in result.jobs.iter_mut().flat_map(|j| j.steps.iter_mut()) {
+            step.stdout.clear();
+            step.stderr.clear();
+        }
+    }
+    task
+}
+
 fn wire_lease(id: &LeaseId, task: String, attempt: u32, deadline: Instant) -> WireLease {
     let left = deadline.saturating_duration_since(Instant::now());
     WireLease {
@@ -594,12 +610,24 @@ impl Scheduler {
             page.push(record.disk(key));
         }
         drop(inner);
-        let next = match (more, page.last()) {
-            (true, Some(last)) => last.key.to_string(),
+        // Decoded here, not under the lock; summaries, cut where the page's bytes run out.
+        let mut tasks = Vec::with_capacity(page.len());
+        let mut bytes = 0;
+        for record in &page {
+            let task = summary(record.to_task());
+            bytes += task.encoded_len();
+            if bytes > MAX_PAGE_BYTES && !tasks.is_empty() {
+                more = true;
+                break;
+            }
+            tasks.push(task);
+        }
+        // The last id shown: the next page starts below it.
+        let next = match (more, tasks.last()) {
+            (true, Some(last)) => last.id.clone(),
             _ => String::new(),
         };
-        // Decoded here, not under the lock.
-        Ok((page.iter().map(Record::to_task).collect(), next))
+        Ok((tasks, next))
     }
 
     /// READY + IN_PROGRESS tasks (for health and tests).
@@ -1143,6 +1171,70 @@ mod tests {
             "{:?}",
             refused.err()
         );
+    }
+
+    /// A list page shows tasks without their output and ends early rather than pass its
+    /// byte budget; following the tokens still shows every task once, newest first.
+    #[tokio::test(start_paused = true)]
+    async fn list_pages_are_summaries_within_a_byte_budget() {
+        let s = scheduler(100);
+        let cancel = start(&s).await;
+        let mib = "x".repeat(1024 * 1024);
+        let mut names = Vec::new();
+        for _ in 0..8 {
+            let mut big = item(10, "");
+            let task = big.task.as_mut().unwrap();
+            task.params.insert("p".into(), mib.clone());
+            names.push(enqueue_one(&s, big).await.name);
+        }
+        // One finishes, having printed a MiB.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let agent = s.open_session(&hello(1, vec![]), tx);
+        let (ran, lease) = assigned(&mut rx).await;
+        let printed = TaskResult {
+            succeeded: true,
+            jobs: vec![pm_proto::v1::JobResult {
+                steps: vec![pm_proto::v1::StepResult {
+                    stdout: mib.clone(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..TaskResult::default()
+        };
+        assert!(s.complete(agent, &lease, printed).await);
+        let got = s.get(&ran.name).unwrap();
+        assert_eq!(got.result.unwrap().jobs[0].steps[0].stdout.len(), mib.len());
+
+        let mut listed = Vec::new();
+        let mut token = String::new();
+        for _ in 0..8 {
+            let (page, next) = s
+                .list(&ran.pipeline, TaskState::Unspecified, 100, &token)
+                .unwrap();
+            let bytes: usize = page.iter().map(Message::encoded_len).sum();
+            assert!(bytes <= MAX_PAGE_BYTES, "a page of {bytes} bytes");
+            for task in &page {
+                let mut steps = task
+                    .result
+                    .iter()
+                    .flat_map(|r| &r.jobs)
+                    .flat_map(|j| &j.steps);
+                assert!(steps.all(|s| s.stdout.is_empty()), "no output in a list");
+                if task.name == ran.name {
+                    let result = task.result.as_ref().expect("a summary keeps the result");
+                    assert!(result.succeeded && result.jobs[0].steps.len() == 1);
+                }
+                listed.push(task.name.clone());
+            }
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        names.reverse();
+        assert_eq!(listed, names, "every task once, newest first");
+        cancel.cancel();
     }
 
     #[tokio::test(start_paused = true)]
