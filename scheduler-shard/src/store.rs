@@ -48,6 +48,10 @@ pub enum Op {
         id: SpecId,
         spec: Vec<u8>,
     },
+    /// A spec no task holds any more.
+    DeleteSpec {
+        id: SpecId,
+    },
 }
 
 /// A task as the shard keeps it: a `ShardTask` under the task's name, by its parts. The body
@@ -436,13 +440,14 @@ impl Store {
     /// Applies `ops` atomically and makes them durable (fdatasync) before returning.
     pub fn apply<'a>(&self, ops: impl IntoIterator<Item = &'a Op>) -> Result<(), StoreError> {
         let ops: Vec<&Op> = ops.into_iter().collect();
-        // The last write of each task wins (see the module doc).
+        // The last write of each task and of each spec wins (see the module doc).
         let mut last: HashMap<TaskKey, usize> = HashMap::with_capacity(ops.len());
+        let mut last_spec: HashMap<SpecId, usize> = HashMap::new();
         for (i, op) in ops.iter().enumerate() {
             match op {
                 Op::PutTask(record) => last.insert(record.key, i),
                 Op::DeleteTask { key, .. } => last.insert(*key, i),
-                Op::PutSpec { .. } => None,
+                Op::PutSpec { id, .. } | Op::DeleteSpec { id } => last_spec.insert(*id, i),
             };
         }
         let mut batch = self.db.batch();
@@ -450,11 +455,13 @@ impl Store {
             match op {
                 Op::PutTask(record) if last[&record.key] != i => {}
                 Op::DeleteTask { key, .. } if last[key] != i => {}
+                Op::PutSpec { id, .. } | Op::DeleteSpec { id } if last_spec[id] != i => {}
                 Op::PutTask(record) => batch.insert(&self.tasks, record.name(), record.encode()),
                 Op::DeleteTask { pipeline, key } => batch.remove(&self.tasks, key.name(pipeline)),
                 Op::PutSpec { id, spec } => {
                     batch.insert(&self.specs, id.as_slice(), spec.as_slice())
                 }
+                Op::DeleteSpec { id } => batch.remove(&self.specs, id.as_slice()),
             }
         }
         batch.commit()?;
@@ -635,6 +642,32 @@ mod tests {
             vec![record(&name("b"), 1, id), record(&name("c"), 2, id)]
         );
         assert_eq!(contents.specs[&id], spec);
+    }
+
+    #[test]
+    fn a_deleted_spec_is_gone_and_the_last_write_of_a_spec_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |name: &str| PipelineSpec {
+            name: name.into(),
+            ..PipelineSpec::default()
+        };
+        let put = |s: &PipelineSpec| Op::PutSpec {
+            id: spec_id(s),
+            spec: s.encode_to_vec(),
+        };
+        let delete = |s: &PipelineSpec| Op::DeleteSpec { id: spec_id(s) };
+        let (a, b, c) = (spec("a"), spec("b"), spec("c"));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.apply(&[put(&a), put(&b)]).unwrap();
+            store.apply(&[delete(&a)]).unwrap();
+            // In one batch: b deleted then written again stays; c written then deleted goes.
+            store
+                .apply(&[delete(&b), put(&b), put(&c), delete(&c)])
+                .unwrap();
+        }
+        let specs = Store::open(dir.path()).unwrap().read_specs().unwrap();
+        assert_eq!(specs.into_values().collect::<Vec<_>>(), vec![b]);
     }
 
     #[test]
