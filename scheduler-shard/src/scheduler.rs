@@ -1332,6 +1332,53 @@ mod tests {
         cancel.cancel();
     }
 
+    /// A spec goes with the last task that runs it, and not before: a spec still run by a
+    /// queued task stays, and one whose tasks were all collected must be sent again.
+    #[tokio::test(start_paused = true)]
+    async fn a_spec_is_collected_with_its_last_task() {
+        let mut o = options(100);
+        o.retention = Duration::from_secs(60);
+        let s = Scheduler::new(o, Journal::discard(), Contents::default());
+        let cancel = start(&s).await;
+        let other = |priority| {
+            let mut it = item(priority, "");
+            let job = &mut it.spec.as_mut().unwrap().stages[0].jobs[0];
+            job.commands = vec!["date".into()];
+            it
+        };
+        let id_of = |it: &EnqueueTask| crate::store::spec_id(it.spec.as_ref().unwrap());
+        let (kept, gone) = (id_of(&item(1, "")), id_of(&other(1)));
+        // The one task of the spec that goes runs first and finishes; the task of the spec
+        // that stays does not finish.
+        enqueue_one(&s, other(1)).await;
+        enqueue_one(&s, item(10, "")).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(1, vec![]), tx);
+        let (ran, lease) = assigned(&mut rx).await;
+        assert_eq!(ran.priority, 1);
+        assert!(s.complete(session, &lease, done()).await);
+        assert_eq!(
+            s.collect_specs().await,
+            0,
+            "both specs are still run by a task"
+        );
+
+        tokio::time::advance(Duration::from_secs(61)).await;
+        until(|| s.get(&ran.name).is_err()).await;
+        until(|| !s.lock().specs.contains_key(&gone)).await;
+        assert!(
+            s.lock().specs.contains_key(&kept),
+            "its task is still queued"
+        );
+        assert!(!s.lock().durable_specs.contains(&gone));
+        let mut by_id = other(1);
+        by_id.spec = None;
+        by_id.spec_id = gone.to_vec();
+        let refused = s.enqueue(vec![by_id]).await.pop().unwrap();
+        assert!(matches!(refused, Err(Error::SpecNeeded(_))), "{refused:?}");
+        cancel.cancel();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_task_names_its_spec_by_id_once_the_shard_holds_it() {
         let s = scheduler(100);

@@ -1,4 +1,5 @@
-//! Retention: finished tasks are collected after `Options::retention`.
+//! Retention: finished tasks are collected after `Options::retention`, and a spec once no
+//! task holds it.
 
 use super::*;
 
@@ -12,7 +13,49 @@ impl Scheduler {
                 _ = tokio::time::sleep(period) => {}
             }
             self.collect().await;
+            self.collect_specs().await;
         }
+    }
+
+    /// Forgets the specs no task holds any more (their last task was collected or handed
+    /// off, or a restart found them unused) and deletes them from disk; returns how many.
+    /// Whoever still needs a spec holds its `Arc` (a record, a submit or an adoption being
+    /// written), so a count of one is the map's own. The delete is appended under the lock:
+    /// a later submit of that spec finds it gone and writes it again (or asks the gateway
+    /// for it), and its write lands after the delete.
+    pub async fn collect_specs(&self) -> usize {
+        let deleted = {
+            let mut inner = self.lock();
+            let unused: Vec<SpecId> = inner
+                .specs
+                .iter()
+                .filter(|(_, held)| Arc::strong_count(held) == 1)
+                .map(|(id, _)| *id)
+                .collect();
+            if unused.is_empty() {
+                return 0;
+            }
+            for id in &unused {
+                inner.specs.remove(id);
+                inner.durable_specs.remove(id);
+            }
+            let n = unused.len();
+            (
+                n,
+                self.journal
+                    .append(unused.into_iter().map(|id| Op::DeleteSpec { id }).collect()),
+            )
+        };
+        let (n, written) = deleted;
+        // A failed delete leaves the spec on disk; the next start finds it unused again.
+        if let Some(Ok(Err(e))) = match written {
+            Some(rx) => Some(rx.await),
+            None => None,
+        } {
+            tracing::warn!(error = %e, "deleting unused specs failed");
+        }
+        tracing::debug!(specs = n, "unused specs collected");
+        n
     }
 
     /// Deletes finished tasks older than the retention period; returns how many.

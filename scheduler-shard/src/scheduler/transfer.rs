@@ -180,6 +180,9 @@ impl Scheduler {
         let mut ops = Vec::new();
         let mut incoming = Vec::new();
         let mut already_held = 0u32;
+        // The specs held here that adopted tasks run: kept from collection until they are
+        // indexed.
+        let mut kept = Vec::new();
         {
             let mut inner = self.lock();
             for (id, spec) in &specs {
@@ -206,8 +209,14 @@ impl Scheduler {
                     already_held += 1;
                     continue;
                 }
-                let known = SpecId::try_from(stored.spec_id.as_slice())
-                    .is_ok_and(|id| specs.contains_key(&id) || inner.specs.contains_key(&id));
+                let known = SpecId::try_from(stored.spec_id.as_slice()).is_ok_and(|id| {
+                    specs.contains_key(&id)
+                        || inner
+                            .specs
+                            .get(&id)
+                            .map(|held| kept.push(held.clone()))
+                            .is_some()
+                });
                 if !known {
                     return Err(Error::invalid(
                         "tasks.stored.spec_id",
@@ -240,6 +249,8 @@ impl Scheduler {
                 adopted += 1;
             }
         }
+        // Indexed: their records hold the specs now.
+        drop(kept);
         drop(inner);
         self.dispatcher.notify_one();
         self.reaper.notify_one();
