@@ -1332,6 +1332,75 @@ mod tests {
         cancel.cancel();
     }
 
+    /// A leased task handed to another shard keeps its lease and what was left of its
+    /// deadline: its agent reclaims it there, and an unclaimed one is delivered again when
+    /// that time is up, not before. Meanwhile the old shard keeps the task's spec.
+    #[tokio::test(start_paused = true)]
+    async fn a_leased_task_handed_off_keeps_its_lease_and_remaining_deadline() {
+        let old = scheduler(100);
+        let cancel_old = start(&old).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        old.open_session(&hello(2, vec![]), tx);
+        let (reclaimed, reclaimed_lease) = {
+            enqueue_one(&old, item(10, "")).await;
+            assigned(&mut rx).await
+        };
+        let (unclaimed, _) = {
+            enqueue_one(&old, item(10, "")).await;
+            assigned(&mut rx).await
+        };
+        tokio::time::advance(TTL / 2).await;
+
+        let out = old.take_for_handoff(&reclaimed.pipeline, 100);
+        assert_eq!(out.tasks.len(), 2);
+        for t in &out.tasks {
+            let left = Duration::from_millis(t.lease_remaining_ms as u64);
+            assert!(
+                left <= TTL / 2 && left > TTL / 2 - Duration::from_millis(10),
+                "{left:?}"
+            );
+        }
+        assert_eq!(old.collect_specs().await, 0, "the handoff holds the spec");
+
+        let new = scheduler(100);
+        let cancel_new = start(&new).await;
+        let adopted = new
+            .adopt(pm_proto::internal::v1::AdoptRequest {
+                from_shard: "old".into(),
+                ring_revision: 1,
+                specs: out.specs.clone(),
+                tasks: out.tasks.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(adopted.adopted, 2);
+        old.forget(&out).await.unwrap();
+        drop(out);
+        assert!(old.is_empty());
+        assert_eq!(old.collect_specs().await, 1, "gone with its last task");
+
+        // The agent, moved to the new shard, reclaims the lease it holds and finishes.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let agent = new.open_session(&hello(1, vec![reclaimed_lease.clone()]), tx);
+        for name in [&reclaimed.name, &unclaimed.name] {
+            assert_eq!(state_of(&new, name), (TaskState::InProgress, 1));
+        }
+        assert!(new.complete(agent, &reclaimed_lease, done()).await);
+        assert_eq!(state_of(&new, &reclaimed.name).0, TaskState::Done);
+
+        // The other lease runs out where it would have on the old shard, then the task is
+        // delivered again.
+        tokio::time::advance(TTL / 2 - Duration::from_millis(20)).await;
+        assert_eq!(state_of(&new, &unclaimed.name), (TaskState::InProgress, 1));
+        tokio::time::advance(Duration::from_millis(30)).await;
+        // With no more time passing: the reaper and dispatcher run on what is due now.
+        until(|| state_of(&new, &unclaimed.name).1 == 2).await;
+        let (again, lease) = assigned(&mut rx).await;
+        assert_eq!((again.name, lease.attempt), (unclaimed.name, 2));
+        cancel_old.cancel();
+        cancel_new.cancel();
+    }
+
     /// A spec goes with the last task that runs it, and not before: a spec still run by a
     /// queued task stays, and one whose tasks were all collected must be sent again.
     #[tokio::test(start_paused = true)]

@@ -17,6 +17,18 @@ pub struct Outgoing {
     pub tasks: Vec<HandoffTask>,
     /// Tasks left behind because a write of theirs was in flight: take again later.
     pub busy: usize,
+    /// The specs of the tasks, kept from collection while the tasks are out of memory: a
+    /// failed handoff puts them back, and their records on disk still name the specs.
+    held: HeldSpecs,
+}
+
+#[derive(Default)]
+struct HeldSpecs(Vec<Arc<HeldSpec>>);
+
+impl std::fmt::Debug for HeldSpecs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} specs held", self.0.len())
+    }
 }
 
 impl Outgoing {
@@ -121,6 +133,7 @@ impl Scheduler {
             }
             if specs.insert(record.spec.id) {
                 out.specs.push((*record.spec.spec).clone());
+                out.held.0.push(record.spec.clone());
             }
             out.tasks.push(HandoffTask {
                 stored: Some(record.disk(key).to_stored()),
