@@ -30,13 +30,18 @@ struct Shard {
 }
 
 impl Shard {
+    /// With short leases: after a kill, a lease no agent reclaims is delivered again soon.
     fn start(dir: &Path, port: u16, run: usize) -> Shard {
+        Self::start_with_ttl(dir, port, run, 2)
+    }
+
+    fn start_with_ttl(dir: &Path, port: u16, run: usize, lease_ttl_seconds: u32) -> Shard {
         let log = std::fs::File::create(dir.join(format!("shard-{run}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_pm-shard"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .args(["--lease-ttl-seconds", "2"])
+            .args(["--lease-ttl-seconds", &lease_ttl_seconds.to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -337,7 +342,10 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let log = dir_path.join("runs.log");
-    let shard = Shard::start(&dir_path, port, 0);
+    // The lease must outlast the restart plus the agent's jittered reconnect backoff
+    // (0.1, 0.2, 0.4... s, ±50%) on a loaded machine: a reclaim, not a race against the TTL.
+    const TTL_SECONDS: u32 = 15;
+    let shard = Shard::start_with_ttl(&dir_path, port, 0, TTL_SECONDS);
     wait_ready(&endpoint).await;
 
     // One task that runs for a while; every execution leaves a line.
@@ -361,7 +369,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     // The shard dies mid-run and comes back on the same disk; the agent reconnects holding
     // the lease, and the shard (which replayed it) lets it keep the task.
     shard.kill();
-    let _shard = Shard::start(&dir_path, port, 1);
+    let _shard = Shard::start_with_ttl(&dir_path, port, 1, TTL_SECONDS);
     assert_private(&dir_path.join("data"));
     wait_ready(&endpoint).await;
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
