@@ -197,6 +197,46 @@ async fn ocr_flow_fetches_transforms_and_prints() {
     h.dev.stop().await;
 }
 
+/// The workload-scheduler document's pipeline, pasted as written: it declares no params, so
+/// the `{{url}}` its commands use is a required parameter.
+#[tokio::test]
+async fn a_seed_pipeline_without_params_requires_what_it_uses() {
+    let mut h = start().await;
+    let seed = r#"{"pipeline":[{"executor":"wget","commands":["wget -O /mnt/pipe/image.png {{url}}"]},{"executor":"tesseract","commands":["tesseract /mnt/pipe/image.png /mnt/pipe/result","cat /mnt/pipe/result.txt","rm /mnt/pipe/result.txt"]}]}"#;
+    let applied = h
+        .pipelines
+        .apply_pipeline(ApplyPipelineRequest {
+            parent: APP.into(),
+            pipeline_id: "seed".into(),
+            source: Some(apply_pipeline_request::Source::SpecDocument(seed.into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let params = &applied.spec.unwrap().params;
+    assert!(params["url"].required, "{params:?}");
+    let e = h.submit("seed", &[]).await.unwrap_err();
+    assert_eq!(
+        (e.code(), field(&e).as_str()),
+        (Code::InvalidArgument, "params.url")
+    );
+    let task = h
+        .submit("seed", &[("url", "http://127.0.0.1:1/x.png")])
+        .await;
+    let task = task.expect("accepted with its url");
+    h.tasks
+        .cancel_task(CancelTaskRequest { name: task.name })
+        .await
+        .map(|_| ())
+        .or_else(|e| match e.code() {
+            // It may have run (and failed: nothing serves that url) before the cancel.
+            Code::FailedPrecondition => Ok(()),
+            _ => Err(e),
+        })
+        .unwrap();
+    h.dev.stop().await;
+}
+
 #[tokio::test]
 async fn all_three_document_forms_run() {
     let mut h = start().await;

@@ -104,15 +104,16 @@ pub mod limits {
     pub const MAX_DISPLAY_NAME_BYTES: usize = 256;
 }
 
-/// A spec as a request carries it, validated; violations are reported under `field`.
-pub fn load_structured(spec: PipelineSpec, field: &str) -> Result<PipelineSpec, Violation> {
+/// A spec as a request carries it, its implicit parameters declared
+/// ([`template::declare_implicit_params`]), validated; violations are reported under `field`.
+pub fn load_structured(mut spec: PipelineSpec, field: &str) -> Result<PipelineSpec, Violation> {
+    template::declare_implicit_params(&mut spec);
     validate(&spec).map_err(|v| v.under(field))?;
     Ok(spec)
 }
 
-/// A spec document (any accepted form) loaded and validated; violations under `field`.
+/// A spec document (any accepted form) loaded as [`load_structured`] loads a spec.
 pub fn load_document(document: &str, field: &str) -> Result<PipelineSpec, Violation> {
     let spec = parse_document(document).map_err(|v| v.under(field))?;
-    validate(&spec).map_err(|v| v.under(field))?;
-    Ok(spec)
+    load_structured(spec, field)
 }

@@ -52,6 +52,35 @@ pub fn references(command: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// Declares what a spec without a `params` section uses: every `{{name}}` of its commands
+/// (not bound by its job's own `params`) becomes a required parameter, as the seed documents
+/// write pipelines (`wget -O /mnt/pipe/image.png {{url}}`, then a task passes `url`). A spec
+/// that declares any parameter is left as written, and stays strict: a reference it does not
+/// declare is refused. A reference that is not a valid parameter name is left undeclared,
+/// so validation refuses it at its command.
+pub fn declare_implicit_params(spec: &mut PipelineSpec) {
+    if !spec.params.is_empty() {
+        return;
+    }
+    let mut used = Vec::new();
+    for job in spec.stages.iter().flat_map(|s| &s.jobs) {
+        for name in job.commands.iter().flat_map(|c| references(c)) {
+            if !job.params.contains_key(name) && check_param_name(name).is_ok() {
+                used.push(name.to_owned());
+            }
+        }
+    }
+    for name in used {
+        spec.params
+            .entry(name)
+            .or_insert_with(|| pm_proto::v1::ParamSpec {
+                required: true,
+                default_value: None,
+                description: "used by the commands; declared implicitly".into(),
+            });
+    }
+}
+
 /// Substitutes every `{{name}}` with the shell-quoted value from `lookup`. A reference that
 /// `lookup` does not know is an error naming it (validation makes that unreachable for
 /// applied pipelines, but inline specs and direct runs come here too).
@@ -193,6 +222,30 @@ mod tests {
             let cmd = render("printf '%s' {{v}}", |_| Some(value.as_str())).unwrap();
             prop_assert_eq!(run_sh(&cmd), value.into_bytes());
         }
+    }
+
+    #[test]
+    fn a_spec_without_params_declares_what_its_commands_use() {
+        // The workload-scheduler document's pipeline, as written there.
+        let seed = r#"{"pipeline":[{"executor":"wget","commands":["wget -O /mnt/pipe/image.png {{url}}"]},{"executor":"tesseract","commands":["tesseract /mnt/pipe/image.png /mnt/pipe/result","cat /mnt/pipe/result.txt","rm /mnt/pipe/result.txt"]}]}"#;
+        let spec = crate::load_document(seed, "spec_document").unwrap();
+        let names: Vec<&str> = spec.params.keys().map(String::as_str).collect();
+        assert_eq!(names, ["url"]);
+        assert!(spec.params["url"].required);
+        let missing = resolve_params(&spec, &HashMap::new()).unwrap_err();
+        assert_eq!(missing.field, "params.url");
+
+        // Declaring any parameter keeps the spec strict.
+        let strict = "params: {a: {required: true}}
+stages: [{name: s, jobs: [{name: j, commands: ['echo {{a}} {{b}}']}]}]";
+        let refused = crate::load_document(strict, "spec_document").unwrap_err();
+        assert_eq!(refused.field, "spec_document.stages[0].jobs[0].commands[0]");
+        // A job's own params bind names; what is not a parameter name is refused, not declared.
+        let bound =
+            "stages: [{name: s, jobs: [{name: j, params: {b: x}, commands: ['echo {{b}}']}]}]";
+        assert!(crate::load_document(bound, "d").unwrap().params.is_empty());
+        let bad = "stages: [{name: s, jobs: [{name: j, commands: ['echo {{9lives}}']}]}]";
+        assert!(crate::load_document(bad, "d").is_err());
     }
 
     #[test]
