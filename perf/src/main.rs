@@ -977,7 +977,13 @@ async fn main() -> anyhow::Result<()> {
     if which.contains(&"restart") {
         bench.restart().await?;
     }
-    if which.contains(&"scaling") {
+    let etcd = pm_cluster::testing::etcd_binary();
+    if which.contains(&"scaling") && !etcd.exists() {
+        println!(
+            "scaling: skipped, no etcd at {} (`./scripts/setup.sh --test` installs one, or set PM_ETCD_BIN)",
+            etcd.display()
+        );
+    } else if which.contains(&"scaling") {
         let rate = if bench.args.quick { 2_000.0 } else { 5_000.0 };
         let dir = bench.path("scaling");
         std::fs::create_dir_all(&dir)?;
