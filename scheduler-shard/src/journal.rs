@@ -29,6 +29,9 @@ pub struct Stats {
 pub struct Journal {
     tx: Option<mpsc::UnboundedSender<Request>>,
     stats: Arc<Stats>,
+    /// Whether the last write succeeded: false from a failed one (a full disk) until one
+    /// succeeds again. The shard's health follows it.
+    writable: Arc<tokio::sync::watch::Sender<bool>>,
     /// A journal that keeps nothing fails its writes while this is set (tests of the
     /// scheduler's failure paths: [`Journal::fail_writes`]).
     failing: Arc<std::sync::atomic::AtomicBool>,
@@ -39,16 +42,23 @@ impl Journal {
     pub fn start(store: Store) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
-        let thread_stats = stats.clone();
+        let writable = Arc::new(tokio::sync::watch::Sender::new(true));
+        let (thread_stats, thread_writable) = (stats.clone(), writable.clone());
         std::thread::Builder::new()
             .name("pm-journal".into())
-            .spawn(move || write_loop(store, rx, &thread_stats))
+            .spawn(move || write_loop(store, rx, &thread_stats, &thread_writable))
             .expect("spawn the journal thread");
         Self {
             tx: Some(tx),
             stats,
+            writable,
             failing: Arc::default(),
         }
+    }
+
+    /// Follows whether writes succeed (see [`Journal`]).
+    pub fn writable(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.writable.subscribe()
     }
 
     /// A journal that keeps nothing: every write succeeds at once. For tests of the
@@ -57,6 +67,7 @@ impl Journal {
         Self {
             tx: None,
             stats: Arc::default(),
+            writable: Arc::new(tokio::sync::watch::Sender::new(true)),
             failing: Arc::default(),
         }
     }
@@ -104,7 +115,15 @@ impl Journal {
     }
 }
 
-fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Request>, stats: &Stats) {
+fn write_loop(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    stats: &Stats,
+    writable: &tokio::sync::watch::Sender<bool>,
+) {
+    let (dir, fsync) = (store.dir().to_owned(), store.fsync());
+    // `None` after opening it again failed: the next batch tries first.
+    let mut store = Some(store);
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         let mut ops = batch[0].ops.len();
@@ -117,16 +136,48 @@ fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Request>, stats: &St
                 Err(_) => break,
             }
         }
-        let result = store
-            .apply(batch.iter().flat_map(|r| r.ops.iter()))
-            .map_err(Arc::new);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "group commit failed; its writes are not acknowledged");
+        if store.is_none() {
+            store = open_again(&dir, fsync);
+        }
+        let result = match &store {
+            Some(open) => open.apply(batch.iter().flat_map(|r| r.ops.iter())),
+            None => Err(StoreError("the task store cannot be opened".into())),
+        }
+        .map_err(Arc::new);
+        match &result {
+            Ok(()) => {
+                if writable.send_if_modified(|w| !std::mem::replace(w, true)) {
+                    tracing::info!("the task store writes again");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed; its writes are not acknowledged");
+                writable.send_replace(false);
+                // A handle that failed a write refuses every later one (fjall): the next
+                // batch gets a fresh one, which works once the disk does. The journal it
+                // replays holds whole batches only; a torn one is dropped.
+                if let Some(failed) = store.take() {
+                    // Closed first: fjall holds a lock on the directory until then.
+                    drop(failed);
+                    store = open_again(&dir, fsync);
+                }
+            }
         }
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
         for request in batch {
             let _ = request.done.send(result.clone());
+        }
+    }
+}
+
+/// The store at `dir` opened again, after a failed write closed the last handle.
+fn open_again(dir: &std::path::Path, fsync: bool) -> Option<Store> {
+    match Store::open_with(dir, fsync) {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the task store again; the next write tries");
+            None
         }
     }
 }

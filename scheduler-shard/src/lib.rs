@@ -182,6 +182,11 @@ pub async fn serve(
         health_service.clone(),
         stop_health.cancelled_owned(),
     ));
+    tokio::spawn(report_store(
+        health.clone(),
+        scheduler.journal().writable(),
+        cancel.clone(),
+    ));
     let ownership = cluster.ownership.clone();
     let handoff = handoff::Handoff::new(scheduler.clone(), ownership.clone());
     if cluster.registration.is_some() {
@@ -250,6 +255,27 @@ pub async fn serve(
         "journal totals"
     );
     served
+}
+
+/// The shard's overall health follows its store: NOT_SERVING from a failed write (a full
+/// disk: submits are answered UNAVAILABLE) until writes succeed again.
+async fn report_store(
+    health: tonic_health::server::HealthReporter,
+    mut writable: tokio::sync::watch::Receiver<bool>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let status = if *writable.borrow_and_update() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = writable.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 async fn report_membership(

@@ -361,6 +361,7 @@ pub struct Store {
     specs: Keyspace,
     /// `SyncData`, except in the benchmark-only unsynced mode.
     persist: PersistMode,
+    dir: std::path::PathBuf,
 }
 
 impl Store {
@@ -391,9 +392,20 @@ impl Store {
             tasks,
             specs,
             persist,
+            dir: dir.to_owned(),
         };
         store.migrate_format_1()?;
         Ok(store)
+    }
+
+    /// Where the store lives.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether writes are synced before they are acknowledged.
+    pub fn fsync(&self) -> bool {
+        matches!(self.persist, PersistMode::SyncData)
     }
 
     /// Converts format-1 records into this format, then drops their keyspace. Idempotent:

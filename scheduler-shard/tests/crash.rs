@@ -394,3 +394,170 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     agent_stop.cancel();
     agent.await.expect("the agent stopped without a panic");
 }
+
+/// Unmounts a test's filesystem when dropped (lazily: a handle still open cannot stop it).
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The overall health of the shard at `endpoint`, as its next change arrives (the first one
+/// is the current status).
+async fn health_becomes(
+    watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(answer) = watch.message().await.unwrap() {
+            if answer.status == want as i32 {
+                return;
+            }
+        }
+        panic!("the health watch ended");
+    })
+    .await;
+    reached.unwrap_or_else(|_| panic!("health never became {want:?}"));
+}
+
+/// A full disk, for real: the shard's data dir on a 6 MiB tmpfs. Past the space it refuses
+/// submits with UNAVAILABLE and reports NOT_SERVING, acknowledging nothing it did not write;
+/// once there is room it takes submits again and reports SERVING, with no restart; and
+/// after one, every acknowledged task is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_submits_and_the_shard_recovers_without_a_restart() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs needs root (CI runs as root)"
+    );
+    let _unmount = Mounted(small.clone());
+    // Room the test gives back later.
+    let filler = small.join("filler");
+    std::fs::write(&filler, vec![1u8; 2 << 20]).unwrap();
+
+    let data = small.join("data");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let scheduler =
+        pm_scheduler_shard::open(pm_scheduler_shard::Options::default(), Some(&data)).unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(pm_scheduler_shard::run(
+        listener,
+        scheduler,
+        stop.clone().cancelled_owned(),
+    ));
+    let channel = pm_proto::client::channel(&endpoint).unwrap();
+    let mut client = pm_proto::client::shard(channel.clone());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    health_becomes(&mut health, ServingStatus::Serving).await;
+
+    // 128 KiB a task, random so that no compression shrinks it: the disk is full within
+    // ~50 tasks.
+    let mut spec = common::spec(vec!["true".into()]);
+    spec.params.insert("blob".into(), Default::default());
+    let big = || {
+        let mut it = item(&spec);
+        let task = it.task.as_mut().unwrap();
+        let blob: String = rand::rng()
+            .sample_iter(rand::distr::Alphanumeric)
+            .take(128 * 1024)
+            .map(char::from)
+            .collect();
+        task.params.insert("blob".into(), blob);
+        it
+    };
+    let submit =
+        |client: &mut pm_proto::internal::v1::shard_service_client::ShardServiceClient<_>| {
+            let request = EnqueueRequest { tasks: vec![big()] };
+            let mut client = client.clone();
+            async move {
+                let answer = tokio::time::timeout(Duration::from_secs(20), client.enqueue(request));
+                let answer = answer
+                    .await
+                    .expect("answered within 20 s")
+                    .unwrap()
+                    .into_inner();
+                answer.results.into_iter().next().unwrap().outcome.unwrap()
+            }
+        };
+    let mut acked = HashSet::new();
+    let mut refused = None;
+    for _ in 0..500 {
+        match submit(&mut client).await {
+            submit_task_result::Outcome::Task(t) => {
+                acked.insert(t.name);
+            }
+            submit_task_result::Outcome::Error(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the disk filled up");
+    assert_eq!(refused.code, tonic::Code::Unavailable as i32, "{refused:?}");
+    assert!(acked.len() > 5, "only {} tasks fit", acked.len());
+    health_becomes(&mut health, ServingStatus::NotServing).await;
+    // Still full: still refused, nothing acknowledged.
+    assert!(matches!(
+        submit(&mut client).await,
+        submit_task_result::Outcome::Error(_)
+    ));
+
+    // Room again: the next submit is taken, and the shard is healthy, with no restart.
+    std::fs::remove_file(&filler).unwrap();
+    match submit(&mut client).await {
+        submit_task_result::Outcome::Task(t) => acked.insert(t.name),
+        other => panic!("refused with room on the disk: {other:?}"),
+    };
+    health_becomes(&mut health, ServingStatus::Serving).await;
+
+    // After a restart on the same disk, every acknowledged task is there. (The connection
+    // goes first: a server's open connection holds its services, and so the store.)
+    drop((client, health));
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    let mut reopened = None;
+    for _ in 0..1000 {
+        // The journal thread closes the store (and fjall's lock) just after the server ends.
+        match pm_scheduler_shard::open(pm_scheduler_shard::Options::default(), Some(&data)) {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(e) if e.to_string().to_lowercase().contains("lock") => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let reopened = reopened.expect("the store reopens within 10 s");
+    for name in &acked {
+        reopened
+            .get(name)
+            .unwrap_or_else(|e| panic!("acknowledged {name} lost: {e:?}"));
+    }
+    eprintln!(
+        "disk full: {} tasks acknowledged, refused with {:?}; {} on disk after a restart",
+        acked.len(),
+        refused.message,
+        reopened.len()
+    );
+}
