@@ -29,7 +29,13 @@ pub async fn follow<S, O, F>(
 {
     let mut reopened = 0;
     loop {
-        let ended = match upstream.next().await {
+        let next = tokio::select! {
+            next = upstream.next() => next,
+            // The client went: the shard's watch (one of its `--max-watches`) closes now, not
+            // at the task's next event.
+            () = tx.closed() => return,
+        };
+        let ended = match next {
             Some(Ok(event)) => {
                 let last = matches!(event.event, Some(task_event::Event::Finished(_)));
                 if tx.send(Ok(Box::new(event))).await.is_err() || last {
@@ -127,6 +133,18 @@ mod tests {
             got.last().unwrap().as_ref().unwrap().event,
             Some(task_event::Event::Finished(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_closes_the_upstream_watch_at_once() {
+        let (tx, rx) = mpsc::channel(1);
+        let open = || async { Err::<Upstream, _>(Status::internal("never re-opened")) };
+        let follow = tokio::spawn(follow(stream::pending().boxed() as Upstream, open, tx));
+        drop(rx);
+        tokio::time::timeout(std::time::Duration::from_secs(10), follow)
+            .await
+            .expect("follow ends when its client goes, with no event upstream")
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
