@@ -33,6 +33,9 @@ pub struct RunnerOptions {
     pub work_root: PathBuf,
     /// Bytes of stdout and of stderr kept per step.
     pub output_limit: usize,
+    /// Bytes of stdout and stderr kept per task, over all its steps; the rest is cut (and
+    /// marked truncated), so a task's result always fits in one message.
+    pub task_output_limit: usize,
     /// Between SIGTERM and SIGKILL of a step's process group.
     pub kill_grace: Duration,
     /// Keep the work directory of a failed task for inspection.
@@ -52,11 +55,41 @@ impl Default for RunnerOptions {
         Self {
             work_root: std::env::temp_dir().join("pm-work"),
             output_limit: 1024 * 1024,
+            task_output_limit: TASK_OUTPUT_LIMIT,
             kill_grace: Duration::from_secs(5),
             keep_failed_work_dirs: false,
             retry_backoff: Duration::from_millis(500),
             sidecars: Sidecars::new(),
             pass_env: Vec::new(),
+        }
+    }
+}
+
+/// Output a task's result keeps by default: 3 MiB, a MiB under the 4 MiB message limit for
+/// the commands and the rest. A result past the limit could not be sent: the task would be
+/// run again every lease, each attempt resetting the agent's stream.
+pub const TASK_OUTPUT_LIMIT: usize = 3 * 1024 * 1024;
+
+/// Cuts the steps' output, in run order, to `limit` bytes in all: what comes after is dropped
+/// and the step marked truncated (its live output was streamed to watchers as it came).
+fn fit_output(result: &mut TaskResult, limit: usize) {
+    let mut left = limit;
+    for step in result.jobs.iter_mut().flat_map(|j| j.steps.iter_mut()) {
+        for (text, truncated) in [
+            (&mut step.stdout, &mut step.stdout_truncated),
+            (&mut step.stderr, &mut step.stderr_truncated),
+        ] {
+            if text.len() <= left {
+                left -= text.len();
+                continue;
+            }
+            let mut end = left;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            *truncated = true;
+            left = 0;
         }
     }
 }
@@ -131,6 +164,7 @@ pub async fn run_task(
         }
     }
     result.duration_ms = started.elapsed().as_millis() as u64;
+    fit_output(&mut result, options.task_output_limit);
     if (result.succeeded || !options.keep_failed_work_dirs)
         && let Err(e) = tokio::fs::remove_dir_all(&work_dir).await
     {
@@ -387,6 +421,31 @@ mod tests {
                 .any(|e| matches!(e.event, Some(task_event::Event::StepStarted(_))))
         );
         assert!(!root.join("t1").exists(), "work dir removed after the task");
+    }
+
+    /// Five steps printing a MiB each: the result keeps the first 3 MiB in run order, marks
+    /// the rest cut, and fits in one message.
+    #[tokio::test]
+    async fn a_task_keeps_its_output_budget_over_all_steps() {
+        let mib = "head -c 1048576 /dev/zero | tr '\\0' x";
+        let spec = PipelineSpec {
+            stages: vec![Stage {
+                name: "s".into(),
+                jobs: vec![job("j", &[mib; 5])],
+                priority: None,
+            }],
+            ..PipelineSpec::default()
+        };
+        let (result, _, _) = run(spec, &[]).await;
+        assert!(result.succeeded, "{}", result.error);
+        let kept: Vec<(usize, bool)> = result.jobs[0]
+            .steps
+            .iter()
+            .map(|s| (s.stdout.len(), s.stdout_truncated))
+            .collect();
+        let whole = (1024 * 1024, false);
+        assert_eq!(kept, [whole, whole, whole, (0, true), (0, true)]);
+        assert!(prost::Message::encoded_len(&result) < pm_proto::MAX_MESSAGE_BYTES);
     }
 
     /// The task's own timeout reaches a step of any job, and nothing runs after it.

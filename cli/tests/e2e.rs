@@ -237,6 +237,26 @@ async fn a_seed_pipeline_without_params_requires_what_it_uses() {
     h.dev.stop().await;
 }
 
+/// Output past what one message carries: five steps printing a MiB each end the task DONE in
+/// its first attempt, its output cut to the task's budget (it used to be run again every
+/// lease, its result never fitting).
+#[tokio::test]
+async fn an_oversized_result_ends_the_task_in_one_attempt_with_its_output_cut() {
+    let mut h = start().await;
+    let mib = "head -c 1048576 /dev/zero | tr '\\\\0' x";
+    h.apply(&format!(
+        "name: loud\nstages:\n  - name: s\n    jobs:\n      - {{ name: j, commands: [\"{mib}\", \"{mib}\", \"{mib}\", \"{mib}\", \"{mib}\"] }}\n"
+    ))
+    .await;
+    let task = h.run_to_end("loud", &[]).await;
+    assert_eq!((state(&task), task.attempt), (TaskState::Done, 1));
+    let steps = &task.result.as_ref().unwrap().jobs[0].steps;
+    let kept: usize = steps.iter().map(|s| s.stdout.len()).sum();
+    assert_eq!(kept, pm_agent::runner::TASK_OUTPUT_LIMIT);
+    assert!(steps[4].stdout_truncated && !steps[0].stdout_truncated);
+    h.dev.stop().await;
+}
+
 #[tokio::test]
 async fn all_three_document_forms_run() {
     let mut h = start().await;
