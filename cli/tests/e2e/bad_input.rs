@@ -1,9 +1,11 @@
 //! Every public RPC, called with bad input through the gateway of `pm dev`: each answer has
 //! the exact code, names the field, and never echoes an over-long value back whole (a
 //! message that large would not fit in the `grpc-message` header and the client would see
-//! INTERNAL instead). The expected outcomes are this file's own table.
+//! INTERNAL instead). The expected outcomes are this file's own table; the list of RPCs is
+//! the compiled protos', so an RPC added without rows here fails the test.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Status};
@@ -20,9 +22,34 @@ fn long() -> String {
 /// Most bytes of an answer's message; a refusal says what was wrong, not the whole value.
 const MESSAGE_BYTES: usize = 1024;
 
+/// The methods this file called with bad input (the first word of each row's label).
+static COVERED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Public methods that the gateway does not serve, and why.
+const NOT_THROUGH_THE_GATEWAY: [(&str, &str); 1] = [(
+    "Run",
+    "RunnerService is served by `pm-agent --runner-listen`, not by the gateway",
+)];
+
+/// Every method of every public service (`pm.v1`), from the compiled protos: a new RPC is
+/// in this list without anyone adding it.
+fn public_methods() -> BTreeSet<String> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(pm_proto::FILE_DESCRIPTOR_SET).unwrap();
+    set.file
+        .iter()
+        .filter(|f| f.package() == "pm.v1")
+        .flat_map(|f| &f.service)
+        .flat_map(|s| &s.method)
+        .map(|m| m.name().to_owned())
+        .collect()
+}
+
 /// Checks one refusal against the table: its code, the field it names (`""` for none) and
 /// the size of its message.
 fn refused<T: std::fmt::Debug>(what: &str, got: Result<T, Status>, code: Code, field: &str) {
+    let method = what.split_whitespace().next().unwrap_or_default();
+    COVERED.lock().unwrap().insert(method.to_owned());
     let status = match got {
         Ok(answer) => panic!("{what}: accepted: {answer:?}"),
         Err(status) => status,
@@ -446,4 +473,23 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
         refused("Connect", got.map(|_| ()), InvalidArgument, field);
     }
     h.dev.stop().await;
+
+    // Every public RPC has rows here, but those the gateway does not serve.
+    let covered = COVERED.lock().unwrap().clone();
+    let elsewhere: BTreeSet<String> = NOT_THROUGH_THE_GATEWAY
+        .iter()
+        .map(|(m, _)| m.to_string())
+        .collect();
+    let public = public_methods();
+    let missing: Vec<&String> = public
+        .difference(&covered)
+        .filter(|m| !elsewhere.contains(*m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "public RPCs with no bad-input row: {missing:?}"
+    );
+    let unknown: Vec<&String> = covered.difference(&public).collect();
+    assert!(unknown.is_empty(), "rows naming no public RPC: {unknown:?}");
+    assert!(public.len() >= 24, "the descriptor lists {public:?}");
 }
