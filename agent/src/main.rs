@@ -36,6 +36,11 @@ struct Args {
     /// Keep the work directory of a task that failed, for inspection.
     #[arg(long, env = "PM_KEEP_FAILED_WORK_DIRS")]
     keep_failed_work_dirs: bool,
+    /// Bytes of stdout and stderr a task's result keeps over all its steps; the rest is cut
+    /// and marked truncated (watchers see it live). At most the default: a result must fit
+    /// in one message.
+    #[arg(long, env = "PM_TASK_OUTPUT_BYTES", default_value_t = pm_agent::runner::TASK_OUTPUT_LIMIT)]
+    task_output_bytes: usize,
     /// On SIGTERM, seconds running tasks may take to finish before they are handed back.
     #[arg(long, env = "PM_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -115,6 +120,13 @@ async fn main() -> std::process::ExitCode {
         eprintln!("pm-agent: {e}");
         return std::process::ExitCode::from(64);
     }
+    if args.task_output_bytes > pm_agent::runner::TASK_OUTPUT_LIMIT {
+        eprintln!(
+            "pm-agent: --task-output-bytes is at most {}: a task's result must fit in one message",
+            pm_agent::runner::TASK_OUTPUT_LIMIT
+        );
+        return std::process::ExitCode::from(64);
+    }
     if let Some(Command::ExecServer {
         socket,
         work_root,
@@ -143,6 +155,7 @@ async fn main() -> std::process::ExitCode {
             work_root: args.work_root.clone(),
             keep_failed_work_dirs: args.keep_failed_work_dirs,
             pass_env: args.pass_env.clone(),
+            task_output_limit: args.task_output_bytes,
             ..RunnerOptions::default()
         };
         return pm_agent::runner_service::run_locally(runner, file, params).await;
@@ -164,6 +177,7 @@ async fn main() -> std::process::ExitCode {
         keep_failed_work_dirs: args.keep_failed_work_dirs,
         sidecars,
         pass_env: args.pass_env,
+        task_output_limit: args.task_output_bytes,
         ..RunnerOptions::default()
     };
     let shutdown = CancellationToken::new();
