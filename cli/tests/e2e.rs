@@ -99,36 +99,45 @@ impl Harness {
 
     /// Watches a task to its end; returns the final task and every event seen.
     async fn finish(&mut self, name: &str) -> (Task, Vec<TaskEvent>) {
-        let mut stream = self
+        let stream = self
             .tasks
             .watch_task(WatchTaskRequest { name: name.into() })
             .await
             .unwrap()
             .into_inner();
-        let mut events = Vec::new();
-        let watched = tokio::time::timeout(WAIT, async {
-            while let Some(event) = stream.message().await.unwrap() {
-                let done = matches!(&event.event, Some(task_event::Event::Finished(_)));
-                events.push(event);
-                if done {
-                    return;
-                }
-            }
-            panic!("watch ended without a finished event");
-        })
-        .await;
-        watched.unwrap_or_else(|_| panic!("{name} did not finish within {WAIT:?}"));
-        let Some(task_event::Event::Finished(task)) = events.last().and_then(|e| e.event.clone())
-        else {
-            unreachable!()
-        };
-        (task, events)
+        follow_to_end(stream, name).await
     }
 
     async fn run_to_end(&mut self, pipeline: &str, params: &[(&str, &str)]) -> Task {
         let task = self.submit(pipeline, params).await.unwrap();
         self.finish(&task.name).await.0
     }
+}
+
+/// Reads an open watch of `name` until its finished event (within [`WAIT`]); returns the
+/// final task and every event seen.
+async fn follow_to_end(
+    mut stream: tonic::Streaming<TaskEvent>,
+    name: &str,
+) -> (Task, Vec<TaskEvent>) {
+    let mut events = Vec::new();
+    let watched = tokio::time::timeout(WAIT, async {
+        while let Some(event) = stream.message().await.unwrap() {
+            let done = matches!(&event.event, Some(task_event::Event::Finished(_)));
+            events.push(event);
+            if done {
+                return;
+            }
+        }
+        panic!("watch ended without a finished event");
+    })
+    .await;
+    watched.unwrap_or_else(|_| panic!("{name} did not finish within {WAIT:?}"));
+    let Some(task_event::Event::Finished(task)) = events.last().and_then(|e| e.event.clone())
+    else {
+        unreachable!()
+    };
+    (task, events)
 }
 
 fn state(task: &Task) -> TaskState {

@@ -4,7 +4,7 @@
 
 use pm_proto::v1::*;
 
-use super::{WAIT, pipeline_name, start_with_slots};
+use super::{WAIT, follow_to_end, pipeline_name, start_with_slots};
 
 /// Watches opened: four on each of a quarter as many tasks (a watched task holds its own
 /// event buffer, shared by its watchers).
@@ -77,21 +77,8 @@ async fn a_thousand_idle_watches_stay_within_a_memory_bound() {
             .await
             .unwrap();
     }
-    for mut stream in watches {
-        let last = tokio::time::timeout(WAIT, async {
-            loop {
-                match stream.message().await.unwrap() {
-                    Some(TaskEvent {
-                        event: Some(task_event::Event::Finished(task)),
-                        ..
-                    }) => return task,
-                    Some(_) => {}
-                    None => panic!("the watch ended without a finished event"),
-                }
-            }
-        })
-        .await
-        .expect("every watch sees its task finish");
+    for (stream, name) in watches.into_iter().zip(names.iter().cycle()) {
+        let (last, _) = follow_to_end(stream, name).await;
         assert_eq!(last.state, TaskState::Cancelled as i32);
     }
     h.dev.stop().await;
