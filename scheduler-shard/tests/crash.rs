@@ -459,7 +459,7 @@ async fn a_full_disk_refuses_submits_and_the_shard_recovers_without_a_restart() 
         stop.clone().cancelled_owned(),
     ));
     let channel = pm_proto::client::channel(&endpoint).unwrap();
-    let mut client = pm_proto::client::shard(channel.clone());
+    let client = pm_proto::client::shard(channel.clone());
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel)
         .watch(tonic_health::pb::HealthCheckRequest {
             service: String::new(),
@@ -484,24 +484,23 @@ async fn a_full_disk_refuses_submits_and_the_shard_recovers_without_a_restart() 
         task.params.insert("blob".into(), blob);
         it
     };
-    let submit =
-        |client: &mut pm_proto::internal::v1::shard_service_client::ShardServiceClient<_>| {
-            let request = EnqueueRequest { tasks: vec![big()] };
-            let mut client = client.clone();
-            async move {
-                let answer = tokio::time::timeout(Duration::from_secs(20), client.enqueue(request));
-                let answer = answer
-                    .await
-                    .expect("answered within 20 s")
-                    .unwrap()
-                    .into_inner();
-                answer.results.into_iter().next().unwrap().outcome.unwrap()
-            }
-        };
+    let submit = || {
+        let request = EnqueueRequest { tasks: vec![big()] };
+        let mut client = client.clone();
+        async move {
+            let answer = tokio::time::timeout(Duration::from_secs(20), client.enqueue(request));
+            let answer = answer
+                .await
+                .expect("answered within 20 s")
+                .unwrap()
+                .into_inner();
+            answer.results.into_iter().next().unwrap().outcome.unwrap()
+        }
+    };
     let mut acked = HashSet::new();
     let mut refused = None;
     for _ in 0..500 {
-        match submit(&mut client).await {
+        match submit().await {
             submit_task_result::Outcome::Task(t) => {
                 acked.insert(t.name);
             }
@@ -517,13 +516,13 @@ async fn a_full_disk_refuses_submits_and_the_shard_recovers_without_a_restart() 
     health_becomes(&mut health, ServingStatus::NotServing).await;
     // Still full: still refused, nothing acknowledged.
     assert!(matches!(
-        submit(&mut client).await,
+        submit().await,
         submit_task_result::Outcome::Error(_)
     ));
 
     // Room again: the next submit is taken, and the shard is healthy, with no restart.
     std::fs::remove_file(&filler).unwrap();
-    match submit(&mut client).await {
+    match submit().await {
         submit_task_result::Outcome::Task(t) => acked.insert(t.name),
         other => panic!("refused with room on the disk: {other:?}"),
     };
