@@ -704,11 +704,12 @@ mod tests {
 
     /// A scheduler whose writes succeed at once (logic on a paused clock).
     fn scheduler(max_active_tasks: usize) -> Arc<Scheduler> {
-        Scheduler::new(
-            options(max_active_tasks),
-            Journal::discard(),
-            Contents::default(),
-        )
+        scheduler_with(options(max_active_tasks))
+    }
+
+    /// The same with `options`.
+    fn scheduler_with(options: Options) -> Arc<Scheduler> {
+        Scheduler::new(options, Journal::discard(), Contents::default())
     }
 
     async fn enqueue_one(s: &Scheduler, item: EnqueueTask) -> Task {
@@ -888,14 +889,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_task_delivered_max_deliveries_times_ends_in_error() {
-        let s = Scheduler::new(
-            Options {
-                max_deliveries: 2,
-                ..options(100)
-            },
-            Journal::discard(),
-            Contents::default(),
-        );
+        let s = scheduler_with(Options {
+            max_deliveries: 2,
+            ..options(100)
+        });
         let cancel = start(&s).await;
         let task = enqueue_one(&s, item(10, "")).await;
         for attempt in 1..=2 {
@@ -1241,7 +1238,7 @@ mod tests {
     async fn a_noisy_client_does_not_starve_a_quiet_one_and_quotas_are_per_client() {
         let mut o = options(1000);
         o.max_active_per_client = 60;
-        let s = Scheduler::new(o, Journal::discard(), Contents::default());
+        let s = scheduler_with(o);
         let cancel = start(&s).await;
         let noisy: Vec<EnqueueTask> = (0..60).map(|_| from("noisy")).collect();
         assert!(s.enqueue(noisy).await.iter().all(Result::is_ok));
@@ -1311,7 +1308,7 @@ mod tests {
     async fn finished_tasks_are_collected_after_retention() {
         let mut o = options(100);
         o.retention = Duration::from_secs(60);
-        let s = Scheduler::new(o, Journal::discard(), Contents::default());
+        let s = scheduler_with(o);
         let cancel = start(&s).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let session = s.open_session(&hello(1, vec![]), tx);
@@ -1360,7 +1357,7 @@ mod tests {
                 "{left:?}"
             );
         }
-        assert_eq!(old.collect_specs().await, 0, "the handoff holds the spec");
+        assert_eq!(old.collect_specs(), 0, "the handoff holds the spec");
 
         let new = scheduler(100);
         let cancel_new = start(&new).await;
@@ -1377,7 +1374,7 @@ mod tests {
         old.forget(&out).await.unwrap();
         drop(out);
         assert!(old.is_empty());
-        assert_eq!(old.collect_specs().await, 1, "gone with its last task");
+        assert_eq!(old.collect_specs(), 1, "gone with its last task");
 
         // The agent, moved to the new shard, reclaims the lease it holds and finishes.
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -1407,7 +1404,7 @@ mod tests {
     async fn a_spec_is_collected_with_its_last_task() {
         let mut o = options(100);
         o.retention = Duration::from_secs(60);
-        let s = Scheduler::new(o, Journal::discard(), Contents::default());
+        let s = scheduler_with(o);
         let cancel = start(&s).await;
         let other = |priority| {
             let mut it = item(priority, "");
@@ -1426,11 +1423,7 @@ mod tests {
         let (ran, lease) = assigned(&mut rx).await;
         assert_eq!(ran.priority, 1);
         assert!(s.complete(session, &lease, done()).await);
-        assert_eq!(
-            s.collect_specs().await,
-            0,
-            "both specs are still run by a task"
-        );
+        assert_eq!(s.collect_specs(), 0, "both specs are still run by a task");
 
         tokio::time::advance(Duration::from_secs(61)).await;
         until(|| s.get(&ran.name).is_err()).await;
@@ -1499,14 +1492,10 @@ mod tests {
         use pm_proto::internal::v1::shard_service_server::ShardService;
         use pm_proto::v1::WatchTaskRequest;
 
-        let s = Scheduler::new(
-            Options {
-                max_watches: 2,
-                ..options(100)
-            },
-            Journal::discard(),
-            Contents::default(),
-        );
+        let s = scheduler_with(Options {
+            max_watches: 2,
+            ..options(100)
+        });
         let cancel = start(&s).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let agent = s.open_session(&hello(1, vec![]), tx);

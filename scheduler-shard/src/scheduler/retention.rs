@@ -13,7 +13,7 @@ impl Scheduler {
                 _ = tokio::time::sleep(period) => {}
             }
             self.collect().await;
-            self.collect_specs().await;
+            self.collect_specs();
         }
     }
 
@@ -23,38 +23,28 @@ impl Scheduler {
     /// written), so a count of one is the map's own. The delete is appended under the lock:
     /// a later submit of that spec finds it gone and writes it again (or asks the gateway
     /// for it), and its write lands after the delete.
-    pub async fn collect_specs(&self) -> usize {
-        let deleted = {
-            let mut inner = self.lock();
-            let unused: Vec<SpecId> = inner
-                .specs
-                .iter()
-                .filter(|(_, held)| Arc::strong_count(held) == 1)
-                .map(|(id, _)| *id)
-                .collect();
-            if unused.is_empty() {
-                return 0;
+    /// A failed delete is logged by the journal and leaves the spec on disk; the next start
+    /// finds it unused again.
+    pub fn collect_specs(&self) -> usize {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut unused = Vec::new();
+        inner.specs.retain(|id, held| {
+            let used = Arc::strong_count(held) > 1;
+            if !used {
+                unused.push(*id);
             }
-            for id in &unused {
-                inner.specs.remove(id);
-                inner.durable_specs.remove(id);
-            }
-            let n = unused.len();
-            (
-                n,
-                self.journal
-                    .append(unused.into_iter().map(|id| Op::DeleteSpec { id }).collect()),
-            )
-        };
-        let (n, written) = deleted;
-        // A failed delete leaves the spec on disk; the next start finds it unused again.
-        if let Some(Ok(Err(e))) = match written {
-            Some(rx) => Some(rx.await),
-            None => None,
-        } {
-            tracing::warn!(error = %e, "deleting unused specs failed");
+            used
+        });
+        for id in &unused {
+            inner.durable_specs.remove(id);
         }
-        tracing::debug!(specs = n, "unused specs collected");
+        let n = unused.len();
+        if n > 0 {
+            self.journal
+                .append(unused.into_iter().map(|id| Op::DeleteSpec { id }).collect());
+            tracing::debug!(specs = n, "unused specs collected");
+        }
         n
     }
 
