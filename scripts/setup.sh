@@ -3,7 +3,8 @@
 # - protox's binary in .tools/, the `protoc` etcd-client's build script runs (.cargo/config.toml);
 # - an etcd server for the cluster tests (Debian's etcd-server, /usr/bin/etcd), unless
 #   PM_ETCD_BIN names one already;
-# - curl (the sample pipeline fetches file:// URLs with it).
+# - curl (the sample pipeline fetches file:// URLs with it);
+# - promtool (Debian's prometheus), which lints a live scrape in the metrics test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,9 @@ packages=()
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 if [ "${1:-}" = "--test" ] && [ -z "${PM_ETCD_BIN:-}" ] && [ ! -x /usr/bin/etcd ]; then
     packages+=(etcd-server)
+fi
+if [ "${1:-}" = "--test" ] && [ -z "${PM_PROMTOOL_BIN:-}" ] && ! command -v promtool >/dev/null 2>&1; then
+    packages+=(prometheus)
 fi
 if [ ${#packages[@]} -gt 0 ]; then
     apt-get update -qq

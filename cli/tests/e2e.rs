@@ -23,6 +23,10 @@ mod auth;
 #[path = "e2e/bad_input.rs"]
 mod bad_input;
 
+/// `pm dev --metrics-listen`, scraped live.
+#[path = "e2e/metrics.rs"]
+mod metrics;
+
 /// What an idle watch costs.
 #[path = "e2e/watches.rs"]
 mod watches;

@@ -7,6 +7,7 @@
 //! - [`agents`]: agents' `Connect` streams, spliced to the owning shard.
 //! - [`routing`]: which upstream serves what; [`pipelines`]: the pipeline cache submits are
 //!   validated against.
+//! - [`metrics`]: the gateway's own metric names (pipeline cache, routing retries).
 //! - [`watch`]: task watches that follow a task across shard moves.
 //! - [`auth`]: who is calling (bearer tokens verified here); [`authz`]: the authorization
 //!   table every handler asks.
@@ -17,6 +18,7 @@ pub mod authz;
 pub mod config;
 pub mod enqueue;
 pub mod error;
+pub mod metrics;
 pub mod pipelines;
 pub mod routing;
 pub mod tasks;
@@ -123,13 +125,14 @@ pub async fn run(
         move |request| authn.intercept(request)
     };
     let (_health, health_service) = pm_proto::server::health();
-    // The plaintext health-only port, if any, for as long as this server runs.
+    // The plaintext health-only and metrics ports, if any, for as long as this server runs.
     let stop_health = tokio_util::sync::CancellationToken::new();
     let _stop_health = stop_health.clone().drop_guard();
     tokio::spawn(pm_proto::server::serve_health_port(
         health_service.clone(),
-        stop_health.cancelled_owned(),
+        stop_health.clone().cancelled_owned(),
     ));
+    tokio::spawn(pm_proto::metrics::serve_port(stop_health.cancelled_owned()));
     tracing::info!(addr = ?listener.local_addr().ok(), ?upstreams, ?security, "gateway serving");
     pm_proto::server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
@@ -139,6 +142,8 @@ pub async fn run(
         .layer(cors(&security.origins))
         // Then grpc-web is translated to gRPC for every service below.
         .layer(tonic_web::GrpcWebLayer::new())
+        // Metrics see every call as gRPC, grpc-web ones included.
+        .layer(pm_proto::metrics::GrpcMetricsLayer::new("gateway"))
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(InterceptedService::new(

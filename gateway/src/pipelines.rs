@@ -143,8 +143,10 @@ impl PipelineCache {
         if let Some((pipeline, fetched)) = self.entries.lock().expect("cache lock").get(&key)
             && fetched.elapsed() < self.ttl()
         {
+            crate::metrics::METRICS.cache_hits.increment(1);
             return Ok(pipeline.clone());
         }
+        crate::metrics::METRICS.cache_misses.increment(1);
         let generation = self.generation.load(Ordering::SeqCst);
         let request = GetPipelineRequest {
             name: key.clone(),

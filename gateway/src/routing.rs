@@ -241,6 +241,7 @@ impl Routes {
                 tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
             }
             tracing::debug!(key, attempt, %status, "not the owner; retrying");
+            crate::metrics::METRICS.routing_retries.increment(1);
             last = Some(status);
         }
         Err(last.map_or_else(

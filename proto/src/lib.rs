@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod client;
 pub mod connections;
+pub mod metrics;
 pub mod names;
 pub mod server;
 pub mod status;

@@ -69,6 +69,10 @@ pub struct ServerArgs {
     /// below the file-descriptor limit, which the server raises to its hard limit.
     #[arg(long, env = "PM_MAX_CONNECTIONS", default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (plaintext HTTP/1.1). Without it
+    /// nothing is recorded.
+    #[arg(long, env = "PM_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 impl ServerArgs {
@@ -80,6 +84,11 @@ impl ServerArgs {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             set_health_listener(listener);
+        }
+        if let Some(addr) = &self.metrics_listen {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            crate::metrics::set_listener(listener);
         }
         Ok(())
     }

@@ -124,7 +124,9 @@ fn write_loop(
     let (dir, fsync) = (store.dir().to_owned(), store.fsync());
     // `None` after opening it again failed: the next batch tries first.
     let mut store = Some(store);
+    let metrics = crate::metrics::JournalMetrics::new();
     while let Some(first) = rx.blocking_recv() {
+        let started = std::time::Instant::now();
         let mut batch = vec![first];
         let mut ops = batch[0].ops.len();
         while ops < MAX_OPS_PER_SYNC {
@@ -151,6 +153,7 @@ fn write_loop(
                 }
             }
             Err(e) => {
+                metrics.store_errors.increment(1);
                 tracing::error!(error = %e, "group commit failed; its writes are not acknowledged");
                 writable.send_replace(false);
                 // A handle that failed a write refuses every later one (fjall): the next
@@ -163,6 +166,8 @@ fn write_loop(
                 }
             }
         }
+        metrics.sync_seconds.record(started.elapsed().as_secs_f64());
+        metrics.batch_writes.record(ops as f64);
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
         for request in batch {

@@ -100,6 +100,11 @@ impl LeaseTable {
         out
     }
 
+    /// The task of every lease.
+    pub fn tasks(&self) -> impl Iterator<Item = TaskKey> + '_ {
+        self.by_id.values().map(|l| l.task)
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|(d, _)| *d)
     }

@@ -8,6 +8,7 @@
 //! - [`store`]: the tasks on the shard's own disk (fjall); [`journal`]: the group-commit writer.
 //! - [`agent_stream`]: the agents' `Connect` streams.
 //! - [`service`]: `pm.internal.v1.ShardService`, the gateway's calls and other shards' handoffs.
+//! - [`metrics`]: the shard's metric names and the scrape-time collector.
 //! - [`ownership`]: which ring keys this shard serves; [`handoff`]: moving the others away.
 
 pub mod agent_stream;
@@ -16,6 +17,7 @@ pub mod handoff;
 pub mod journal;
 pub mod key;
 pub mod lease;
+pub mod metrics;
 pub mod ownership;
 pub mod queue;
 pub mod scheduler;
@@ -175,19 +177,21 @@ pub async fn serve(
     let cancel = CancellationToken::new();
     let reaper = tokio::spawn(scheduler.clone().run(cancel.clone()));
     let (health, health_service) = pm_proto::server::health();
-    // The plaintext health-only port, if any, for as long as this server runs.
+    // The plaintext health-only and metrics ports, if any, for as long as this server runs.
     let stop_health = tokio_util::sync::CancellationToken::new();
     let _stop_health = stop_health.clone().drop_guard();
     tokio::spawn(pm_proto::server::serve_health_port(
         health_service.clone(),
-        stop_health.cancelled_owned(),
+        stop_health.clone().cancelled_owned(),
     ));
+    tokio::spawn(pm_proto::metrics::serve_port(stop_health.cancelled_owned()));
     tokio::spawn(report_store(
         health.clone(),
         scheduler.journal().writable(),
         cancel.clone(),
     ));
     let ownership = cluster.ownership.clone();
+    metrics::collect_on_scrape(&scheduler, &ownership, cluster.registration.is_some());
     let handoff = handoff::Handoff::new(scheduler.clone(), ownership.clone());
     if cluster.registration.is_some() {
         tokio::spawn(handoff.clone().run(cancel.clone()));
@@ -219,6 +223,7 @@ pub async fn serve(
     };
     tracing::info!(addr = ?listener.local_addr().ok(), shard = %ownership.me(), "shard serving");
     let served = pm_proto::server::builder()
+        .layer(pm_proto::metrics::GrpcMetricsLayer::new("shard"))
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(

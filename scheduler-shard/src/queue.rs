@@ -89,6 +89,11 @@ impl ReadyQueue {
         removed
     }
 
+    /// READY tasks of `pipeline`.
+    pub fn len_of(&self, pipeline: &str) -> usize {
+        self.by_pipeline.get(pipeline).map_or(0, BTreeSet::len)
+    }
+
     /// Takes the first task among `pipelines` (all pipelines when `None`).
     pub fn pop(&mut self, pipelines: Option<&BTreeSet<String>>) -> Option<TaskKey> {
         let best = match pipelines {

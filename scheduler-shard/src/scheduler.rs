@@ -46,6 +46,7 @@ mod finish;
 mod record;
 mod retention;
 mod sessions;
+mod stats;
 mod submit;
 mod task_map;
 mod transfer;
@@ -53,6 +54,7 @@ mod transfer;
 use record::{HeldSpec, Next, TaskRecord};
 use task_map::{Slot, TaskMap};
 
+pub use stats::{FINAL_STATES, PipelineCounts, PipelineStats, QueueStats};
 pub use transfer::{Arriving, Outgoing};
 
 /// Tunables of a shard.
@@ -152,6 +154,8 @@ struct Inner {
     active_by_tenant: HashMap<Arc<str>, usize>,
     /// Pipeline and flow names (see [`Inner::intern`]).
     interned: HashSet<Arc<str>>,
+    /// Submits and final states per pipeline, for metrics ([`stats`]).
+    counts: HashMap<Arc<str>, PipelineCounts>,
 }
 
 impl Inner {
@@ -363,6 +367,7 @@ pub struct Scheduler {
     reaper: Notify,
     /// Submits and adoptions between their ownership check and their tasks being indexed.
     arriving: std::sync::atomic::AtomicUsize,
+    metrics: crate::metrics::SchedulerMetrics,
 }
 
 /// What a watcher gets: the task now, what its current attempt did so far, and its future
@@ -458,6 +463,7 @@ impl Scheduler {
             active_by_flow: HashMap::new(),
             active_by_tenant: HashMap::new(),
             interned: HashSet::new(),
+            counts: HashMap::new(),
         };
         for (id, spec) in specs {
             inner.durable_specs.insert(id);
@@ -501,6 +507,7 @@ impl Scheduler {
             dispatcher: Notify::new(),
             reaper: Notify::new(),
             arriving: std::sync::atomic::AtomicUsize::new(0),
+            metrics: crate::metrics::SchedulerMetrics::new(),
         })
     }
 

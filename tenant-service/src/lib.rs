@@ -44,15 +44,17 @@ pub async fn run(
     tokio::spawn(issuer.clone().run_key_rotation(cancel));
     let catalog = Catalog::new(store);
     let (_health, health_service) = pm_proto::server::health();
-    // The plaintext health-only port, if any, for as long as this server runs.
+    // The plaintext health-only and metrics ports, if any, for as long as this server runs.
     let stop_health = tokio_util::sync::CancellationToken::new();
     let _stop_health = stop_health.clone().drop_guard();
     tokio::spawn(pm_proto::server::serve_health_port(
         health_service.clone(),
-        stop_health.cancelled_owned(),
+        stop_health.clone().cancelled_owned(),
     ));
+    tokio::spawn(pm_proto::metrics::serve_port(stop_health.cancelled_owned()));
     tracing::info!(addr = ?listener.local_addr().ok(), "tenant-service serving");
     pm_proto::server::builder()
+        .layer(pm_proto::metrics::GrpcMetricsLayer::new("tenant-service"))
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(

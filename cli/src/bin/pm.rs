@@ -34,6 +34,10 @@ enum Command {
         /// kept fresh in `<data-dir>/admin.token` (its credentials in admin.client).
         #[arg(long)]
         auth: bool,
+        /// Serve Prometheus metrics of every component at `http://ADDR/metrics`, each series
+        /// labelled with its `component`.
+        #[arg(long, env = "PM_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
     },
 }
 
@@ -47,10 +51,24 @@ async fn main() -> std::process::ExitCode {
         no_sample,
         slots,
         auth,
+        metrics_listen,
     } = Cli::parse().command;
     if slots == 0 {
         eprintln!("pm dev: --slots must be at least 1");
         return std::process::ExitCode::from(64);
+    }
+    let mut metrics_addr = None;
+    if let Some(addr) = &metrics_listen {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => {
+                metrics_addr = listener.local_addr().ok();
+                pm_proto::metrics::set_listener(listener);
+            }
+            Err(e) => {
+                eprintln!("pm dev: cannot listen on {addr}: {e}");
+                return std::process::ExitCode::from(64);
+            }
+        }
     }
     let options = DevOptions {
         data_dir,
@@ -68,6 +86,9 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let endpoint = dev.endpoint();
+    if let Some(addr) = metrics_addr {
+        eprintln!("pm dev: metrics of every component at http://{addr}/metrics");
+    }
     if auth {
         eprintln!(
             "pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth ON: a platform admin's token is in {})",

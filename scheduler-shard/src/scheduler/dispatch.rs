@@ -96,6 +96,11 @@ impl Scheduler {
                 let mut next = record
                     .next(Event::Dispatch)
                     .expect("queued tasks are READY");
+                // The record's time is when it became READY (its submit or requeue).
+                let waited_ms = (next.update_time_ms - record.update_time_ms).max(0);
+                self.metrics
+                    .dispatch_latency
+                    .record(waited_ms as f64 / 1000.0);
                 next.attempt += 1;
                 record.apply(next);
                 record.clear_history();

@@ -25,8 +25,9 @@ impl Scheduler {
         // Dropping the sender ends every watch after the final event; a later watch gets
         // the finished task as its snapshot.
         record.live = None;
-        let flow = record.flow.clone();
+        let (flow, pipeline, state) = (record.flow.clone(), record.pipeline.clone(), record.state);
         inner.unreserve(&flow);
+        inner.count_finished(&pipeline, state);
         inner.finished.insert((Instant::now(), key));
         ended
     }

@@ -126,12 +126,16 @@ impl Scheduler {
                     succeeded: result.succeeded,
                 };
                 let mut next = record.next(event).ok()?;
+                // Dispatch set the record's time: this is how long the agent had it.
+                let ran_ms = (next.update_time_ms - record.update_time_ms).max(0);
+                self.metrics.task_duration.record(ran_ms as f64 / 1000.0);
                 record.busy = true;
                 next.result = Some(Arc::new(result));
                 let op = record.stored(key, &next, None);
                 Some((key, next, op, (id, held)))
             });
             if planned.is_none() {
+                self.metrics.results_duplicate.increment(1);
                 tracing::info!(task = %lease.task, attempt = lease.attempt, session, "stale, repeated or foreign result ignored");
             }
             planned
@@ -269,6 +273,7 @@ impl Scheduler {
                 (expired, inner.leases.next_deadline())
             };
             if !expired.is_empty() {
+                self.metrics.leases_expired.increment(expired.len() as u64);
                 for (id, lease) in &expired {
                     tracing::info!(task = %lease.task, lease = %id, attempt = lease.attempt, "lease expired");
                 }

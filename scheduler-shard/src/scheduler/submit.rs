@@ -120,6 +120,7 @@ impl Scheduler {
                 outcomes[i] = Some(match &written {
                     Ok(()) => {
                         inner.durable_specs.insert(record.spec.id);
+                        inner.count_submitted(&record.pipeline);
                         inner.insert(key, record);
                         Ok(Answer::Queued(task))
                     }

@@ -178,8 +178,11 @@ impl Scheduler {
                     key,
                 })
             })
-            .collect();
-        self.write(ops).await
+            .collect::<Vec<_>>();
+        let handed = ops.len() as u64;
+        self.write(ops).await?;
+        self.metrics.handoff_tasks.increment(handed);
+        Ok(())
     }
 
     /// Persists and queues tasks another shard hands over. Tasks already here are left as
