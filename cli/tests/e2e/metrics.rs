@@ -396,6 +396,27 @@ async fn a_live_pm_dev_serves_every_components_metrics_that_follow_its_tasks() {
         String::from_utf8_lossy(&checked.stderr)
     );
 
+    // Every metric the shipped alert rules and dashboard read is one pm dev serves (but the
+    // cluster-only ones).
+    let monitoring = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/monitoring");
+    const CLUSTER_ONLY: &[&str] = &["pm_etcd_connected"];
+    for file in ["rules.yaml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(monitoring.join(file)).unwrap();
+        let names = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("pm_") || w.starts_with("grpc_server_"));
+        for name in names {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(
+                CLUSTER_ONLY.contains(&base) || s.contains(&format!("# TYPE {base} ")),
+                "{file} reads {name}, which pm dev does not serve"
+            );
+        }
+    }
+
     // Anything but /metrics is a 404.
     let (status, _) = get(&format!("{}/other", dev.metrics)).await;
     assert!(status.contains("404"), "{status}");
