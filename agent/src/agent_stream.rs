@@ -83,9 +83,13 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
         if welcomed {
             backoff = Duration::from_millis(100);
         }
+        crate::metrics::METRICS.connected.set(0.0);
         match end {
             Ok(()) => break,
-            Err(e) => tracing::warn!(error = %e, ?backoff, "agent stream lost; reconnecting"),
+            Err(e) => {
+                crate::metrics::METRICS.reconnects.increment(1);
+                tracing::warn!(error = %e, ?backoff, "agent stream lost; reconnecting");
+            }
         }
         let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.5));
         tokio::select! {
@@ -151,6 +155,7 @@ async fn session(
     };
     *welcomed = true;
     tracing::info!(session = %welcome.session_id, endpoint = %options.endpoint, "agent connected");
+    crate::metrics::METRICS.connected.set(1.0);
     let renew_every = Duration::from_millis(u64::from(welcome.lease_ttl_ms.max(300)) / 3);
     let mut renew = tokio::time::interval(renew_every);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -253,6 +258,7 @@ fn start(
             lease: Some(lease),
             reason,
         })));
+        crate::metrics::METRICS.rejected.increment(1);
         return;
     }
     let cancel = CancellationToken::new();
@@ -262,6 +268,7 @@ fn start(
         .insert(lease.lease_id.clone(), (lease.clone(), cancel.clone()));
     let runner: RunnerOptions = options.runner.clone();
     let running = running.clone();
+    crate::metrics::METRICS.running.increment(1.0);
     let out_tx = out_tx.clone();
     tokio::spawn(async move {
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
@@ -287,8 +294,14 @@ fn start(
         let _ = forward.await;
         // Reported under the lock that removes it: a drain sees either the task running or
         // its result queued, and a task handed back meanwhile does not report at all.
+        crate::metrics::METRICS.running.decrement(1.0);
         let mut running = running.lock().expect("running lock");
         if running.remove(&lease.lease_id).is_some() {
+            let metrics = &crate::metrics::METRICS;
+            match result.succeeded {
+                true => metrics.succeeded.increment(1),
+                false => metrics.failed.increment(1),
+            }
             let _ = out_tx.send(message(agent_message::Message::Result(AttemptResult {
                 lease: Some(lease),
                 result: Some(result),
@@ -300,6 +313,7 @@ fn start(
 /// Cancels every running task and gives its lease back to the shard, which queues it again.
 fn hand_back(running: &Running, out_tx: &mpsc::UnboundedSender<AgentMessage>, reason: &str) {
     for (_, (lease, cancel)) in running.lock().expect("running lock").drain() {
+        crate::metrics::METRICS.handed_back.increment(1);
         tracing::info!(task = %lease.task, "handing back a running task");
         cancel.cancel();
         let _ = out_tx.send(message(agent_message::Message::Reject(Reject {

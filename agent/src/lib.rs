@@ -4,11 +4,13 @@
 //!   Result, Renew, reconnects.
 //! - [`runner`]: one task from spec to result: stages, parallel jobs, retries, timeouts.
 //! - [`executor`]: one command with `sh -c` in its own process group, output bounded.
+//! - [`metrics`]: the agent's metric names.
 //! - [`runner_service`]: `pm.v1.RunnerService.Run`, direct runs without a scheduler.
 //! - [`sidecar`]: executors in their own containers: the exec-server and its client.
 
 pub mod agent_stream;
 pub mod executor;
+pub mod metrics;
 pub mod runner;
 pub mod runner_service;
 pub mod sidecar;
@@ -31,6 +33,7 @@ pub async fn serve_runner(
 ) -> Result<(), tonic::transport::Error> {
     let (_health, health_service) = pm_proto::server::health();
     pm_proto::server::builder()
+        .layer(pm_proto::metrics::GrpcMetricsLayer::new(metrics::COMPONENT))
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(

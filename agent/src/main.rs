@@ -61,6 +61,9 @@ struct Args {
         value_name = "NAME"
     )]
     pass_env: Vec<String>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (plaintext HTTP/1.1).
+    #[arg(long, env = "PM_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Also serve the direct RunnerService on this address.
     #[arg(long, env = "PM_RUNNER_LISTEN")]
     runner_listen: Option<String>,
@@ -181,6 +184,18 @@ async fn main() -> std::process::ExitCode {
         ..RunnerOptions::default()
     };
     let shutdown = CancellationToken::new();
+    if let Some(addr) = &args.metrics_listen {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => pm_proto::metrics::set_listener(listener),
+            Err(e) => {
+                eprintln!("pm-agent: cannot listen on {addr}: {e}");
+                return std::process::ExitCode::from(64);
+            }
+        }
+        tokio::spawn(pm_proto::metrics::serve_port(
+            shutdown.clone().cancelled_owned(),
+        ));
+    }
     if let Some(addr) = &args.runner_listen {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,

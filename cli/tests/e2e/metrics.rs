@@ -284,6 +284,18 @@ async fn a_live_pm_dev_serves_every_components_metrics_that_follow_its_tasks() {
     ] {
         assert_eq!(value(&s, zero, &[]), Some(0.0), "{zero}");
     }
+    // The embedded agent: three ran, one runs.
+    let agent = |outcome| {
+        value(
+            &s,
+            "pm_agent_tasks_total",
+            &[("component", "agent"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(agent("succeeded"), Some(3.0));
+    assert_eq!(agent("failed"), Some(0.0));
+    assert_eq!(value(&s, "pm_agent_tasks_running", &[]), Some(1.0));
+    assert_eq!(value(&s, "pm_agent_connected", &[]), Some(1.0));
     // The gateway's cache: the first submit of each pipeline fetched it.
     assert!(value(&s, "pm_gateway_pipeline_cache_total", &[("result", "miss")]).unwrap() >= 2.0);
     assert!(value(&s, "pm_gateway_pipeline_cache_total", &[("result", "hit")]).unwrap() >= 3.0);
@@ -377,6 +389,7 @@ async fn a_live_pm_dev_serves_every_components_metrics_that_follow_its_tasks() {
         ),
         Some(1.0)
     );
+    assert_eq!(value(&s, "pm_agent_tasks_running", &[]), Some(1.0));
 
     // The format, as Prometheus's own linter reads it.
     let path = dev._dir.path().join("scrape.txt");
