@@ -151,6 +151,18 @@ pub enum PipelineCommand {
         #[arg(default_value = "default/demo")]
         app: String,
     },
+    /// Show a pipeline's queue: `TENANT/APP/PIPELINE`. Tasks waiting and running, those that
+    /// ended in the last minute, how long the next task has waited, agents and free slots.
+    Stats {
+        pipeline: String,
+        /// Show it again every `--interval` seconds until interrupted (one line, or one JSON
+        /// object, each time).
+        #[arg(long, short)]
+        watch: bool,
+        /// Seconds between two reads with `--watch`.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -500,6 +512,56 @@ async fn pipeline(c: Conn, out: &Printer, command: PipelineCommand) -> anyhow::R
                     println!("{:<70} {:>7} {stages}", p.name, p.version);
                 }
             });
+        }
+        PipelineCommand::Stats {
+            pipeline,
+            watch,
+            interval,
+        } => {
+            let request = GetPipelineStatsRequest {
+                name: pipeline_name(&pipeline)?.to_string(),
+            };
+            let mut first = true;
+            loop {
+                let stats = client
+                    .get_pipeline_stats(request.clone())
+                    .await?
+                    .into_inner();
+                out.message("pm.v1.PipelineStats", &stats, || {
+                    if first {
+                        println!(
+                            "{:>8} {:>11} {:>9} {:>10} {:>14} {:>10} {:>6} {:>10}",
+                            "READY",
+                            "IN_PROGRESS",
+                            "DONE/MIN",
+                            "ERROR/MIN",
+                            "CANCELLED/MIN",
+                            "HEAD_WAIT",
+                            "AGENTS",
+                            "FREE_SLOTS"
+                        );
+                    }
+                    println!(
+                        "{:>8} {:>11} {:>9} {:>10} {:>14} {:>10} {:>6} {:>10}",
+                        stats.ready,
+                        stats.in_progress,
+                        stats.done_last_minute,
+                        stats.error_last_minute,
+                        stats.cancelled_last_minute,
+                        format!("{:.1}s", stats.head_wait_ms as f64 / 1000.0),
+                        stats.agents,
+                        stats.free_slots
+                    );
+                });
+                first = false;
+                if !watch {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(interval)) => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -31,6 +31,7 @@ pub enum Rpc {
     GetPipeline,
     ListPipelines,
     DeletePipeline,
+    GetPipelineStats,
     SubmitTask,
     SubmitTasks,
     GetTask,
@@ -59,7 +60,7 @@ pub enum Need {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 23] = [
+    pub const ALL: [Rpc; 24] = [
         Rpc::CreateTenant,
         Rpc::GetTenant,
         Rpc::ListTenants,
@@ -75,6 +76,7 @@ impl Rpc {
         Rpc::GetPipeline,
         Rpc::ListPipelines,
         Rpc::DeletePipeline,
+        Rpc::GetPipelineStats,
         Rpc::SubmitTask,
         Rpc::SubmitTasks,
         Rpc::GetTask,
@@ -99,6 +101,7 @@ impl Rpc {
             // ListTenants shows a tenant only its own record.
             GetTenant | ListTenants => Need::Read,
             GetApplication | ListApplications | GetPipeline | ListPipelines => Need::Read,
+            GetPipelineStats => Need::Read,
             GetTask | WatchTask | ListTasks => Need::Read,
             SubmitTask | SubmitTasks | CancelTask => Need::Submit,
             // Scoped further to the agent's pipelines (see `agents`).

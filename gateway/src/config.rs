@@ -230,6 +230,25 @@ impl PipelineService for Config {
         self.routes.pipeline_cache().invalidate(&name);
         Ok(deleted)
     }
+
+    /// Answered by the shard that owns the pipeline, not by tenant-service.
+    async fn get_pipeline_stats(
+        &self,
+        request: Request<GetPipelineStatsRequest>,
+    ) -> Result<Response<PipelineStats>, Status> {
+        authz::check(&request, Rpc::GetPipelineStats, &request.get_ref().name)?;
+        let req = request.into_inner();
+        let pipeline = pm_proto::names::PipelineName::parse(&req.name)
+            .map_err(|e| crate::error::Error::invalid("name", e.to_string()))?;
+        // NOT_FOUND for a pipeline that does not exist, rather than zeros.
+        self.routes.pipeline_cache().get(&pipeline).await?;
+        self.routes
+            .call(&pipeline, |mut s| {
+                let req = req.clone();
+                async move { s.get_pipeline_stats(req).await }
+            })
+            .await
+    }
 }
 
 /// Token issuance is tenant-service's (it holds the clients and the signing keys); the

@@ -94,6 +94,11 @@ impl ReadyQueue {
         self.by_pipeline.get(pipeline).map_or(0, BTreeSet::len)
     }
 
+    /// The READY task of `pipeline` an agent would get next.
+    pub fn head_of(&self, pipeline: &str) -> Option<TaskKey> {
+        self.by_pipeline.get(pipeline)?.first().map(|(_, key)| *key)
+    }
+
     /// Takes the first task among `pipelines` (all pipelines when `None`).
     pub fn pop(&mut self, pipelines: Option<&BTreeSet<String>>) -> Option<TaskKey> {
         let best = match pipelines {

@@ -54,7 +54,9 @@ mod transfer;
 use record::{HeldSpec, Next, TaskRecord};
 use task_map::{Slot, TaskMap};
 
-pub use stats::{FINAL_STATES, PipelineCounts, PipelineStats, QueueStats};
+pub use stats::{
+    FINAL_STATES, PipelineCounts, PipelineQueue, PipelineStats, QueueStats, RECENT_SECONDS,
+};
 pub use transfer::{Arriving, Outgoing};
 
 /// Tunables of a shard.
@@ -156,6 +158,8 @@ struct Inner {
     interned: HashSet<Arc<str>>,
     /// Submits and final states per pipeline, for metrics ([`stats`]).
     counts: HashMap<Arc<str>, PipelineCounts>,
+    /// Final states per pipeline over the last minute ([`stats`]).
+    recent: HashMap<Arc<str>, stats::RecentFinishes>,
 }
 
 impl Inner {
@@ -464,6 +468,7 @@ impl Scheduler {
             active_by_tenant: HashMap::new(),
             interned: HashSet::new(),
             counts: HashMap::new(),
+            recent: HashMap::new(),
         };
         for (id, spec) in specs {
             inner.durable_specs.insert(id);
@@ -770,6 +775,45 @@ mod tests {
             tokio::task::yield_now().await;
         }
         panic!("condition not reached");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pipeline_stats_follow_the_queue_the_leases_and_the_agents() {
+        let s = scheduler(100);
+        let cancel = start(&s).await;
+        let pipeline = "tenants/t/applications/a/pipelines/p";
+        assert_eq!(s.pipeline_queue(pipeline), PipelineQueue::default());
+        for _ in 0..3 {
+            enqueue_one(&s, item(10, "")).await;
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(2, vec![]), tx);
+        let (_, lease) = assigned(&mut rx).await;
+        assigned(&mut rx).await;
+        let q = s.pipeline_queue(pipeline);
+        assert_eq!(
+            (q.ready, q.in_progress, q.agents, q.free_slots),
+            (1, 2, 1, 0)
+        );
+        assert_eq!(q.finished_recently, [0, 0, 0]);
+        assert!(q.head_wait_ms >= 0);
+
+        assert!(s.complete(session, &lease, done()).await);
+        let q = s.pipeline_queue(pipeline);
+        assert_eq!(q.finished_recently, [1, 0, 0]);
+        let all = s.queue_stats();
+        let p = &all.pipelines[0];
+        assert_eq!(
+            (&*p.pipeline, p.counts.submitted, p.counts.finished),
+            (pipeline, 3, [1, 0, 0])
+        );
+        // The freed slot took the last READY task.
+        until(|| s.pipeline_queue(pipeline).ready == 0).await;
+        assert_eq!(s.pipeline_queue(pipeline).in_progress, 2);
+        // The agent serves every pipeline: it counts for one with no tasks too.
+        let other = s.pipeline_queue("tenants/t/applications/a/pipelines/other");
+        assert_eq!((other.ready, other.in_progress, other.agents), (0, 0, 1));
+        cancel.cancel();
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,8 +13,9 @@ use pm_proto::internal::v1::shard_service_server::ShardService;
 use pm_proto::internal::v1::{AdoptRequest, AdoptResponse, EnqueueRequest, EnqueueResponse};
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::v1::{
-    CancelTaskRequest, GetTaskRequest, ListTasksRequest, ListTasksResponse, SubmitTaskResult, Task,
-    TaskEvent, TaskState, WatchTaskRequest, submit_task_result, task_event,
+    CancelTaskRequest, GetPipelineStatsRequest, GetTaskRequest, ListTasksRequest,
+    ListTasksResponse, PipelineStats, SubmitTaskResult, Task, TaskEvent, TaskState,
+    WatchTaskRequest, submit_task_result, task_event,
 };
 
 use crate::error::Error;
@@ -221,6 +222,31 @@ impl ShardService for Shard {
         Ok(Response::new(ListTasksResponse {
             tasks,
             next_page_token,
+        }))
+    }
+
+    async fn get_pipeline_stats(
+        &self,
+        request: Request<GetPipelineStatsRequest>,
+    ) -> Result<Response<PipelineStats>, Status> {
+        let req = request.into_inner();
+        let pipeline =
+            PipelineName::parse(&req.name).map_err(|e| Error::invalid("name", e.to_string()))?;
+        self.ownership.check(&pipeline)?;
+        let name = pipeline.to_string();
+        let q = self.scheduler.pipeline_queue(&name);
+        let [done, error, cancelled] = q.finished_recently;
+        Ok(Response::new(PipelineStats {
+            name,
+            ready: q.ready,
+            in_progress: q.in_progress,
+            done_last_minute: done,
+            error_last_minute: error,
+            cancelled_last_minute: cancelled,
+            head_wait_ms: q.head_wait_ms,
+            agents: q.agents,
+            free_slots: q.free_slots,
+            time_ms: pm_proto::unix_ms(),
         }))
     }
 

@@ -648,4 +648,14 @@ impl PipelineService for Catalog {
         }
         Ok(Response::new(DeletePipelineResponse {}))
     }
+
+    /// Queues are the shards': the gateway routes this call to the pipeline's owner.
+    async fn get_pipeline_stats(
+        &self,
+        _request: Request<GetPipelineStatsRequest>,
+    ) -> Result<Response<PipelineStats>, Status> {
+        Err(Status::unimplemented(
+            "pipeline statistics are served by the shards, through the gateway",
+        ))
+    }
 }

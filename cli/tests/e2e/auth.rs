@@ -61,6 +61,7 @@ fn allowed(rpc: Rpc) -> &'static [Who] {
         | Rpc::ListApplications
         | Rpc::GetPipeline
         | Rpc::ListPipelines
+        | Rpc::GetPipelineStats
         | Rpc::GetTask
         | Rpc::WatchTask
         | Rpc::ListTasks => READERS,
@@ -375,6 +376,14 @@ impl Fixture {
                     .await
                     .map(drop),
             ),
+            Rpc::GetPipelineStats => code(
+                self.pipelines(who)
+                    .get_pipeline_stats(GetPipelineStatsRequest {
+                        name: pipeline(tenant),
+                    })
+                    .await
+                    .map(drop),
+            ),
             Rpc::ListPipelines => code(
                 self.pipelines(who)
                     .list_pipelines(ListPipelinesRequest {
@@ -541,7 +550,7 @@ async fn every_rpc_by_every_role_in_its_own_and_another_tenant() {
             }
         }
     }
-    assert_eq!(checked, 23 * 8 * 2);
+    assert_eq!(checked, Rpc::ALL.len() * 8 * 2);
     assert!(
         wrong.is_empty(),
         "{} wrong:\n{}",

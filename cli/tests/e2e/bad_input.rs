@@ -333,6 +333,9 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
             field,
         );
         if version == 0 {
+            let stats = GetPipelineStatsRequest { name: name.clone() };
+            let got = h.pipelines.get_pipeline_stats(stats).await;
+            refused("GetPipelineStats", got, code, field);
             let delete = DeletePipelineRequest { name };
             let got = h.pipelines.delete_pipeline(delete).await;
             refused("DeletePipeline", got, code, field);

@@ -1,6 +1,7 @@
 //! Metrics of a live `pm dev --metrics-listen` (the real binary, as an operator runs it):
 //! every component's series on one endpoint, values that follow what the test did, and a
-//! scrape that `promtool check metrics` accepts.
+//! scrape that `promtool check metrics` accepts. The same queue through `GetPipelineStats`
+//! and `pmctl pipeline stats`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -9,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use pm_proto::v1::*;
 
-use super::{WAIT, pipeline_name, state};
+use super::{WAIT, pipeline_name, pmctl, state};
 
 /// A `pm dev` process, killed when dropped.
 struct PmDev {
@@ -149,7 +150,7 @@ async fn wait_for_state(
 }
 
 #[tokio::test]
-async fn a_live_pm_dev_serves_every_components_metrics_that_follow_its_tasks() {
+async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
     let dev = pm_dev();
     let channel = pm_proto::client::channel(&dev.endpoint).unwrap();
     let mut tasks = pm_proto::client::tasks(channel.clone());
@@ -199,6 +200,57 @@ async fn a_live_pm_dev_serves_every_components_metrics_that_follow_its_tasks() {
         .unwrap()
         .into_inner();
     wait_for_state(&mut tasks, &first.name, TaskState::InProgress).await;
+
+    // The same queue through the API: one pipeline, from the shard that owns it.
+    let stats = pipelines
+        .get_pipeline_stats(GetPipelineStatsRequest { name: slow.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.name, slow);
+    assert_eq!((stats.ready, stats.in_progress), (1, 1));
+    assert_eq!((stats.agents, stats.free_slots), (1, 0));
+    assert!(stats.head_wait_ms >= 0 && stats.time_ms > 0, "{stats:?}");
+    let stats = pipelines
+        .get_pipeline_stats(GetPipelineStatsRequest { name: ocr.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (stats.ready, stats.in_progress, stats.head_wait_ms),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        (
+            stats.done_last_minute,
+            stats.error_last_minute,
+            stats.cancelled_last_minute
+        ),
+        (3, 0, 0)
+    );
+    // And through pmctl, as JSON and as a table.
+    let endpoint = dev.endpoint.clone();
+    let (json, table) = tokio::task::spawn_blocking(move || {
+        let json = pmctl(
+            &endpoint,
+            &["-o", "json", "pipeline", "stats", "default/demo/slow"],
+        );
+        let table = pmctl(&endpoint, &["pipeline", "stats", "default/demo/ocr"]);
+        (json, table)
+    })
+    .await
+    .unwrap();
+    assert!(json.status.success(), "{json:?}");
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["ready"], "1", "{json}");
+    assert_eq!(json["inProgress"], "1", "{json}");
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains("DONE/MIN") && table.contains("HEAD_WAIT"),
+        "{table}"
+    );
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..3], ["0", "0", "3"], "{table}");
 
     let s = scrape(&dev).await;
     let ocr_labels = [

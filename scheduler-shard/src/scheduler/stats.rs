@@ -1,7 +1,8 @@
-//! What the shard counts per pipeline, and the snapshot of its queues that metrics (and
-//! queue statistics) read. The counts are kept under the scheduler's lock by the
+//! What the shard counts per pipeline, and the snapshots of its queues that metrics and
+//! `GetPipelineStats` read. The counts are kept under the scheduler's lock by the
 //! transitions that already hold it; a snapshot takes the lock once, for O(pipelines +
-//! leases) work, when it is asked for (a scrape), never on the hot path.
+//! leases + sessions) work, when it is asked for (a scrape, a stats call), never on the hot
+//! path.
 
 use super::*;
 
@@ -15,6 +16,59 @@ pub struct PipelineCounts {
     pub submitted: u64,
     /// Tasks that ended here, by [`FINAL_STATES`].
     pub finished: [u64; 3],
+}
+
+/// Tasks ended per second over the last [`RECENT_SECONDS`], by [`FINAL_STATES`]: a ring of
+/// per-second buckets, each stamped with its second so a stale one reads as empty.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RecentFinishes {
+    buckets: Vec<(u64, [u32; 3])>,
+}
+
+/// The window of "ended in the last minute".
+pub const RECENT_SECONDS: u64 = 60;
+
+impl RecentFinishes {
+    fn count(&mut self, now_s: u64, state: usize) {
+        if self.buckets.is_empty() {
+            self.buckets = vec![(0, [0; 3]); RECENT_SECONDS as usize];
+        }
+        let bucket = &mut self.buckets[(now_s % RECENT_SECONDS) as usize];
+        if bucket.0 != now_s {
+            *bucket = (now_s, [0; 3]);
+        }
+        bucket.1[state] = bucket.1[state].saturating_add(1);
+    }
+
+    /// Ended in the `RECENT_SECONDS` up to and including `now_s`.
+    fn sum(&self, now_s: u64) -> [u64; 3] {
+        let mut sum = [0u64; 3];
+        for (second, counts) in &self.buckets {
+            if now_s.saturating_sub(*second) < RECENT_SECONDS && *second <= now_s {
+                for (s, c) in sum.iter_mut().zip(counts) {
+                    *s += u64::from(*c);
+                }
+            }
+        }
+        sum
+    }
+}
+
+/// One pipeline as `GetPipelineStats` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PipelineQueue {
+    pub ready: u64,
+    pub in_progress: u64,
+    /// Ended in the last [`RECENT_SECONDS`], by [`FINAL_STATES`].
+    pub finished_recently: [u64; 3],
+    /// How long the head of the queue has waited since it became READY.
+    pub head_wait_ms: i64,
+    pub agents: u32,
+    pub free_slots: u64,
+}
+
+fn unix_seconds() -> u64 {
+    (unix_ms().max(0) / 1000) as u64
 }
 
 /// One pipeline's queue now.
@@ -49,11 +103,50 @@ impl Inner {
     pub(super) fn count_finished(&mut self, pipeline: &Arc<str>, state: TaskState) {
         if let Some(i) = FINAL_STATES.iter().position(|s| *s == state) {
             self.counts(pipeline).finished[i] += 1;
+            self.recent
+                .entry(pipeline.clone())
+                .or_default()
+                .count(unix_seconds(), i);
         }
     }
 }
 
 impl Scheduler {
+    /// `pipeline`'s queue now (zeros for a pipeline this shard holds nothing of).
+    pub fn pipeline_queue(&self, pipeline: &str) -> PipelineQueue {
+        let inner = self.lock();
+        let in_progress = inner
+            .leases
+            .tasks()
+            .filter(|key| {
+                inner
+                    .tasks
+                    .get(*key)
+                    .is_some_and(|r| &*r.pipeline == pipeline)
+            })
+            .count() as u64;
+        let head_wait_ms = inner
+            .queue
+            .head_of(pipeline)
+            .and_then(|key| inner.tasks.get(key))
+            .map_or(0, |r| (unix_ms() - r.update_time_ms).max(0));
+        let serving = inner.sessions.values().filter(|s| s.serves(pipeline));
+        let (agents, free_slots) = serving.fold((0u32, 0u64), |(n, free), s| {
+            (n + 1, free + u64::from(s.credit))
+        });
+        PipelineQueue {
+            ready: inner.queue.len_of(pipeline) as u64,
+            in_progress,
+            finished_recently: inner
+                .recent
+                .get(pipeline)
+                .map_or([0; 3], |r| r.sum(unix_seconds())),
+            head_wait_ms,
+            agents,
+            free_slots,
+        }
+    }
+
     /// Every pipeline's ready and leased tasks and counts, and the agents' free slots.
     pub fn queue_stats(&self) -> QueueStats {
         let inner = self.lock();
@@ -87,5 +180,28 @@ impl Scheduler {
             slots_free: inner.sessions.values().map(|s| u64::from(s.credit)).sum(),
             pipelines_held: inner.by_pipeline.len() as u64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_finishes_forget_what_left_the_window() {
+        let mut recent = RecentFinishes::default();
+        recent.count(1000, 0);
+        recent.count(1000, 0);
+        recent.count(1030, 1);
+        recent.count(1059, 2);
+        assert_eq!(recent.sum(1059), [2, 1, 1]);
+        // 1000 is 60 s old at 1060: out of the window.
+        assert_eq!(recent.sum(1060), [0, 1, 1]);
+        // Its bucket is reused, not added to.
+        recent.count(1060, 0);
+        assert_eq!(recent.sum(1060), [1, 1, 1]);
+        assert_eq!(recent.sum(1200), [0, 0, 0]);
+        // A clock that went back does not count the future.
+        assert_eq!(recent.sum(1020), [0, 0, 0]);
     }
 }
