@@ -61,6 +61,9 @@ struct Args {
         value_name = "NAME"
     )]
     pass_env: Vec<String>,
+    /// How log lines are written to stderr.
+    #[arg(long, env = "PM_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: pm_proto::server::LogFormat,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (plaintext HTTP/1.1).
     #[arg(long, env = "PM_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -117,8 +120,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    pm_proto::server::init_tracing();
     let args = Args::parse();
+    pm_proto::server::init_tracing(args.log_format);
     if let Err(e) = args.tls.init(args.runner_listen.is_some()) {
         eprintln!("pm-agent: {e}");
         return std::process::ExitCode::from(64);

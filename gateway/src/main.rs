@@ -50,8 +50,8 @@ fn origins(given: &[String]) -> pm_gateway::Origins {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    pm_proto::server::init_tracing();
     let args = Args::parse();
+    pm_proto::server::init_tracing(args.server.log_format);
     if let Err(e) = args.server.init() {
         eprintln!("pm-gateway: {e}");
         return std::process::ExitCode::from(64);

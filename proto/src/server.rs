@@ -69,6 +69,9 @@ pub struct ServerArgs {
     /// below the file-descriptor limit, which the server raises to its hard limit.
     #[arg(long, env = "PM_MAX_CONNECTIONS", default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// How log lines are written to stderr.
+    #[arg(long, env = "PM_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (plaintext HTTP/1.1). Without it
     /// nothing is recorded.
     #[arg(long, env = "PM_METRICS_LISTEN")]
@@ -151,13 +154,28 @@ pub async fn shutdown_signal() {
     });
 }
 
-/// Tracing to stderr, filtered by `RUST_LOG` (default `info`). Idempotent.
-pub fn init_tracing() {
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colored on a terminal).
+    #[default]
+    Text,
+    /// One JSON object a line (`timestamp`, `level`, `fields`, `target`, `span`, `spans`),
+    /// for log collectors.
+    Json,
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`). Call once, first.
+pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+    };
 }

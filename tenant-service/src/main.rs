@@ -42,9 +42,9 @@ async fn store(args: &Args) -> anyhow::Result<Arc<dyn pm_cluster::MetadataStore>
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    pm_proto::server::init_tracing();
     pm_proto::server::private_files();
     let args = Args::parse();
+    pm_proto::server::init_tracing(args.server.log_format);
     if let Err(e) = args.server.init() {
         eprintln!("pm-tenant-service: {e}");
         return std::process::ExitCode::from(64);

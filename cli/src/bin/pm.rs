@@ -38,12 +38,14 @@ enum Command {
         /// labelled with its `component`.
         #[arg(long, env = "PM_METRICS_LISTEN")]
         metrics_listen: Option<String>,
+        /// How log lines are written to stderr.
+        #[arg(long, env = "PM_LOG_FORMAT", value_enum, default_value_t)]
+        log_format: pm_proto::server::LogFormat,
     },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    pm_proto::server::init_tracing();
     pm_proto::server::private_files();
     let Command::Dev {
         data_dir,
@@ -52,7 +54,9 @@ async fn main() -> std::process::ExitCode {
         slots,
         auth,
         metrics_listen,
+        log_format,
     } = Cli::parse().command;
+    pm_proto::server::init_tracing(log_format);
     if slots == 0 {
         eprintln!("pm dev: --slots must be at least 1");
         return std::process::ExitCode::from(64);
@@ -86,25 +90,32 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let endpoint = dev.endpoint();
+    // What a person reads first; with JSON logs, a log line like the others.
+    let say = |line: String| match log_format {
+        pm_proto::server::LogFormat::Text => eprintln!("{line}"),
+        pm_proto::server::LogFormat::Json => tracing::info!("{line}"),
+    };
     if let Some(addr) = metrics_addr {
-        eprintln!("pm dev: metrics of every component at http://{addr}/metrics");
+        say(format!(
+            "pm dev: metrics of every component at http://{addr}/metrics"
+        ));
     }
     if auth {
-        eprintln!(
+        say(format!(
             "pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth ON: a platform admin's token is in {})",
             token_file.display()
-        );
-        eprintln!(
+        ));
+        say(format!(
             "pm dev: try  PM_TOKEN_FILE={} pmctl --endpoint {endpoint} submit default/demo/ocr --param url=file:///etc/hostname --wait",
             token_file.display()
-        );
+        ));
     } else {
-        eprintln!(
+        say(format!(
             "pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth OFF: anyone who reaches this port controls everything; --auth turns it on)"
-        );
-        eprintln!(
+        ));
+        say(format!(
             "pm dev: try  pmctl --endpoint {endpoint} submit default/demo/ocr --param url=file:///etc/hostname --wait"
-        );
+        ));
     }
     pm_proto::server::shutdown_signal().await;
     dev.stop().await;

@@ -27,7 +27,8 @@ impl Drop for PmDev {
     }
 }
 
-/// Starts `pm dev` on free ports with one agent slot; returns once it printed both addresses.
+/// Starts `pm dev` on free ports with one agent slot and JSON logs; returns once it logged
+/// both addresses (every line up to them must be a JSON object).
 fn pm_dev() -> PmDev {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pm"))
@@ -38,7 +39,7 @@ fn pm_dev() -> PmDev {
             "--metrics-listen",
             "127.0.0.1:0",
         ])
-        .args(["--slots", "1", "--data-dir"])
+        .args(["--slots", "1", "--log-format", "json", "--data-dir"])
         .arg(dir.path().join("data"))
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -60,6 +61,17 @@ fn pm_dev() -> PmDev {
         let line = rx
             .recv_timeout(left)
             .expect("pm dev printed its addresses in time");
+        // --log-format json: every line is one JSON object, its text in fields.message.
+        let log: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+        assert!(
+            log["timestamp"].is_string() && log["level"].is_string(),
+            "{line}"
+        );
+        let line = log["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let word_after = |marker: &str| {
             let rest = &line[line.find(marker)? + marker.len()..];
             Some(rest.split_whitespace().next()?.to_owned())
