@@ -134,6 +134,71 @@ impl MetadataStore for EtcdStore {
         Ok(self.run(key, expect, op).await?.0)
     }
 
+    async fn put_all(&self, writes: Vec<(String, Vec<u8>, Expect)>) -> Result<u64> {
+        let compares = writes
+            .iter()
+            .filter_map(|(key, _, expect)| match expect {
+                Expect::Any => None,
+                Expect::Absent => Some(Compare::create_revision(key.as_str(), CompareOp::Equal, 0)),
+                Expect::Revision(r) => Some(Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    *r as i64,
+                )),
+            })
+            .collect::<Vec<_>>();
+        let puts = writes
+            .iter()
+            .map(|(key, value, _)| TxnOp::put(key.as_str(), value.clone(), None::<PutOptions>))
+            .collect::<Vec<_>>();
+        // On failure, a read of every key, to say which expectation failed.
+        let reads = writes
+            .iter()
+            .map(|(key, _, _)| TxnOp::get(key.as_str(), None))
+            .collect::<Vec<_>>();
+        let txn = Txn::new().when(compares).and_then(puts).or_else(reads);
+        let response = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(unavailable)?;
+        if response.succeeded() {
+            return Ok(response.header().map(|h| h.revision() as u64).unwrap_or(0));
+        }
+        let found: Vec<Option<u64>> = response
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.mod_revision() as u64),
+                _ => None,
+            })
+            .collect();
+        for ((key, _, expect), current) in writes.iter().zip(found) {
+            let holds = match expect {
+                Expect::Any => true,
+                Expect::Absent => current.is_none(),
+                Expect::Revision(r) => current == Some(*r),
+            };
+            if !holds {
+                return Err(Error::Conflict {
+                    key: key.clone(),
+                    expected: match expect {
+                        Expect::Revision(r) => *r,
+                        _ => 0,
+                    },
+                    found: current.unwrap_or(0),
+                });
+            }
+        }
+        // Changed between the transaction and its reads: still a conflict.
+        Err(Error::Conflict {
+            key: writes.first().map(|w| w.0.clone()).unwrap_or_default(),
+            expected: 0,
+            found: 0,
+        })
+    }
+
     async fn delete(&self, key: &str, expect: Expect) -> Result<bool> {
         let op = TxnOp::delete(key, None::<DeleteOptions>);
         let deleted = match self.run(key, expect, op).await {

@@ -56,6 +56,9 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
     /// Writes `value` if `expect` holds; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64>;
+    /// Writes every `(key, value, expect)` if every `expect` holds, all or none, in one
+    /// revision; returns it. A failed expectation is the first one's [`Error::Conflict`].
+    async fn put_all(&self, writes: Vec<(String, Vec<u8>, Expect)>) -> Result<u64>;
     /// Deletes the key if `expect` holds; `Ok(false)` when it did not exist.
     async fn delete(&self, key: &str, expect: Expect) -> Result<bool>;
     /// Keys with `prefix`, in key order, strictly after `start_after` (if non-empty).
@@ -169,6 +172,20 @@ impl MetadataStore for EmbeddedStore {
             state.revision += 1;
             let revision = state.revision;
             state.entries.insert(key.to_owned(), (value, revision));
+            Ok((revision, true))
+        })
+    }
+
+    async fn put_all(&self, writes: Vec<(String, Vec<u8>, Expect)>) -> Result<u64> {
+        self.mutate(|state| {
+            for (key, _, expect) in &writes {
+                check(key, *expect, state.entries.get(key).map(|e| e.1))?;
+            }
+            state.revision += 1;
+            let revision = state.revision;
+            for (key, value, _) in writes {
+                state.entries.insert(key, (value, revision));
+            }
             Ok((revision, true))
         })
     }

@@ -272,16 +272,22 @@ impl Catalog {
             ),
         };
         let bytes = pipeline.encode_to_vec();
-        // The version record first: a version is never the latest before it is readable.
-        // Two concurrent appliers collide on it (Absent), and the loser gets ABORTED.
+        // The version record and the latest pointer in one transaction: a version is never
+        // the latest before it is readable, and no apply leaves a version nothing points to.
+        // Two concurrent appliers collide on the latest pointer, and the loser gets ABORTED.
+        // A version record without a latest pointing to it (left by an apply before this was
+        // one transaction, cut between its two writes) is taken over, not a conflict forever.
+        let version_key = keys::pipeline_version(&name, pipeline.version);
+        let version_expect = match self.store.get(&version_key).await? {
+            Some(orphan) => Expect::Revision(orphan.mod_revision),
+            None => Expect::Absent,
+        };
         self.store
-            .put(
-                &keys::pipeline_version(&name, pipeline.version),
-                bytes.clone(),
-                Expect::Absent,
-            )
+            .put_all(vec![
+                (version_key, bytes.clone(), version_expect),
+                (latest_key, bytes, expect),
+            ])
             .await?;
-        self.store.put(&latest_key, bytes, expect).await?;
         tracing::info!(pipeline = %pipeline.name, version = pipeline.version, "pipeline applied");
         Ok(pipeline)
     }

@@ -158,3 +158,94 @@ async fn replicas_on_the_embedded_store_give_each_apply_its_own_version() {
     let store = pm_cluster::metadata::EmbeddedStore::open(dir.path().join("metadata")).unwrap();
     concurrent_applies_get_distinct_versions(Arc::new(store)).await;
 }
+
+/// An apply cut between its two writes (by older code, which wrote the version record and
+/// then the latest pointer) left a version record nothing points to. The next apply takes
+/// that version over instead of failing on it forever. And `put_all` writes all or nothing.
+async fn a_version_left_by_a_cut_apply_is_taken_over(store: Arc<dyn MetadataStore>) {
+    use pm_cluster::metadata::Expect;
+    use prost::Message;
+
+    let mut one = replica(store.clone()).await;
+    one.tenants
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "t".into(),
+            tenant: None,
+        })
+        .await
+        .unwrap();
+    one.pipelines
+        .create_application(CreateApplicationRequest {
+            parent: "tenants/t".into(),
+            application_id: "a".into(),
+            application: None,
+        })
+        .await
+        .unwrap();
+    let first = one.pipelines.apply_pipeline(apply("echo 1".into())).await;
+    assert_eq!(first.unwrap().into_inner().version, 1);
+
+    // What the cut apply wrote: version 2, and no more.
+    let name = pm_proto::names::PipelineName::parse(PIPELINE).unwrap();
+    let orphan = Pipeline {
+        name: PIPELINE.into(),
+        version: 2,
+        ..Pipeline::default()
+    };
+    let key = pm_tenant_service::keys::pipeline_version(&name, 2);
+    store
+        .put(&key, orphan.encode_to_vec(), Expect::Absent)
+        .await
+        .unwrap();
+
+    let second = one
+        .pipelines
+        .apply_pipeline(apply("echo 2".into()))
+        .await
+        .expect("the apply after a cut one lands")
+        .into_inner();
+    assert_eq!(second.version, 2);
+    let read = one
+        .pipelines
+        .get_pipeline(GetPipelineRequest {
+            name: PIPELINE.into(),
+            version: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        read.spec, second.spec,
+        "version 2 is the apply's, not the cut one's"
+    );
+
+    // All or nothing: one failed expectation writes neither key.
+    let latest = pm_tenant_service::keys::pipeline(&name);
+    let refused = store
+        .put_all(vec![
+            ("/pm/test/new".into(), b"x".to_vec(), Expect::Absent),
+            (latest.clone(), b"y".to_vec(), Expect::Absent),
+        ])
+        .await;
+    match refused {
+        Err(pm_cluster::Error::Conflict { key, .. }) => assert_eq!(key, latest),
+        other => panic!("expected a conflict on {latest}: {other:?}"),
+    }
+    assert!(store.get("/pm/test/new").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn on_etcd_an_apply_after_a_cut_one_lands() {
+    let etcd = pm_cluster::testing::Etcd::start();
+    let store = pm_cluster::etcd::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .unwrap();
+    a_version_left_by_a_cut_apply_is_taken_over(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn on_the_embedded_store_an_apply_after_a_cut_one_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = pm_cluster::metadata::EmbeddedStore::open(dir.path().join("metadata")).unwrap();
+    a_version_left_by_a_cut_apply_is_taken_over(Arc::new(store)).await;
+}
