@@ -257,14 +257,37 @@ impl Routes {
 }
 
 /// A call whose connection broke (a shard died mid-call) as UNAVAILABLE: whether it took
-/// effect is unknown, so it is not repeated here; the client may retry. Other answers as
-/// they are.
+/// effect is unknown, so it is not repeated here; the client may retry. A transport error
+/// comes as UNKNOWN with a source; a stream the dying shard reset comes as CANCELLED, which
+/// the gateway never asks for (a client that cancels drops the gateway's call, which then
+/// answers nothing). Other answers as they are.
 fn broken(address: &str, status: Status) -> Status {
-    if status.code() == Code::Unknown && status.source().is_some() {
+    let reset = status.code() == Code::Cancelled;
+    if reset || (status.code() == Code::Unknown && status.source().is_some()) {
         return pm_proto::status::unavailable(
             format!("shard at {address} unreachable: {}", status.message()),
             Duration::from_secs(1),
         );
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_or_broken_upstream_is_unavailable_and_answers_pass_through() {
+        let reset = broken("s0:1", Status::cancelled("h2 protocol error: stream reset"));
+        assert_eq!(reset.code(), Code::Unavailable, "{reset:?}");
+        assert!(reset.message().contains("s0:1"), "{reset:?}");
+        for answer in [
+            Status::not_found("no such task"),
+            Status::invalid_argument("bad"),
+            Status::unknown("an answer, not a transport error"),
+        ] {
+            let code = answer.code();
+            assert_eq!(broken("s0:1", answer).code(), code);
+        }
+    }
 }

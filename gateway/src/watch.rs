@@ -1,10 +1,15 @@
-//! A watch that outlives a handoff: when the shard stops serving a task (it moved to another
-//! shard, or the shard left) before it finished, the watch is opened again at the owner,
-//! which starts with a snapshot. Only re-opens in a row without an event count against the
-//! budget, so a long watch survives any number of moves.
+//! A watch that outlives a handoff or a shard's restart: when the shard stops serving a task
+//! (it moved to another shard, the shard left, or it died) before it finished, the watch is
+//! opened again at the owner, which starts with a snapshot. While no shard serves the task
+//! (between an old owner forgetting it and the new one answering, or while a crashed owner,
+//! which has the task on its disk, restarts) re-opens go on with backoff for
+//! [`WATCH_REOPEN_FOR`]. Only time without an event counts, so a long watch survives any
+//! number of moves.
 
 use std::future::Future;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -12,8 +17,18 @@ use tonic::{Code, Status};
 
 use pm_proto::v1::{TaskEvent, task_event};
 
-/// Re-opens in a row (with no event between them) before the watch gives up.
-pub const WATCH_REOPENS: u64 = 5;
+/// How long re-opens go on without an event before the watch ends with UNAVAILABLE (the
+/// client may watch again): a crashed shard's membership expires (10 s by default) and it
+/// restarts within this.
+pub const WATCH_REOPEN_FOR: Duration = Duration::from_secs(60);
+/// The longest pause between two re-opens.
+const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Answers that say no shard serves the task right now, which a re-open may change: the new
+/// owner does not have it yet (NOT_FOUND), or the owner is down or changing (UNAVAILABLE).
+fn transient(code: Code) -> bool {
+    matches!(code, Code::NotFound | Code::Unavailable)
+}
 
 /// Forwards `upstream`'s events to `tx` until the task finishes or the client goes, opening
 /// the watch again with `open` when a shard stops serving it. Events travel boxed: a slot of
@@ -27,7 +42,8 @@ pub async fn follow<S, O, F>(
     O: Fn() -> F,
     F: Future<Output = Result<S, Status>>,
 {
-    let mut reopened = 0;
+    // When the current run of re-opens started (none while events flow).
+    let mut reopening: Option<Instant> = None;
     loop {
         let next = tokio::select! {
             next = upstream.next() => next,
@@ -42,26 +58,36 @@ pub async fn follow<S, O, F>(
                     return;
                 }
                 // The watch is live again: a later move gets the whole budget.
-                reopened = 0;
+                reopening = None;
                 continue;
             }
             None => Status::unavailable("the watch ended before the task finished"),
             Some(Err(status)) => status,
         };
+        let started = *reopening.get_or_insert_with(Instant::now);
+        let mut backoff = Duration::from_millis(100);
+        let mut last = ended;
         loop {
-            if reopened == WATCH_REOPENS {
-                let _ = tx.send(Err(ended)).await;
+            if started.elapsed() >= WATCH_REOPEN_FOR {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "no shard served the task for {WATCH_REOPEN_FOR:?} ({}); watch it again",
+                        last.message()
+                    ))))
+                    .await;
                 return;
             }
-            reopened += 1;
-            tokio::time::sleep(Duration::from_millis(100 * reopened)).await;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = tx.closed() => return,
+            }
+            backoff = (backoff * 2).min(REOPEN_BACKOFF_MAX);
             match open().await {
                 Ok(next) => {
                     upstream = next;
                     break;
                 }
-                // Between the old owner forgetting and the new one answering.
-                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) if transient(s.code()) => last = s,
                 Err(s) => {
                     let _ = tx.send(Err(s)).await;
                     return;
@@ -148,12 +174,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn re_opens_in_a_row_without_an_event_are_bounded() {
+    async fn re_opens_without_an_event_are_bounded_in_time() {
+        let started = Instant::now();
         let not_found = || Err(Status::not_found("moving"));
-        let opens = (0..WATCH_REOPENS).map(|_| not_found()).collect();
+        // More than the backoff allows within the budget: the watch ends before using them.
+        let opens = (0..WATCH_REOPEN_FOR.as_secs())
+            .map(|_| not_found())
+            .collect();
         let got = watch(opens).await;
         assert_eq!(got.len(), 2, "{got:?}");
         let end = got.last().unwrap().as_ref().unwrap_err();
         assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= WATCH_REOPEN_FOR && waited < WATCH_REOPEN_FOR + REOPEN_BACKOFF_MAX * 2,
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_waits_out_a_shard_that_is_down_and_restarts() {
+        // The owner died (the gateway cannot connect), the ring gave the pipeline to a shard
+        // that does not have the task, and then the owner came back with it.
+        let opens = vec![
+            Err(Status::unavailable("tcp connect error")),
+            Err(Status::unavailable("tcp connect error")),
+            Err(Status::not_found("not here")),
+            Err(Status::not_found("not here")),
+            Ok(vec![progress(1), finished()]),
+        ];
+        let got = watch(opens).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got.iter().all(Result::is_ok), "{got:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_refusal_ends_the_watch_at_once() {
+        let got = watch(vec![Err(Status::permission_denied("no"))]).await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        let end = got.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(end.code(), Code::PermissionDenied, "{end:?}");
     }
 }
