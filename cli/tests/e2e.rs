@@ -935,3 +935,59 @@ async fn a_tenant_quota_refuses_submits_past_it() {
         .unwrap();
     h.dev.stop().await;
 }
+
+/// What a submit answers (built by the gateway from what it sent and the shard's id and
+/// time) is the task the shard holds, but for what running it changes.
+#[tokio::test]
+async fn a_submit_answers_the_task_the_shard_holds() {
+    let mut h = start().await;
+    let request = SubmitTaskRequest {
+        parent: pipeline_name("ocr"),
+        params: [("url".to_owned(), "file:///etc/hostname".to_owned())].into(),
+        priority: Some(3),
+        idempotency_key: "answer-1".into(),
+        timeout_seconds: 30,
+        ..SubmitTaskRequest::default()
+    };
+    let unary = h
+        .tasks
+        .submit_task(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut second = request.clone();
+    second.idempotency_key = "answer-2".into();
+    let batch = h
+        .tasks
+        .submit_tasks(SubmitTasksRequest {
+            requests: vec![second],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let batched = match batch.results[0].outcome.clone() {
+        Some(submit_task_result::Outcome::Task(t)) => t,
+        other => panic!("refused: {other:?}"),
+    };
+    // Running changes these; nothing else may differ.
+    let settled = |mut t: Task| {
+        t.state = 0;
+        t.attempt = 0;
+        t.update_time_ms = 0;
+        t.result = None;
+        t
+    };
+    for answered in [unary, batched] {
+        assert_eq!(answered.state, TaskState::Ready as i32);
+        let held = h
+            .tasks
+            .get_task(GetTaskRequest {
+                name: answered.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(settled(answered), settled(held));
+    }
+    h.dev.stop().await;
+}

@@ -24,10 +24,10 @@ use prost::Message;
 use tokio::sync::oneshot;
 use tonic::Status;
 
-use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
+use pm_proto::internal::v1::{EnqueueRequest, EnqueueResult, EnqueueTask, Queued, enqueue_result};
 use pm_proto::names::PipelineName;
 use pm_proto::status::NotOwner;
-use pm_proto::v1::{Task, submit_task_result};
+use pm_proto::v1::{Task, TaskState};
 
 use crate::error::Error;
 use crate::pipelines::PipelineVersion;
@@ -77,7 +77,12 @@ enum To<'a> {
 /// Fails only if the first call does.
 async fn send(routes: &Routes, to: To<'_>, items: &[Prepared]) -> Result<Vec<Outcome>, Status> {
     let tasks: Vec<EnqueueTask> = items.iter().map(|p| p.task.clone()).collect();
-    let (mut outcomes, spec_needed) = call(routes, to, tasks).await?;
+    let (results, spec_needed) = call(routes, to, tasks).await?;
+    let mut outcomes: Vec<Outcome> = results
+        .into_iter()
+        .zip(items)
+        .map(|(r, item)| outcome(r, &item.task))
+        .collect();
     let again: Vec<usize> = spec_needed
         .into_iter()
         .map(|i| i as usize)
@@ -97,8 +102,8 @@ async fn send(routes: &Routes, to: To<'_>, items: &[Prepared]) -> Result<Vec<Out
             .collect();
         match call(routes, to, tasks).await {
             Ok((retried, _)) => {
-                for (i, outcome) in again.into_iter().zip(retried) {
-                    outcomes[i] = outcome;
+                for (i, result) in again.into_iter().zip(retried) {
+                    outcomes[i] = outcome(result, &items[i].task);
                 }
             }
             Err(status) => {
@@ -114,34 +119,51 @@ async fn send(routes: &Routes, to: To<'_>, items: &[Prepared]) -> Result<Vec<Out
     Ok(outcomes)
 }
 
-/// One Enqueue; the outcomes and the indexes whose spec is needed.
+/// One Enqueue; the shard's results and the indexes whose spec is needed.
 async fn call(
     routes: &Routes,
     to: To<'_>,
     tasks: Vec<EnqueueTask>,
-) -> Result<(Vec<Outcome>, Vec<u32>), Status> {
+) -> Result<(Vec<EnqueueResult>, Vec<u32>), Status> {
+    // Tasks queued now come back as ids: the gateway holds the rest (see `outcome`).
+    let request = |tasks| EnqueueRequest {
+        tasks,
+        answer_queued_by_id: true,
+    };
     let answer = match to {
         // Cloned per attempt: a shard that does not own the pipeline (a ring change under
         // way) refuses the whole request before looking at it.
         To::Owner(pipeline) => routes
             .call(pipeline, |mut shard| {
-                let tasks = tasks.clone();
-                async move { shard.enqueue(EnqueueRequest { tasks }).await }
+                let request = request(tasks.clone());
+                async move { shard.enqueue(request).await }
             })
             .await?
             .into_inner(),
-        To::Shard(address) => routes.enqueue_at(address, EnqueueRequest { tasks }).await?,
+        To::Shard(address) => routes.enqueue_at(address, request(tasks)).await?,
     };
-    let outcomes = answer
-        .results
-        .into_iter()
-        .map(|r| match r.outcome {
-            Some(submit_task_result::Outcome::Task(task)) => Ok(task),
-            Some(submit_task_result::Outcome::Error(e)) => Err(e),
-            None => Err(Error::Upstream(Status::internal("empty result from shard")).into()),
-        })
-        .collect();
-    Ok((outcomes, answer.spec_needed))
+    Ok((answer.results, answer.spec_needed))
+}
+
+/// What the shard's `result` for the task `sent` means to the client: a task queued now is
+/// the one sent, named and READY as the shard made it (`pm_scheduler_shard`'s `Prepared`).
+fn outcome(result: EnqueueResult, sent: &EnqueueTask) -> Outcome {
+    match result.outcome {
+        Some(enqueue_result::Outcome::Task(task)) => Ok(task),
+        Some(enqueue_result::Outcome::Error(e)) => Err(e),
+        Some(enqueue_result::Outcome::Queued(Queued { id, create_time_ms })) => {
+            let mut task = sent.task.clone().unwrap_or_default();
+            task.name = format!("{}/tasks/{id}", task.pipeline);
+            task.id = id;
+            task.state = TaskState::Ready as i32;
+            task.attempt = 0;
+            task.create_time_ms = create_time_ms;
+            task.update_time_ms = create_time_ms;
+            task.result = None;
+            Ok(task)
+        }
+        None => Err(Error::Upstream(Status::internal("empty result from shard")).into()),
+    }
 }
 
 /// A unary submit waiting for its shard.

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 use pm_proto::client::{AuthedChannel, Bearer};
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
-use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
+use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask, enqueue_result};
 use pm_proto::v1::task_service_client::TaskServiceClient;
 use pm_proto::v1::{
     AgentMessage, AttemptResult, Hello, Job, PipelineSpec, Stage, SubmitTaskRequest,
@@ -148,6 +148,8 @@ impl Target {
                 let mut answer = client
                     .enqueue(EnqueueRequest {
                         tasks: tasks.clone(),
+                        // As the gateway asks: new tasks come back as ids.
+                        answer_queued_by_id: true,
                     })
                     .await
                     .map_err(code)?
@@ -158,12 +160,33 @@ impl Target {
                         t.spec = Some(spec.clone());
                     }
                     answer = client
-                        .enqueue(EnqueueRequest { tasks })
+                        .enqueue(EnqueueRequest {
+                            tasks,
+                            answer_queued_by_id: true,
+                        })
                         .await
                         .map_err(code)?
                         .into_inner();
                 }
-                count_acked(answer.results)
+                // Counted as the gateway reads them: a whole task (an older shard, or a
+                // repeat) or an id are both acknowledgements.
+                let results = answer
+                    .results
+                    .into_iter()
+                    .map(|r| pm_proto::v1::SubmitTaskResult {
+                        outcome: r.outcome.map(|o| match o {
+                            enqueue_result::Outcome::Error(e) => {
+                                submit_task_result::Outcome::Error(e)
+                            }
+                            enqueue_result::Outcome::Task(t) => {
+                                submit_task_result::Outcome::Task(t)
+                            }
+                            enqueue_result::Outcome::Queued(_) => {
+                                submit_task_result::Outcome::Task(Task::default())
+                            }
+                        }),
+                    });
+                count_acked(results.collect())
             }
             Target::Gateway {
                 client,

@@ -57,6 +57,7 @@ use task_map::{Slot, TaskMap};
 pub use stats::{
     FINAL_STATES, PipelineCounts, PipelineQueue, PipelineStats, QueueStats, RECENT_SECONDS,
 };
+pub use submit::Submitted;
 pub use transfer::{Arriving, Outgoing};
 
 /// Tunables of a shard.

@@ -10,17 +10,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use pm_proto::internal::v1::shard_service_server::ShardService;
-use pm_proto::internal::v1::{AdoptRequest, AdoptResponse, EnqueueRequest, EnqueueResponse};
+use pm_proto::internal::v1::{
+    AdoptRequest, AdoptResponse, EnqueueRequest, EnqueueResponse, EnqueueResult, Queued,
+    enqueue_result,
+};
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::v1::{
     CancelTaskRequest, GetPipelineStatsRequest, GetTaskRequest, ListTasksRequest,
-    ListTasksResponse, PipelineStats, SubmitTaskResult, Task, TaskEvent, TaskState,
-    WatchTaskRequest, submit_task_result, task_event,
+    ListTasksResponse, PipelineStats, Task, TaskEvent, TaskState, WatchTaskRequest, task_event,
 };
 
 use crate::error::Error;
 use crate::ownership::Ownership;
-use crate::scheduler::{Scheduler, WATCH_BUFFER};
+use crate::scheduler::{Scheduler, Submitted, WATCH_BUFFER};
 
 /// Events queued per watch for the HTTP/2 stream (pointers to shared events).
 const WATCH_CHANNEL: usize = 64;
@@ -77,24 +79,34 @@ impl ShardService for Shard {
         &self,
         request: Request<EnqueueRequest>,
     ) -> Result<Response<EnqueueResponse>, Status> {
-        let tasks = request.into_inner().tasks;
+        let EnqueueRequest {
+            tasks,
+            answer_queued_by_id: by_id,
+        } = request.into_inner();
         let _arriving = self.scheduler.arriving();
         self.check_owned(tasks.iter().map(|t| t.task.as_ref()))?;
         let mut spec_needed = Vec::new();
         let results = self
             .scheduler
-            .enqueue(tasks)
+            .submit(tasks)
             .await
             .into_iter()
             .enumerate()
-            .map(|(i, r)| SubmitTaskResult {
+            .map(|(i, r)| EnqueueResult {
                 outcome: Some(match r {
-                    Ok(task) => submit_task_result::Outcome::Task(task),
+                    // The caller holds the task: it gets the id and time, not the task back.
+                    Ok(Submitted::Queued(task)) if by_id => {
+                        enqueue_result::Outcome::Queued(Queued {
+                            id: task.id,
+                            create_time_ms: task.create_time_ms,
+                        })
+                    }
+                    Ok(submitted) => enqueue_result::Outcome::Task(submitted.into_task()),
                     Err(e) => {
                         if matches!(e, Error::SpecNeeded(_)) {
                             spec_needed.push(i as u32);
                         }
-                        submit_task_result::Outcome::Error(e.into())
+                        enqueue_result::Outcome::Error(e.into())
                     }
                 }),
             })

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use pm_proto::internal::v1::enqueue_result;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
-use pm_proto::v1::{GetTaskRequest, Job, PipelineSpec, Stage, Task, TaskState, submit_task_result};
+use pm_proto::v1::{GetTaskRequest, Job, PipelineSpec, Stage, Task, TaskState};
 
 const PIPELINE: &str = "tenants/t/applications/a/pipelines/p";
 const WAIT: Duration = Duration::from_secs(60);
@@ -87,7 +88,10 @@ async fn submit(shard: &Shard, command: &str, n: usize) -> Vec<String> {
         .collect();
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&shard.endpoint).unwrap());
     let results = client
-        .enqueue(EnqueueRequest { tasks })
+        .enqueue(EnqueueRequest {
+            tasks,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -95,7 +99,7 @@ async fn submit(shard: &Shard, command: &str, n: usize) -> Vec<String> {
     results
         .into_iter()
         .map(|r| match r.outcome {
-            Some(submit_task_result::Outcome::Task(t)) => t.name,
+            Some(enqueue_result::Outcome::Task(t)) => t.name,
             other => panic!("refused: {other:?}"),
         })
         .collect()

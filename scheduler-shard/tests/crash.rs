@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 mod common;
 use common::free_port;
 
+use pm_proto::internal::v1::enqueue_result;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
-use pm_proto::v1::{ListTasksRequest, PipelineSpec, Task, TaskState, submit_task_result};
+use pm_proto::v1::{ListTasksRequest, PipelineSpec, Task, TaskState};
 
 const PIPELINE: &str = "tenants/crash/applications/test/pipelines/p";
 const KILLS_WHILE_SUBMITTING: usize = 5;
@@ -137,13 +138,16 @@ async fn submitter(
         }
         let n = rand::rng().random_range(1..=8);
         let tasks = (0..n).map(|_| item(&spec)).collect();
-        let call = client.enqueue(EnqueueRequest { tasks });
+        let call = client.enqueue(EnqueueRequest {
+            tasks,
+            ..Default::default()
+        });
         match tokio::time::timeout(Duration::from_secs(5), call).await {
             Ok(Ok(response)) => {
                 let mut acked = acked.lock().unwrap();
                 for r in response.into_inner().results {
                     match r.outcome {
-                        Some(submit_task_result::Outcome::Task(t)) => {
+                        Some(enqueue_result::Outcome::Task(t)) => {
                             acked.insert(t.name);
                         }
                         _ => refused += 1,
@@ -485,7 +489,10 @@ async fn a_full_disk_refuses_submits_and_the_shard_recovers_without_a_restart() 
         it
     };
     let submit = || {
-        let request = EnqueueRequest { tasks: vec![big()] };
+        let request = EnqueueRequest {
+            tasks: vec![big()],
+            ..Default::default()
+        };
         let mut client = client.clone();
         async move {
             let answer = tokio::time::timeout(Duration::from_secs(20), client.enqueue(request));
@@ -501,13 +508,14 @@ async fn a_full_disk_refuses_submits_and_the_shard_recovers_without_a_restart() 
     let mut refused = None;
     for _ in 0..500 {
         match submit().await {
-            submit_task_result::Outcome::Task(t) => {
+            enqueue_result::Outcome::Task(t) => {
                 acked.insert(t.name);
             }
-            submit_task_result::Outcome::Error(e) => {
+            enqueue_result::Outcome::Error(e) => {
                 refused = Some(e);
                 break;
             }
+            other => panic!("an answer not asked for: {other:?}"),
         }
     }
     let refused = refused.expect("the disk filled up");
@@ -515,15 +523,12 @@ async fn a_full_disk_refuses_submits_and_the_shard_recovers_without_a_restart() 
     assert!(acked.len() > 5, "only {} tasks fit", acked.len());
     health_becomes(&mut health, ServingStatus::NotServing).await;
     // Still full: still refused, nothing acknowledged.
-    assert!(matches!(
-        submit().await,
-        submit_task_result::Outcome::Error(_)
-    ));
+    assert!(matches!(submit().await, enqueue_result::Outcome::Error(_)));
 
     // Room again: the next submit is taken, and the shard is healthy, with no restart.
     std::fs::remove_file(&filler).unwrap();
     match submit().await {
-        submit_task_result::Outcome::Task(t) => acked.insert(t.name),
+        enqueue_result::Outcome::Task(t) => acked.insert(t.name),
         other => panic!("refused with room on the disk: {other:?}"),
     };
     health_becomes(&mut health, ServingStatus::Serving).await;

@@ -8,8 +8,9 @@ mod common;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
+use pm_proto::internal::v1::enqueue_result;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
-use pm_proto::v1::{GetTaskRequest, ListTasksRequest, Task, submit_task_result};
+use pm_proto::v1::{GetTaskRequest, ListTasksRequest, Task};
 
 const PIPELINE: &str = "tenants/t/applications/a/pipelines/p";
 
@@ -63,13 +64,14 @@ async fn tasks_name_their_spec_by_id_and_bad_ones_are_refused_alone() {
                 with_spec(),
                 by_id(id.clone()),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     let outcome = |i: usize| answer.results[i].outcome.clone().unwrap();
     let refused = |i: usize| match outcome(i) {
-        submit_task_result::Outcome::Error(e) => (Code::from(e.code), e.field),
+        enqueue_result::Outcome::Error(e) => (Code::from(e.code), e.field),
         other => panic!("task {i} was accepted: {other:?}"),
     };
     assert_eq!(refused(0), (Code::FailedPrecondition, String::new()));
@@ -83,7 +85,7 @@ async fn tasks_name_their_spec_by_id_and_bad_ones_are_refused_alone() {
     let mut acknowledged = Vec::new();
     for i in [3, 4] {
         match outcome(i) {
-            submit_task_result::Outcome::Task(t) => acknowledged.push(t),
+            enqueue_result::Outcome::Task(t) => acknowledged.push(t),
             other => panic!("task {i} was refused: {other:?}"),
         }
     }
@@ -110,6 +112,97 @@ async fn tasks_name_their_spec_by_id_and_bad_ones_are_refused_alone() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.tasks.len(), acknowledged.len());
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// Asked for (as the gateway asks), a task queued by the call comes back as its id and time:
+/// the caller rebuilds the task from what it sent, and it equals what the shard holds. A
+/// repeat of an idempotency key comes whole, as the task the key first made, whether the
+/// first was earlier in the same call or in an earlier one.
+#[tokio::test]
+async fn queued_tasks_come_back_as_ids_when_asked_and_repeats_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let scheduler =
+        pm_scheduler_shard::open(pm_scheduler_shard::Options::default(), Some(dir.path())).unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(pm_scheduler_shard::run(
+        listener,
+        scheduler,
+        stop.clone().cancelled_owned(),
+    ));
+    let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
+    let keyed = |param: &str| {
+        let mut item = with_spec();
+        let task = item.task.as_mut().unwrap();
+        task.idempotency_key = "k".into();
+        task.params.insert("p".into(), param.into());
+        item
+    };
+    let sent = [with_spec(), keyed("first"), keyed("second")];
+    let answer = client
+        .enqueue(EnqueueRequest {
+            tasks: sent.to_vec(),
+            answer_queued_by_id: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut queued = Vec::new();
+    for (i, result) in answer.results.iter().take(2).enumerate() {
+        match result.outcome.clone().unwrap() {
+            enqueue_result::Outcome::Queued(q) => queued.push((i, q)),
+            other => panic!("task {i}: {other:?}"),
+        }
+    }
+    for (i, q) in queued {
+        let name = format!("{PIPELINE}/tasks/{}", q.id);
+        let held = client
+            .get_task(GetTaskRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(held.create_time_ms, q.create_time_ms);
+        assert_eq!(held.id, q.id);
+        let sent = sent[i].task.as_ref().unwrap();
+        assert_eq!(
+            (&held.params, held.priority, &held.idempotency_key),
+            (&sent.params, sent.priority, &sent.idempotency_key)
+        );
+    }
+    let first = match answer.results[2].outcome.clone().unwrap() {
+        enqueue_result::Outcome::Task(t) => t,
+        other => panic!("a repeat in the same call comes whole: {other:?}"),
+    };
+    assert_eq!(first.params["p"], "first");
+
+    // A later call: the repeat comes whole; without the flag, a new task comes whole too.
+    let answer = client
+        .enqueue(EnqueueRequest {
+            tasks: vec![keyed("third"), with_spec()],
+            answer_queued_by_id: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match answer.results[0].outcome.clone().unwrap() {
+        enqueue_result::Outcome::Task(t) => assert_eq!(t, first),
+        other => panic!("a repeat comes whole: {other:?}"),
+    }
+    let answer = client
+        .enqueue(EnqueueRequest {
+            tasks: vec![with_spec()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        answer.results[0].outcome,
+        Some(enqueue_result::Outcome::Task(_))
+    ));
     stop.cancel();
     server.await.unwrap().unwrap();
 }

@@ -116,6 +116,7 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
     let refusals = [
         cb.enqueue(EnqueueRequest {
             tasks: vec![item(&pa)],
+            ..Default::default()
         })
         .await
         .map(|_| ()),

@@ -11,6 +11,24 @@ enum Answer {
     Queued(Task),
 }
 
+/// What one submit came to.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// Queued by this call: the task as it was sent, named and READY.
+    Queued(Task),
+    /// An idempotent repeat: the task its key first made (in an earlier call, or earlier in
+    /// this one), which may differ from the one sent.
+    Repeat(Task),
+}
+
+impl Submitted {
+    pub fn into_task(self) -> Task {
+        match self {
+            Submitted::Queued(task) | Submitted::Repeat(task) => task,
+        }
+    }
+}
+
 /// A submit checked, named and encoded before the lock: everything that needs no shard
 /// state, so the lock is held only for lookups and counters.
 struct Prepared {
@@ -72,6 +90,15 @@ impl Scheduler {
     /// Queues validated tasks; each is acknowledged (durable) or refused on its own. All
     /// the new tasks of one call share one write.
     pub async fn enqueue(&self, items: Vec<EnqueueTask>) -> Vec<Result<Task, Error>> {
+        self.submit(items)
+            .await
+            .into_iter()
+            .map(|r| r.map(Submitted::into_task))
+            .collect()
+    }
+
+    /// [`Scheduler::enqueue`], saying which tasks this call queued and which were repeats.
+    pub async fn submit(&self, items: Vec<EnqueueTask>) -> Vec<Result<Submitted, Error>> {
         let items: Vec<Result<Prepared, Error>> = items.into_iter().map(Prepared::new).collect();
         let mut outcomes: Vec<Option<Result<Answer, Error>>> = Vec::with_capacity(items.len());
         let mut planned: Vec<(usize, TaskKey, TaskRecord, Task)> = Vec::new();
@@ -134,17 +161,20 @@ impl Scheduler {
         if written.is_ok() {
             self.dispatcher.notify_one();
         }
+        let repeated: HashSet<usize> = repeats.iter().map(|(i, _)| *i).collect();
         for (i, first) in repeats {
             outcomes[i] = outcomes[first].clone();
         }
         // Decoded here, not under the lock.
         outcomes
             .into_iter()
-            .map(|o| {
+            .enumerate()
+            .map(|(i, o)| {
                 o.expect("every task has an outcome")
                     .map(|answer| match answer {
-                        Answer::Held(record) => record.to_task(),
-                        Answer::Queued(task) => task,
+                        Answer::Held(record) => Submitted::Repeat(record.to_task()),
+                        Answer::Queued(task) if repeated.contains(&i) => Submitted::Repeat(task),
+                        Answer::Queued(task) => Submitted::Queued(task),
                     })
             })
             .collect()

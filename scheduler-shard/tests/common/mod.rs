@@ -2,11 +2,10 @@
 //! acknowledged submit, and an agent stream opened with a Hello.
 #![allow(dead_code)]
 
+use pm_proto::internal::v1::enqueue_result;
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
-use pm_proto::v1::{
-    AgentMessage, Hello, Job, PipelineSpec, Stage, Task, agent_message, submit_task_result,
-};
+use pm_proto::v1::{AgentMessage, Hello, Job, PipelineSpec, Stage, Task, agent_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -41,12 +40,15 @@ pub async fn enqueue_acknowledged(
     item: EnqueueTask,
 ) -> Task {
     let answer = client
-        .enqueue(EnqueueRequest { tasks: vec![item] })
+        .enqueue(EnqueueRequest {
+            tasks: vec![item],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     match answer.results.first().and_then(|r| r.outcome.clone()) {
-        Some(submit_task_result::Outcome::Task(task)) => task,
+        Some(enqueue_result::Outcome::Task(task)) => task,
         _ => panic!("not acknowledged: {answer:?}"),
     }
 }
