@@ -144,6 +144,8 @@ pub async fn run(
         .layer(tonic_web::GrpcWebLayer::new())
         // Metrics see every call as gRPC, grpc-web ones included.
         .layer(pm_proto::metrics::GrpcMetricsLayer::new("gateway"))
+        // Inside the metrics: a call refused for the limit is counted with its code.
+        .layer(pm_proto::in_flight::InFlightLimit::configured())
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(InterceptedService::new(

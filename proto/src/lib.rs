@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod client;
 pub mod connections;
+pub mod in_flight;
 pub mod metrics;
 pub mod names;
 pub mod server;

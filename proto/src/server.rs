@@ -69,6 +69,10 @@ pub struct ServerArgs {
     /// below the file-descriptor limit, which the server raises to its hard limit.
     #[arg(long, env = "PM_MAX_CONNECTIONS", default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Calls the server handles at once over all its connections; past it a call is
+    /// answered RESOURCE_EXHAUSTED at once (load shedding).
+    #[arg(long, env = "PM_MAX_IN_FLIGHT", default_value_t = crate::in_flight::DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
     /// How log lines are written to stderr.
     #[arg(long, env = "PM_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -83,6 +87,7 @@ impl ServerArgs {
     pub fn init(&self) -> Result<(), String> {
         self.tls.init(true).map_err(|e| e.to_string())?;
         crate::connections::set_max_connections(self.max_connections);
+        crate::in_flight::set_max_in_flight(self.max_in_flight);
         if let Some(addr) = &self.health_listen {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

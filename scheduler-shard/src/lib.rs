@@ -224,6 +224,8 @@ pub async fn serve(
     tracing::info!(addr = ?listener.local_addr().ok(), shard = %ownership.me(), "shard serving");
     let served = pm_proto::server::builder()
         .layer(pm_proto::metrics::GrpcMetricsLayer::new("shard"))
+        // Inside the metrics: a call refused for the limit is counted with its code.
+        .layer(pm_proto::in_flight::InFlightLimit::configured())
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(

@@ -55,6 +55,8 @@ pub async fn run(
     tracing::info!(addr = ?listener.local_addr().ok(), "tenant-service serving");
     pm_proto::server::builder()
         .layer(pm_proto::metrics::GrpcMetricsLayer::new("tenant-service"))
+        // Inside the metrics: a call refused for the limit is counted with its code.
+        .layer(pm_proto::in_flight::InFlightLimit::configured())
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(
