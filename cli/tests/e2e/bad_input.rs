@@ -1,4 +1,5 @@
-//! Every public RPC, called with bad input through the gateway of `pm dev`: each answer has
+//! Every public RPC, called with bad input through the gateway of `pm dev` (and
+//! `RunnerService.Run` at the agent that serves it): each answer has
 //! the exact code, names the field, and never echoes an over-long value back whole (a
 //! message that large would not fit in the `grpc-message` header and the client would see
 //! INTERNAL instead). The expected outcomes are this file's own table; the list of RPCs is
@@ -24,12 +25,6 @@ const MESSAGE_BYTES: usize = 1024;
 
 /// The methods this file called with bad input (the first word of each row's label).
 static COVERED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-
-/// Public methods that the gateway does not serve, and why.
-const NOT_THROUGH_THE_GATEWAY: [(&str, &str); 1] = [(
-    "Run",
-    "RunnerService is served by `pm-agent --runner-listen`, not by the gateway",
-)];
 
 /// Every method of every public service (`pm.v1`), from the compiled protos: a new RPC is
 /// in this list without anyone adding it.
@@ -477,17 +472,59 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
     }
     h.dev.stop().await;
 
-    // Every public RPC has rows here, but those the gateway does not serve.
+    // RunnerService is served by the agent (`pm-agent --runner-listen`), not the gateway.
+    let work = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let options = pm_agent::RunnerOptions {
+        work_root: work.path().to_owned(),
+        ..pm_agent::RunnerOptions::default()
+    };
+    let server = tokio::spawn(pm_agent::serve_runner(
+        listener,
+        options,
+        stop.clone().cancelled_owned(),
+    ));
+    let mut runner = pm_proto::v1::runner_service_client::RunnerServiceClient::new(
+        pm_proto::client::channel(&endpoint).unwrap(),
+    );
+    let uses_url = "stages: [{name: s, jobs: [{name: j, commands: ['echo {{url}}']}]}]";
+    let document = |doc: &str, params: &[(&str, &str)]| RunRequest {
+        source: Some(run_request::Source::SpecDocument(doc.into())),
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    for (what, request, field) in [
+        ("Run without a spec", RunRequest::default(), "source"),
+        (
+            "Run with no stages",
+            document("stages: []", &[]),
+            "spec_document.stages",
+        ),
+        (
+            "Run missing a parameter",
+            document(uses_url, &[]),
+            "params.url",
+        ),
+        (
+            "Run with an undeclared parameter",
+            document(uses_url, &[("url", "x"), ("other", "y")]),
+            "params.other",
+        ),
+    ] {
+        let got = runner.run(request).await.map(|_| ());
+        refused(what, got, InvalidArgument, field);
+    }
+    stop.cancel();
+    let _ = server.await;
+
+    // Every public RPC has rows here.
     let covered = COVERED.lock().unwrap().clone();
-    let elsewhere: BTreeSet<String> = NOT_THROUGH_THE_GATEWAY
-        .iter()
-        .map(|(m, _)| m.to_string())
-        .collect();
     let public = public_methods();
-    let missing: Vec<&String> = public
-        .difference(&covered)
-        .filter(|m| !elsewhere.contains(*m))
-        .collect();
+    let missing: Vec<&String> = public.difference(&covered).collect();
     assert!(
         missing.is_empty(),
         "public RPCs with no bad-input row: {missing:?}"
