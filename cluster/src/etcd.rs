@@ -68,12 +68,19 @@ impl EtcdStore {
         Ok(Self::new(connect(endpoints).await?))
     }
 
+    /// The comparison that `expect` for `key` is in a transaction (none for `Any`).
+    fn compare(key: &str, expect: Expect) -> Option<Compare> {
+        match expect {
+            Expect::Any => None,
+            Expect::Absent => Some(Compare::create_revision(key, CompareOp::Equal, 0)),
+            Expect::Revision(r) => Some(Compare::mod_revision(key, CompareOp::Equal, r as i64)),
+        }
+    }
+
     /// `op` if `expect` holds for `key`; otherwise a read of the key, to report what was found.
     fn conditional(key: &str, expect: Expect, op: TxnOp) -> Txn {
-        let compare = match expect {
-            Expect::Any => return Txn::new().and_then(vec![op]),
-            Expect::Absent => Compare::create_revision(key, CompareOp::Equal, 0),
-            Expect::Revision(r) => Compare::mod_revision(key, CompareOp::Equal, r as i64),
+        let Some(compare) = Self::compare(key, expect) else {
+            return Txn::new().and_then(vec![op]);
         };
         Txn::new()
             .when(vec![compare])
@@ -137,15 +144,7 @@ impl MetadataStore for EtcdStore {
     async fn put_all(&self, writes: Vec<(String, Vec<u8>, Expect)>) -> Result<u64> {
         let compares = writes
             .iter()
-            .filter_map(|(key, _, expect)| match expect {
-                Expect::Any => None,
-                Expect::Absent => Some(Compare::create_revision(key.as_str(), CompareOp::Equal, 0)),
-                Expect::Revision(r) => Some(Compare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    *r as i64,
-                )),
-            })
+            .filter_map(|(key, _, expect)| Self::compare(key, *expect))
             .collect::<Vec<_>>();
         let puts = writes
             .iter()
@@ -175,21 +174,7 @@ impl MetadataStore for EtcdStore {
             })
             .collect();
         for ((key, _, expect), current) in writes.iter().zip(found) {
-            let holds = match expect {
-                Expect::Any => true,
-                Expect::Absent => current.is_none(),
-                Expect::Revision(r) => current == Some(*r),
-            };
-            if !holds {
-                return Err(Error::Conflict {
-                    key: key.clone(),
-                    expected: match expect {
-                        Expect::Revision(r) => *r,
-                        _ => 0,
-                    },
-                    found: current.unwrap_or(0),
-                });
-            }
+            crate::metadata::check(key, *expect, current)?;
         }
         // Changed between the transaction and its reads: still a conflict.
         Err(Error::Conflict {

@@ -134,7 +134,8 @@ impl EmbeddedStore {
     }
 }
 
-fn check(key: &str, expect: Expect, current: Option<u64>) -> Result<()> {
+/// `Ok` if `expect` holds for `key` at revision `current` (`None`: absent); else the conflict.
+pub(crate) fn check(key: &str, expect: Expect, current: Option<u64>) -> Result<()> {
     let found = current.unwrap_or(0);
     let ok = match expect {
         Expect::Any => true,

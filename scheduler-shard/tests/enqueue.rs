@@ -9,10 +9,48 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use pm_proto::internal::v1::enqueue_result;
+use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
 use pm_proto::v1::{GetTaskRequest, ListTasksRequest, Task};
+use tonic::transport::Channel;
 
 const PIPELINE: &str = "tenants/t/applications/a/pipelines/p";
+
+/// A shard server on a loopback port, its store in a temp dir.
+struct Shard {
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Shard {
+    async fn start() -> (ShardServiceClient<Channel>, Shard) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let scheduler =
+            pm_scheduler_shard::open(pm_scheduler_shard::Options::default(), Some(dir.path()))
+                .unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(pm_scheduler_shard::run(
+            listener,
+            scheduler,
+            stop.clone().cancelled_owned(),
+        ));
+        let client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
+        let shard = Shard {
+            _dir: dir,
+            stop,
+            server,
+        };
+        (client, shard)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.server.await.unwrap().unwrap();
+    }
+}
 
 fn with_spec() -> EnqueueTask {
     EnqueueTask {
@@ -37,18 +75,7 @@ fn by_id(spec_id: Vec<u8>) -> EnqueueTask {
 
 #[tokio::test]
 async fn tasks_name_their_spec_by_id_and_bad_ones_are_refused_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let scheduler =
-        pm_scheduler_shard::open(pm_scheduler_shard::Options::default(), Some(dir.path())).unwrap();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(pm_scheduler_shard::run(
-        listener,
-        scheduler,
-        stop.clone().cancelled_owned(),
-    ));
-    let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
+    let (mut client, shard) = Shard::start().await;
     let id = pm_spec::spec_id(&common::spec(vec!["true".into()])).to_vec();
 
     // One request: an id the shard does not hold yet, a malformed id, neither spec nor id,
@@ -112,8 +139,7 @@ async fn tasks_name_their_spec_by_id_and_bad_ones_are_refused_alone() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.tasks.len(), acknowledged.len());
-    stop.cancel();
-    server.await.unwrap().unwrap();
+    shard.stop().await;
 }
 
 /// Asked for (as the gateway asks), a task queued by the call comes back as its id and time:
@@ -122,18 +148,7 @@ async fn tasks_name_their_spec_by_id_and_bad_ones_are_refused_alone() {
 /// first was earlier in the same call or in an earlier one.
 #[tokio::test]
 async fn queued_tasks_come_back_as_ids_when_asked_and_repeats_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let scheduler =
-        pm_scheduler_shard::open(pm_scheduler_shard::Options::default(), Some(dir.path())).unwrap();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(pm_scheduler_shard::run(
-        listener,
-        scheduler,
-        stop.clone().cancelled_owned(),
-    ));
-    let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
+    let (mut client, shard) = Shard::start().await;
     let keyed = |param: &str| {
         let mut item = with_spec();
         let task = item.task.as_mut().unwrap();
@@ -203,6 +218,5 @@ async fn queued_tasks_come_back_as_ids_when_asked_and_repeats_whole() {
         answer.results[0].outcome,
         Some(enqueue_result::Outcome::Task(_))
     ));
-    stop.cancel();
-    server.await.unwrap().unwrap();
+    shard.stop().await;
 }

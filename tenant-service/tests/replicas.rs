@@ -45,6 +45,28 @@ async fn replica(store: Arc<dyn MetadataStore>) -> Replica {
     }
 }
 
+/// The tenant `t` (through `tenants`) and its application `a` (through `pipelines`).
+async fn make_application(
+    tenants: &mut TenantServiceClient<Channel>,
+    pipelines: &mut PipelineServiceClient<Channel>,
+) {
+    tenants
+        .create_tenant(CreateTenantRequest {
+            tenant_id: "t".into(),
+            tenant: None,
+        })
+        .await
+        .unwrap();
+    pipelines
+        .create_application(CreateApplicationRequest {
+            parent: "tenants/t".into(),
+            application_id: "a".into(),
+            application: None,
+        })
+        .await
+        .unwrap();
+}
+
 fn apply(command: String) -> ApplyPipelineRequest {
     ApplyPipelineRequest {
         parent: APP.into(),
@@ -58,22 +80,8 @@ fn apply(command: String) -> ApplyPipelineRequest {
 async fn concurrent_applies_get_distinct_versions(store: Arc<dyn MetadataStore>) {
     let mut one = replica(store.clone()).await;
     let mut two = replica(store).await;
-    one.tenants
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "t".into(),
-            tenant: None,
-        })
-        .await
-        .unwrap();
     // Made by one replica, seen by the other.
-    two.pipelines
-        .create_application(CreateApplicationRequest {
-            parent: "tenants/t".into(),
-            application_id: "a".into(),
-            application: None,
-        })
-        .await
-        .unwrap();
+    make_application(&mut one.tenants, &mut two.pipelines).await;
     let seen = one
         .pipelines
         .get_application(GetApplicationRequest { name: APP.into() })
@@ -167,21 +175,7 @@ async fn a_version_left_by_a_cut_apply_is_taken_over(store: Arc<dyn MetadataStor
     use prost::Message;
 
     let mut one = replica(store.clone()).await;
-    one.tenants
-        .create_tenant(CreateTenantRequest {
-            tenant_id: "t".into(),
-            tenant: None,
-        })
-        .await
-        .unwrap();
-    one.pipelines
-        .create_application(CreateApplicationRequest {
-            parent: "tenants/t".into(),
-            application_id: "a".into(),
-            application: None,
-        })
-        .await
-        .unwrap();
+    make_application(&mut one.tenants, &mut one.pipelines).await;
     let first = one.pipelines.apply_pipeline(apply("echo 1".into())).await;
     assert_eq!(first.unwrap().into_inner().version, 1);
 
