@@ -3,7 +3,8 @@
 # - protox's binary in .tools/, the `protoc` etcd-client's build script runs (.cargo/config.toml);
 # - an etcd server for the cluster tests (Debian's etcd-server, /usr/bin/etcd), unless
 #   PM_ETCD_BIN names one already;
-# - curl (the sample pipeline fetches file:// URLs with it);
+# - wget and tesseract (Debian's tesseract-ocr, with English), which the sample OCR pipeline
+#   runs, and curl;
 # - promtool (Debian's prometheus), which lints a live scrape in the metrics test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ fi
 
 packages=()
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v wget >/dev/null 2>&1 || packages+=(wget)
+command -v tesseract >/dev/null 2>&1 || packages+=(tesseract-ocr)
 if [ "${1:-}" = "--test" ] && [ -z "${PM_ETCD_BIN:-}" ] && [ ! -x /usr/bin/etcd ]; then
     packages+=(etcd-server)
 fi

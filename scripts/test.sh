@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# protox (etcd-client's protoc), etcd for the cluster tests, curl for the sample pipeline.
+# protox (etcd-client's protoc), etcd for the cluster tests, wget and tesseract for the
+# sample pipeline, promtool.
 ./scripts/setup.sh --test
 
 # CI runs in a fresh clone on a machine that may keep an earlier build: share its target dir.

@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use pm_proto::v1::{OutputStream, StepResult};
 
+use crate::work_mount::Binding;
+
 /// How one step runs.
 #[derive(Debug, Clone)]
 pub struct Step<'a> {
@@ -44,6 +46,9 @@ pub struct Step<'a> {
     pub output_limit: usize,
     /// Between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// Enter a private mount namespace with the work directory at `/mnt/pipe` first
+    /// ([`crate::work_mount`]).
+    pub mount: Option<&'a Binding>,
 }
 
 /// PATH when this process has none.
@@ -189,7 +194,7 @@ pub async fn run_step(
         .arg(step.command)
         .current_dir(step.work_dir)
         .env_clear()
-        .env("HOME", step.work_dir)
+        .env("HOME", step.mount.map_or(step.work_dir, Binding::target))
         .envs(step.base_env.iter().map(|(k, v)| (k, v)))
         .envs(step.env.iter().map(|(k, v)| (k, v)))
         .env(STEP_ID_VAR, &step_id)
@@ -198,6 +203,9 @@ pub async fn run_step(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(binding) = step.mount {
+        binding.attach_tokio(&mut command);
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -339,6 +347,7 @@ mod tests {
             base_env: &[],
             env: &[],
             deadline: None,
+            mount: None,
             output_limit: 1024,
             kill_grace: Duration::from_millis(500),
         }

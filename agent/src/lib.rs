@@ -7,6 +7,7 @@
 //! - [`metrics`]: the agent's metric names.
 //! - [`runner_service`]: `pm.v1.RunnerService.Run`, direct runs without a scheduler.
 //! - [`sidecar`]: executors in their own containers: the exec-server and its client.
+//! - [`work_mount`]: each task's work directory at `/mnt/pipe` for its commands.
 
 pub mod agent_stream;
 pub mod executor;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod runner;
 pub mod runner_service;
 pub mod sidecar;
+pub mod work_mount;
 
 use std::future::Future;
 
@@ -24,6 +26,7 @@ use pm_proto::v1::runner_service_server::RunnerServiceServer;
 
 pub use agent_stream::{AgentOptions, run};
 pub use runner::RunnerOptions;
+pub use work_mount::WorkMount;
 
 /// Serves `RunnerService` (plus health and reflection) on `listener` until `shutdown`.
 pub async fn serve_runner(

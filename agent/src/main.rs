@@ -33,6 +33,11 @@ struct Args {
     /// Where per-task work directories are made.
     #[arg(long, env = "PM_WORK_ROOT", default_value = "/tmp/pm-work")]
     work_root: PathBuf,
+    /// Show each task's work directory to its host jobs at this path (e.g. /mnt/pipe, where
+    /// the source documents' commands write), through a private mount namespace per step, or
+    /// one task at a time where none is allowed. Off when not given.
+    #[arg(long, env = "PM_WORK_DIR_AT")]
+    work_dir_at: Option<PathBuf>,
     /// Keep the work directory of a task that failed, for inspection.
     #[arg(long, env = "PM_KEEP_FAILED_WORK_DIRS")]
     keep_failed_work_dirs: bool,
@@ -156,9 +161,11 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
+    let work_mount = pm_agent::work_mount::probe(args.work_dir_at.as_deref(), &args.work_root);
     if let Some(Command::Run { file, params }) = &args.command {
         let runner = RunnerOptions {
             work_root: args.work_root.clone(),
+            work_mount: work_mount.for_concurrent_runs(),
             keep_failed_work_dirs: args.keep_failed_work_dirs,
             pass_env: args.pass_env.clone(),
             task_output_limit: args.task_output_bytes,
@@ -178,8 +185,10 @@ async fn main() -> std::process::ExitCode {
         eprintln!("pm-agent: --slots must be at least 1");
         return std::process::ExitCode::from(64);
     }
+    let slots = work_mount.limit_slots(args.slots);
     let runner = RunnerOptions {
         work_root: args.work_root,
+        work_mount,
         keep_failed_work_dirs: args.keep_failed_work_dirs,
         sidecars,
         pass_env: args.pass_env,
@@ -207,7 +216,9 @@ async fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(64);
             }
         };
-        let (runner, stop) = (runner.clone(), shutdown.clone());
+        let (mut runner, stop) = (runner.clone(), shutdown.clone());
+        // Direct runs are not counted in the agent's slots.
+        runner.work_mount = runner.work_mount.for_concurrent_runs();
         tokio::spawn(async move {
             if let Err(e) = pm_agent::serve_runner(listener, runner, stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "runner service failed");
@@ -218,7 +229,7 @@ async fn main() -> std::process::ExitCode {
         endpoint: args.endpoint,
         agent_id: args.agent_id.unwrap_or_else(default_agent_id),
         pipelines: args.pipelines,
-        slots: args.slots,
+        slots,
         executors: args.executors,
         runner,
         drain_timeout: std::time::Duration::from_secs(args.drain_seconds),

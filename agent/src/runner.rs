@@ -25,6 +25,7 @@ use pm_spec::{ResolvedParams, env_name, render};
 
 use crate::executor::{self, Step};
 use crate::sidecar::{self, Sidecars};
+use crate::work_mount::{Binding, WorkMount};
 
 /// How the agent runs tasks.
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct RunnerOptions {
     /// Variables of the agent's environment that jobs on the host may see (besides PATH);
     /// no other is passed. Sidecar jobs get their exec-server's own allowlist instead.
     pub pass_env: Vec<String>,
+    /// How host jobs see their work directory (at `/mnt/pipe`, see [`WorkMount::probe`]).
+    pub work_mount: WorkMount,
 }
 
 impl Default for RunnerOptions {
@@ -61,6 +64,7 @@ impl Default for RunnerOptions {
             retry_backoff: Duration::from_millis(500),
             sidecars: Sidecars::new(),
             pass_env: Vec::new(),
+            work_mount: WorkMount::Off,
         }
     }
 }
@@ -128,12 +132,15 @@ pub async fn run_task(
     let started = Instant::now();
     let task_deadline = (run.timeout_seconds > 0)
         .then(|| started + Duration::from_secs(run.timeout_seconds.into()));
-    let work_dir = options.work_root.join(sanitize(&run.id));
+    let work_dir = options
+        .work_mount
+        .work_dir(options.work_root.join(sanitize(&run.id)));
+    let mount = options.work_mount.binding(&work_dir);
     let mut result = TaskResult {
         succeeded: true,
         ..TaskResult::default()
     };
-    if let Err(e) = tokio::fs::create_dir_all(&work_dir).await {
+    if let Err(e) = make_work_dir(&options.work_mount, &work_dir).await {
         result.succeeded = false;
         result.error = format!("cannot make work directory {}: {e}", work_dir.display());
         return result;
@@ -146,6 +153,7 @@ pub async fn run_task(
                 &stage.name,
                 job,
                 &work_dir,
+                mount.as_ref(),
                 task_deadline,
                 &events,
                 &cancel,
@@ -166,11 +174,42 @@ pub async fn run_task(
     result.duration_ms = started.elapsed().as_millis() as u64;
     fit_output(&mut result, options.task_output_limit);
     if (result.succeeded || !options.keep_failed_work_dirs)
-        && let Err(e) = tokio::fs::remove_dir_all(&work_dir).await
+        && let Err(e) = remove_work_dir(&options.work_mount, &work_dir).await
     {
         tracing::warn!(dir = %work_dir.display(), error = %e, "work directory not removed");
     }
     result
+}
+
+/// A task's work directory, made empty: an exclusive one is emptied of what the last task
+/// left (kept for inspection, or not removable then).
+async fn make_work_dir(mount: &WorkMount, dir: &Path) -> std::io::Result<()> {
+    if matches!(mount, WorkMount::Exclusive { .. }) {
+        remove_work_dir(mount, dir).await?;
+    }
+    tokio::fs::create_dir_all(dir).await
+}
+
+/// Removes a task's work directory; an exclusive one (the mount point) only loses its
+/// contents.
+async fn remove_work_dir(mount: &WorkMount, dir: &Path) -> std::io::Result<()> {
+    if !matches!(mount, WorkMount::Exclusive { .. }) {
+        return tokio::fs::remove_dir_all(dir).await;
+    }
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    while let Some(entry) = entries.next_entry().await? {
+        let path = entry.path();
+        if entry.file_type().await?.is_dir() {
+            tokio::fs::remove_dir_all(&path).await?;
+        } else {
+            tokio::fs::remove_file(&path).await?;
+        }
+    }
+    Ok(())
 }
 
 fn describe_failure(
@@ -215,6 +254,7 @@ async fn run_job(
     stage: &str,
     job: &Job,
     work_dir: &Path,
+    mount: Option<&Binding>,
     task_deadline: Option<Instant>,
     events: &Events,
     cancel: &CancellationToken,
@@ -228,7 +268,10 @@ async fn run_job(
         .map(|(k, v)| (env_name(k), v.clone()))
         .collect();
     env.push(("PM_TASK_ID".into(), run.id.clone()));
-    env.push(("PM_WORK_DIR".into(), work_dir.display().to_string()));
+    // Sidecars run their steps where the agent made the directory (no binding there).
+    let mount = mount.filter(|_| !options.sidecars.contains_key(&job.executor));
+    let visible_dir = mount.map_or(work_dir, Binding::target);
+    env.push(("PM_WORK_DIR".into(), visible_dir.display().to_string()));
     env.push(("PM_STAGE".into(), stage.to_owned()));
     env.push(("PM_JOB".into(), job.name.clone()));
     let base_env = crate::executor::base_env(&options.pass_env);
@@ -287,6 +330,7 @@ async fn run_job(
                 deadline,
                 output_limit: options.output_limit,
                 kill_grace: options.kill_grace,
+                mount,
             };
             let on_output = |stream: OutputStream, data: &str| {
                 emit(

@@ -127,6 +127,9 @@ impl ExecService for ExecServer {
                     .then(|| Instant::now() + Duration::from_millis(req.timeout_ms)),
                 output_limit: usize::try_from(output_limit).unwrap_or(usize::MAX),
                 kill_grace: Duration::from_millis(req.kill_grace_ms),
+                // Sidecar steps see their directory where the agent made it (not bound at
+                // /mnt/pipe: README.md, "The work directory").
+                mount: None,
             };
             let result = executor::run_step(&step, &cancel, |stream, data| {
                 let event = ExecEvent {

@@ -40,6 +40,9 @@ pub struct DevOptions {
     /// Turn authentication on: every call needs a token; a platform admin's token is kept
     /// fresh in `<data_dir>/admin.token`.
     pub auth: bool,
+    /// Show each task's work directory to its jobs here (`/mnt/pipe`, as the source
+    /// documents' commands expect; see [`pm_agent::work_mount`]).
+    pub work_dir_at: Option<PathBuf>,
 }
 
 /// The platform admin's token, rewritten while `pm dev --auth` runs.
@@ -55,6 +58,11 @@ pub struct Dev {
     pub addr: SocketAddr,
     /// With `--auth`: the platform admin's credentials.
     pub admin: Option<Credentials>,
+    /// How the agent's jobs see their work directories.
+    pub work_mount: pm_agent::WorkMount,
+    /// With the sample pipeline: where the sample image is served on loopback
+    /// ([`crate::demo`]).
+    pub sample_image_url: Option<String>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -124,15 +132,22 @@ impl Dev {
                 tracing::error!(error = %e, "gateway stopped");
             }
         });
+        // Beside the data dir, not in it: a job's `..` is not the shard's files.
+        let work_root = work_root(&options.data_dir);
+        let work_mount = {
+            let (at, root) = (options.work_dir_at.clone(), work_root.clone());
+            tokio::task::spawn_blocking(move || pm_agent::work_mount::probe(at.as_deref(), &root))
+                .await?
+        };
         let agent = pm_agent::AgentOptions {
             endpoint: format!("http://{addr}"),
             agent_id: "pm-dev".to_owned(),
             pipelines: Vec::new(),
-            slots: options.slots,
+            slots: work_mount.limit_slots(options.slots),
             executors: Vec::new(),
             runner: pm_agent::RunnerOptions {
-                // Beside the data dir, not in it: a job's `..` is not the shard's files.
-                work_root: work_root(&options.data_dir),
+                work_root,
+                work_mount: work_mount.clone(),
                 ..pm_agent::RunnerOptions::default()
             },
             drain_timeout: std::time::Duration::from_secs(5),
@@ -165,8 +180,25 @@ impl Dev {
                 }
             });
         }
+        let sample_image_url = if options.sample {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!(
+                "http://{}{}",
+                listener.local_addr()?,
+                crate::demo::SAMPLE_IMAGE_PATH
+            );
+            tasks.spawn(crate::demo::serve_sample(
+                listener,
+                shutdown.clone().cancelled_owned(),
+            ));
+            Some(url)
+        } else {
+            None
+        };
         Ok(Dev {
             admin: admin.map(|a| a.credentials),
+            work_mount,
+            sample_image_url,
             addr,
             shutdown,
             tasks,

@@ -50,6 +50,7 @@ async fn start_with_slots(slots: u32) -> Harness {
         sample: true,
         slots,
         auth: false,
+        work_dir_at: Some(pm_agent::work_mount::DEFAULT_AT.into()),
     })
     .await
     .unwrap();
@@ -156,25 +157,34 @@ fn step(task: &Task, job: usize, step: usize) -> &StepResult {
     &task.result.as_ref().expect("a result").jobs[job].steps[step]
 }
 
+/// The sample pipeline: wget fetches the sample image over HTTP, real tesseract reads it,
+/// the text is printed; every path is under /mnt/pipe. Then once more as `pm dev --demo`
+/// runs it (the same code).
 #[tokio::test]
-async fn ocr_flow_fetches_transforms_and_prints() {
+async fn ocr_flow_downloads_recognizes_and_prints() {
     let mut h = start().await;
-    let doc = h.dir.path().join("scan.txt");
-    std::fs::write(&doc, "hello from the scanner\n").unwrap();
-    let url = format!("file://{}", doc.display());
-    let submitted = h.submit("ocr", &[("url", &url)]).await.unwrap();
+    let image = h
+        .dev
+        .sample_image_url
+        .clone()
+        .expect("the sample is served");
+    let submitted = h.submit("ocr", &[("url", &image)]).await.unwrap();
     assert_eq!(state(&submitted), TaskState::Ready);
     assert_eq!(submitted.pipeline_version, 1);
     let (task, events) = h.finish(&submitted.name).await;
 
-    assert_eq!(state(&task), TaskState::Done, "{task:#?}");
+    let text = pm_cli::demo::SAMPLE_TEXT;
+    assert_eq!(
+        pm_cli::demo::recognized(&task),
+        Ok(text.to_owned()),
+        "{task:#?}"
+    );
     assert_eq!(task.attempt, 1);
     let result = task.result.as_ref().unwrap();
-    assert!(result.succeeded);
     assert_eq!(result.jobs.len(), 2);
     assert_eq!(result.jobs[0].job, "download");
     assert_eq!(step(&task, 0, 0).exit_code, 0);
-    assert_eq!(step(&task, 1, 1).stdout, "HELLO FROM THE SCANNER\n");
+    assert_eq!(step(&task, 1, 1).stdout.trim(), text);
     // Progress streamed while it ran, not only at the end.
     let streamed: String = events
         .iter()
@@ -183,8 +193,13 @@ async fn ocr_flow_fetches_transforms_and_prints() {
             _ => None,
         })
         .collect();
-    assert!(streamed.contains("HELLO FROM THE SCANNER"), "{streamed:?}");
-    assert!(events.iter().any(|e| matches!(&e.event, Some(task_event::Event::StepStarted(s)) if s.command.contains("curl"))));
+    assert!(streamed.contains(text), "{streamed:?}");
+    assert!(events.iter().any(|e| matches!(&e.event, Some(task_event::Event::StepStarted(s)) if s.command.starts_with("tesseract /mnt/pipe/image.png"))));
+
+    let (endpoint, anyone) = (h.dev.endpoint(), Default::default());
+    let demo = pm_cli::demo::run_sample(&endpoint, &anyone, &image, WAIT);
+    let demo = demo.await.unwrap();
+    assert_eq!(pm_cli::demo::recognized(&demo), Ok(text.to_owned()));
 
     let got = h
         .tasks
@@ -205,8 +220,120 @@ async fn ocr_flow_fetches_transforms_and_prints() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.tasks.len(), 1);
-    assert_eq!(listed.tasks[0].name, task.name);
+    assert_eq!(listed.tasks.len(), 2);
+    assert_eq!(listed.tasks[1].name, task.name, "newest first");
+    h.dev.stop().await;
+}
+
+/// `examples/seeds/`: one pipeline in each shape of the source documents, applied as
+/// written (no `name`, no `params:` where the document has none) and run to DONE.
+#[tokio::test]
+async fn the_source_documents_shapes_apply_and_run() {
+    let mut h = start_with_slots(4).await;
+    let image = h.dev.sample_image_url.clone().unwrap();
+    let bucket = h.dir.path().join("bucket");
+    let bucket = bucket.to_str().unwrap();
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seeds");
+    // (file, the parameters a task gives, what a step must have printed)
+    type Run<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let runs: [Run; 4] = [
+        (
+            "pipeline-manager-task.json",
+            &[("image", &image), ("bucket", bucket)],
+            "",
+        ),
+        (
+            "workload-scheduler-ocr.json",
+            &[("url", &image)],
+            pm_cli::demo::SAMPLE_TEXT,
+        ),
+        ("task-pipeline.yaml", &[], "29"),
+        ("task-pipeline.json", &[], "tested"),
+    ];
+    let mut files: Vec<_> = std::fs::read_dir(&seeds)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.ends_with(".json") || f.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    let mut listed: Vec<_> = runs.iter().map(|r| r.0.to_owned()).collect();
+    listed.sort();
+    assert_eq!(files, listed, "every fixture is run");
+    for (i, (file, params, printed)) in runs.into_iter().enumerate() {
+        let document = std::fs::read_to_string(seeds.join(file)).unwrap();
+        let id = format!("seed-{i}");
+        let applied = h
+            .pipelines
+            .apply_pipeline(ApplyPipelineRequest {
+                parent: APP.into(),
+                pipeline_id: id.clone(),
+                source: Some(apply_pipeline_request::Source::SpecDocument(document)),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{file}: {s:?}"))
+            .into_inner();
+        let declared = &applied.spec.as_ref().unwrap().params;
+        for (name, _) in params {
+            assert!(
+                declared[*name].required,
+                "{file}: {name} is implicitly required"
+            );
+        }
+        let task = h.run_to_end(&id, params).await;
+        assert_eq!(state(&task), TaskState::Done, "{file}: {task:#?}");
+        let outputs: Vec<_> = task
+            .result
+            .as_ref()
+            .unwrap()
+            .jobs
+            .iter()
+            .flat_map(|j| &j.steps)
+            .map(|s| s.stdout.trim())
+            .collect();
+        assert!(
+            outputs.contains(&printed),
+            "{file}: {printed:?} not in {outputs:?}"
+        );
+    }
+    // pipeline-manager's task recognized both downloads and "uploaded" them to its bucket.
+    for copy in ["first.txt", "second.txt"] {
+        let text = std::fs::read_to_string(Path::new(bucket).join(copy)).unwrap();
+        assert_eq!(text.trim(), pm_cli::demo::SAMPLE_TEXT);
+    }
+    h.dev.stop().await;
+}
+
+/// The source documents' commands name /mnt/pipe: each task sees its own directory there,
+/// however many run at once, and nothing of it is left on the host.
+#[tokio::test]
+async fn concurrent_tasks_each_see_their_own_mnt_pipe() {
+    let mut h = start_with_slots(8).await;
+    assert!(
+        matches!(h.dev.work_mount, pm_agent::WorkMount::Private { .. }),
+        "this machine allows a mount namespace (root): {:?}",
+        h.dev.work_mount
+    );
+    h.apply(
+        "name: pipe\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['echo {{n}} > /mnt/pipe/mine', 'sleep 0.5', 'cat /mnt/pipe/mine', 'ls -A /mnt/pipe', 'rm -r /mnt/pipe/*'] }\n",
+    )
+    .await;
+    let mut names = Vec::new();
+    for n in 0..6 {
+        names.push(
+            h.submit("pipe", &[("n", &n.to_string())])
+                .await
+                .unwrap()
+                .name,
+        );
+    }
+    for (n, name) in names.iter().enumerate() {
+        let (task, _) = h.finish(name).await;
+        assert_eq!(state(&task), TaskState::Done, "{task:#?}");
+        assert_eq!(step(&task, 0, 2).stdout, format!("{n}\n"), "its own file");
+        assert_eq!(step(&task, 0, 3).stdout, "mine\n", "only its own file");
+    }
+    let host = std::fs::read_dir(pm_agent::work_mount::DEFAULT_AT).unwrap();
+    assert!(host.filter_map(Result::ok).all(|e| e.file_name() != "mine"));
     h.dev.stop().await;
 }
 
@@ -581,9 +708,7 @@ async fn bad_input_gets_the_exact_code_naming_the_field() {
     );
 
     // A batch: each task is acknowledged or refused on its own, and the good one runs.
-    let doc = h.dir.path().join("ok.txt");
-    std::fs::write(&doc, "batch").unwrap();
-    let url = format!("file://{}", doc.display());
+    let url = h.dev.sample_image_url.clone().unwrap();
     let good = SubmitTaskRequest {
         parent: pipeline_name("ocr"),
         params: HashMap::from([("url".into(), url)]),
@@ -613,7 +738,7 @@ async fn bad_input_gets_the_exact_code_naming_the_field() {
         panic!("{results:?}")
     };
     let (task, _) = h.finish(&accepted.name).await;
-    assert_eq!(step(&task, 1, 1).stdout, "BATCH");
+    assert_eq!(step(&task, 1, 1).stdout.trim(), pm_cli::demo::SAMPLE_TEXT);
     let e = h
         .tasks
         .submit_tasks(SubmitTasksRequest { requests: vec![] })
@@ -735,12 +860,9 @@ fn pmctl(endpoint: &str, args: &[&str]) -> std::process::Output {
 async fn pmctl_applies_submits_waits_and_exits_by_state() {
     let h = start().await;
     let endpoint = h.dev.endpoint();
-    let dir = h.dir.path().to_owned();
+    let url = format!("url={}", h.dev.sample_image_url.clone().unwrap());
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let out = tokio::task::spawn_blocking(move || {
-        let doc = dir.join("page.txt");
-        std::fs::write(&doc, "printed by pmctl").unwrap();
-        let url = format!("url=file://{}", doc.display());
         let applied = pmctl(
             &endpoint,
             &[
@@ -759,7 +881,7 @@ async fn pmctl_applies_submits_waits_and_exits_by_state() {
         );
         let stdout = String::from_utf8_lossy(&ok.stdout).into_owned();
         assert_eq!(ok.status.code(), Some(0), "{ok:?}");
-        assert!(stdout.contains("PRINTED BY PMCTL"), "{stdout}");
+        assert!(stdout.contains(pm_cli::demo::SAMPLE_TEXT), "{stdout}");
         assert!(stdout.contains(" DONE"), "{stdout}");
 
         let missing = pmctl(&endpoint, &["submit", "default/demo/ocr", "--wait"]);
@@ -775,7 +897,7 @@ async fn pmctl_applies_submits_waits_and_exits_by_state() {
                 "submit",
                 "default/demo/ocr",
                 "--param",
-                "url=file:///no/such/file",
+                "url=http://127.0.0.1:1/nothing.png",
                 "--wait",
             ],
         );

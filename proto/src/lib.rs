@@ -8,6 +8,7 @@ pub mod connections;
 pub mod in_flight;
 pub mod metrics;
 pub mod names;
+pub mod plain_http;
 pub mod server;
 pub mod status;
 pub mod tls;

@@ -22,6 +22,8 @@ use bytes::Bytes;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::plain_http;
+
 /// Bucket bounds (seconds) of every latency histogram: 100 µs to 30 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -118,55 +120,30 @@ pub async fn serve_port(shutdown: impl Future<Output = ()> + Send + 'static) {
 
 /// Serves `GET /metrics` (Prometheus text format 0.0.4) on `listener` until `shutdown`,
 /// and folds histogram samples every few seconds meanwhile. HTTP/1.1, plaintext: a scrape
-/// port inside the cluster, like every exporter's.
+/// port inside the cluster, like every exporter's ([`crate::plain_http`]'s bounds).
 pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
     let handle = install();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = upkeep.tick() => handle.run_upkeep(),
-            // Reap finished connections so the set does not grow.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                if connections.len() >= MAX_SCRAPE_CONNECTIONS {
-                    continue; // dropped: closed at once
-                }
-                connections.spawn(scrape_connection(stream));
-            }
+    let upkeep = async {
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
         }
+    };
+    let respond = |method: &http::Method, path: &str| match (method, path) {
+        (&http::Method::GET, "/metrics") => plain_http::ok(
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(render()),
+        ),
+        _ => plain_http::text(
+            http::StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        ),
+    };
+    tokio::select! {
+        () = plain_http::serve(listener, respond, shutdown) => {}
+        () = upkeep => {}
     }
-    connections.shutdown().await;
-}
-
-/// Scrapers served at once; past it a new connection is closed.
-const MAX_SCRAPE_CONNECTIONS: usize = 16;
-/// A scrape connection idle this long is closed.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn scrape_connection(stream: tokio::net::TcpStream) {
-    let service = hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| {
-        let response = match (request.method(), request.uri().path()) {
-            (&http::Method::GET, "/metrics") => http::Response::builder()
-                .header(
-                    http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-                .body(http_body_util::Full::new(Bytes::from(render()))),
-            _ => http::Response::builder()
-                .status(http::StatusCode::NOT_FOUND)
-                .body(http_body_util::Full::new(Bytes::from_static(
-                    b"not found: metrics are at /metrics\n",
-                ))),
-        };
-        std::future::ready(response)
-    });
-    let connection = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(SCRAPE_TIMEOUT, connection).await;
 }
 
 /// The kinds of every method of our protos and the standard services we mount, by path

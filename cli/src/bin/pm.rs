@@ -41,8 +41,23 @@ enum Command {
         /// How log lines are written to stderr.
         #[arg(long, env = "PM_LOG_FORMAT", value_enum, default_value_t)]
         log_format: pm_proto::server::LogFormat,
+        /// Where jobs see their task's work directory: a private mount namespace per step
+        /// binds it here where the host allows one, else this directory is the work
+        /// directory and tasks run one at a time.
+        #[arg(long, env = "PM_WORK_DIR_AT", default_value = pm_agent::work_mount::DEFAULT_AT)]
+        work_dir_at: PathBuf,
+        /// Once serving, run the sample OCR pipeline on the sample image and print the text
+        /// it recognized.
+        #[arg(long, conflicts_with = "no_sample")]
+        demo: bool,
+        /// Leave work directories where they are made (no --work-dir-at).
+        #[arg(long, conflicts_with = "work_dir_at")]
+        no_work_dir_at: bool,
     },
 }
+
+/// How long `--demo` waits for its task.
+const DEMO_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -55,6 +70,9 @@ async fn main() -> std::process::ExitCode {
         auth,
         metrics_listen,
         log_format,
+        work_dir_at,
+        no_work_dir_at,
+        demo,
     } = Cli::parse().command;
     pm_proto::server::init_tracing(log_format);
     if slots == 0 {
@@ -80,6 +98,7 @@ async fn main() -> std::process::ExitCode {
         sample: !no_sample,
         slots,
         auth,
+        work_dir_at: (!no_work_dir_at).then_some(work_dir_at),
     };
     let token_file = options.data_dir.join(pm_cli::dev::ADMIN_TOKEN_FILE);
     let dev = match Dev::start(options).await {
@@ -100,22 +119,37 @@ async fn main() -> std::process::ExitCode {
             "pm dev: metrics of every component at http://{addr}/metrics"
         ));
     }
+    let token_env = match auth {
+        true => format!("PM_TOKEN_FILE={} ", token_file.display()),
+        false => String::new(),
+    };
     if auth {
         say(format!(
             "pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth ON: a platform admin's token is in {})",
-            token_file.display()
-        ));
-        say(format!(
-            "pm dev: try  PM_TOKEN_FILE={} pmctl --endpoint {endpoint} submit default/demo/ocr --param url=file:///etc/hostname --wait",
             token_file.display()
         ));
     } else {
         say(format!(
             "pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth OFF: anyone who reaches this port controls everything; --auth turns it on)"
         ));
+    }
+    if let Some(image) = &dev.sample_image_url {
         say(format!(
-            "pm dev: try  pmctl --endpoint {endpoint} submit default/demo/ocr --param url=file:///etc/hostname --wait"
+            "pm dev: try  {token_env}pmctl --endpoint {endpoint} submit default/demo/ocr --param url={image} --wait"
         ));
+    }
+    if let (true, Some(image)) = (demo, &dev.sample_image_url) {
+        let credentials = dev.admin.clone().unwrap_or_default();
+        let ran = pm_cli::demo::run_sample(&endpoint, &credentials, image, DEMO_WAIT).await;
+        match ran
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|task| pm_cli::demo::recognized(&task).map(|text| (task.name, text)))
+        {
+            Ok((name, text)) => say(format!(
+                "pm dev: demo: tesseract read {text:?} in {image} ({name})"
+            )),
+            Err(e) => say(format!("pm dev: demo failed: {e}")),
+        }
     }
     pm_proto::server::shutdown_signal().await;
     dev.stop().await;

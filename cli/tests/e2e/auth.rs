@@ -145,6 +145,7 @@ impl Fixture {
             sample: false,
             slots: 4,
             auth: true,
+            work_dir_at: None,
         })
         .await
         .unwrap();

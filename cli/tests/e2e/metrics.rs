@@ -17,6 +17,8 @@ struct PmDev {
     child: Child,
     endpoint: String,
     metrics: String,
+    /// The sample image pm dev serves.
+    image: String,
     _dir: tempfile::TempDir,
 }
 
@@ -55,8 +57,8 @@ fn pm_dev() -> PmDev {
         }
     });
     let deadline = std::time::Instant::now() + WAIT;
-    let (mut endpoint, mut metrics) = (None, None);
-    while endpoint.is_none() || metrics.is_none() {
+    let (mut endpoint, mut metrics, mut image) = (None, None, None);
+    while endpoint.is_none() || metrics.is_none() || image.is_none() {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let line = rx
             .recv_timeout(left)
@@ -79,6 +81,9 @@ fn pm_dev() -> PmDev {
         if line.contains("serving gRPC") {
             endpoint = word_after(" on ");
         }
+        if line.contains(" try ") {
+            image = word_after("--param url=");
+        }
         if line.contains("metrics of every component") {
             metrics = word_after(" at ").map(|url| url.trim_end_matches("/metrics").to_owned());
         }
@@ -87,6 +92,7 @@ fn pm_dev() -> PmDev {
         child,
         endpoint: endpoint.unwrap(),
         metrics: metrics.unwrap(),
+        image: image.unwrap(),
         _dir: dir,
     }
 }
@@ -180,7 +186,7 @@ async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
     // Three sample tasks to their end, and one refused.
     for _ in 0..3 {
         let task = tasks
-            .submit_task(submit(&ocr, &[("url", "file:///etc/hostname")]))
+            .submit_task(submit(&ocr, &[("url", &dev.image)]))
             .await
             .unwrap()
             .into_inner();
