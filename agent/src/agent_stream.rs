@@ -288,6 +288,8 @@ fn start(
             spec: Arc::new(spec),
             params: task.params.into_iter().collect(),
             timeout_seconds: task.timeout_seconds,
+            // Checked at the gateway: JSON writes it.
+            input: task.input.as_ref().and_then(pm_proto::json::to_text),
         };
         let result = run_task(&runner, run, events_tx, cancel).await;
         // Progress goes out before the result.

@@ -46,6 +46,11 @@ struct Args {
     /// in one message.
     #[arg(long, env = "PM_TASK_OUTPUT_BYTES", default_value_t = pm_agent::runner::TASK_OUTPUT_LIMIT)]
     task_output_bytes: usize,
+    /// Bytes of `output.data` (a job's JSON result document) a task's result may carry; a
+    /// larger one ends the task ERROR. At most 2 MiB: it shares the result's message with
+    /// the steps' output.
+    #[arg(long, env = "PM_OUTPUT_DATA_BYTES", default_value_t = pm_agent::runner::OUTPUT_DATA_LIMIT)]
+    output_data_bytes: usize,
     /// On SIGTERM, seconds running tasks may take to finish before they are handed back.
     #[arg(long, env = "PM_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -138,6 +143,13 @@ async fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::from(64);
     }
+    if args.output_data_bytes > pm_agent::runner::MAX_OUTPUT_DATA {
+        eprintln!(
+            "pm-agent: --output-data-bytes is at most {}: a task's result must fit in one message",
+            pm_agent::runner::MAX_OUTPUT_DATA
+        );
+        return std::process::ExitCode::from(64);
+    }
     if let Some(Command::ExecServer {
         socket,
         work_root,
@@ -166,6 +178,7 @@ async fn main() -> std::process::ExitCode {
         let runner = RunnerOptions {
             work_root: args.work_root.clone(),
             work_mount: work_mount.for_concurrent_runs(),
+            output_data_limit: args.output_data_bytes,
             keep_failed_work_dirs: args.keep_failed_work_dirs,
             pass_env: args.pass_env.clone(),
             task_output_limit: args.task_output_bytes,
@@ -189,6 +202,7 @@ async fn main() -> std::process::ExitCode {
     let runner = RunnerOptions {
         work_root: args.work_root,
         work_mount,
+        output_data_limit: args.output_data_bytes,
         keep_failed_work_dirs: args.keep_failed_work_dirs,
         sidecars,
         pass_env: args.pass_env,

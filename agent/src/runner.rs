@@ -51,6 +51,8 @@ pub struct RunnerOptions {
     pub pass_env: Vec<String>,
     /// How host jobs see their work directory (at `/mnt/pipe`, see [`WorkMount::probe`]).
     pub work_mount: WorkMount,
+    /// Bytes of `output.data` a task's result may carry (at most [`MAX_OUTPUT_DATA`]).
+    pub output_data_limit: usize,
 }
 
 impl Default for RunnerOptions {
@@ -65,6 +67,7 @@ impl Default for RunnerOptions {
             sidecars: Sidecars::new(),
             pass_env: Vec::new(),
             work_mount: WorkMount::Off,
+            output_data_limit: OUTPUT_DATA_LIMIT,
         }
     }
 }
@@ -73,6 +76,55 @@ impl Default for RunnerOptions {
 /// the commands and the rest. A result past the limit could not be sent: the task would be
 /// run again every lease, each attempt resetting the agent's stream.
 pub const TASK_OUTPUT_LIMIT: usize = 3 * 1024 * 1024;
+
+/// The task's input document in its work directory, written before the first job.
+pub const INPUT_FILE: &str = "input.data";
+/// The document a job may leave in the work directory: the result's `output`.
+pub const OUTPUT_FILE: &str = "output.data";
+/// `output.data` a result carries by default.
+pub const OUTPUT_DATA_LIMIT: usize = 1024 * 1024;
+/// The most `--output-data-bytes` may allow: the steps' output keeps what is left of
+/// [`TASK_OUTPUT_LIMIT`] after it, and a result must fit in one message.
+pub const MAX_OUTPUT_DATA: usize = 2 * 1024 * 1024;
+
+/// The JSON document a job left in `output.data`, if any. Opened without following a
+/// symlink and only if it is a regular file: a job (perhaps in another container) must not
+/// make the agent read its own files or block on a FIFO.
+async fn read_output(work_dir: &Path, limit: usize) -> Result<Option<prost_types::Value>, String> {
+    use tokio::io::AsyncReadExt;
+    let path = work_dir.join(OUTPUT_FILE);
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = match tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(&path)
+        .await
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{OUTPUT_FILE} cannot be read: {e}")),
+    };
+    let meta = file
+        .metadata()
+        .await
+        .map_err(|e| format!("{OUTPUT_FILE}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{OUTPUT_FILE} is not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| format!("{OUTPUT_FILE} cannot be read: {e}"))?;
+    if bytes.len() > limit {
+        return Err(format!(
+            "{OUTPUT_FILE} is larger than the {limit} bytes a result may carry (--output-data-bytes)"
+        ));
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{OUTPUT_FILE} is not JSON: {e}"))?;
+    Ok(Some(pm_proto::json::from_json(json)))
+}
 
 /// Cuts the steps' output, in run order, to `limit` bytes in all: what comes after is dropped
 /// and the step marked truncated (its live output was streamed to watchers as it came).
@@ -106,6 +158,8 @@ pub struct Run {
     pub params: ResolvedParams,
     /// Seconds the whole task may take; 0 means no limit.
     pub timeout_seconds: u32,
+    /// The input document as JSON text, written to `input.data`.
+    pub input: Option<String>,
 }
 
 /// Events of a running task go here (step started/finished, output).
@@ -145,6 +199,14 @@ pub async fn run_task(
         result.error = format!("cannot make work directory {}: {e}", work_dir.display());
         return result;
     }
+    if let Some(input) = &run.input
+        && let Err(e) = tokio::fs::write(work_dir.join(INPUT_FILE), input).await
+    {
+        result.succeeded = false;
+        result.error = format!("cannot write {INPUT_FILE}: {e}");
+        let _ = remove_work_dir(&options.work_mount, &work_dir).await;
+        return result;
+    }
     'stages: for stage in &run.spec.stages {
         let jobs = stage.jobs.iter().map(|job| {
             run_job(
@@ -171,8 +233,25 @@ pub async fn run_task(
             break 'stages;
         }
     }
+    let limit = options.output_data_limit.min(MAX_OUTPUT_DATA);
+    match read_output(&work_dir, limit).await {
+        Ok(output) => result.output = output,
+        Err(e) if result.succeeded => {
+            result.succeeded = false;
+            result.error = e;
+        }
+        Err(_) => {} // the task failed already, and says why
+    }
     result.duration_ms = started.elapsed().as_millis() as u64;
-    fit_output(&mut result, options.task_output_limit);
+    // The output document and the steps' output share the result's budget.
+    let output_len = result
+        .output
+        .as_ref()
+        .map_or(0, prost::Message::encoded_len);
+    fit_output(
+        &mut result,
+        options.task_output_limit.saturating_sub(output_len),
+    );
     if (result.succeeded || !options.keep_failed_work_dirs)
         && let Err(e) = remove_work_dir(&options.work_mount, &work_dir).await
     {
@@ -424,6 +503,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 timeout_seconds: 0,
+                input: None,
             },
             tx,
             CancellationToken::new(),
@@ -434,6 +514,76 @@ mod tests {
             events.push(e);
         }
         (result, events, root)
+    }
+
+    /// `input.data` is there before the first job; `output.data` becomes the result's
+    /// output, and one that is not JSON, too large, a symlink or a FIFO ends the task ERROR
+    /// saying why, without reading through it or blocking.
+    #[tokio::test]
+    async fn input_data_goes_in_and_output_data_comes_out_bounded() {
+        let one = |commands: &[&str]| PipelineSpec {
+            stages: vec![Stage {
+                name: "s".into(),
+                jobs: vec![job("j", commands)],
+                priority: None,
+            }],
+            ..PipelineSpec::default()
+        };
+        let run_with = |spec: PipelineSpec, input: Option<&str>, limit: usize| {
+            let input = input.map(str::to_owned);
+            async move {
+                let root = tempfile::tempdir().unwrap();
+                let options = RunnerOptions {
+                    work_root: root.path().to_owned(),
+                    output_data_limit: limit,
+                    ..RunnerOptions::default()
+                };
+                let run = Run {
+                    id: "t1".into(),
+                    spec: Arc::new(spec),
+                    params: ResolvedParams::new(),
+                    timeout_seconds: 0,
+                    input,
+                };
+                let (tx, _rx) = mpsc::unbounded_channel();
+                run_task(&options, run, tx, CancellationToken::new()).await
+            }
+        };
+        let echo = one(&["sed 's/in/out/' input.data > output.data"]);
+        let result = run_with(echo, Some(r#"{"in":[1,2]}"#), 1024).await;
+        assert!(result.succeeded, "{result:?}");
+        let output = pm_proto::json::to_json(result.output.as_ref().unwrap());
+        assert_eq!(output, Some(serde_json::json!({ "out": [1, 2] })));
+
+        let none = run_with(one(&["test ! -e input.data"]), None, 1024).await;
+        assert!(none.succeeded && none.output.is_none(), "{none:?}");
+
+        for (commands, limit, error) in [
+            (
+                &["echo 'not json' > output.data"][..],
+                1024,
+                "output.data is not JSON",
+            ),
+            (
+                &["printf '[%0100d]' 0 > output.data"][..],
+                64,
+                "larger than the 64 bytes",
+            ),
+            (
+                &["ln -s /etc/hostname output.data"][..],
+                1024,
+                "cannot be read",
+            ),
+            (&["mkfifo output.data"][..], 1024, "not a regular file"),
+        ] {
+            let result = run_with(one(commands), None, limit).await;
+            assert!(!result.succeeded && result.output.is_none(), "{result:?}");
+            assert!(
+                result.error.contains(error),
+                "{commands:?}: {}",
+                result.error
+            );
+        }
     }
 
     #[tokio::test]
@@ -523,6 +673,7 @@ mod tests {
             spec: Arc::new(spec),
             params: Default::default(),
             timeout_seconds: 1,
+            input: None,
         };
         let result = run_task(&options, run, tx, CancellationToken::new()).await;
         assert!(

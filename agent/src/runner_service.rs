@@ -41,6 +41,9 @@ impl RunnerService for Runner {
         let spec = spec.map_err(|v| invalid_argument(&v.field, &v.description))?;
         let params = pm_spec::resolve_params(&spec, &req.params)
             .map_err(|v| invalid_argument(&v.field, &v.description))?;
+        pm_spec::validate::check_input("input", req.input.as_ref())
+            .map_err(|v| invalid_argument(&v.field, &v.description))?;
+        let input = req.input.as_ref().and_then(pm_proto::json::to_text);
         let id = format!("run-{}", uuid_like());
         let (tx, rx) = mpsc::channel(256);
         let options = self.options.clone();
@@ -52,6 +55,7 @@ impl RunnerService for Runner {
                 spec: Arc::new(spec),
                 params: params.clone(),
                 timeout_seconds: 0,
+                input,
             };
             let started = unix_ms();
             let work = run_task(&options, run, events_tx, cancel.clone());
@@ -170,6 +174,7 @@ async fn print_run(
     let request = RunRequest {
         source: Some(run_request::Source::SpecDocument(document)),
         params,
+        input: None,
     };
     let mut events = pm_proto::client::runner(channel)
         .run(request)

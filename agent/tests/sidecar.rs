@@ -72,6 +72,7 @@ async fn run(options: &RunnerOptions, jobs: Vec<Job>, cancel: CancellationToken)
         spec: Arc::new(spec),
         params: [("v".to_owned(), "a b; $(touch pwned)".to_owned())].into(),
         timeout_seconds: 0,
+        input: None,
     };
     run_task(options, run, tx, cancel).await
 }

@@ -184,6 +184,10 @@ pub struct SubmitArgs {
     /// Run these steps instead of the pipeline's (the pipeline must allow inline tasks).
     #[arg(long, value_name = "FILE")]
     pub inline_file: Option<PathBuf>,
+    /// The task's input document, JSON (its jobs read it as `input.data`); `@FILE` reads it
+    /// from a file.
+    #[arg(long, value_name = "JSON")]
+    pub input: Option<String>,
     /// Follow the task to its end; the exit code tells how it ended.
     #[arg(long)]
     pub wait: bool,
@@ -606,6 +610,20 @@ async fn submit(c: Conn, out: &Printer, args: SubmitArgs) -> anyhow::Result<Exit
         )),
         None => None,
     };
+    let input = match &args.input {
+        None => None,
+        Some(text) => {
+            let text = match text.strip_prefix('@') {
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?
+                }
+                None => text.clone(),
+            };
+            let json: serde_json::Value =
+                serde_json::from_str(&text).context("--input is not JSON")?;
+            Some(pm_proto::json::from_json(json))
+        }
+    };
     let mut client = c.tasks();
     let task = client
         .submit_task(SubmitTaskRequest {
@@ -615,6 +633,7 @@ async fn submit(c: Conn, out: &Printer, args: SubmitArgs) -> anyhow::Result<Exit
             idempotency_key: args.idempotency_key.unwrap_or_default(),
             timeout_seconds: args.timeout.unwrap_or(0),
             inline,
+            input,
         })
         .await?
         .into_inner();
@@ -713,9 +732,21 @@ fn print_task(t: &Task) {
     for (k, v) in params {
         println!("  param    {k}={v:?}");
     }
+    let json = |value: &Option<prost_types::Value>| {
+        value
+            .as_ref()
+            .and_then(pm_proto::json::to_text)
+            .unwrap_or_default()
+    };
+    if t.input.is_some() {
+        println!("  input    {}", json(&t.input));
+    }
     let Some(result) = &t.result else { return };
     if !result.error.is_empty() {
         println!("  error    {}", result.error);
+    }
+    if result.output.is_some() {
+        println!("  output   {}", json(&result.output));
     }
     for job in &result.jobs {
         let status = match (job.succeeded, job.allowed_failure) {

@@ -225,6 +225,93 @@ async fn ocr_flow_downloads_recognizes_and_prints() {
     h.dev.stop().await;
 }
 
+/// LitePipeline's data: a task's JSON `input` is `input.data` to its jobs; the
+/// `output.data` they leave is the result's `output`, in GetTask, WatchTask's final event
+/// and `pmctl task get`; a bad one ends the task ERROR saying why.
+#[tokio::test]
+async fn a_task_carries_input_data_in_and_output_data_out() {
+    let mut h = start().await;
+    h.apply("name: data\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['test -s /mnt/pipe/input.data', 'sed s/pages/words/ input.data > output.data'] }\n")
+        .await;
+    let input = serde_json::json!({ "pages": [1, 2], "lang": "eng" });
+    let submitted = h
+        .tasks
+        .submit_task(SubmitTaskRequest {
+            parent: pipeline_name("data"),
+            input: Some(pm_proto::json::from_json(input.clone())),
+            ..SubmitTaskRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        pm_proto::json::to_json(submitted.input.as_ref().unwrap()),
+        Some(input)
+    );
+    let (finished, _) = h.finish(&submitted.name).await;
+    let expected = serde_json::json!({ "words": [1, 2], "lang": "eng" });
+    let output = |task: &Task| {
+        let result = task.result.as_ref().unwrap();
+        result.output.as_ref().and_then(pm_proto::json::to_json)
+    };
+    assert_eq!(state(&finished), TaskState::Done, "{finished:#?}");
+    assert_eq!(output(&finished), Some(expected.clone()));
+    let got = h
+        .tasks
+        .get_task(GetTaskRequest {
+            name: finished.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, finished);
+    assert!(got.input.is_some());
+
+    // pmctl: --input in, the output shown by `task get`.
+    let endpoint = h.dev.endpoint();
+    let shown = tokio::task::spawn_blocking(move || {
+        let submitted = pmctl(
+            &endpoint,
+            &[
+                "-o",
+                "json",
+                "submit",
+                "default/demo/data",
+                "--input",
+                r#"{"pages":"p"}"#,
+                "--wait",
+            ],
+        );
+        assert!(submitted.status.success(), "{submitted:?}");
+        // The watch's events as JSON documents, the last holding the finished task.
+        let documents = serde_json::Deserializer::from_slice(&submitted.stdout).into_iter();
+        let documents: Vec<serde_json::Value> = documents.map(Result::unwrap).collect();
+        let task = &documents.last().unwrap()["finished"];
+        assert_eq!(
+            task["result"]["output"],
+            serde_json::json!({ "words": "p" })
+        );
+        let name = task["name"].as_str().unwrap().to_owned();
+        pmctl(&endpoint, &["task", "get", &name])
+    })
+    .await
+    .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(shown.contains(r#"output   {"words":"p"}"#), "{shown}");
+
+    h.apply("name: badout\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['echo not json > output.data'] }\n")
+        .await;
+    let task = h.run_to_end("badout", &[]).await;
+    assert_eq!(state(&task), TaskState::Error);
+    assert!(
+        task.result
+            .unwrap()
+            .error
+            .contains("output.data is not JSON")
+    );
+    h.dev.stop().await;
+}
+
 /// `examples/seeds/`: one pipeline in each shape of the source documents, applied as
 /// written (no `name`, no `params:` where the document has none) and run to DONE.
 #[tokio::test]

@@ -71,6 +71,7 @@ impl Tasks {
                 format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
             ));
         }
+        pm_spec::validate::check_input("input", req.input.as_ref())?;
         let default_spec = PipelineSpec::default();
         let (spec, inline) = match req.inline {
             None => (
@@ -112,6 +113,7 @@ impl Tasks {
                 inline,
                 // Its fair share and its quota are counted per client.
                 client: caller.client().to_owned(),
+                input: req.input,
                 ..Task::default()
             }),
             spec,

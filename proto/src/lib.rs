@@ -6,6 +6,7 @@ pub mod agent;
 pub mod client;
 pub mod connections;
 pub mod in_flight;
+pub mod json;
 pub mod metrics;
 pub mod names;
 pub mod plain_http;

@@ -147,12 +147,13 @@ impl Record {
             update_time_ms: self.update_time_ms,
             result: self.result.as_deref().cloned(),
             client: client_of_flow(&self.flow).to_owned(),
+            input: body.input,
         }
     }
 
     /// The body of `task` (its fields fixed at submit that scheduling never reads), and
-    /// whether it holds an idempotency key. Takes the params out of `task` and puts them
-    /// back, so nothing is copied but the encoding.
+    /// whether it holds an idempotency key. Takes the params (and input) out of `task` and
+    /// puts them back, so nothing is copied but the encoding.
     pub fn body_of(task: &mut Task) -> (Arc<[u8]>, bool) {
         let body = TaskBody {
             params: std::mem::take(&mut task.params),
@@ -160,10 +161,12 @@ impl Record {
             inline: task.inline,
             pipeline_version: task.pipeline_version,
             idempotency_key: std::mem::take(&mut task.idempotency_key),
+            input: task.input.take(),
         };
         let bytes = body.encode_to_vec().into();
         task.params = body.params;
         task.idempotency_key = body.idempotency_key;
+        task.input = body.input;
         (bytes, !task.idempotency_key.is_empty())
     }
 
@@ -544,6 +547,9 @@ mod tests {
             update_time_ms: 1_700_000_000_500,
             result: None,
             client: "c1".into(),
+            input: Some(prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("in".into())),
+            }),
         }
     }
 

@@ -96,6 +96,8 @@ pub mod limits {
     pub const MAX_PARTITIONS: u32 = 1024;
     /// Bytes of a spec document.
     pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+    /// Bytes of a task's input document, encoded.
+    pub const MAX_INPUT_BYTES: usize = 64 * 1024;
     /// Items of a list page when the request gives no `page_size`.
     pub const DEFAULT_PAGE_SIZE: u32 = 100;
     /// Most items of one list page.

@@ -248,6 +248,27 @@ pub fn check_display_name(field: &str, value: &str) -> Result<(), Violation> {
     Ok(())
 }
 
+/// A task's input document: bounded, and writable as JSON (no NaN or infinite number).
+pub fn check_input(field: &str, input: Option<&prost_types::Value>) -> Result<(), Violation> {
+    let Some(input) = input else {
+        return Ok(());
+    };
+    let len = prost::Message::encoded_len(input);
+    if len > MAX_INPUT_BYTES {
+        return Err(Violation::new(
+            field,
+            format!("{len} bytes, more than {MAX_INPUT_BYTES}"),
+        ));
+    }
+    if pm_proto::json::to_json(input).is_none() {
+        return Err(Violation::new(
+            field,
+            "holds a number JSON cannot write (NaN or infinity)",
+        ));
+    }
+    Ok(())
+}
+
 /// A parameter value: bounded, no NUL (it could not be passed to a process).
 pub fn check_param_value(field: &str, value: &str) -> Result<(), Violation> {
     if value.len() > MAX_PARAM_VALUE_BYTES {

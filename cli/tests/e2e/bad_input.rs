@@ -68,6 +68,21 @@ fn refused<T: std::fmt::Debug>(what: &str, got: Result<T, Status>, code: Code, f
     }
 }
 
+/// Input documents a task may not carry: too large, and a number JSON cannot write.
+fn bad_inputs() -> [(&'static str, prost_types::Value); 2] {
+    let big = "x".repeat(pm_spec::limits::MAX_INPUT_BYTES);
+    let nan = prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
+    };
+    [
+        (
+            "oversized input",
+            pm_proto::json::from_json(serde_json::json!({ "big": big })),
+        ),
+        ("input with NaN", nan),
+    ]
+}
+
 #[tokio::test]
 async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
     let mut h: Harness = start().await;
@@ -376,6 +391,18 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
         InvalidArgument,
         "idempotency_key",
     );
+    for (what, input) in bad_inputs() {
+        let got = h
+            .tasks
+            .submit_task(SubmitTaskRequest {
+                parent: ocr.clone(),
+                params: HashMap::from([("url".into(), "x".into())]),
+                input: Some(input),
+                ..SubmitTaskRequest::default()
+            })
+            .await;
+        refused(&format!("SubmitTask {what}"), got, InvalidArgument, "input");
+    }
     let requests = vec![SubmitTaskRequest::default(); 10_000];
     let got = h.tasks.submit_tasks(SubmitTasksRequest { requests }).await;
     refused("SubmitTasks too many", got, InvalidArgument, "requests");
@@ -496,7 +523,16 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        input: None,
     };
+    for (what, input) in bad_inputs() {
+        let request = RunRequest {
+            input: Some(input),
+            ..document(uses_url, &[("url", "x")])
+        };
+        let got = runner.run(request).await.map(|_| ());
+        refused(&format!("Run {what}"), got, InvalidArgument, "input");
+    }
     for (what, request, field) in [
         ("Run without a spec", RunRequest::default(), "source"),
         (
