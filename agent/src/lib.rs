@@ -36,6 +36,9 @@ pub async fn serve_runner(
 ) -> Result<(), tonic::transport::Error> {
     let (_health, health_service) = pm_proto::server::health();
     pm_proto::server::builder()
+        // Plain HTTP/1.1 with JSON too: `curl -d '{...}'` gets the events as JSON lines.
+        .accept_http1(true)
+        .layer(pm_proto::json_http::JsonHttpLayer)
         .layer(pm_proto::metrics::GrpcMetricsLayer::new(metrics::COMPONENT))
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())

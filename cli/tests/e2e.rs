@@ -312,6 +312,148 @@ async fn a_task_carries_input_data_in_and_output_data_out() {
     h.dev.stop().await;
 }
 
+/// `curl` POSTing `body` as JSON to `url` (plain HTTP/1.1), with `headers`: the HTTP status
+/// and the body.
+fn curl_json(url: &str, body: &str, headers: &[&str]) -> (u16, String) {
+    let mut command = std::process::Command::new("curl");
+    command.args([
+        "-sS",
+        "--max-time",
+        "60",
+        "-H",
+        "Content-Type: application/json",
+    ]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let out = command
+        .args(["-d", body, "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl runs (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.parse().unwrap(), body.to_owned())
+}
+
+/// The task calls with curl and JSON at the gateway, and direct runs at an agent: the same
+/// validation and errors as gRPC (codes as HTTP statuses), streams as JSON lines.
+#[tokio::test]
+async fn curl_reaches_task_calls_and_direct_runs_with_json() {
+    let h = start().await;
+    let base = format!("{}/pm.v1.TaskService", h.dev.endpoint());
+    let image = h.dev.sample_image_url.clone().unwrap();
+    let ocr = pipeline_name("ocr");
+    let (base2, ocr2) = (base.clone(), ocr.clone());
+    let calls = tokio::task::spawn_blocking(move || {
+        let (base, ocr) = (base2, ocr2);
+        let json = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+        let submit = format!(r#"{{"parent":"{ocr}","params":{{"url":"{image}"}}}}"#);
+        let (status, body) = curl_json(&format!("{base}/SubmitTask"), &submit, &[]);
+        assert_eq!(status, 200, "{body}");
+        let task = json(&body);
+        assert_eq!(task["state"], "READY");
+        let name = task["name"].as_str().unwrap().to_owned();
+
+        // WatchTask: JSON lines to the finished task.
+        let watch = format!(r#"{{"name":"{name}"}}"#);
+        let (status, lines) = curl_json(&format!("{base}/WatchTask"), &watch, &[]);
+        assert_eq!(status, 200, "{lines}");
+        let last = json(lines.lines().last().unwrap());
+        assert_eq!(last["finished"]["state"], "DONE", "{lines}");
+
+        let (status, body) = curl_json(&format!("{base}/GetTask"), &watch, &[]);
+        assert_eq!((status, json(&body)["state"].as_str()), (200, Some("DONE")));
+        let list = format!(r#"{{"parent":"{ocr}","state":"DONE"}}"#);
+        let (status, body) = curl_json(&format!("{base}/ListTasks"), &list, &[]);
+        assert_eq!(status, 200);
+        assert_eq!(json(&body)["tasks"][0]["name"], name.as_str());
+        let (status, body) = curl_json(&format!("{base}/CancelTask"), &watch, &[]);
+        assert_eq!(
+            (status, json(&body)["code"].as_str()),
+            (400, Some("failed_precondition"))
+        );
+
+        // Refusals: the gRPC code as Connect names it, the field in the message.
+        let missing = format!(r#"{{"parent":"{ocr}"}}"#);
+        let (status, body) = curl_json(&format!("{base}/SubmitTask"), &missing, &[]);
+        let error = json(&body);
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (400, Some("invalid_argument"))
+        );
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("params.url:"),
+            "{body}"
+        );
+        let (status, body) = curl_json(&format!("{base}/GetTask"), r#"{"name":"x","typo":1}"#, &[]);
+        assert_eq!(
+            (status, json(&body)["code"].as_str()),
+            (400, Some("invalid_argument"))
+        );
+        let (status, _) = curl_json(
+            &format!("{base}/GetTask"),
+            &format!(r#"{{"name":"{ocr}/tasks/{:032x}"}}"#, 7),
+            &[],
+        );
+        assert_eq!(status, 404);
+    });
+    calls.await.unwrap();
+    // gRPC on the same port is untouched.
+    let mut tasks = h.tasks.clone();
+    let listed = tasks
+        .list_tasks(ListTasksRequest {
+            parent: ocr,
+            ..ListTasksRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.into_inner().tasks.len(), 1);
+    h.dev.stop().await;
+
+    // RunnerService at an agent (`pm-agent --runner-listen`): the events as JSON lines.
+    let work = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/pm.v1.RunnerService/Run",
+        listener.local_addr().unwrap()
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let options = pm_agent::RunnerOptions {
+        work_root: work.path().to_owned(),
+        ..pm_agent::RunnerOptions::default()
+    };
+    let server = tokio::spawn(pm_agent::serve_runner(
+        listener,
+        options,
+        stop.clone().cancelled_owned(),
+    ));
+    let ran = tokio::task::spawn_blocking(move || {
+        let run = r#"{"specDocument":"stages: [{name: s, jobs: [{name: j, commands: ['echo hi {{who}}', 'cat input.data']}]}]","params":{"who":"you"},"input":{"n":1}}"#;
+        let (status, lines) = curl_json(&url, run, &[]);
+        assert_eq!(status, 200, "{lines}");
+        let events: Vec<serde_json::Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let output: String = events
+            .iter()
+            .filter_map(|e| e["output"]["data"].as_str())
+            .collect();
+        assert_eq!(output, "hi you\n{\"n\":1}");
+        assert_eq!(events.last().unwrap()["finished"]["state"], "DONE");
+        let (status, body) = curl_json(&url, r#"{"specDocument":"stages: []"}"#, &[]);
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("spec_document.stages"), "{body}");
+    });
+    ran.await.unwrap();
+    stop.cancel();
+    let _ = server.await;
+}
+
 /// `examples/seeds/`: one pipeline in each shape of the source documents, applied as
 /// written (no `name`, no `params:` where the document has none) and run to DONE.
 #[tokio::test]

@@ -140,6 +140,8 @@ pub async fn run(
         .accept_http1(true)
         // Outermost: CORS answers preflights before anything else looks at the request.
         .layer(cors(&security.origins))
+        // Plain HTTP with JSON (curl) becomes the same gRPC call.
+        .layer(pm_proto::json_http::JsonHttpLayer)
         // Then grpc-web is translated to gRPC for every service below.
         .layer(tonic_web::GrpcWebLayer::new())
         // Metrics see every call as gRPC, grpc-web ones included.

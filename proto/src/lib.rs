@@ -7,6 +7,7 @@ pub mod client;
 pub mod connections;
 pub mod in_flight;
 pub mod json;
+pub mod json_http;
 pub mod metrics;
 pub mod names;
 pub mod plain_http;

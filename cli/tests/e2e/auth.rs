@@ -561,6 +561,42 @@ async fn every_rpc_by_every_role_in_its_own_and_another_tenant() {
     f.dev.stop().await;
 }
 
+/// Plain HTTP with JSON goes through the same authentication and authorization: a token in
+/// `Authorization: Bearer`, the same answers as gRPC (as HTTP statuses).
+#[tokio::test]
+async fn curl_with_json_is_authorized_as_grpc_is() {
+    let f = Fixture::start().await;
+    let url = format!("{}/pm.v1.TaskService/GetTask", f.dev.endpoint());
+    let cases = [
+        (Who::NoToken, OWN, 401, "unauthenticated"),
+        (Who::Garbage, OWN, 401, "unauthenticated"),
+        (Who::Viewer, OTHER, 403, "permission_denied"),
+        (Who::Viewer, OWN, 200, ""),
+    ];
+    for (who, tenant, status, code) in cases {
+        let body = format!(r#"{{"name":"{}"}}"#, f.tasks[tenant]);
+        // No token: no header at all.
+        let header = f
+            .tokens
+            .get(&who)
+            .map(|t| format!("Authorization: Bearer {t}"));
+        let url = url.clone();
+        let (got, answer) = tokio::task::spawn_blocking(move || {
+            let headers: Vec<&str> = header.iter().map(String::as_str).collect();
+            super::curl_json(&url, &body, &headers)
+        })
+        .await
+        .unwrap();
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(got, status, "{who:?} in {tenant}: {answer}");
+        match code {
+            "" => assert_eq!(answer["name"], f.tasks[tenant].as_str()),
+            code => assert_eq!(answer["code"], code, "{who:?}"),
+        }
+    }
+    f.dev.stop().await;
+}
+
 #[tokio::test]
 async fn lists_narrow_to_the_callers_tenant_and_identity_comes_from_the_token() {
     let f = Fixture::start().await;
