@@ -5,7 +5,9 @@
 #   PM_ETCD_BIN names one already;
 # - wget and tesseract (Debian's tesseract-ocr, with English), which the sample OCR pipeline
 #   runs, and curl;
-# - promtool (Debian's prometheus), which lints a live scrape in the metrics test.
+# - promtool (Debian's prometheus), which lints a live scrape in the metrics test;
+# - for the Raspberry Pi test: Rust's aarch64-unknown-linux-gnu target, Debian's cross
+#   linker (gcc-aarch64-linux-gnu, with its libc) and qemu-user to run the agent built with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,13 @@ if [ "${1:-}" = "--test" ] && [ -z "${PM_ETCD_BIN:-}" ] && [ ! -x /usr/bin/etcd 
 fi
 if [ "${1:-}" = "--test" ] && [ -z "${PM_PROMTOOL_BIN:-}" ] && ! command -v promtool >/dev/null 2>&1; then
     packages+=(prometheus)
+fi
+if [ "${1:-}" = "--test" ]; then
+    command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || packages+=(gcc-aarch64-linux-gnu)
+    command -v qemu-aarch64 >/dev/null 2>&1 || packages+=(qemu-user)
+    if ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
+        rustup target add aarch64-unknown-linux-gnu
+    fi
 fi
 if [ ${#packages[@]} -gt 0 ]; then
     apt-get update -qq

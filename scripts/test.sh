@@ -21,4 +21,6 @@ fi
 # The multi-process tests start the workspace's binaries (pm-shard, pm-gateway,
 # pm-tenant-service, pm-agent); cargo builds only those of packages with tests of their own.
 cargo build --workspace --bins
+# The Raspberry Pi test (cli/tests/e2e/pi.rs) runs this agent under qemu-user.
+cargo build --target aarch64-unknown-linux-gnu -p pm-agent --bin pm-agent
 cargo nextest run --workspace --no-fail-fast

@@ -35,7 +35,8 @@ pub struct DevOptions {
     pub listen: String,
     /// Apply the sample application `demo` with its `ocr` pipeline.
     pub sample: bool,
-    /// Tasks the embedded agent runs at once.
+    /// Tasks the embedded agent runs at once; 0 runs no embedded agent (agents of their own
+    /// connect to the gateway, a Pi's for instance).
     pub slots: u32,
     /// Turn authentication on: every call needs a token; a platform admin's token is kept
     /// fresh in `<data_dir>/admin.token`.
@@ -157,7 +158,9 @@ impl Dev {
                 .map(|a| a.credentials.clone())
                 .unwrap_or_default(),
         };
-        tasks.spawn(pm_agent::run(agent, shutdown.clone()));
+        if options.slots > 0 {
+            tasks.spawn(pm_agent::run(agent, shutdown.clone()));
+        }
         if let Some(admin) = &admin {
             let (issuer, client) = (Issuer::new(store_for_tokens), admin.client.clone());
             let path = options.data_dir.join(ADMIN_TOKEN_FILE);

@@ -27,6 +27,10 @@ mod bad_input;
 #[path = "e2e/metrics.rs"]
 mod metrics;
 
+/// A Raspberry Pi class agent (aarch64, under qemu-user).
+#[path = "e2e/pi.rs"]
+mod pi;
+
 /// What an idle watch costs.
 #[path = "e2e/watches.rs"]
 mod watches;

@@ -134,7 +134,17 @@ pub async fn run(
     ));
     tokio::spawn(pm_proto::metrics::serve_port(stop_health.cancelled_owned()));
     tracing::info!(addr = ?listener.local_addr().ok(), ?upstreams, ?security, "gateway serving");
-    pm_proto::server::builder()
+    // Agents' streams and watches never end by themselves: they get a few seconds, then are
+    // cut, so a stop never waits on a peer.
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let shutdown = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            stopping.cancel();
+        }
+    };
+    let served = pm_proto::server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // grpc-web arrives over HTTP/1.1.
         .accept_http1(true)
@@ -174,8 +184,8 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             guard(&authn),
         ))
-        .serve_with_incoming_shutdown(pm_proto::server::incoming_public(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(pm_proto::server::incoming_public(listener), shutdown);
+    pm_proto::server::with_stop_grace(served, &stopping).await?;
     Ok(())
 }
 

@@ -139,6 +139,29 @@ pub async fn serve_health_port<S>(
     }
 }
 
+/// How long open streams (agent streams, watches) may delay a server's exit once it has
+/// stopped accepting: a graceful stop waits for every connection, and an agent's never ends
+/// by itself.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs `served`, a server that stops gracefully once `stopping` is cancelled; whatever is
+/// still open [`STOP_GRACE`] after that is cut.
+pub async fn with_stop_grace<E>(
+    served: impl std::future::Future<Output = Result<(), E>>,
+    stopping: &tokio_util::sync::CancellationToken,
+) -> Result<(), E> {
+    tokio::select! {
+        served = served => served,
+        _ = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => {
+            tracing::info!("streams still open after {STOP_GRACE:?}; stopping anyway");
+            Ok(())
+        }
+    }
+}
+
 /// Resolves on the first SIGTERM or SIGINT. A second signal exits the process at once, so a
 /// stuck drain can always be cut short.
 pub async fn shutdown_signal() {

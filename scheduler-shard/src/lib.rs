@@ -159,9 +159,6 @@ pub async fn run(
     serve(listener, scheduler, Cluster::standalone(), shutdown).await
 }
 
-/// How long open streams may delay the exit once the shard has stopped serving.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
-
 /// The health service name that reports whether the shard follows etcd (NOT_SERVING: etcd
 /// unreachable, serving the last ring it knew). The overall status stays SERVING.
 pub const MEMBERSHIP_HEALTH: &str = "pm.cluster.Membership";
@@ -243,16 +240,7 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(pm_proto::server::incoming(listener), leave);
     // Streams still open when the server stops (a gateway's watch) get a few seconds.
-    let served = tokio::select! {
-        served = served => served,
-        _ = async {
-            stopping.cancelled().await;
-            tokio::time::sleep(STOP_GRACE).await;
-        } => {
-            tracing::info!("streams still open after {STOP_GRACE:?}; stopping anyway");
-            Ok(())
-        }
-    };
+    let served = pm_proto::server::with_stop_grace(served, &stopping).await;
     cancel.cancel();
     let _ = reaper.await;
     let stats = scheduler.journal().stats();

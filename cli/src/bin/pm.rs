@@ -27,7 +27,8 @@ enum Command {
         /// Do not apply the sample `default/demo/ocr` pipeline.
         #[arg(long)]
         no_sample: bool,
-        /// Tasks the embedded agent runs at once.
+        /// Tasks the embedded agent runs at once; 0 runs no embedded agent (run `pm-agent
+        /// --endpoint` against this one, from another machine or a Pi).
         #[arg(long, default_value_t = 8)]
         slots: u32,
         /// Turn authentication on: every call needs a token, and a platform admin's token is
@@ -75,8 +76,8 @@ async fn main() -> std::process::ExitCode {
         demo,
     } = Cli::parse().command;
     pm_proto::server::init_tracing(log_format);
-    if slots == 0 {
-        eprintln!("pm dev: --slots must be at least 1");
+    if slots == 0 && demo {
+        eprintln!("pm dev: --demo needs the embedded agent (--slots at least 1)");
         return std::process::ExitCode::from(64);
     }
     let mut metrics_addr = None;
