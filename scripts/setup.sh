@@ -6,8 +6,9 @@
 # - wget and tesseract (Debian's tesseract-ocr, with English), which the sample OCR pipeline
 #   runs, and curl;
 # - promtool (Debian's prometheus), which lints a live scrape in the metrics test;
-# - for the Raspberry Pi test: Rust's aarch64-unknown-linux-gnu target, Debian's cross
-#   linker (gcc-aarch64-linux-gnu, with its libc) and qemu-user to run the agent built with it.
+# - for the Raspberry Pi builds: Rust's aarch64 and armv7 Linux targets, Debian's cross
+#   compilers for them (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf, with their libcs),
+#   and qemu-user to run the aarch64 agent in a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,10 +28,13 @@ if [ "${1:-}" = "--test" ] && [ -z "${PM_PROMTOOL_BIN:-}" ] && ! command -v prom
 fi
 if [ "${1:-}" = "--test" ]; then
     command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || packages+=(gcc-aarch64-linux-gnu)
+    command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || packages+=(gcc-arm-linux-gnueabihf)
     command -v qemu-aarch64 >/dev/null 2>&1 || packages+=(qemu-user)
-    if ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
-        rustup target add aarch64-unknown-linux-gnu
-    fi
+    for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+        if ! rustup target list --installed | grep -qx "$target"; then
+            rustup target add "$target"
+        fi
+    done
 fi
 if [ ${#packages[@]} -gt 0 ]; then
     apt-get update -qq

@@ -21,6 +21,8 @@ fi
 # The multi-process tests start the workspace's binaries (pm-shard, pm-gateway,
 # pm-tenant-service, pm-agent); cargo builds only those of packages with tests of their own.
 cargo build --workspace --bins
-# The Raspberry Pi test (cli/tests/e2e/pi.rs) runs this agent under qemu-user.
+# The Raspberry Pi test (cli/tests/e2e/pi.rs) runs this agent under qemu-user; the 32-bit
+# build is checked (types differ there: rlim_t, usize).
 cargo build --target aarch64-unknown-linux-gnu -p pm-agent --bin pm-agent
+cargo check --target armv7-unknown-linux-gnueabihf -p pm-agent -p pm-cli --bins
 cargo nextest run --workspace --no-fail-fast

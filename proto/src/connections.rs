@@ -40,7 +40,7 @@ pub fn set_max_connections(wanted: usize) -> usize {
             Err(_) => soft,
         },
         Ok((soft, _)) => soft,
-        Err(_) => u64::MAX,
+        Err(_) => nix::libc::rlim_t::MAX, // 32 bits on armv7
     };
     let room = usize::try_from(fds)
         .unwrap_or(usize::MAX)
