@@ -125,6 +125,11 @@ enum Command {
         /// Let this group id use the socket too (mode 0660).
         #[arg(long)]
         socket_group: Option<u32>,
+        /// Bind each step's work directory here (e.g. /mnt/pipe, the shared volume's mount
+        /// point) in a private mount namespace, where the container allows one; the agent
+        /// then gives no `--work-dir-at` of its own for sidecar jobs.
+        #[arg(long, env = "PM_WORK_DIR_AT")]
+        work_dir_at: Option<PathBuf>,
     },
 }
 
@@ -156,13 +161,32 @@ async fn main() -> std::process::ExitCode {
         max_output_bytes,
         pass_env,
         socket_group,
+        work_dir_at,
     }) = &args.command
     {
+        // Only a private namespace helps here: the agent decides which tasks run at once.
+        let probed = work_dir_at
+            .as_deref()
+            .map(|at| pm_agent::WorkMount::probe(at, work_root));
+        let work_mount = match probed {
+            Some(mount @ pm_agent::WorkMount::Private { .. }) => {
+                tracing::info!("work directories: {}", mount.describe());
+                mount
+            }
+            Some(_) => {
+                tracing::warn!(
+                    "no mount namespace allowed here: steps see their work directory where the agent made it, not at the --work-dir-at path"
+                );
+                pm_agent::WorkMount::Off
+            }
+            None => pm_agent::WorkMount::Off,
+        };
         let options = pm_agent::sidecar::ExecServerOptions {
             work_root: work_root.clone(),
             max_output_bytes: *max_output_bytes,
             pass_env: pass_env.clone(),
             socket_group: *socket_group,
+            work_mount,
         };
         let served = pm_agent::sidecar::serve(socket, options, pm_proto::server::shutdown_signal());
         return match served.await {

@@ -40,6 +40,9 @@ pub struct ExecServerOptions {
     pub pass_env: Vec<String>,
     /// Let this group use the socket too (mode 0660); else only this user (0600).
     pub socket_group: Option<u32>,
+    /// Bind each step's work directory at this mount point in a private mount namespace
+    /// (`/mnt/pipe`, as the documents' commands expect; [`crate::work_mount`]).
+    pub work_mount: crate::WorkMount,
 }
 
 impl Default for ExecServerOptions {
@@ -49,6 +52,7 @@ impl Default for ExecServerOptions {
             max_output_bytes: 1024 * 1024,
             pass_env: Vec::new(),
             socket_group: None,
+            work_mount: crate::WorkMount::Off,
         }
     }
 }
@@ -59,6 +63,7 @@ struct ExecServer {
     work_root: PathBuf,
     max_output_bytes: u64,
     base_env: Vec<(String, String)>,
+    work_mount: crate::WorkMount,
 }
 
 #[tonic::async_trait]
@@ -107,6 +112,12 @@ impl ExecService for ExecServer {
             "PM_SIDECAR_SOCKET".into(),
             self.socket.display().to_string(),
         ));
+        // Bound at the mount point, the step finds its directory there.
+        let binding = self.work_mount.binding(&work_dir);
+        if let Some(binding) = &binding {
+            env.retain(|(name, _)| name != "PM_WORK_DIR");
+            env.push(("PM_WORK_DIR".into(), binding.target().display().to_string()));
+        }
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             // The caller hanging up cancels the step.
@@ -127,9 +138,7 @@ impl ExecService for ExecServer {
                     .then(|| Instant::now() + Duration::from_millis(req.timeout_ms)),
                 output_limit: usize::try_from(output_limit).unwrap_or(usize::MAX),
                 kill_grace: Duration::from_millis(req.kill_grace_ms),
-                // Sidecar steps see their directory where the agent made it (not bound at
-                // /mnt/pipe: README.md, "The work directory").
-                mount: None,
+                mount: binding.as_ref(),
             };
             let result = executor::run_step(&step, &cancel, |stream, data| {
                 let event = ExecEvent {
@@ -186,6 +195,7 @@ pub async fn serve(
         work_root,
         max_output_bytes: options.max_output_bytes,
         base_env: executor::base_env(&options.pass_env),
+        work_mount: options.work_mount,
     };
     pm_proto::server::builder()
         .add_service(ExecServiceServer::new(server).max_decoding_message_size(MAX_MESSAGE_BYTES))

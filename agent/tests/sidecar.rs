@@ -200,6 +200,45 @@ async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
     dies(&marker, "the cancelled command").await;
 }
 
+/// `exec-server --work-dir-at`: each step sees its task's directory at the mount point (as
+/// `/mnt/pipe` in a pod), concurrent tasks each their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_binds_each_tasks_directory_at_the_mount_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, pipe) = (dir.path().join("tess.sock"), dir.path().join("pipe"));
+    std::fs::create_dir(&pipe).unwrap();
+    let at = ["--work-dir-at", pipe.to_str().unwrap()];
+    let _server = exec_server(&socket, &dir.path().join("work"), &at);
+    let options = RunnerOptions {
+        work_root: dir.path().join("work"),
+        sidecars: [("tesseract".to_owned(), socket.clone())].into(),
+        ..RunnerOptions::default()
+    };
+    let p = pipe.display();
+    let task = |n: u32| {
+        let commands = [
+            format!("echo {n} > {p}/mine"),
+            "sleep 0.3".to_owned(),
+            format!("cat {p}/mine; ls {p}; echo $PM_WORK_DIR"),
+        ];
+        let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+        let job = job("ocr", "tesseract", &commands);
+        let options = options.clone();
+        async move { run(&options, vec![job], CancellationToken::new()).await }
+    };
+    let (a, b) = tokio::join!(task(1), task(2));
+    for (n, result) in [(1, a), (2, b)] {
+        assert!(result.succeeded, "{result:?}");
+        let seen = &result.jobs[0].steps[2].stdout;
+        assert_eq!(seen, &format!("{n}\nmine\n{p}\n"), "task {n}");
+    }
+    assert_eq!(
+        std::fs::read_dir(&pipe).unwrap().count(),
+        0,
+        "nothing at the host's"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_sidecar_is_a_step_that_could_not_start() {
     let dir = tempfile::tempdir().unwrap();
