@@ -123,7 +123,16 @@ async fn read_output(work_dir: &Path, limit: usize) -> Result<Option<prost_types
     }
     let json: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| format!("{OUTPUT_FILE} is not JSON: {e}"))?;
-    Ok(Some(pm_proto::json::from_json(json)))
+    // On the wire a JSON number takes 11 bytes however short its text: the bound holds for
+    // the encoding too, so the result always fits in its message.
+    let output = pm_proto::json::from_json(json);
+    let encoded = prost::Message::encoded_len(&output);
+    if encoded > limit {
+        return Err(format!(
+            "{OUTPUT_FILE} takes {encoded} bytes encoded, more than the {limit} a result may carry (--output-data-bytes)"
+        ));
+    }
+    Ok(Some(output))
 }
 
 /// Cuts the steps' output, in run order, to `limit` bytes in all: what comes after is dropped
@@ -568,6 +577,13 @@ mod tests {
                 &["printf '[%0100d]' 0 > output.data"][..],
                 64,
                 "larger than the 64 bytes",
+            ),
+            (
+                &[
+                    "awk 'BEGIN { printf \"[\"; for (i = 0; i < 100; i++) printf \"1,\"; print \"1]\" }' > output.data",
+                ][..],
+                512,
+                "bytes encoded, more than the 512",
             ),
             (
                 &["ln -s /etc/hostname output.data"][..],
