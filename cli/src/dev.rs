@@ -135,8 +135,10 @@ impl Dev {
         });
         // Beside the data dir, not in it: a job's `..` is not the shard's files.
         let work_root = work_root(&options.data_dir);
+        // Only the embedded agent runs jobs: without it there is nothing to probe.
+        let at = options.work_dir_at.clone().filter(|_| options.slots > 0);
         let work_mount = {
-            let (at, root) = (options.work_dir_at.clone(), work_root.clone());
+            let root = work_root.clone();
             tokio::task::spawn_blocking(move || pm_agent::work_mount::probe(at.as_deref(), &root))
                 .await?
         };

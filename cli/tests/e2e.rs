@@ -35,6 +35,40 @@ mod pi;
 #[path = "e2e/watches.rs"]
 mod watches;
 
+/// An agent's RunnerService on a loopback port (`pm-agent --runner-listen`), running
+/// specs in a work root of its own.
+struct RunnerServer {
+    endpoint: String,
+    stop: tokio_util::sync::CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    _work: tempfile::TempDir,
+}
+
+impl RunnerServer {
+    async fn start() -> Self {
+        let work = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let options = pm_agent::RunnerOptions {
+            work_root: work.path().to_owned(),
+            ..pm_agent::RunnerOptions::default()
+        };
+        let served = pm_agent::serve_runner(listener, options, stop.clone().cancelled_owned());
+        RunnerServer {
+            endpoint,
+            stop,
+            server: tokio::spawn(served),
+            _work: work,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.server.await;
+    }
+}
+
 struct Harness {
     dev: Dev,
     dir: tempfile::TempDir,
@@ -419,22 +453,8 @@ async fn curl_reaches_task_calls_and_direct_runs_with_json() {
     h.dev.stop().await;
 
     // RunnerService at an agent (`pm-agent --runner-listen`): the events as JSON lines.
-    let work = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "http://{}/pm.v1.RunnerService/Run",
-        listener.local_addr().unwrap()
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    let options = pm_agent::RunnerOptions {
-        work_root: work.path().to_owned(),
-        ..pm_agent::RunnerOptions::default()
-    };
-    let server = tokio::spawn(pm_agent::serve_runner(
-        listener,
-        options,
-        stop.clone().cancelled_owned(),
-    ));
+    let runner = RunnerServer::start().await;
+    let url = format!("{}/pm.v1.RunnerService/Run", runner.endpoint);
     let ran = tokio::task::spawn_blocking(move || {
         let run = r#"{"specDocument":"stages: [{name: s, jobs: [{name: j, commands: ['echo hi {{who}}', 'cat input.data']}]}]","params":{"who":"you"},"input":{"n":1}}"#;
         let (status, lines) = curl_json(&url, run, &[]);
@@ -454,8 +474,7 @@ async fn curl_reaches_task_calls_and_direct_runs_with_json() {
         assert!(body.contains("spec_document.stages"), "{body}");
     });
     ran.await.unwrap();
-    stop.cancel();
-    let _ = server.await;
+    runner.stop().await;
 }
 
 /// `examples/seeds/`: one pipeline in each shape of the source documents, applied as

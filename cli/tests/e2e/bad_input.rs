@@ -500,21 +500,9 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
     h.dev.stop().await;
 
     // RunnerService is served by the agent (`pm-agent --runner-listen`), not the gateway.
-    let work = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let options = pm_agent::RunnerOptions {
-        work_root: work.path().to_owned(),
-        ..pm_agent::RunnerOptions::default()
-    };
-    let server = tokio::spawn(pm_agent::serve_runner(
-        listener,
-        options,
-        stop.clone().cancelled_owned(),
-    ));
+    let server = super::RunnerServer::start().await;
     let mut runner = pm_proto::v1::runner_service_client::RunnerServiceClient::new(
-        pm_proto::client::channel(&endpoint).unwrap(),
+        pm_proto::client::channel(&server.endpoint).unwrap(),
     );
     let uses_url = "stages: [{name: s, jobs: [{name: j, commands: ['echo {{url}}']}]}]";
     let document = |doc: &str, params: &[(&str, &str)]| RunRequest {
@@ -554,8 +542,7 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
         let got = runner.run(request).await.map(|_| ());
         refused(what, got, InvalidArgument, field);
     }
-    stop.cancel();
-    let _ = server.await;
+    server.stop().await;
 
     // Every public RPC has rows here.
     let covered = COVERED.lock().unwrap().clone();
