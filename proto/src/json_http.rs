@@ -16,14 +16,12 @@
 //! way; anything else passes through untouched, gRPC and grpc-web included. Bodies are
 //! bounded by [`MAX_MESSAGE_BYTES`] both ways.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
+use prost_reflect::{DynamicMessage, MessageDescriptor};
 use tonic::Code;
 
 use crate::MAX_MESSAGE_BYTES;
@@ -32,34 +30,19 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Response = http::Response<tonic::body::Body>;
 
 /// How a method answers over HTTP/JSON.
-#[derive(Clone)]
 struct Method {
     input: MessageDescriptor,
     output: MessageDescriptor,
     streaming: bool,
 }
 
-/// The `pm.v1` methods served as JSON, by path.
-fn methods() -> &'static HashMap<String, Method> {
-    static METHODS: OnceLock<HashMap<String, Method>> = OnceLock::new();
-    METHODS.get_or_init(|| {
-        let Ok(pool) = DescriptorPool::decode(crate::FILE_DESCRIPTOR_SET) else {
-            return HashMap::new();
-        };
-        pool.services()
-            .filter(|s| s.package_name() == "pm.v1")
-            .flat_map(|s| s.methods().collect::<Vec<_>>())
-            .filter(|m| !m.is_client_streaming())
-            .map(|m| {
-                let path = format!("/{}/{}", m.parent_service().full_name(), m.name());
-                let method = Method {
-                    input: m.input(),
-                    output: m.output(),
-                    streaming: m.is_server_streaming(),
-                };
-                (path, method)
-            })
-            .collect()
+/// The `pm.v1` method at `path`, if it is served as JSON (not client-streaming).
+fn method(path: &str) -> Option<Method> {
+    let m = crate::methods().get(path)?;
+    (m.parent_service().package_name() == "pm.v1" && !m.is_client_streaming()).then(|| Method {
+        input: m.input(),
+        output: m.output(),
+        streaming: m.is_server_streaming(),
     })
 }
 
@@ -108,7 +91,7 @@ where
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
         let method = (is_json && request.method() == http::Method::POST)
-            .then(|| methods().get(request.uri().path()).cloned())
+            .then(|| method(request.uri().path()))
             .flatten();
         let Some(method) = method else {
             let call = self.inner.call(request.map(tonic::body::Body::new));
@@ -429,12 +412,24 @@ mod tests {
 
     #[test]
     fn public_methods_are_served_but_the_agent_stream_is_not() {
-        let m = methods();
-        assert!(!m["/pm.v1.TaskService/SubmitTask"].streaming);
-        assert!(m["/pm.v1.TaskService/WatchTask"].streaming);
-        assert!(m["/pm.v1.RunnerService/Run"].streaming);
-        assert!(!m.contains_key("/pm.v1.AgentService/Connect"));
-        assert!(!m.keys().any(|k| k.starts_with("/pm.internal")));
+        let streaming = |path| method(path).map(|m| m.streaming);
+        assert_eq!(streaming("/pm.v1.TaskService/SubmitTask"), Some(false));
+        assert_eq!(streaming("/pm.v1.TaskService/WatchTask"), Some(true));
+        assert_eq!(streaming("/pm.v1.RunnerService/Run"), Some(true));
+        assert_eq!(streaming("/pm.v1.AgentService/Connect"), None);
+        assert!(crate::methods().contains_key("/pm.v1.AgentService/Connect"));
+        // The table holds internal and health methods too; none of them is served.
+        let others: Vec<&String> = crate::methods()
+            .keys()
+            .filter(|k| !k.starts_with("/pm.v1."))
+            .collect();
+        assert!(
+            others
+                .iter()
+                .any(|k| k.starts_with("/pm.internal.v1.ShardService/"))
+        );
+        assert!(others.iter().any(|k| k.starts_with("/grpc.health.v1.")));
+        assert!(others.iter().all(|k| method(k).is_none()));
     }
 
     #[test]

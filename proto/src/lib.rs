@@ -34,6 +34,31 @@ pub mod internal {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/pm_descriptor.bin"));
 
+/// Every method of our protos and of the standard health service, by its path
+/// (`/pkg.Service/Method`): what the metrics layer labels and the JSON layer transcodes.
+pub fn methods() -> &'static std::collections::HashMap<String, prost_reflect::MethodDescriptor> {
+    static METHODS: std::sync::OnceLock<
+        std::collections::HashMap<String, prost_reflect::MethodDescriptor>,
+    > = std::sync::OnceLock::new();
+    METHODS.get_or_init(|| {
+        let mut pool = prost_reflect::DescriptorPool::new();
+        for set in [FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
+            if let Err(e) = pool.decode_file_descriptor_set(set) {
+                tracing::error!(error = %e, "a descriptor set does not decode");
+            }
+        }
+        pool.services()
+            .flat_map(|s| s.methods().collect::<Vec<_>>())
+            .map(|m| {
+                (
+                    format!("/{}/{}", m.parent_service().full_name(), m.name()),
+                    m,
+                )
+            })
+            .collect()
+    })
+}
+
 /// Largest message a server or client of ours accepts, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 

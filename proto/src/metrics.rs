@@ -146,38 +146,17 @@ pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()> + S
     }
 }
 
-/// The kinds of every method of our protos and the standard services we mount, by path
-/// (`/pkg.Service/Method`), as `grpc_type` names them.
-fn method_types() -> &'static HashMap<String, &'static str> {
-    static TYPES: OnceLock<HashMap<String, &'static str>> = OnceLock::new();
-    TYPES.get_or_init(|| {
-        use prost::Message;
-        let mut types = HashMap::new();
-        for set in [
-            crate::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ] {
-            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
-                continue;
-            };
-            for file in &set.file {
-                for service in &file.service {
-                    for method in &service.method {
-                        let kind = match (method.client_streaming(), method.server_streaming()) {
-                            (false, false) => "unary",
-                            (false, true) => "server_stream",
-                            (true, false) => "client_stream",
-                            (true, true) => "bidi_stream",
-                        };
-                        let path =
-                            format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                        types.insert(path, kind);
-                    }
-                }
-            }
-        }
-        types
-    })
+/// The kind of a known method, as `grpc_type` names it.
+fn method_type(path: &str) -> Option<&'static str> {
+    let method = crate::methods().get(path)?;
+    Some(
+        match (method.is_client_streaming(), method.is_server_streaming()) {
+            (false, false) => "unary",
+            (false, true) => "server_stream",
+            (true, false) => "client_stream",
+            (true, true) => "bidi_stream",
+        },
+    )
 }
 
 fn describe_grpc() {
@@ -235,7 +214,7 @@ impl MethodMetrics {
             .split_once('/')
             .unwrap_or(("unknown", "unknown"));
         // Unknown paths (a scanner's) share one series, so they cannot grow the registry.
-        let known = method_types().get(path).copied();
+        let known = method_type(path);
         let (service, method) = match known {
             Some(_) => (service.to_owned(), method.to_owned()),
             None => ("unknown".to_owned(), "unknown".to_owned()),
@@ -290,7 +269,7 @@ impl GrpcMetricsLayer {
         if !enabled() {
             return None;
         }
-        let known = method_types().contains_key(path);
+        let known = crate::methods().contains_key(path);
         let key = if known { path } else { "" };
         let mut methods = self.methods.lock().expect("methods lock");
         if let Some(m) = methods.get(key) {
