@@ -78,7 +78,12 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send + 'static>>;
+    /// gRPC and grpc-web calls pass through without a boxed future of their own: this layer
+    /// sits on every call of the gateway.
+    type Future = futures::future::Either<
+        futures::future::MapOk<S::Future, fn(http::Response<RB>) -> Response>,
+        Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send + 'static>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -94,13 +99,15 @@ where
             .then(|| method(request.uri().path()))
             .flatten();
         let Some(method) = method else {
+            use futures::TryFutureExt;
             let call = self.inner.call(request.map(tonic::body::Body::new));
-            return Box::pin(async move { Ok(call.await?.map(tonic::body::Body::new)) });
+            let to_body: fn(http::Response<RB>) -> Response = |r| r.map(tonic::body::Body::new);
+            return futures::future::Either::Left(call.map_ok(to_body));
         };
         // The service was made ready for this call; a clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        futures::future::Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
             let message = match read_request(body, &method.input).await {
                 Ok(message) => message,
@@ -126,7 +133,7 @@ where
             } else {
                 unary_response(response, &method.output).await
             })
-        })
+        }))
     }
 }
 
