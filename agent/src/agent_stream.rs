@@ -16,6 +16,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use pm_proto::AGENT_PROTOCOL_VERSION;
 use pm_proto::v1::{
@@ -270,7 +271,19 @@ fn start(
     let running = running.clone();
     crate::metrics::METRICS.running.increment(1.0);
     let out_tx = out_tx.clone();
-    tokio::spawn(async move {
+    // Every log line about the task carries its name and trace id; with traces on, this is
+    // the task's span in its trace (assigned to result).
+    let span = tracing::info_span!(
+        "task",
+        otel.kind = "consumer",
+        task = %task.name,
+        attempt = lease.attempt,
+        trace_id = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    pm_proto::trace::set_parent(&span, &task.traceparent);
+    let task_span = span.clone();
+    let work = async move {
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let forward = {
             let (out_tx, lease) = (out_tx.clone(), lease.clone());
@@ -290,8 +303,12 @@ fn start(
             timeout_seconds: task.timeout_seconds,
             // Checked at the gateway: JSON writes it.
             input: task.input.as_ref().and_then(pm_proto::json::to_text),
+            traceparent: task.traceparent,
         };
         let result = run_task(&runner, run, events_tx, cancel).await;
+        if !result.succeeded {
+            task_span.record("otel.status_code", "ERROR");
+        }
         // Progress goes out before the result.
         let _ = forward.await;
         // Reported under the lock that removes it: a drain sees either the task running or
@@ -309,7 +326,8 @@ fn start(
                 result: Some(result),
             })));
         }
-    });
+    };
+    tokio::spawn(work.instrument(span));
 }
 
 /// Cancels every running task and gives its lease back to the shard, which queues it again.

@@ -40,6 +40,7 @@ pub async fn serve_runner(
         .accept_http1(true)
         .layer(pm_proto::json_http::JsonHttpLayer)
         .layer(pm_proto::metrics::GrpcMetricsLayer::new(metrics::COMPONENT))
+        .layer(pm_proto::trace::ServerSpanLayer::new(metrics::COMPONENT))
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(

@@ -136,7 +136,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    pm_proto::server::init_tracing(args.log_format);
+    // Spans still queued are sent before the process exits.
+    let tracing = pm_proto::server::init_tracing(args.log_format, "pm-agent");
+    let code = run(args).await;
+    tracing.shutdown().await;
+    code
+}
+
+async fn run(args: Args) -> std::process::ExitCode {
     if let Err(e) = args.tls.init(args.runner_listen.is_some()) {
         eprintln!("pm-agent: {e}");
         return std::process::ExitCode::from(64);

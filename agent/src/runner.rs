@@ -15,6 +15,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use pm_proto::unix_ms;
 use pm_proto::v1::{
@@ -169,6 +170,9 @@ pub struct Run {
     pub timeout_seconds: u32,
     /// The input document as JSON text, written to `input.data`.
     pub input: Option<String>,
+    /// The W3C trace context the task was submitted in ("" for none): each step's
+    /// `TRACEPARENT` names its own span in that trace, or is this one when not tracing.
+    pub traceparent: String,
 }
 
 /// Events of a running task go here (step started/finished, output).
@@ -218,6 +222,14 @@ pub async fn run_task(
     }
     'stages: for stage in &run.spec.stages {
         let jobs = stage.jobs.iter().map(|job| {
+            let span = tracing::info_span!(
+                "job",
+                otel.name = %format_args!("job {}/{}", stage.name, job.name),
+                stage = %stage.name,
+                job = %job.name,
+                executor = %job.executor,
+                otel.status_code = tracing::field::Empty,
+            );
             run_job(
                 options,
                 &run,
@@ -229,6 +241,7 @@ pub async fn run_task(
                 &events,
                 &cancel,
             )
+            .instrument(span)
         });
         for job_result in join_all(jobs).await {
             let fatal = !job_result.succeeded && !job_result.allowed_failure;
@@ -410,6 +423,20 @@ async fn run_job(
                     command: command.clone(),
                 }),
             );
+            let span = tracing::info_span!(
+                "step",
+                otel.name = %format_args!("step {i}"),
+                step = i,
+                job_attempt = attempt,
+                command = %template,
+                exit_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            // The step's own span, so what the command traces joins the task's trace.
+            let mut env = env.clone();
+            if let Some(traceparent) = pm_proto::trace::traceparent_for(&span, &run.traceparent) {
+                env.push((pm_proto::trace::TRACEPARENT_ENV.into(), traceparent));
+            }
             let step = Step {
                 command: &command,
                 work_dir,
@@ -431,9 +458,22 @@ async fn run_job(
                 );
             };
             let step_result = match options.sidecars.get(&job.executor) {
-                Some(socket) => sidecar::run_step(socket, &step, cancel, on_output).await,
-                None => executor::run_step(&step, cancel, on_output).await,
+                Some(socket) => {
+                    sidecar::run_step(socket, &step, cancel, on_output)
+                        .instrument(span.clone())
+                        .await
+                }
+                None => {
+                    executor::run_step(&step, cancel, on_output)
+                        .instrument(span.clone())
+                        .await
+                }
             };
+            span.record("exit_code", step_result.exit_code);
+            if failed(&step_result) {
+                span.record("otel.status_code", "ERROR");
+            }
+            drop(span);
             emit(
                 events,
                 task_event::Event::StepFinished(StepFinished {
@@ -466,6 +506,9 @@ async fn run_job(
     }
     result.allowed_failure = !result.succeeded && job.allow_failure;
     result.duration_ms = started.elapsed().as_millis() as u64;
+    if !result.succeeded {
+        tracing::Span::current().record("otel.status_code", "ERROR");
+    }
     result
 }
 
@@ -513,6 +556,7 @@ mod tests {
                     .collect(),
                 timeout_seconds: 0,
                 input: None,
+                traceparent: String::new(),
             },
             tx,
             CancellationToken::new(),
@@ -553,6 +597,7 @@ mod tests {
                     params: ResolvedParams::new(),
                     timeout_seconds: 0,
                     input,
+                    traceparent: String::new(),
                 };
                 let (tx, _rx) = mpsc::unbounded_channel();
                 run_task(&options, run, tx, CancellationToken::new()).await
@@ -690,6 +735,7 @@ mod tests {
             params: Default::default(),
             timeout_seconds: 1,
             input: None,
+            traceparent: String::new(),
         };
         let result = run_task(&options, run, tx, CancellationToken::new()).await;
         assert!(

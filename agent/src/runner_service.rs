@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use pm_proto::status::invalid_argument;
 use pm_proto::unix_ms;
@@ -30,6 +31,7 @@ impl RunnerService for Runner {
     type RunStream = ReceiverStream<Result<TaskEvent, Status>>;
 
     async fn run(&self, request: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
+        let traceparent = pm_proto::trace::submit_traceparent(request.metadata().as_ref());
         let req = request.into_inner();
         let spec = match req.source {
             Some(run_request::Source::Spec(spec)) => pm_spec::load_structured(spec, "spec"),
@@ -47,55 +49,60 @@ impl RunnerService for Runner {
         let id = format!("run-{}", uuid_like());
         let (tx, rx) = mpsc::channel(256);
         let options = self.options.clone();
-        tokio::spawn(async move {
-            let cancel = CancellationToken::new();
-            let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-            let run = Run {
-                id: id.clone(),
-                spec: Arc::new(spec),
-                params: params.clone(),
-                timeout_seconds: 0,
-                input,
-            };
-            let started = unix_ms();
-            let work = run_task(&options, run, events_tx, cancel.clone());
-            tokio::pin!(work);
-            let result = loop {
-                tokio::select! {
-                    result = &mut work => break result,
-                    Some(event) = events_rx.recv() => {
-                        if tx.send(Ok(event)).await.is_err() {
-                            cancel.cancel();
+        tokio::spawn(
+            async move {
+                let cancel = CancellationToken::new();
+                let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+                let run = Run {
+                    id: id.clone(),
+                    spec: Arc::new(spec),
+                    params: params.clone(),
+                    timeout_seconds: 0,
+                    input,
+                    traceparent,
+                };
+                let started = unix_ms();
+                let work = run_task(&options, run, events_tx, cancel.clone());
+                tokio::pin!(work);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut work => break result,
+                        Some(event) = events_rx.recv() => {
+                            if tx.send(Ok(event)).await.is_err() {
+                                cancel.cancel();
+                            }
                         }
                     }
+                };
+                while let Ok(event) = events_rx.try_recv() {
+                    let _ = tx.send(Ok(event)).await;
                 }
-            };
-            while let Ok(event) = events_rx.try_recv() {
-                let _ = tx.send(Ok(event)).await;
+                let state = if result.succeeded {
+                    TaskState::Done
+                } else {
+                    TaskState::Error
+                };
+                let task = Task {
+                    name: format!("runs/{id}"),
+                    id,
+                    params: params.into_iter().collect(),
+                    state: state as i32,
+                    attempt: 1,
+                    create_time_ms: started,
+                    update_time_ms: unix_ms(),
+                    result: Some(result),
+                    ..Task::default()
+                };
+                let _ = tx
+                    .send(Ok(TaskEvent {
+                        time_ms: unix_ms(),
+                        event: Some(task_event::Event::Finished(task)),
+                    }))
+                    .await;
             }
-            let state = if result.succeeded {
-                TaskState::Done
-            } else {
-                TaskState::Error
-            };
-            let task = Task {
-                name: format!("runs/{id}"),
-                id,
-                params: params.into_iter().collect(),
-                state: state as i32,
-                attempt: 1,
-                create_time_ms: started,
-                update_time_ms: unix_ms(),
-                result: Some(result),
-                ..Task::default()
-            };
-            let _ = tx
-                .send(Ok(TaskEvent {
-                    time_ms: unix_ms(),
-                    event: Some(task_event::Event::Finished(task)),
-                }))
-                .await;
-        });
+            // In the call's span (when tracing), which outlives the call's answer.
+            .instrument(tracing::Span::current()),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -73,6 +73,7 @@ async fn run(options: &RunnerOptions, jobs: Vec<Job>, cancel: CancellationToken)
         params: [("v".to_owned(), "a b; $(touch pwned)".to_owned())].into(),
         timeout_seconds: 0,
         input: None,
+        traceparent: String::new(),
     };
     run_task(options, run, tx, cancel).await
 }

@@ -27,6 +27,14 @@ mod bad_input;
 #[path = "e2e/metrics.rs"]
 mod metrics;
 
+/// A live `pm dev` process (the fixture).
+#[path = "e2e/pm_dev.rs"]
+mod pm_dev;
+
+/// Traces over OTLP, received from a live `pm dev`.
+#[path = "e2e/trace.rs"]
+mod trace;
+
 /// A Raspberry Pi class agent (aarch64, under qemu-user).
 #[path = "e2e/pi.rs"]
 mod pi;
@@ -767,6 +775,35 @@ async fn concurrent_unary_submits_each_keep_their_own_outcome() {
     }
     assert_eq!(names.len(), 200);
     assert_eq!(by_key.len(), 30);
+    h.dev.stop().await;
+}
+
+/// With no traces exported, a client's W3C trace context still reaches its task and the
+/// task's steps (`TRACEPARENT`); an invalid one is ignored, as W3C says, never refused.
+#[tokio::test]
+async fn a_clients_traceparent_reaches_its_steps_with_traces_off() {
+    let mut h = start().await;
+    h.apply("name: tp\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['printf %s \"${TRACEPARENT-none}\"'] }\n").await;
+    let valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let zero_trace = "00-00000000000000000000000000000000-b7ad6b7169203331-01";
+    for (sent, kept) in [(valid, valid), (zero_trace, ""), ("garbage", "")] {
+        let mut request = tonic::Request::new(SubmitTaskRequest {
+            parent: pipeline_name("tp"),
+            ..SubmitTaskRequest::default()
+        });
+        request
+            .metadata_mut()
+            .insert("traceparent", sent.parse().unwrap());
+        let task = h.tasks.submit_task(request).await.unwrap().into_inner();
+        assert_eq!(task.traceparent, kept, "{sent}");
+        let (task, _) = h.finish(&task.name).await;
+        assert_eq!(
+            (state(&task), task.traceparent.as_str()),
+            (TaskState::Done, kept)
+        );
+        let seen = if kept.is_empty() { "none" } else { kept };
+        assert_eq!(step(&task, 0, 0).stdout, seen, "{sent}");
+    }
     h.dev.stop().await;
 }
 

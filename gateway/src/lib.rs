@@ -156,6 +156,8 @@ pub async fn run(
         .layer(tonic_web::GrpcWebLayer::new())
         // Metrics see every call as gRPC, grpc-web ones included.
         .layer(pm_proto::metrics::GrpcMetricsLayer::new("gateway"))
+        // A span per public call, for grpc-web ones too, when exporting traces.
+        .layer(pm_proto::trace::ServerSpanLayer::new("gateway"))
         // Inside the metrics: a call refused for the limit is counted with its code.
         .layer(pm_proto::in_flight::InFlightLimit::configured())
         .add_service(health_service)

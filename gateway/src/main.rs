@@ -51,7 +51,14 @@ fn origins(given: &[String]) -> pm_gateway::Origins {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    pm_proto::server::init_tracing(args.server.log_format);
+    // Spans still queued are sent before the process exits.
+    let tracing = pm_proto::server::init_tracing(args.server.log_format, "pm-gateway");
+    let code = run(args).await;
+    tracing.shutdown().await;
+    code
+}
+
+async fn run(args: Args) -> std::process::ExitCode {
     if let Err(e) = args.server.init() {
         eprintln!("pm-gateway: {e}");
         return std::process::ExitCode::from(64);

@@ -61,6 +61,7 @@ impl Tasks {
         version: &Arc<PipelineVersion>,
         req: SubmitTaskRequest,
         caller: &Caller,
+        traceparent: &str,
     ) -> Result<Prepared, Error> {
         let pipeline = &version.pipeline;
         check_priority("priority", req.priority)?;
@@ -114,6 +115,7 @@ impl Tasks {
                 // Its fair share and its quota are counted per client.
                 client: caller.client().to_owned(),
                 input: req.input,
+                traceparent: traceparent.to_owned(),
                 ..Task::default()
             }),
             spec,
@@ -127,11 +129,13 @@ impl Tasks {
 
     /// Authorizes and validates a batch (each task on its own) and queues the valid ones on
     /// their shards. A lone submit joins the [`Coalescer`]; a batch goes as one Enqueue per
-    /// pipeline.
+    /// pipeline. Every task is stored with the call's `traceparent`
+    /// ([`pm_proto::trace::submit_traceparent`]).
     async fn submit(
         &self,
         caller: &Caller,
         requests: Vec<SubmitTaskRequest>,
+        traceparent: &str,
     ) -> Vec<SubmitTaskResult> {
         let mut outcomes: Vec<Option<Result<Task, pm_proto::v1::Error>>> =
             vec![None; requests.len()];
@@ -157,7 +161,7 @@ impl Tasks {
                 pipelines.insert(key.clone(), fetched);
             }
             let prepared = match &pipelines[&key] {
-                Ok(pipeline) => Self::prepare(pipeline, req, caller),
+                Ok(pipeline) => Self::prepare(pipeline, req, caller, traceparent),
                 Err(status) => Err(Error::Upstream(status.clone())),
             };
             match prepared {
@@ -200,7 +204,10 @@ impl TaskService for Tasks {
         request: Request<SubmitTaskRequest>,
     ) -> Result<Response<Task>, Status> {
         let caller = authz::check(&request, Rpc::SubmitTask, &request.get_ref().parent)?;
-        let mut results = self.submit(&caller, vec![request.into_inner()]).await;
+        let traceparent = pm_proto::trace::submit_traceparent(request.metadata().as_ref());
+        let mut results = self
+            .submit(&caller, vec![request.into_inner()], &traceparent)
+            .await;
         match results.pop().and_then(|r| r.outcome) {
             Some(submit_task_result::Outcome::Task(task)) => Ok(Response::new(task)),
             Some(submit_task_result::Outcome::Error(e)) => Err(status_of(e)),
@@ -215,6 +222,7 @@ impl TaskService for Tasks {
         // The role here; each task's tenant on its own below.
         let caller = Caller::of(&request)?;
         authz::authorize(&caller, Rpc::SubmitTasks, None)?;
+        let traceparent = pm_proto::trace::submit_traceparent(request.metadata().as_ref());
         let requests = request.into_inner().requests;
         if requests.is_empty() || requests.len() > MAX_BATCH {
             return Err(Error::invalid(
@@ -223,7 +231,7 @@ impl TaskService for Tasks {
             )
             .into());
         }
-        let results = self.submit(&caller, requests).await;
+        let results = self.submit(&caller, requests, &traceparent).await;
         Ok(Response::new(SubmitTasksResponse { results }))
     }
 

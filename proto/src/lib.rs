@@ -14,6 +14,7 @@ pub mod plain_http;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod trace;
 
 /// The public API, `pm.v1`.
 #[allow(clippy::large_enum_variant)] // generated oneofs; boxing would change the API

@@ -193,17 +193,38 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`). Call once, first.
-pub fn init_tracing(format: LogFormat) {
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`), and exports spans
+/// over OTLP when the environment asks for it ([`crate::trace`]; `service` names this
+/// process there). Call once, first, inside the runtime; keep what it returns and call its
+/// `shutdown` before exiting.
+pub fn init_tracing(format: LogFormat, service: &'static str) -> crate::trace::Tracing {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_filter(filter)
+            .boxed(),
     };
+    let registry = tracing_subscriber::registry().with(fmt);
+    match crate::trace::init(service) {
+        Ok((otel, tracing)) => {
+            let _ = registry.with(otel).try_init();
+            tracing
+        }
+        Err(e) => {
+            let _ = registry.try_init();
+            tracing::error!(error = %e, "traces are off");
+            crate::trace::Tracing::off()
+        }
+    }
 }

@@ -59,7 +59,14 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     pm_proto::server::private_files();
     let args = Args::parse();
-    pm_proto::server::init_tracing(args.server.log_format);
+    // Spans still queued are sent before the process exits.
+    let tracing = pm_proto::server::init_tracing(args.server.log_format, "pm-shard");
+    let code = run(args).await;
+    tracing.shutdown().await;
+    code
+}
+
+async fn run(args: Args) -> std::process::ExitCode {
     if let Err(e) = args.server.init() {
         eprintln!("pm-shard: {e}");
         return std::process::ExitCode::from(64);

@@ -148,6 +148,7 @@ impl Record {
             result: self.result.as_deref().cloned(),
             client: client_of_flow(&self.flow).to_owned(),
             input: body.input,
+            traceparent: body.traceparent,
         }
     }
 
@@ -162,11 +163,13 @@ impl Record {
             pipeline_version: task.pipeline_version,
             idempotency_key: std::mem::take(&mut task.idempotency_key),
             input: task.input.take(),
+            traceparent: std::mem::take(&mut task.traceparent),
         };
         let bytes = body.encode_to_vec().into();
         task.params = body.params;
         task.idempotency_key = body.idempotency_key;
         task.input = body.input;
+        task.traceparent = body.traceparent;
         (bytes, !task.idempotency_key.is_empty())
     }
 
@@ -550,6 +553,7 @@ mod tests {
             input: Some(prost_types::Value {
                 kind: Some(prost_types::value::Kind::StringValue("in".into())),
             }),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
         }
     }
 

@@ -75,7 +75,8 @@ async fn main() -> std::process::ExitCode {
         no_work_dir_at,
         demo,
     } = Cli::parse().command;
-    pm_proto::server::init_tracing(log_format);
+    // Spans still queued are sent before the process exits.
+    let tracing = pm_proto::server::init_tracing(log_format, "pm");
     if slots == 0 && demo {
         eprintln!("pm dev: --demo needs the embedded agent (--slots at least 1)");
         return std::process::ExitCode::from(64);
@@ -154,5 +155,6 @@ async fn main() -> std::process::ExitCode {
     }
     pm_proto::server::shutdown_signal().await;
     dev.stop().await;
+    tracing.shutdown().await;
     std::process::ExitCode::SUCCESS
 }

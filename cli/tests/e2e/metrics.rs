@@ -3,99 +3,14 @@
 //! scrape that `promtool check metrics` accepts. The same queue through `GetPipelineStats`
 //! and `pmctl pipeline stats`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use pm_proto::v1::*;
 
+use super::pm_dev::{PmDev, pm_dev};
 use super::{WAIT, pipeline_name, pmctl, state};
-
-/// A `pm dev` process, killed when dropped.
-struct PmDev {
-    child: Child,
-    endpoint: String,
-    metrics: String,
-    /// The sample image pm dev serves.
-    image: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for PmDev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `pm dev` on free ports with one agent slot and JSON logs; returns once it logged
-/// both addresses (every line up to them must be a JSON object).
-fn pm_dev() -> PmDev {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pm"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--slots", "1", "--log-format", "json", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    // Read on a thread: the lines come when pm dev is up; the test bounds the wait. The
-    // thread reads to the end, so pm dev never writes into a closed pipe.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + WAIT;
-    let (mut endpoint, mut metrics, mut image) = (None, None, None);
-    while endpoint.is_none() || metrics.is_none() || image.is_none() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .expect("pm dev printed its addresses in time");
-        // --log-format json: every line is one JSON object, its text in fields.message.
-        let log: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
-        assert!(
-            log["timestamp"].is_string() && log["level"].is_string(),
-            "{line}"
-        );
-        let line = log["fields"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let word_after = |marker: &str| {
-            let rest = &line[line.find(marker)? + marker.len()..];
-            Some(rest.split_whitespace().next()?.to_owned())
-        };
-        if line.contains("serving gRPC") {
-            endpoint = word_after(" on ");
-        }
-        if line.contains(" try ") {
-            image = word_after("--param url=");
-        }
-        if line.contains("metrics of every component") {
-            metrics = word_after(" at ").map(|url| url.trim_end_matches("/metrics").to_owned());
-        }
-    }
-    PmDev {
-        child,
-        endpoint: endpoint.unwrap(),
-        metrics: metrics.unwrap(),
-        image: image.unwrap(),
-        _dir: dir,
-    }
-}
 
 /// One plain HTTP/1.1 GET of `url` (`http://host:port/path`): the status line and the body.
 async fn get(url: &str) -> (String, String) {
@@ -169,7 +84,7 @@ async fn wait_for_state(
 
 #[tokio::test]
 async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
-    let dev = pm_dev();
+    let dev = pm_dev(&[]);
     let channel = pm_proto::client::channel(&dev.endpoint).unwrap();
     let mut tasks = pm_proto::client::tasks(channel.clone());
     let mut pipelines = pm_proto::client::pipelines(channel);
@@ -462,7 +377,7 @@ async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
     assert_eq!(value(&s, "pm_agent_tasks_running", &[]), Some(1.0));
 
     // The format, as Prometheus's own linter reads it.
-    let path = dev._dir.path().join("scrape.txt");
+    let path = dev.dir.path().join("scrape.txt");
     std::fs::write(&path, &s).unwrap();
     let promtool = std::env::var_os("PM_PROMTOOL_BIN").unwrap_or_else(|| "promtool".into());
     let checked = Command::new(&promtool)

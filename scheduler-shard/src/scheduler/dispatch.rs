@@ -26,6 +26,25 @@ struct PendingAssign {
     spec: Arc<PipelineSpec>,
     lease_id: LeaseId,
     deadline: Instant,
+    /// When the task became READY (its submit or requeue), ms since the epoch.
+    ready_since_ms: i64,
+}
+
+/// The task's `queued` span (READY to assigned), in its trace.
+fn queued_span(task: &Task, ready_since_ms: i64) {
+    let at = |ms: i64| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    pm_proto::trace::record(
+        "queued",
+        &task.traceparent,
+        at(ready_since_ms),
+        std::time::SystemTime::now(),
+        None,
+        vec![
+            pm_proto::trace::KeyValue::new("pm.component", "shard"),
+            pm_proto::trace::KeyValue::new("pm.task", task.name.clone()),
+            pm_proto::trace::KeyValue::new("pm.attempt", i64::from(task.attempt)),
+        ],
+    );
 }
 
 impl Scheduler {
@@ -39,9 +58,13 @@ impl Scheduler {
                 }
             }
             for a in assigns {
+                let task = a.task.to_task();
+                if !task.traceparent.is_empty() {
+                    queued_span(&task, a.ready_since_ms);
+                }
                 let assign = ServerMessage {
                     message: Some(server_message::Message::Assign(Assign {
-                        task: Some(a.task.to_task()),
+                        task: Some(task),
                         spec: Some((*a.spec).clone()),
                         lease: Some(wire_lease(
                             &a.lease_id,
@@ -97,6 +120,7 @@ impl Scheduler {
                     .next(Event::Dispatch)
                     .expect("queued tasks are READY");
                 // The record's time is when it became READY (its submit or requeue).
+                let ready_since_ms = record.update_time_ms;
                 let waited_ms = (next.update_time_ms - record.update_time_ms).max(0);
                 self.metrics
                     .dispatch_latency
@@ -115,6 +139,7 @@ impl Scheduler {
                     spec: record.spec.spec.clone(),
                     lease_id: lease_id.clone(),
                     deadline,
+                    ready_since_ms,
                 });
                 inner.leases.insert(
                     lease_id,

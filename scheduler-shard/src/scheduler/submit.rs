@@ -2,6 +2,8 @@
 
 use super::*;
 
+use pm_proto::trace::KeyValue;
+
 /// What a submit answers with, made into a `Task` outside the lock.
 #[derive(Clone)]
 enum Answer {
@@ -72,6 +74,10 @@ impl Prepared {
         task.create_time_ms = now;
         task.update_time_ms = now;
         task.result = None;
+        if !task.traceparent.is_empty() {
+            // Stored only if valid (W3C: an invalid one is ignored).
+            task.traceparent = pm_proto::trace::normalize(&task.traceparent).unwrap_or_default();
+        }
         let (body, keyed) = Record::body_of(&mut task);
         Ok(Self {
             flow: flow_of(&task.pipeline, &task.client),
@@ -99,6 +105,7 @@ impl Scheduler {
 
     /// [`Scheduler::enqueue`], saying which tasks this call queued and which were repeats.
     pub async fn submit(&self, items: Vec<EnqueueTask>) -> Vec<Result<Submitted, Error>> {
+        let received = std::time::SystemTime::now();
         let items: Vec<Result<Prepared, Error>> = items.into_iter().map(Prepared::new).collect();
         let mut outcomes: Vec<Option<Result<Answer, Error>>> = Vec::with_capacity(items.len());
         let mut planned: Vec<(usize, TaskKey, TaskRecord, Task)> = Vec::new();
@@ -137,6 +144,22 @@ impl Scheduler {
             }
         }
         let written = self.write(ops).await;
+        if pm_proto::trace::enabled() {
+            let failed = written.as_ref().err().map(ToString::to_string);
+            for (_, _, _, task) in &planned {
+                pm_proto::trace::record(
+                    "enqueue",
+                    &task.traceparent,
+                    received,
+                    std::time::SystemTime::now(),
+                    failed.as_deref(),
+                    vec![
+                        KeyValue::new("pm.component", "shard"),
+                        KeyValue::new("pm.task", task.name.clone()),
+                    ],
+                );
+            }
+        }
         {
             let mut inner = self.lock();
             for (i, key, record, task) in planned {
