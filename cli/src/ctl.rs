@@ -534,25 +534,27 @@ async fn pipeline(c: Conn, out: &Printer, command: PipelineCommand) -> anyhow::R
                 out.message("pm.v1.PipelineStats", &stats, || {
                     if first {
                         println!(
-                            "{:>8} {:>11} {:>9} {:>10} {:>14} {:>10} {:>6} {:>10}",
+                            "{:>8} {:>11} {:>9} {:>10} {:>14} {:>10} {:>11} {:>6} {:>10}",
                             "READY",
                             "IN_PROGRESS",
                             "DONE/MIN",
                             "ERROR/MIN",
                             "CANCELLED/MIN",
                             "HEAD_WAIT",
+                            "OLDEST_AGE",
                             "AGENTS",
                             "FREE_SLOTS"
                         );
                     }
                     println!(
-                        "{:>8} {:>11} {:>9} {:>10} {:>14} {:>10} {:>6} {:>10}",
+                        "{:>8} {:>11} {:>9} {:>10} {:>14} {:>10} {:>11} {:>6} {:>10}",
                         stats.ready,
                         stats.in_progress,
                         stats.done_last_minute,
                         stats.error_last_minute,
                         stats.cancelled_last_minute,
                         format!("{:.1}s", stats.head_wait_ms as f64 / 1000.0),
+                        format!("{}s", stats.oldest_ready_age_ms / 1000),
                         stats.agents,
                         stats.free_slots
                     );
@@ -740,6 +742,11 @@ fn print_task(t: &Task) {
     };
     if t.input.is_some() {
         println!("  input    {}", json(&t.input));
+    }
+    // What to search a tracing backend for.
+    let trace_id = pm_proto::trace::trace_id_of(&t.traceparent);
+    if !trace_id.is_empty() {
+        println!("  trace    {trace_id}");
     }
     let Some(result) = &t.result else { return };
     if !result.error.is_empty() {

@@ -177,6 +177,13 @@ pub fn normalize(traceparent: &str) -> Option<String> {
     context_of(traceparent).and_then(|cx| traceparent_of(&cx))
 }
 
+/// The trace id in a `traceparent` value, for log lines ("" if it is not a valid one).
+pub fn trace_id_of(traceparent: &str) -> String {
+    context_of(traceparent)
+        .map(|cx| cx.span().span_context().trace_id().to_string())
+        .unwrap_or_default()
+}
+
 /// The trace context a task submitted in this call is stored with: the server span's when
 /// this process traces, else the client's own `traceparent` header, if valid.
 pub fn submit_traceparent(headers: &http::HeaderMap) -> String {

@@ -18,6 +18,11 @@ impl TaskKey {
         Self(uuid::Uuid::now_v7().as_u128())
     }
 
+    /// When the task was submitted, ms since the Unix epoch: a UUIDv7's first 48 bits.
+    pub fn created_ms(self) -> u64 {
+        (self.0 >> 80) as u64
+    }
+
     /// The key of a task id; `None` unless 32 lowercase hex digits.
     pub fn parse_id(id: &str) -> Option<Self> {
         if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {

@@ -111,6 +111,10 @@ fn describe() {
         "pm_queue_tasks",
         "Unfinished tasks on this shard by pipeline and state (ready or in_progress)."
     );
+    describe_gauge!(
+        "pm_queue_oldest_ready_age_seconds",
+        "How long ago the oldest READY task of the pipeline was submitted (0 when none waits)."
+    );
     describe_counter!(
         "pm_tasks_submitted_total",
         "Tasks acknowledged by this shard since it started."
@@ -161,6 +165,7 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
             return false;
         };
         let stats = scheduler.queue_stats();
+        let now_ms = pm_proto::unix_ms().max(0) as u64;
         let mut shown = shown.lock().expect("shown lock");
         let mut now = HashSet::with_capacity(stats.pipelines.len());
         for p in &stats.pipelines {
@@ -172,6 +177,8 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
             };
             queued(TaskState::Ready).set(p.ready as f64);
             queued(TaskState::InProgress).set(p.in_progress as f64);
+            let age_ms = p.oldest_ready_ms.map_or(0, |ms| now_ms.saturating_sub(ms));
+            gauge!("pm_queue_oldest_ready_age_seconds", &labels).set(age_ms as f64 / 1000.0);
             counter!("pm_tasks_submitted_total", &labels).absolute(p.counts.submitted);
             for (state, n) in FINAL_STATES.iter().zip(p.counts.finished) {
                 let mut l = labels.clone();
@@ -187,6 +194,7 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
                 l.push(("state", state_label(state).to_owned()));
                 gauge!("pm_queue_tasks", &l).set(0.0);
             }
+            gauge!("pm_queue_oldest_ready_age_seconds", &labels).set(0.0);
         }
         *shown = now;
         gauge!("pm_agent_sessions", "component" => COMPONENT).set(stats.sessions as f64);

@@ -9,6 +9,10 @@
 //! past the larger of its own last tag and the tag last dispatched; dispatch takes the
 //! smallest tag. A client that queues 100,000 tasks therefore gets every other slot while a
 //! quiet client has work, not the first 100,000; within one flow the order stays FIFO.
+//!
+//! Backlog age: each pipeline also counts its READY tasks by the second they were submitted
+//! (read from their UUIDv7 keys), so the oldest one's age is found in O(log n) with no scan
+//! and nothing stored per task: one entry per second that still has a READY task.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -60,6 +64,8 @@ impl FairClock {
 #[derive(Default)]
 pub struct ReadyQueue {
     by_pipeline: BTreeMap<Arc<str>, BTreeSet<(Rank, TaskKey)>>,
+    /// READY tasks per pipeline by the second they were submitted (see the module doc).
+    born: HashMap<Arc<str>, BTreeMap<u64, u32>>,
     len: usize,
 }
 
@@ -72,6 +78,8 @@ impl ReadyQueue {
             .insert((rank, task))
         {
             self.len += 1;
+            let born = self.born.entry(pipeline.clone()).or_default();
+            *born.entry(task.created_ms() / 1000).or_default() += 1;
         }
     }
 
@@ -85,8 +93,33 @@ impl ReadyQueue {
         }
         if removed {
             self.len -= 1;
+            self.unborn(pipeline, task);
         }
         removed
+    }
+
+    /// Uncounts a task that left the queue of `pipeline`.
+    fn unborn(&mut self, pipeline: &str, task: TaskKey) {
+        let Some(born) = self.born.get_mut(pipeline) else {
+            return;
+        };
+        let second = task.created_ms() / 1000;
+        if let Some(n) = born.get_mut(&second) {
+            *n -= 1;
+            if *n == 0 {
+                born.remove(&second);
+            }
+        }
+        if born.is_empty() {
+            self.born.remove(pipeline);
+        }
+    }
+
+    /// When the oldest READY task of `pipeline` was submitted, ms since the Unix epoch (to
+    /// the second below), if it has one.
+    pub fn oldest_of(&self, pipeline: &str) -> Option<u64> {
+        let (second, _) = self.born.get(pipeline)?.first_key_value()?;
+        Some(second * 1000)
     }
 
     /// READY tasks of `pipeline`.
@@ -122,6 +155,7 @@ impl ReadyQueue {
             self.by_pipeline.remove(&pipeline);
         }
         self.len -= 1;
+        self.unborn(&pipeline, task);
         Some(task)
     }
 
@@ -203,5 +237,33 @@ mod tests {
         assert!(q.remove("p/a", rank(10, 10, 1), a1));
         assert!(q.is_empty());
         assert_eq!(q.pop(None), None);
+    }
+
+    #[test]
+    fn the_oldest_ready_task_is_found_whatever_the_dispatch_order() {
+        let mut q = ReadyQueue::default();
+        let p: Arc<str> = "p".into();
+        // A key submitted at `second` (a UUIDv7's time bits), told apart by `n`.
+        let key = |second: u64, n: u128| TaskKey(u128::from(second * 1000) << 80 | n);
+        let (old, mid, new) = (key(100, 1), key(200, 2), key(300, 3));
+        // The oldest task has the lowest priority: the head is not the oldest.
+        q.push(&p, rank(10, 99, 1), old);
+        q.push(&p, rank(10, 1, 2), new);
+        q.push(&p, rank(10, 5, 3), mid);
+        q.push(&p, rank(10, 6, 4), key(200, 4));
+        assert_eq!(q.oldest_of("p"), Some(100_000));
+        assert_eq!(q.pop(None), Some(new));
+        assert_eq!(q.oldest_of("p"), Some(100_000));
+        assert!(q.remove("p", rank(10, 99, 1), old));
+        assert_eq!(q.oldest_of("p"), Some(200_000));
+        assert_eq!(q.pop(None), Some(mid));
+        assert_eq!(
+            q.oldest_of("p"),
+            Some(200_000),
+            "another task of that second waits"
+        );
+        q.pop(None);
+        assert_eq!(q.oldest_of("p"), None);
+        assert!(q.born.is_empty(), "nothing left behind");
     }
 }

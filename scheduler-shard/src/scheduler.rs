@@ -164,6 +164,22 @@ struct Inner {
 }
 
 impl Inner {
+    /// The name and trace id of a task, for a log line about it (empty if it is gone).
+    fn about(&self, key: TaskKey) -> (String, String) {
+        self.tasks
+            .get(key)
+            .map(|r| r.about(key))
+            .unwrap_or_else(|| (key.to_string(), String::new()))
+    }
+
+    /// [`Inner::about`] the task a lease holds.
+    fn about_leased(&self, lease: &LeaseId) -> (String, String) {
+        match self.leases.get(lease) {
+            Some(l) => self.about(l.task),
+            None => (String::new(), String::new()),
+        }
+    }
+
     fn reserve(&mut self, flow: &Arc<str>) {
         self.active += 1;
         match self.active_by_flow.get_mut(flow) {

@@ -256,6 +256,7 @@ impl ShardService for Shard {
             error_last_minute: error,
             cancelled_last_minute: cancelled,
             head_wait_ms: q.head_wait_ms,
+            oldest_ready_age_ms: q.oldest_ready_age_ms,
             agents: q.agents,
             free_slots: q.free_slots,
             time_ms: pm_proto::unix_ms(),

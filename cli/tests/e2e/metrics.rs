@@ -122,6 +122,7 @@ async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
         .await
         .unwrap();
     let slow = pipeline_name("slow");
+    let submitted = std::time::Instant::now();
     let first = tasks
         .submit_task(submit(&slow, &[]))
         .await
@@ -144,14 +145,25 @@ async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
     assert_eq!((stats.ready, stats.in_progress), (1, 1));
     assert_eq!((stats.agents, stats.free_slots), (1, 0));
     assert!(stats.head_wait_ms >= 0 && stats.time_ms > 0, "{stats:?}");
+    // The waiting one's age, counted from the second it was submitted in.
+    let since = submitted.elapsed().as_millis() as i64;
+    assert!(
+        (0..=since + 1000).contains(&stats.oldest_ready_age_ms),
+        "{stats:?}, submitted {since} ms ago"
+    );
     let stats = pipelines
         .get_pipeline_stats(GetPipelineStatsRequest { name: ocr.clone() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(
-        (stats.ready, stats.in_progress, stats.head_wait_ms),
-        (0, 0, 0)
+        (
+            stats.ready,
+            stats.in_progress,
+            stats.head_wait_ms,
+            stats.oldest_ready_age_ms
+        ),
+        (0, 0, 0, 0)
     );
     assert_eq!(
         (

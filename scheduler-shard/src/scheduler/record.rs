@@ -116,6 +116,18 @@ impl TaskRecord {
         Op::PutTask(record)
     }
 
+    /// The task's name and the trace id it was submitted in ("" for none), for a log line
+    /// about it. Decodes the body: for the rare lines (expiries, failed writes) only.
+    pub fn about(&self, key: TaskKey) -> (String, String) {
+        let traceparent = pm_proto::internal::v1::TaskBody::decode(&*self.body)
+            .map(|b| b.traceparent)
+            .unwrap_or_default();
+        (
+            key.name(&self.pipeline),
+            pm_proto::trace::trace_id_of(&traceparent),
+        )
+    }
+
     /// The idempotency key ("" without one).
     pub fn idempotency_key(&self) -> String {
         crate::store::idempotency_key_in(self.keyed, &self.body)

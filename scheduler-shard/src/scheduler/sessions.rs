@@ -40,7 +40,8 @@ impl Scheduler {
             });
             if current {
                 inner.leases.rebind(&lease_id, id, ttl);
-                tracing::info!(task = %held.task, lease = %lease_id, "lease reclaimed");
+                let (task, trace_id) = inner.about_leased(&lease_id);
+                tracing::info!(%task, %trace_id, lease = %lease_id, "lease reclaimed");
             }
         }
         inner.sessions.insert(id, session);
@@ -158,7 +159,8 @@ impl Scheduler {
                 true
             }
             Err(e) => {
-                tracing::warn!(task = %key, error = %e, "result not written; the task will run again");
+                let (task, trace_id) = inner.about(key);
+                tracing::warn!(%task, %trace_id, error = %e, "result not written; the task will run again");
                 self.undo(&mut inner, key, Some(lease));
                 false
             }
@@ -174,11 +176,12 @@ impl Scheduler {
             Self::answer(inner, session, lease);
             Self::current(inner, session, lease).and_then(|key| {
                 let id = LeaseId(lease.lease_id.as_str().into());
-                inner.leases.release(&id).map(|held| (key, id, held))
+                let about = inner.about(key);
+                inner.leases.release(&id).map(|held| (about, id, held))
             })
         };
-        if let Some((_, id, held)) = released {
-            tracing::warn!(task = %lease.task, reason, "agent rejected task");
+        if let Some(((task, trace_id), id, held)) = released {
+            tracing::warn!(%task, %trace_id, reason, "agent rejected task");
             self.requeue(vec![(id, held)], reason).await;
         }
         self.dispatcher.notify_one();
@@ -232,7 +235,8 @@ impl Scheduler {
         let inner = &mut *guard;
         for r in planned {
             if let Err(e) = &written {
-                tracing::warn!(task = %r.key, error = %e, "requeue not written; retrying soon");
+                let (task, trace_id) = inner.about(r.key);
+                tracing::warn!(%task, %trace_id, error = %e, "requeue not written; retrying soon");
                 // Back as it was, expiring again shortly.
                 let record = inner.tasks.get_mut(r.key).expect("busy tasks stay");
                 record.busy = false;
@@ -267,15 +271,16 @@ impl Scheduler {
     /// deadline, or until a new lease may have brought it forward.
     pub(super) async fn run_reaper(self: Arc<Self>, cancel: CancellationToken) {
         loop {
-            let (expired, next) = {
+            let (expired, about, next) = {
                 let mut inner = self.lock();
                 let expired = inner.leases.take_expired(Instant::now());
-                (expired, inner.leases.next_deadline())
+                let about: Vec<_> = expired.iter().map(|(_, l)| inner.about(l.task)).collect();
+                (expired, about, inner.leases.next_deadline())
             };
             if !expired.is_empty() {
                 self.metrics.leases_expired.increment(expired.len() as u64);
-                for (id, lease) in &expired {
-                    tracing::info!(task = %lease.task, lease = %id, attempt = lease.attempt, "lease expired");
+                for ((id, lease), (task, trace_id)) in expired.iter().zip(about) {
+                    tracing::info!(%task, %trace_id, lease = %id, attempt = lease.attempt, "lease expired");
                 }
                 self.requeue(expired, "lease expired").await;
                 continue;

@@ -63,6 +63,8 @@ pub struct PipelineQueue {
     pub finished_recently: [u64; 3],
     /// How long the head of the queue has waited since it became READY.
     pub head_wait_ms: i64,
+    /// How long ago the oldest READY task was submitted (to the second below).
+    pub oldest_ready_age_ms: i64,
     pub agents: u32,
     pub free_slots: u64,
 }
@@ -77,6 +79,8 @@ pub struct PipelineStats {
     pub pipeline: Arc<str>,
     pub ready: u64,
     pub in_progress: u64,
+    /// When the oldest READY task was submitted, ms since the Unix epoch (to the second).
+    pub oldest_ready_ms: Option<u64>,
     pub counts: PipelineCounts,
 }
 
@@ -130,6 +134,10 @@ impl Scheduler {
             .head_of(pipeline)
             .and_then(|key| inner.tasks.get(key))
             .map_or(0, |r| (unix_ms() - r.update_time_ms).max(0));
+        let oldest_ready_age_ms = inner
+            .queue
+            .oldest_of(pipeline)
+            .map_or(0, |ms| (unix_ms() - ms as i64).max(0));
         let serving = inner.sessions.values().filter(|s| s.serves(pipeline));
         let (agents, free_slots) = serving.fold((0u32, 0u64), |(n, free), s| {
             (n + 1, free + u64::from(s.credit))
@@ -142,6 +150,7 @@ impl Scheduler {
                 .get(pipeline)
                 .map_or([0; 3], |r| r.sum(unix_seconds())),
             head_wait_ms,
+            oldest_ready_age_ms,
             agents,
             free_slots,
         }
@@ -171,6 +180,7 @@ impl Scheduler {
                 pipeline: pipeline.clone(),
                 ready: inner.queue.len_of(pipeline) as u64,
                 in_progress: in_progress.get(&**pipeline).copied().unwrap_or(0),
+                oldest_ready_ms: inner.queue.oldest_of(pipeline),
                 counts: inner.counts.get(pipeline).copied().unwrap_or_default(),
             })
             .collect();
