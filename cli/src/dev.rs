@@ -78,7 +78,7 @@ impl Dev {
     pub async fn start(options: DevOptions) -> anyhow::Result<Dev> {
         std::fs::create_dir_all(&options.data_dir)
             .with_context(|| format!("cannot create {}", options.data_dir.display()))?;
-        let store = Arc::new(EmbeddedStore::open(options.data_dir.join("metadata.bin"))?);
+        let store = Arc::new(EmbeddedStore::open(options.data_dir.join("metadata"))?);
         let catalog = Catalog::new(store.clone());
         seed(&catalog, options.sample).await?;
         let admin = if options.auth {

@@ -6,7 +6,7 @@
 //! tenant-service create-if-absent and update versions without lost updates.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -65,73 +65,222 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<KeyValue>>;
 }
 
-#[derive(Default)]
-struct State {
-    revision: u64,
-    entries: BTreeMap<String, (Vec<u8>, u64)>,
-}
-
-/// The single-process store of `pm dev`: a map in memory, written through to one file
-/// (temp file, fsync, rename) on every change. Metadata changes are rare and small, so a
-/// whole-file rewrite keeps the format trivial and every state on disk complete.
+/// The single-process store of `pm dev` and of a tenant-service without etcd: an fjall
+/// database in one directory. A change is one fjall batch (its entries and the new revision)
+/// synced before it is answered, so it costs the size of the change, not of the store; reads
+/// go to fjall and never wait for a write's fsync. Writes are serialized by one lock, which
+/// is what makes a conditional write's check and its write atomic.
 pub struct EmbeddedStore {
-    path: Option<PathBuf>,
+    db: Option<Db>,
+    /// Held by writers; `None` in memory (tests) keeps the entries here.
     state: Mutex<State>,
 }
 
+struct Db {
+    path: PathBuf,
+    db: fjall::Database,
+    /// Key -> the revision of its last write (8 bytes, little-endian), then the value.
+    entries: fjall::Keyspace,
+    /// [`REVISION_KEY`] -> the store-wide revision.
+    meta: fjall::Keyspace,
+}
+
+/// The store-wide revision's key in the `meta` keyspace.
+const REVISION_KEY: &[u8] = b"revision";
+
+#[derive(Default)]
+struct State {
+    revision: u64,
+    /// The entries of an in-memory store only.
+    entries: BTreeMap<String, (Vec<u8>, u64)>,
+}
+
+/// The first format (one file, rewritten whole on every change), imported once at open.
 const MAGIC: &[u8; 8] = b"pmmeta01";
 
 impl EmbeddedStore {
     /// A store that forgets everything when dropped (tests).
     pub fn in_memory() -> Self {
         Self {
-            path: None,
+            db: None,
             state: Mutex::new(State::default()),
         }
     }
 
-    /// A store persisted at `path`, loaded from it when it exists.
+    /// A store persisted in the directory `path`, made if missing. A file of the first
+    /// format at `path.bin` (`metadata.bin` beside a `metadata` directory) is imported once
+    /// and renamed `*.bin.imported`.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        let state = match std::fs::File::open(&path) {
-            Ok(mut file) => {
-                let mut bytes = Vec::new();
-                file.read_to_end(&mut bytes).map_err(|source| Error::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                decode(&bytes).ok_or_else(|| Error::Io {
-                    path: path.clone(),
-                    source: io::Error::new(io::ErrorKind::InvalidData, "corrupt metadata file"),
-                })?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
-            Err(source) => return Err(Error::Io { path, source }),
+        let io = |source: io::Error| Error::Io {
+            path: path.clone(),
+            source,
         };
-        Ok(Self {
-            path: Some(path),
-            state: Mutex::new(state),
-        })
+        let fjall = |e: fjall::Error| io(io::Error::other(e.to_string()));
+        std::fs::create_dir_all(&path).map_err(io)?;
+        let db = fjall::Database::builder(&path)
+            // Synced by us, once per change (see `commit`).
+            .manual_journal_persist(true)
+            .open()
+            .map_err(fjall)?;
+        let entries = db
+            .keyspace("entries", fjall::KeyspaceCreateOptions::default)
+            .map_err(fjall)?;
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .map_err(fjall)?;
+        let revision = match meta.get(REVISION_KEY).map_err(fjall)? {
+            Some(bytes) => u64_of(&bytes).ok_or_else(|| io(corrupt("the revision")))?,
+            None => 0,
+        };
+        let store = Self {
+            db: Some(Db {
+                path: path.clone(),
+                db,
+                entries,
+                meta,
+            }),
+            state: Mutex::new(State {
+                revision,
+                entries: BTreeMap::new(),
+            }),
+        };
+        let first_format = path.with_extension("bin");
+        if first_format != path {
+            store.import_first_format(&first_format)?;
+        }
+        Ok(store)
     }
 
-    fn mutate<T>(&self, f: impl FnOnce(&mut State) -> Result<(T, bool)>) -> Result<T> {
-        let mut state = self.state.lock().expect("metadata lock poisoned");
-        let mut next = State {
-            revision: state.revision,
-            entries: state.entries.clone(),
+    /// Imports a store of the first format at `file`, if there is one, then renames it.
+    fn import_first_format(&self, file: &Path) -> Result<()> {
+        let io = |source: io::Error| Error::Io {
+            path: file.to_owned(),
+            source,
         };
-        let (out, changed) = f(&mut next)?;
-        if changed {
-            if let Some(path) = &self.path {
-                persist(path, &next).map_err(|source| Error::Io {
-                    path: path.clone(),
-                    source,
-                })?;
+        if !file.is_file() {
+            return Ok(());
+        }
+        let bytes = std::fs::read(file).map_err(io)?;
+        let old = decode(&bytes).ok_or_else(|| io(corrupt("the first-format file")))?;
+        let mut state = self.state.lock().expect("metadata lock poisoned");
+        let writes = old
+            .entries
+            .into_iter()
+            .map(|(key, (value, rev))| (key, Some((value, rev))))
+            .collect();
+        let revision = old.revision.max(state.revision);
+        self.commit(&mut state, revision, writes)?;
+        let mut imported = file.as_os_str().to_owned();
+        imported.push(".imported");
+        std::fs::rename(file, imported).map_err(io)?;
+        tracing::info!(file = %file.display(), "metadata of the first format imported");
+        Ok(())
+    }
+
+    /// The revision and value of `key` now.
+    fn read(&self, state: Option<&State>, key: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        match &self.db {
+            None => {
+                let state = state.expect("an in-memory store is read under its lock");
+                Ok(state.entries.get(key).map(|(v, rev)| (*rev, v.clone())))
             }
-            *state = next;
+            Some(db) => {
+                let Some(bytes) = db.entries.get(key).map_err(|e| db.error(e))? else {
+                    return Ok(None);
+                };
+                entry(&bytes).map(Some).ok_or_else(|| db.corrupt(key))
+            }
+        }
+    }
+
+    /// Makes `writes` (a value and its revision, or a delete) and the store's `revision`
+    /// durable in one batch, then current.
+    #[allow(clippy::type_complexity)] // key -> (value, revision) or a delete
+    fn commit(
+        &self,
+        state: &mut State,
+        revision: u64,
+        writes: Vec<(String, Option<(Vec<u8>, u64)>)>,
+    ) -> Result<()> {
+        let Some(db) = &self.db else {
+            for (key, write) in writes {
+                match write {
+                    Some(entry) => state.entries.insert(key, entry),
+                    None => state.entries.remove(&key),
+                };
+            }
+            state.revision = revision;
+            return Ok(());
+        };
+        let mut batch = db.db.batch();
+        for (key, write) in &writes {
+            match write {
+                Some((value, rev)) => {
+                    let mut bytes = Vec::with_capacity(8 + value.len());
+                    bytes.extend_from_slice(&rev.to_le_bytes());
+                    bytes.extend_from_slice(value);
+                    batch.insert(&db.entries, key.as_str(), bytes)
+                }
+                None => batch.remove(&db.entries, key.as_str()),
+            }
+        }
+        batch.insert(&db.meta, REVISION_KEY, revision.to_le_bytes());
+        batch.commit().map_err(|e| db.error(e))?;
+        db.db
+            .persist(fjall::PersistMode::SyncData)
+            .map_err(|e| db.error(e))?;
+        state.revision = revision;
+        Ok(())
+    }
+
+    /// Runs `f` on the current revision under the writers' lock; the writes it returns (and
+    /// its output) are made durable in one revision, if any.
+    #[allow(clippy::type_complexity)] // as in `commit`
+    fn mutate<T>(
+        &self,
+        f: impl FnOnce(&Self, &State, u64) -> Result<(T, Vec<(String, Option<(Vec<u8>, u64)>)>)>,
+    ) -> Result<T> {
+        let mut state = self.state.lock().expect("metadata lock poisoned");
+        let next = state.revision + 1;
+        let (out, writes) = f(self, &state, next)?;
+        if !writes.is_empty() {
+            self.commit(&mut state, next, writes)?;
         }
         Ok(out)
     }
+}
+
+impl Db {
+    fn error(&self, e: fjall::Error) -> Error {
+        Error::Io {
+            path: self.path.clone(),
+            source: io::Error::other(e.to_string()),
+        }
+    }
+
+    fn corrupt(&self, what: &str) -> Error {
+        Error::Io {
+            path: self.path.clone(),
+            source: corrupt(&format!("the entry {what:?}")),
+        }
+    }
+}
+
+fn corrupt(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("corrupt metadata: {what}"),
+    )
+}
+
+fn u64_of(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+/// A stored entry: its revision and value.
+fn entry(bytes: &[u8]) -> Option<(u64, Vec<u8>)> {
+    Some((u64_of(bytes)?, bytes.get(8..)?.to_vec()))
 }
 
 /// `Ok` if `expect` holds for `key` at revision `current` (`None`: absent); else the conflict.
@@ -159,93 +308,94 @@ pub(crate) fn check(key: &str, expect: Expect, current: Option<u64>) -> Result<(
 #[async_trait]
 impl MetadataStore for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let state = self.state.lock().expect("metadata lock poisoned");
-        Ok(state.entries.get(key).map(|(value, rev)| KeyValue {
-            key: key.to_owned(),
-            value: value.clone(),
-            mod_revision: *rev,
-        }))
+        let state = self
+            .db
+            .is_none()
+            .then(|| self.state.lock().expect("metadata lock poisoned"));
+        Ok(self
+            .read(state.as_deref(), key)?
+            .map(|(mod_revision, value)| KeyValue {
+                key: key.to_owned(),
+                value,
+                mod_revision,
+            }))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64> {
-        self.mutate(|state| {
-            check(key, expect, state.entries.get(key).map(|e| e.1))?;
-            state.revision += 1;
-            let revision = state.revision;
-            state.entries.insert(key.to_owned(), (value, revision));
-            Ok((revision, true))
+        self.mutate(|store, state, next| {
+            check(key, expect, store.read(Some(state), key)?.map(|e| e.0))?;
+            Ok((next, vec![(key.to_owned(), Some((value, next)))]))
         })
     }
 
     async fn put_all(&self, writes: Vec<(String, Vec<u8>, Expect)>) -> Result<u64> {
-        self.mutate(|state| {
+        self.mutate(|store, state, next| {
             for (key, _, expect) in &writes {
-                check(key, *expect, state.entries.get(key).map(|e| e.1))?;
+                check(key, *expect, store.read(Some(state), key)?.map(|e| e.0))?;
             }
-            state.revision += 1;
-            let revision = state.revision;
-            for (key, value, _) in writes {
-                state.entries.insert(key, (value, revision));
-            }
-            Ok((revision, true))
+            let writes = writes
+                .into_iter()
+                .map(|(key, value, _)| (key, Some((value, next))))
+                .collect();
+            Ok((next, writes))
         })
     }
 
     async fn delete(&self, key: &str, expect: Expect) -> Result<bool> {
-        self.mutate(|state| {
-            let current = state.entries.get(key).map(|e| e.1);
+        self.mutate(|store, state, _| {
+            let current = store.read(Some(state), key)?.map(|e| e.0);
             if current.is_none() && expect == Expect::Any {
-                return Ok((false, false));
+                return Ok((false, Vec::new()));
             }
             check(key, expect, current)?;
-            state.revision += 1;
-            Ok((state.entries.remove(key).is_some(), true))
+            Ok((current.is_some(), vec![(key.to_owned(), None)]))
         })
     }
 
     async fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<KeyValue>> {
-        let state = self.state.lock().expect("metadata lock poisoned");
         let from = if start_after.is_empty() {
             prefix
         } else {
             start_after
         };
-        Ok(state
-            .entries
-            .range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
-            .filter(|(k, _)| k.as_str() != start_after)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(k, (v, rev))| KeyValue {
-                key: k.clone(),
-                value: v.clone(),
-                mod_revision: *rev,
-            })
-            .collect())
+        let after = |k: &str| k != start_after && k.starts_with(prefix);
+        let Some(db) = &self.db else {
+            let state = self.state.lock().expect("metadata lock poisoned");
+            return Ok(state
+                .entries
+                .range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+                .skip_while(|(k, _)| k.as_str() == start_after)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .take(limit)
+                .map(|(k, (v, rev))| KeyValue {
+                    key: k.clone(),
+                    value: v.clone(),
+                    mod_revision: *rev,
+                })
+                .collect());
+        };
+        let mut out = Vec::new();
+        for guard in db.entries.range(from..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = guard.into_inner().map_err(|e| db.error(e))?;
+            let key = String::from_utf8(key.to_vec()).map_err(|_| db.corrupt("a key"))?;
+            if key == start_after {
+                continue;
+            }
+            if !after(&key) {
+                break;
+            }
+            let (mod_revision, value) = entry(&value).ok_or_else(|| db.corrupt(&key))?;
+            out.push(KeyValue {
+                key,
+                value,
+                mod_revision,
+            });
+        }
+        Ok(out)
     }
-}
-
-fn persist(path: &Path, state: &State) -> io::Result<()> {
-    let mut bytes = Vec::with_capacity(64 + state.entries.len() * 64);
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&state.revision.to_le_bytes());
-    for (key, (value, rev)) in &state.entries {
-        bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(key.as_bytes());
-        bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(value);
-        bytes.extend_from_slice(&rev.to_le_bytes());
-    }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_data()?;
-    std::fs::rename(&tmp, path)?;
-    // The rename is durable only once the directory is.
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn decode(bytes: &[u8]) -> Option<State> {
@@ -295,5 +445,58 @@ mod tests {
         );
         // Revisions keep growing after a reopen.
         assert!(reopened.put("/c", vec![], Expect::Any).await.unwrap() > r2);
+    }
+
+    #[tokio::test]
+    async fn the_in_memory_store_keeps_the_same_contract() {
+        crate::testing::check_store_contract(&EmbeddedStore::in_memory()).await;
+    }
+
+    /// A `pm dev` data directory from before: `metadata.bin` of the first format.
+    #[tokio::test]
+    async fn a_store_of_the_first_format_is_imported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&7u64.to_le_bytes());
+        for (key, value, rev) in [("/t/a", b"x".as_slice(), 3u64), ("/t/b", b"yz", 7)] {
+            file.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            file.extend_from_slice(key.as_bytes());
+            file.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            file.extend_from_slice(value);
+            file.extend_from_slice(&rev.to_le_bytes());
+        }
+        std::fs::write(dir.path().join("metadata.bin"), &file).unwrap();
+
+        let store = EmbeddedStore::open(dir.path().join("metadata")).unwrap();
+        let listed: Vec<(String, Vec<u8>, u64)> = store
+            .list("/t/", "", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|kv| (kv.key, kv.value, kv.mod_revision))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("/t/a".to_owned(), b"x".to_vec(), 3),
+                ("/t/b".to_owned(), b"yz".to_vec(), 7)
+            ]
+        );
+        assert!(!dir.path().join("metadata.bin").exists());
+        assert!(dir.path().join("metadata.bin.imported").is_file());
+        // The revision continues from the old store's, and a conditional write sees the
+        // imported revision.
+        assert_eq!(
+            store
+                .put("/t/a", b"w".to_vec(), Expect::Revision(3))
+                .await
+                .unwrap(),
+            8
+        );
+        drop(store);
+        // Imported once: a reopen reads its own directory.
+        let store = EmbeddedStore::open(dir.path().join("metadata")).unwrap();
+        assert_eq!(store.get("/t/a").await.unwrap().unwrap().mod_revision, 8);
+        assert_eq!(store.put("/t/c", vec![], Expect::Absent).await.unwrap(), 9);
     }
 }

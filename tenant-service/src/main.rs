@@ -36,7 +36,7 @@ async fn store(args: &Args) -> anyhow::Result<Arc<dyn pm_cluster::MetadataStore>
     }
     std::fs::create_dir_all(&args.data_dir)?;
     Ok(Arc::new(pm_cluster::EmbeddedStore::open(
-        args.data_dir.join("metadata.bin"),
+        args.data_dir.join("metadata"),
     )?))
 }
 
