@@ -8,7 +8,10 @@
 # - promtool (Debian's prometheus), which lints a live scrape in the metrics test;
 # - for the Raspberry Pi builds: Rust's aarch64 and armv7 Linux targets, Debian's cross
 #   compilers for them (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf, with their libcs),
-#   and qemu-user to run the aarch64 agent in a test.
+#   and qemu-user to run the aarch64 agent in a test;
+# - for the web console's tests: Node and npm, Debian's chromium (driven headless by
+#   puppeteer-core; no browser is downloaded), and web/'s npm packages at their locked
+#   versions (`npm ci`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +33,8 @@ if [ "${1:-}" = "--test" ]; then
     command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || packages+=(gcc-aarch64-linux-gnu)
     command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || packages+=(gcc-arm-linux-gnueabihf)
     command -v qemu-aarch64 >/dev/null 2>&1 || packages+=(qemu-user)
+    command -v npm >/dev/null 2>&1 || packages+=(npm)
+    command -v chromium >/dev/null 2>&1 || packages+=(chromium)
     for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
         if ! rustup target list --installed | grep -qx "$target"; then
             rustup target add "$target"
@@ -39,4 +44,7 @@ fi
 if [ ${#packages[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+if [ "${1:-}" = "--test" ] && { [ ! -d web/node_modules ] || [ web/package-lock.json -nt web/node_modules/.package-lock.json ]; }; then
+    (cd web && npm ci --silent --no-audit --no-fund)
 fi

@@ -18,6 +18,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 # The Kubernetes manifests: every overlay rendered and validated against the schemas.
 ./scripts/check-k8s.sh
+# The web console: its bundle and generated clients rebuilt from web/ must equal the committed
+# ones the gateway embeds, and its TypeScript must type-check.
+(cd web && npm run --silent build >/dev/null && npm run --silent check)
+if ! git diff --quiet -- web/dist web/src/gen; then
+    git diff --stat -- web/dist web/src/gen
+    echo "web/dist or web/src/gen differ from a fresh build: run (cd web && npm run build) and commit them" >&2
+    exit 1
+fi
 # The multi-process tests start the workspace's binaries (pm-shard, pm-gateway,
 # pm-tenant-service, pm-agent); cargo builds only those of packages with tests of their own.
 cargo build --workspace --bins

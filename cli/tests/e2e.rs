@@ -778,6 +778,54 @@ async fn concurrent_unary_submits_each_keep_their_own_outcome() {
     h.dev.stop().await;
 }
 
+/// The web console in Debian's headless Chromium (`web/test/browser.mjs`, puppeteer-core):
+/// the pipeline list, a task submitted through the form to DONE with its output, a bad
+/// parameter's INVALID_ARGUMENT naming the field, the live task list, a running task's live
+/// output and its cancel, deep links. Screenshots of a failure go to
+/// `target/console-artifacts`.
+#[tokio::test]
+async fn the_console_works_in_a_real_browser() {
+    let mut h = start_with_slots(2).await;
+    h.apply("name: greet\nparams:\n  who: { required: true, description: whom to greet }\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['echo hello {{who}}'] }\n").await;
+    h.apply("name: slow\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['for i in $(seq 1 120); do echo tick $i; sleep 1; done'] }\n").await;
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+    assert!(
+        web.join("node_modules/puppeteer-core").is_dir(),
+        "web/node_modules is missing: run ./scripts/setup.sh --test (npm ci in web/)"
+    );
+    let artifacts = h.dir.path().join("console-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let run = tokio::process::Command::new("node")
+        .arg("test/browser.mjs")
+        .arg(h.dev.endpoint())
+        .arg(&artifacts)
+        .current_dir(&web)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("the browser test ends within 180 s")
+        .expect("node runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    if !out.status.success() {
+        // Kept for a look: the tempdir would take them with it.
+        let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-artifacts");
+        let _ = std::fs::create_dir_all(&keep);
+        for entry in std::fs::read_dir(&artifacts).unwrap().flatten() {
+            let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+        }
+        panic!(
+            "the console failed in the browser (screenshots in {}):\n{stdout}\n{stderr}",
+            keep.display()
+        );
+    }
+    assert!(stdout.contains("the console passed"), "{stdout}\n{stderr}");
+    h.dev.stop().await;
+}
+
 /// With no traces exported, a client's W3C trace context still reaches its task and the
 /// task's steps (`TRACEPARENT`); an invalid one is ignored, as W3C says, never refused.
 #[tokio::test]

@@ -16,6 +16,7 @@ pub mod agents;
 pub mod auth;
 pub mod authz;
 pub mod config;
+pub mod console;
 pub mod enqueue;
 pub mod error;
 pub mod metrics;
@@ -150,6 +151,8 @@ pub async fn run(
         .accept_http1(true)
         // Outermost: CORS answers preflights before anything else looks at the request.
         .layer(cors(&security.origins))
+        // The web console's pages and assets (GET only); everything else passes.
+        .layer(console::ConsoleLayer)
         // Plain HTTP with JSON (curl) becomes the same gRPC call.
         .layer(pm_proto::json_http::JsonHttpLayer)
         // Then grpc-web is translated to gRPC for every service below.
