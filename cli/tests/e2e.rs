@@ -788,17 +788,43 @@ async fn the_console_works_in_a_real_browser() {
     let mut h = start_with_slots(2).await;
     h.apply("name: greet\nparams:\n  who: { required: true, description: whom to greet }\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['echo hello {{who}}'] }\n").await;
     h.apply("name: slow\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: ['for i in $(seq 1 120); do echo tick $i; sleep 1; done'] }\n").await;
+    let artifacts = h.dir.path().join("console-artifacts");
+    browser(&h.dev.endpoint(), &artifacts, &[]).await;
+    h.dev.stop().await;
+
+    // With auth on: refused until a token is entered in the page.
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(DevOptions {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".into(),
+        sample: true,
+        slots: 0,
+        auth: true,
+        work_dir_at: None,
+    })
+    .await
+    .unwrap();
+    let token =
+        std::fs::read_to_string(dir.path().join("data").join(pm_cli::dev::ADMIN_TOKEN_FILE))
+            .unwrap();
+    browser(&dev.endpoint(), &artifacts, &["--token", token.trim()]).await;
+    dev.stop().await;
+}
+
+/// Runs `web/test/browser.mjs` against `endpoint` (bounded), and fails with its output and
+/// the screenshots it left if it fails.
+async fn browser(endpoint: &str, artifacts: &Path, args: &[&str]) {
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
     assert!(
         web.join("node_modules/puppeteer-core").is_dir(),
         "web/node_modules is missing: run ./scripts/setup.sh --test (npm ci in web/)"
     );
-    let artifacts = h.dir.path().join("console-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
+    std::fs::create_dir_all(artifacts).unwrap();
     let run = tokio::process::Command::new("node")
         .arg("test/browser.mjs")
-        .arg(h.dev.endpoint())
-        .arg(&artifacts)
+        .arg(endpoint)
+        .arg(artifacts)
+        .args(args)
         .current_dir(&web)
         .kill_on_drop(true)
         .output();
@@ -814,7 +840,7 @@ async fn the_console_works_in_a_real_browser() {
         // Kept for a look: the tempdir would take them with it.
         let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-artifacts");
         let _ = std::fs::create_dir_all(&keep);
-        for entry in std::fs::read_dir(&artifacts).unwrap().flatten() {
+        for entry in std::fs::read_dir(artifacts).unwrap().flatten() {
             let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
         }
         panic!(
@@ -823,7 +849,6 @@ async fn the_console_works_in_a_real_browser() {
         );
     }
     assert!(stdout.contains("the console passed"), "{stdout}\n{stderr}");
-    h.dev.stop().await;
 }
 
 /// With no traces exported, a client's W3C trace context still reaches its task and the

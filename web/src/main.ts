@@ -196,7 +196,9 @@ async function pipelinePage(name: string): Promise<void> {
       nextToken = list.nextPageToken;
       next.disabled = !nextToken;
       first.disabled = !pageToken;
-      body.replaceChildren(
+      if (list.tasks.length === 0) {
+        body.replaceChildren(h("tr", {}, h("td", { colspan: "5", class: "note" }, "No tasks.")));
+      } else body.replaceChildren(
         ...list.tasks.map((t) =>
           h("tr", { "data-state": stateName(t.state) }, h("td", {}, link(t.name, id(t.name))), h("td", {}, stateName(t.state)), h("td", {}, String(t.attempt)), h("td", {}, time(t.createTimeMs)), h("td", {}, time(t.updateTimeMs))),
         ),

@@ -6,7 +6,9 @@
 // given as the second argument.
 import puppeteer from "puppeteer-core";
 
-const [endpoint, artifacts] = process.argv.slice(2);
+// With `--token TOKEN` (a `pm dev --auth`), it checks the token bar instead: refused without
+// the token, the pipelines listed with it.
+const [endpoint, artifacts, flag, authToken] = process.argv.slice(2);
 const APP = "tenants/default/applications/demo/pipelines";
 const WAIT = 30_000;
 
@@ -29,7 +31,19 @@ const text = (page, selector) => page.$eval(selector, (el) => el.textContent ?? 
 const step = (what) => console.log(`ok: ${what}`);
 const bounded = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-try {
+async function withToken() {
+  const page = await open("/ui/");
+  await page.waitForSelector(".error");
+  const refused = await text(page, ".error");
+  if (!refused.startsWith("UNAUTHENTICATED")) throw new Error(`without a token: ${refused}`);
+  step(`without a token: ${JSON.stringify(refused)}`);
+  await page.type("#token", authToken);
+  await Promise.all([page.waitForNavigation(), page.click("form.token button")]);
+  await page.waitForSelector(`a[href="/ui/${APP}/ocr"]`);
+  step("with the token entered, the pipelines are listed");
+}
+
+async function everything() {
   // / goes to the list of tenants, applications and pipelines; the sample is there.
   const home = await open("/");
   await home.waitForSelector(`a[href="/ui/${APP}/ocr"]`);
@@ -89,6 +103,10 @@ try {
   const pipeline = await open(`/ui/${APP}/greet`);
   await pipeline.waitForSelector(`#tasks a[href="${new URL(taskUrl).pathname}"]`);
   step("deep links to a task and a pipeline load directly");
+}
+
+try {
+  await (flag === "--token" ? withToken() : everything());
   console.log("the console passed");
 } catch (e) {
   console.error(`FAILED: ${e.stack ?? e}`);

@@ -135,6 +135,7 @@ async fn main() -> std::process::ExitCode {
             "pm dev: serving gRPC and grpc-web on {endpoint} (tenant `default`, auth OFF: anyone who reaches this port controls everything; --auth turns it on)"
         ));
     }
+    say(format!("pm dev: the web console is at {endpoint}/ui/"));
     if let Some(image) = &dev.sample_image_url {
         say(format!(
             "pm dev: try  {token_env}pmctl --endpoint {endpoint} submit default/demo/ocr --param url={image} --wait"
