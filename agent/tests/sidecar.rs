@@ -185,7 +185,11 @@ async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
         let marker = marker.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !marker.exists() {
+            // The pid written whole (the shell makes the file before it writes to it; a
+            // cancel between the two left an empty file here once).
+            let written =
+                |path: &Path| std::fs::read_to_string(path).is_ok_and(|pid| pid.ends_with('\n'));
+            while !written(&marker) {
                 assert!(
                     Instant::now() < deadline,
                     "the cancelled step never started"

@@ -59,7 +59,7 @@ impl Scheduler {
             }
             for a in assigns {
                 let task = a.task.to_task();
-                if !task.traceparent.is_empty() {
+                if !task.traceparent.is_empty() && pm_proto::trace::enabled() {
                     queued_span(&task, a.ready_since_ms);
                 }
                 let assign = ServerMessage {
