@@ -196,6 +196,19 @@ impl MetadataStore for EtcdStore {
         Ok(deleted)
     }
 
+    async fn count(&self, prefix: &str) -> Result<u64> {
+        let options = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_count_only();
+        let response = self
+            .client
+            .kv_client()
+            .get(prefix, Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(response.count().max(0) as u64)
+    }
+
     async fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<KeyValue>> {
         // Strictly after `start_after`: the smallest key above it is itself plus a NUL byte.
         let from = if start_after.is_empty() {

@@ -63,6 +63,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn delete(&self, key: &str, expect: Expect) -> Result<bool>;
     /// Keys with `prefix`, in key order, strictly after `start_after` (if non-empty).
     async fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<KeyValue>>;
+    /// How many keys have `prefix` (values are not read where the store can avoid it).
+    async fn count(&self, prefix: &str) -> Result<u64>;
 }
 
 /// The single-process store of `pm dev` and of a tenant-service without etcd: an fjall
@@ -307,6 +309,26 @@ pub(crate) fn check(key: &str, expect: Expect, current: Option<u64>) -> Result<(
 
 #[async_trait]
 impl MetadataStore for EmbeddedStore {
+    async fn count(&self, prefix: &str) -> Result<u64> {
+        let Some(db) = &self.db else {
+            let state = self.state.lock().expect("metadata lock poisoned");
+            return Ok(state
+                .entries
+                .range::<str, _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .count() as u64);
+        };
+        let mut n = 0;
+        for guard in db.entries.prefix(prefix) {
+            guard.key().map_err(|e| db.error(e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let state = self
             .db

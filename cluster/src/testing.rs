@@ -131,6 +131,10 @@ pub async fn check_store_contract(store: &dyn MetadataStore) -> u64 {
     );
     assert_eq!(keys(store.list("/a/", "/a/1", 10).await.unwrap()), ["/a/2"]);
     assert_eq!(keys(store.list("/a/", "", 1).await.unwrap()), ["/a/1"]);
+    // Counted by prefix: `/a/` holds two, `/` all three, a prefix of nothing none.
+    assert_eq!(store.count("/a/").await.unwrap(), 2);
+    assert_eq!(store.count("/").await.unwrap(), 3);
+    assert_eq!(store.count("/c/").await.unwrap(), 0);
     let kv = store.get("/a/1").await.unwrap().unwrap();
     assert_eq!(
         (kv.value.as_slice(), kv.mod_revision),

@@ -46,6 +46,11 @@ pub fn pipelines_of(n: &ApplicationName) -> String {
     format!("{PIPELINES}{}/{}/", n.tenant, n.application)
 }
 
+/// Every pipeline of a tenant, over its applications.
+pub fn pipelines_of_tenant(n: &TenantName) -> String {
+    format!("{PIPELINES}{}/", n.tenant)
+}
+
 pub fn pipeline(n: &PipelineName) -> String {
     format!("{PIPELINES}{}/{}/{}", n.tenant, n.application, n.pipeline)
 }

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod error;
 pub mod keys;
+pub mod limits;
 pub mod service;
 
 use std::future::Future;

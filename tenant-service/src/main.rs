@@ -25,6 +25,16 @@ struct Args {
     /// `pmctl login`, make the clients you need, then delete the file.
     #[arg(long, env = "PM_BOOTSTRAP_ADMIN_FILE")]
     bootstrap_admin_file: Option<PathBuf>,
+    /// Applications one tenant may have; past it CreateApplication is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PM_MAX_APPLICATIONS_PER_TENANT", default_value_t = pm_tenant_service::limits::Limits::default().applications_per_tenant)]
+    max_applications_per_tenant: u64,
+    /// Pipelines one tenant may have over all its applications; past it a new pipeline's
+    /// ApplyPipeline is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PM_MAX_PIPELINES_PER_TENANT", default_value_t = pm_tenant_service::limits::Limits::default().pipelines_per_tenant)]
+    max_pipelines_per_tenant: u64,
+    /// Versions kept per pipeline; an apply past it deletes the oldest.
+    #[arg(long, env = "PM_MAX_VERSIONS_PER_PIPELINE", default_value_t = pm_tenant_service::limits::Limits::default().versions_per_pipeline)]
+    max_versions_per_pipeline: u64,
     /// Directory of the embedded metadata store (single replica, no etcd).
     #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/tenant-service")]
     data_dir: PathBuf,
@@ -56,6 +66,15 @@ async fn run(args: Args) -> std::process::ExitCode {
         eprintln!("pm-tenant-service: {e}");
         return std::process::ExitCode::from(64);
     }
+    if args.max_versions_per_pipeline == 0 {
+        eprintln!("pm-tenant-service: --max-versions-per-pipeline must be at least 1");
+        return std::process::ExitCode::from(64);
+    }
+    pm_tenant_service::limits::set(pm_tenant_service::limits::Limits {
+        applications_per_tenant: args.max_applications_per_tenant,
+        pipelines_per_tenant: args.max_pipelines_per_tenant,
+        versions_per_pipeline: args.max_versions_per_pipeline,
+    });
     let store = match store(&args).await {
         Ok(store) => store,
         Err(e) => {

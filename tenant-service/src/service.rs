@@ -22,6 +22,7 @@ use crate::keys;
 #[derive(Clone)]
 pub struct Catalog {
     store: Arc<dyn MetadataStore>,
+    limits: crate::limits::Limits,
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -46,8 +47,50 @@ struct Page<M> {
 }
 
 impl Catalog {
+    /// A catalog over `store`, with this process's limits ([`crate::limits::get`]).
     pub fn new(store: Arc<dyn MetadataStore>) -> Self {
-        Self { store }
+        Self::with_limits(store, crate::limits::get())
+    }
+
+    pub fn with_limits(store: Arc<dyn MetadataStore>, limits: crate::limits::Limits) -> Self {
+        Self { store, limits }
+    }
+
+    /// Refused when `prefix` already holds `limit` keys.
+    async fn check_room(&self, prefix: &str, limit: u64, what: &str, flag: &str) -> Result<()> {
+        let held = self.store.count(prefix).await?;
+        if held >= limit {
+            return Err(Error::Exhausted(format!(
+                "{what} {held}, the limit ({flag}); delete some first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Deletes a pipeline's oldest versions past the limit. A failure only leaves them for
+    /// the next apply to delete.
+    async fn prune_versions(&self, name: &PipelineName) {
+        let keep = self.limits.versions_per_pipeline.max(1);
+        let prefix = keys::pipeline_versions_of(name);
+        let Ok(held) = self.store.count(&prefix).await else {
+            return;
+        };
+        if held <= keep {
+            return;
+        }
+        // Zero-padded keys: the first listed are the oldest.
+        let Ok(old) = self.store.list(&prefix, "", (held - keep) as usize).await else {
+            return;
+        };
+        for kv in old {
+            if let Err(e) = self
+                .store
+                .delete(&kv.key, Expect::Revision(kv.mod_revision))
+                .await
+            {
+                tracing::warn!(key = %kv.key, error = %e, "old pipeline version not deleted");
+            }
+        }
     }
 
     async fn page<M: Message + Default>(
@@ -245,7 +288,20 @@ impl Catalog {
         };
         let latest_key = keys::pipeline(&name);
         let now = unix_ms();
-        let (pipeline, expect) = match self.store.get(&latest_key).await? {
+        let latest = self.store.get(&latest_key).await?;
+        if latest.is_none() {
+            let tenant = TenantName {
+                tenant: name.tenant.clone(),
+            };
+            self.check_room(
+                &keys::pipelines_of_tenant(&tenant),
+                self.limits.pipelines_per_tenant,
+                &format!("tenant {} has pipelines:", name.tenant),
+                "--max-pipelines-per-tenant",
+            )
+            .await?;
+        }
+        let (pipeline, expect) = match latest {
             Some(kv) => {
                 let latest: Pipeline = decode(&kv)?;
                 if latest.spec.as_ref() == Some(&spec) {
@@ -289,6 +345,7 @@ impl Catalog {
             ])
             .await?;
         tracing::info!(pipeline = %pipeline.name, version = pipeline.version, "pipeline applied");
+        self.prune_versions(&name).await;
         Ok(pipeline)
     }
 }
@@ -537,6 +594,13 @@ impl PipelineService for Catalog {
         pm_spec::validate::check_display_name("application.display_name", &given.display_name)
             .map_err(Error::from)?;
         self.require_tenant(&tenant).await?;
+        self.check_room(
+            &keys::applications_of(&tenant),
+            self.limits.applications_per_tenant,
+            &format!("tenant {} has applications:", tenant.tenant),
+            "--max-applications-per-tenant",
+        )
+        .await?;
         let name = ApplicationName {
             tenant: tenant.tenant,
             application: req.application_id,
