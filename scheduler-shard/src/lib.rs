@@ -59,25 +59,43 @@ pub fn open(
     let started = std::time::Instant::now();
     let store = store::Store::open_with(dir, !options.unsafe_no_fsync)?;
     let opened = started.elapsed();
-    let specs = store.read_specs()?;
+    let salvage = options.salvage;
+    let hint = |e: store::StoreError| {
+        store::StoreError(format!(
+            "{}: the task store has a record that does not decode. Start with --salvage to \
+             drop such records (each is logged and listed in a salvage report in {}) and serve \
+             the rest",
+            e.0,
+            dir.display()
+        ))
+    };
+    let mut unreadable = Vec::new();
+    let specs = store
+        .read_specs(salvage.then_some(&mut unreadable))
+        .map_err(hint)?;
     let len = store.approximate_tasks();
     let reader = store.clone();
+    let salvager = store.clone();
     // One thread reads and decodes while this one indexes: a restart takes the longer of the
     // two, not their sum. Nothing writes until the scheduler serves.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<store::Record>>(READ_AHEAD_CHUNKS);
     let scheduler = std::thread::scope(|scope| {
         let read = scope.spawn(move || {
             let mut chunk = Vec::with_capacity(READ_CHUNK);
-            let read = reader.read_tasks(|record| {
-                chunk.push(record);
-                if chunk.len() == READ_CHUNK {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK));
-                    // Fails only if the indexing side is gone (it panicked).
-                    let _ = tx.send(full);
-                }
-            });
+            let mut unreadable = Vec::new();
+            let read = reader.read_tasks(
+                |record| {
+                    chunk.push(record);
+                    if chunk.len() == READ_CHUNK {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK));
+                        // Fails only if the indexing side is gone (it panicked).
+                        let _ = tx.send(full);
+                    }
+                },
+                salvage.then_some(&mut unreadable),
+            );
             let _ = tx.send(chunk);
-            read
+            read.map(|()| unreadable)
         });
         let scheduler = Scheduler::recover(
             options,
@@ -88,8 +106,16 @@ pub fn open(
         );
         read.join()
             .expect("the store reader panicked")
-            .map(|()| scheduler)
-    })?;
+            .map(|tasks| {
+                unreadable.extend(tasks);
+                scheduler
+            })
+    })
+    .map_err(hint)?;
+    if !unreadable.is_empty() {
+        // Nothing writes until the scheduler serves: these deletes go alone.
+        salvaged(&salvager, dir, &unreadable)?;
+    }
     tracing::info!(
         open_ms = opened.as_millis() as u64,
         read_and_index_ms = (started.elapsed() - opened).as_millis() as u64,
@@ -97,6 +123,33 @@ pub fn open(
         "read the task store"
     );
     Ok(scheduler)
+}
+
+/// What a salvage dropped: each record logged, all of them listed in
+/// `salvaged-{unix ms}.txt` in the data directory (synced before anything is deleted), then
+/// deleted from the store so the next start is a plain one.
+fn salvaged(
+    store: &store::Store,
+    dir: &Path,
+    unreadable: &[store::Unreadable],
+) -> Result<(), store::StoreError> {
+    let report = dir.join(format!("salvaged-{}.txt", pm_proto::unix_ms()));
+    let lines: String = unreadable.iter().map(|u| u.line() + "\n").collect();
+    let written = std::fs::File::create(&report).and_then(|mut file| {
+        std::io::Write::write_all(&mut file, lines.as_bytes())?;
+        file.sync_all()
+    });
+    written.map_err(|e| store::StoreError(format!("cannot write {}: {e}", report.display())))?;
+    for u in unreadable {
+        tracing::error!(record = %u.line(), "salvage: unreadable record dropped");
+    }
+    store.drop_unreadable(unreadable)?;
+    tracing::warn!(
+        dropped = unreadable.len(),
+        report = %report.display(),
+        "salvage: the unreadable records were dropped; the rest is served"
+    );
+    Ok(())
 }
 
 /// Records sent at once from the store's reader to the indexing thread at start.

@@ -31,6 +31,11 @@ struct Args {
     /// acknowledged tasks.
     #[arg(long, hide = true)]
     unsafe_no_fsync: bool,
+    /// Start even if stored records do not decode: drop them (each is logged and listed in
+    /// `salvaged-*.txt` in --data-dir) and serve the rest. Without it such a store refuses
+    /// to start, and says so.
+    #[arg(long)]
+    salvage: bool,
     /// etcd endpoints (comma-separated): join the cluster's hash ring. Without it the shard
     /// is alone and owns every pipeline.
     #[arg(long, env = "PM_ETCD", value_delimiter = ',')]
@@ -82,6 +87,7 @@ async fn run(args: Args) -> std::process::ExitCode {
         retention: Duration::from_secs(args.retention_seconds),
         unsafe_no_fsync: args.unsafe_no_fsync,
         max_watches: args.max_watches,
+        salvage: args.salvage,
         ..Default::default()
     };
     if options.unsafe_no_fsync {

@@ -80,6 +80,9 @@ pub struct Options {
     /// Watches (WatchTask streams) served at once; past it WatchTask answers
     /// RESOURCE_EXHAUSTED.
     pub max_watches: usize,
+    /// At start, drop stored records that do not decode (each logged, and listed in a
+    /// report file in the data directory) instead of refusing to start.
+    pub salvage: bool,
 }
 
 impl Default for Options {
@@ -92,6 +95,7 @@ impl Default for Options {
             retention: Duration::from_secs(24 * 3600),
             unsafe_no_fsync: false,
             max_watches: 10_000,
+            salvage: false,
         }
     }
 }
@@ -1642,6 +1646,92 @@ mod tests {
         assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
         assert!(ended.message().contains("fell"), "{ended:?}");
         cancel.cancel();
+    }
+
+    /// A store with a task record and a spec record that do not decode: a plain start
+    /// refuses, naming --salvage; a salvage drops both, lists them in its report and serves
+    /// the rest; the next plain start is clean.
+    #[tokio::test]
+    async fn unreadable_records_stop_a_start_unless_salvaged_and_then_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        // The last journal thread lets go of the store's lock once its writers are dropped.
+        let open = |salvage: bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let dir = dir.path().to_owned();
+            async move {
+                loop {
+                    let options = Options {
+                        salvage,
+                        ..options(100)
+                    };
+                    match crate::open(options, Some(&dir)) {
+                        Err(e)
+                            if !e.0.contains("--salvage")
+                                && std::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        other => return other,
+                    }
+                }
+            }
+        };
+        let s = open(false).await.unwrap();
+        let cancel = start(&s).await;
+        let kept = enqueue_one(&s, item(10, "")).await;
+        cancel.cancel();
+        drop(s);
+        let bad_task =
+            "tenants/t/applications/a/pipelines/p/tasks/0193aaaa0000700080000000000000bb";
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match fjall::Database::builder(dir.path()).open() {
+                Ok(db) => break db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let keyspace = |name| {
+            db.keyspace(name, fjall::KeyspaceCreateOptions::default)
+                .unwrap()
+        };
+        keyspace("shard_tasks")
+            .insert(bad_task, b"\xff\xffnot a record")
+            .unwrap();
+        keyspace("specs").insert([7u8; 32], b"\xff\xff").unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+        drop(db);
+
+        let refused = open(false).await.err().expect("a plain start refuses");
+        assert!(refused.0.contains("--salvage"), "{refused}");
+        let s = open(true).await.unwrap();
+        assert_eq!(s.len(), 1);
+        assert!(s.get(&kept.name).is_ok());
+        let report = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with("salvaged-"))
+            .expect("a salvage report");
+        let mut lines: Vec<String> = std::fs::read_to_string(report.path())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with(&format!("spec {}: ", "07".repeat(32))),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].starts_with(&format!("task {bad_task}: ")),
+            "{lines:?}"
+        );
+        drop(s);
+        let s = open(false).await.expect("the next plain start is clean");
+        assert_eq!(s.len(), 1);
     }
 
     #[tokio::test]

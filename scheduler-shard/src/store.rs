@@ -333,6 +333,42 @@ impl Names {
 #[error("task store: {0}")]
 pub struct StoreError(pub String);
 
+/// A stored record that does not decode, found by a salvage.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub is_spec: bool,
+    pub key: Vec<u8>,
+    pub why: String,
+}
+
+impl Unreadable {
+    fn task(key: &[u8], e: StoreError) -> Self {
+        Self {
+            is_spec: false,
+            key: key.to_vec(),
+            why: e.0,
+        }
+    }
+
+    fn spec(key: &[u8], e: StoreError) -> Self {
+        Self {
+            is_spec: true,
+            key: key.to_vec(),
+            why: e.0,
+        }
+    }
+
+    /// One line of the salvage report: what it was, its key, why it did not decode.
+    pub fn line(&self) -> String {
+        let kind = if self.is_spec { "spec" } else { "task" };
+        let key = match std::str::from_utf8(&self.key) {
+            Ok(text) if !self.is_spec => text.to_owned(),
+            _ => self.key.iter().map(|b| format!("{b:02x}")).collect(),
+        };
+        format!("{kind} {key}: {}", self.why)
+    }
+}
+
 impl From<fjall::Error> for StoreError {
     fn from(e: fjall::Error) -> Self {
         StoreError(e.to_string())
@@ -490,36 +526,70 @@ impl Store {
     /// Reads every task and spec.
     pub fn load(&self) -> Result<Contents, StoreError> {
         let mut tasks = Vec::new();
-        self.read_tasks(|record| tasks.push(record))?;
+        self.read_tasks(|record| tasks.push(record), None)?;
         Ok(Contents {
             tasks,
-            specs: self.read_specs()?,
+            specs: self.read_specs(None)?,
         })
     }
 
-    /// Every spec.
-    pub fn read_specs(&self) -> Result<HashMap<SpecId, PipelineSpec>, StoreError> {
+    /// Every spec. With `unreadable`, a record that does not decode is listed there and
+    /// skipped (a salvage); without, it fails the read.
+    pub fn read_specs(
+        &self,
+        mut unreadable: Option<&mut Vec<Unreadable>>,
+    ) -> Result<HashMap<SpecId, PipelineSpec>, StoreError> {
         let mut specs = HashMap::new();
         for guard in self.specs.iter() {
             let (key, value) = guard.into_inner()?;
-            let id: SpecId = key
-                .as_ref()
-                .try_into()
-                .map_err(|_| StoreError("a spec key is not 32 bytes".into()))?;
-            let spec = PipelineSpec::decode(value.as_ref())
-                .map_err(|e| StoreError(format!("undecodable spec: {e}")))?;
-            specs.insert(id, spec);
+            let decoded = SpecId::try_from(key.as_ref())
+                .map_err(|_| StoreError("a spec key is not 32 bytes".into()))
+                .and_then(|id| {
+                    PipelineSpec::decode(value.as_ref())
+                        .map(|spec| (id, spec))
+                        .map_err(|e| StoreError(format!("undecodable spec: {e}")))
+                });
+            match (decoded, unreadable.as_deref_mut()) {
+                (Ok((id, spec)), _) => {
+                    specs.insert(id, spec);
+                }
+                (Err(e), Some(list)) => list.push(Unreadable::spec(&key, e)),
+                (Err(e), None) => return Err(e),
+            }
         }
         Ok(specs)
     }
 
-    /// Every task, in name order, to `each`.
-    pub fn read_tasks(&self, mut each: impl FnMut(Record)) -> Result<(), StoreError> {
+    /// Every task, in name order, to `each`; `unreadable` as in [`Store::read_specs`].
+    pub fn read_tasks(
+        &self,
+        mut each: impl FnMut(Record),
+        mut unreadable: Option<&mut Vec<Unreadable>>,
+    ) -> Result<(), StoreError> {
         let mut names = Names::default();
         for guard in self.tasks.iter() {
             let (key, value) = guard.into_inner()?;
-            each(Record::decode(&key, &value, &mut names)?);
+            match (
+                Record::decode(&key, &value, &mut names),
+                unreadable.as_deref_mut(),
+            ) {
+                (Ok(record), _) => each(record),
+                (Err(e), Some(list)) => list.push(Unreadable::task(&key, e)),
+                (Err(e), None) => return Err(e),
+            }
         }
+        Ok(())
+    }
+
+    /// Deletes records a salvage skipped, in one synced write.
+    pub fn drop_unreadable(&self, unreadable: &[Unreadable]) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for u in unreadable {
+            let keyspace = if u.is_spec { &self.specs } else { &self.tasks };
+            batch.remove(keyspace, u.key.as_slice());
+        }
+        batch.commit()?;
+        self.db.persist(PersistMode::SyncAll)?;
         Ok(())
     }
 
@@ -688,7 +758,7 @@ mod tests {
                 .apply(&[delete(&b), put(&b), put(&c), delete(&c)])
                 .unwrap();
         }
-        let specs = Store::open(dir.path()).unwrap().read_specs().unwrap();
+        let specs = Store::open(dir.path()).unwrap().read_specs(None).unwrap();
         assert_eq!(specs.into_values().collect::<Vec<_>>(), vec![b]);
     }
 
