@@ -400,6 +400,39 @@ pub struct AgentStats {
     pub latency: Mutex<Option<Histogram<u64>>>,
 }
 
+/// An agent that connects on a connection of its own, says Hello for `pipeline` (one that
+/// gets no tasks) and then only holds its stream: what an idle agent costs the servers.
+/// `connected` counts the streams the server accepted.
+pub async fn idle_agent(
+    endpoint: String,
+    pipeline: String,
+    connected: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let mut client = pm_proto::client::agents(pm_proto::client::channel(&endpoint)?);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(AgentMessage {
+        message: Some(agent_message::Message::Hello(Hello {
+            agent_id: "pm-perf-idle".into(),
+            pipelines: vec![pipeline],
+            slots: 1,
+            protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
+            protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
+            ..Hello::default()
+        })),
+    })?;
+    let mut inbound = client
+        .connect(UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The Welcome: the shard has the session.
+    inbound.message().await?;
+    connected.fetch_add(1, Ordering::Relaxed);
+    // Held until aborted; `tx` lives as long, so the stream stays open.
+    while inbound.message().await?.is_some() {}
+    drop(tx);
+    Ok(())
+}
+
 /// An agent that speaks the real protocol and finishes every task the moment it arrives
 /// (a no-op run): it measures the scheduler, not `sh`.
 pub async fn fake_agent(

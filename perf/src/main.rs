@@ -45,8 +45,13 @@ struct Args {
     /// `submit` includes an unsynced baseline; `gateway` the direct baseline and a run over 10
     /// tenants x 10 pipelines; `null` the null-gRPC floors (pm-null); `peers` the shape the
     /// peers were measured in (8 agents x 1 and x 16 slots, dispatch at 1k/5k/10k per s);
-    /// `auth` submits through a gateway with auth off and on, and the token check's cost.
+    /// `auth` submits through a gateway with auth off and on, and the token check's cost;
+    /// `streams` many idle agent streams, each on its own connection, held by one gateway
+    /// and one shard (their memory, and dispatch p99 at 1,000/s without and with them).
     scenarios: Vec<String>,
+    /// Idle agent streams the `streams` scenario opens.
+    #[arg(long, default_value_t = 10_000)]
+    idle_streams: usize,
 }
 
 /// The services a client talks to, each its own process.
@@ -511,6 +516,99 @@ impl Bench {
         Ok(())
     }
 
+    /// Many idle agent streams (the seeds' "large number of established TCP connections"):
+    /// dispatch at 1,000/s through the gateway to 8 agents x 16, then `--idle-streams`
+    /// agents connect, each on its own TCP connection through the gateway, serving a
+    /// pipeline that gets no tasks; the gateway's and the shard's RSS before and after give
+    /// the memory per idle stream; then the same dispatch again with them held.
+    async fn streams(&mut self) -> anyhow::Result<()> {
+        // One descriptor per connection here too.
+        let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+        let n = self.args.idle_streams;
+        self.settle()?;
+        let stack = self.stack("streams").await?;
+        let gw = stack.gateway.endpoint.clone();
+        let before = self.open_dispatch(&gw, true, &gw, 8, 16, 1_000.0).await?;
+        self.record_open_loop(
+            "dispatch via gateway 1,000/s, no idle streams",
+            "streams_dispatch_before",
+            &before,
+            "  (submit -> Assign, 8 agents x 16)",
+            1_000.0,
+        );
+        // The idle agents' pipeline: it exists, and no task is ever submitted to it.
+        pm_proto::client::pipelines(pm_proto::client::channel(&gw)?)
+            .apply_pipeline(pm_proto::v1::ApplyPipelineRequest {
+                parent: "tenants/perf/applications/bench".into(),
+                pipeline_id: "noop-idle".into(),
+                source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(
+                    load::noop_spec(),
+                )),
+            })
+            .await?;
+        let rss = |p: &procs::Proc| p.rss_mib();
+        let (gw0, shard0) = (rss(&stack.gateway), rss(&stack.shard));
+        let connected = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let idle = format!("{PIPELINE}-idle");
+        debug_assert!(idle.ends_with("/noop-idle"));
+        let started = Instant::now();
+        let mut handles = Vec::with_capacity(n);
+        for _ in 0..n {
+            handles.push(tokio::spawn(load::idle_agent(
+                gw.clone(),
+                idle.clone(),
+                connected.clone(),
+            )));
+            // Paced: a burst of thousands of handshakes at once is another benchmark.
+            if handles.len() % 200 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (connected.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let held = connected.load(Ordering::Relaxed) as usize;
+        let failed = handles.iter().filter(|h| h.is_finished()).count();
+        println!(
+            "  {held} of {n} idle streams connected in {:.1} s ({failed} ended)",
+            started.elapsed().as_secs_f64()
+        );
+        // Let allocations settle before reading RSS.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (gw1, shard1) = (rss(&stack.gateway), rss(&stack.shard));
+        let per = |a: f64, b: f64| (b - a) * 1024.0 / held.max(1) as f64;
+        println!(
+            "  RSS: gateway {gw0:.1} -> {gw1:.1} MiB ({:.1} KiB per stream), shard {shard0:.1} -> {shard1:.1} MiB ({:.1} KiB per stream)",
+            per(gw0, gw1),
+            per(shard0, shard1)
+        );
+        let after = self.open_dispatch(&gw, true, &gw, 8, 16, 1_000.0).await?;
+        self.record_open_loop(
+            &format!("dispatch via gateway 1,000/s, {held} idle streams"),
+            "streams_dispatch_after",
+            &after,
+            "  (submit -> Assign, 8 agents x 16)",
+            1_000.0,
+        );
+        let mut f = json!({
+            "scenario": "streams_memory",
+            "idle_streams": held,
+            "gateway_rss_mib": [gw0, gw1],
+            "shard_rss_mib": [shard0, shard1],
+            "gateway_kib_per_stream": per(gw0, gw1),
+            "shard_kib_per_stream": per(shard0, shard1),
+        });
+        f["connect_s"] = json!(started.elapsed().as_secs_f64());
+        self.results.push(f);
+        for h in handles {
+            h.abort();
+        }
+        stack.stop();
+        Ok(())
+    }
+
     /// tenant-service, a shard and a gateway in front of them (auth off: the hot path as
     /// measured before auth), with the tenant `perf`, the application `bench` and the no-op
     /// pipeline applied through the public API.
@@ -903,7 +1001,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let all = [
         "submit", "batch", "latency", "dispatch", "cycle", "gateway", "null", "peers", "restart",
-        "scaling", "auth",
+        "scaling", "auth", "streams",
     ];
     let chosen: Vec<String> =
         if args.scenarios.is_empty() || args.scenarios.iter().any(|s| s == "all") {
@@ -976,6 +1074,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if which.contains(&"restart") {
         bench.restart().await?;
+    }
+    if which.contains(&"streams") {
+        bench.streams().await?;
     }
     let etcd = pm_cluster::testing::etcd_binary();
     if which.contains(&"scaling") && !etcd.exists() {

@@ -122,6 +122,11 @@ impl ReadyQueue {
         Some(second * 1000)
     }
 
+    /// The pipelines with READY tasks.
+    pub fn pipelines(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.by_pipeline.keys()
+    }
+
     /// READY tasks of `pipeline`.
     pub fn len_of(&self, pipeline: &str) -> usize {
         self.by_pipeline.get(pipeline).map_or(0, BTreeSet::len)

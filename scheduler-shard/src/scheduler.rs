@@ -150,6 +150,11 @@ struct Inner {
     fair: FairClock,
     leases: LeaseTable,
     sessions: BTreeMap<u64, Session>,
+    /// The sessions naming each pipeline, and those serving every pipeline: a dispatch round
+    /// looks only at sessions that could take a READY task, so agents idle on other pipelines
+    /// cost it nothing. Kept by [`Inner::add_session`] and [`Inner::remove_session`].
+    sessions_by_pipeline: HashMap<String, BTreeSet<u64>>,
+    sessions_for_all: BTreeSet<u64>,
     /// Finished tasks by when they finished, for retention.
     finished: BTreeSet<(Instant, TaskKey)>,
     next_seq: u64,
@@ -168,6 +173,57 @@ struct Inner {
 }
 
 impl Inner {
+    fn add_session(&mut self, id: u64, session: Session) {
+        match &session.pipelines {
+            None => {
+                self.sessions_for_all.insert(id);
+            }
+            Some(pipelines) => {
+                for p in pipelines {
+                    self.sessions_by_pipeline
+                        .entry(p.clone())
+                        .or_default()
+                        .insert(id);
+                }
+            }
+        }
+        self.sessions.insert(id, session);
+    }
+
+    fn remove_session(&mut self, id: u64) -> Option<Session> {
+        let session = self.sessions.remove(&id)?;
+        match &session.pipelines {
+            None => {
+                self.sessions_for_all.remove(&id);
+            }
+            Some(pipelines) => {
+                for p in pipelines {
+                    if let Some(ids) = self.sessions_by_pipeline.get_mut(p) {
+                        ids.remove(&id);
+                        if ids.is_empty() {
+                            self.sessions_by_pipeline.remove(p);
+                        }
+                    }
+                }
+            }
+        }
+        Some(session)
+    }
+
+    /// Sessions with credit that serve a pipeline with READY tasks, in session order:
+    /// O(pipelines with READY tasks + their sessions), not O(every session).
+    fn dispatch_candidates(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.sessions_for_all.iter().copied().collect();
+        for pipeline in self.queue.pipelines() {
+            if let Some(serving) = self.sessions_by_pipeline.get(&**pipeline) {
+                ids.extend(serving);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids.retain(|id| self.sessions.get(id).is_some_and(|s| s.credit > 0));
+        ids
+    }
     /// The name and trace id of a task, for a log line about it (empty if it is gone).
     fn about(&self, key: TaskKey) -> (String, String) {
         self.tasks
@@ -481,6 +537,8 @@ impl Scheduler {
             fair: FairClock::default(),
             leases: LeaseTable::default(),
             sessions: BTreeMap::new(),
+            sessions_by_pipeline: HashMap::new(),
+            sessions_for_all: BTreeSet::new(),
             finished: BTreeSet::new(),
             next_seq: 0,
             next_session: 0,

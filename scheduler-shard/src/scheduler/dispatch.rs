@@ -96,12 +96,7 @@ impl Scheduler {
         }
         let mut ops = Vec::new();
         let deadline = Instant::now() + self.options.lease_ttl;
-        let sessions: Vec<u64> = inner
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.credit > 0)
-            .map(|(id, _)| *id)
-            .collect();
+        let sessions = inner.dispatch_candidates();
         'sessions: for session_id in sessions {
             while let Some(session) = inner.sessions.get_mut(&session_id)
                 && session.credit > 0

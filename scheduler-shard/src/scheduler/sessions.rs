@@ -44,7 +44,7 @@ impl Scheduler {
                 tracing::info!(%task, %trace_id, lease = %lease_id, "lease reclaimed");
             }
         }
-        inner.sessions.insert(id, session);
+        inner.add_session(id, session);
         inner.credit(id, hello.slots);
         self.dispatcher.notify_one();
         id
@@ -54,7 +54,7 @@ impl Scheduler {
     /// time reclaims them.
     pub fn close_session(&self, session: u64) {
         let mut inner = self.lock();
-        if let Some(s) = inner.sessions.remove(&session) {
+        if let Some(s) = inner.remove_session(session) {
             tracing::info!(agent = %s.agent_id, session, "agent stream closed");
         }
     }

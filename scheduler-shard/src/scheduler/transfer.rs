@@ -75,7 +75,7 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
-            if let Some(s) = inner.sessions.remove(&id) {
+            if let Some(s) = inner.remove_session(id) {
                 tracing::info!(agent = %s.agent_id, session = id, "{reason}");
                 let _ = s.tx.send(Err(Status::unavailable(reason.to_owned())));
             }
