@@ -157,6 +157,22 @@ fn tasks(gateway: &str, bearer: &Bearer) -> TaskServiceClient<AuthedChannel> {
 }
 
 impl Cluster {
+    /// Why a ring wait failed: the ring seen, and the last lines of each expected shard's
+    /// log (a shard that could not start says why there).
+    fn ring_failure(&self, view: &Membership, want: &[&str]) -> String {
+        let mut out = format!("the ring is {:?}, wanted {want:?}", ids(&view.ring()));
+        for id in want {
+            let log =
+                std::fs::read_to_string(self.dir.join(format!("{id}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            out += &format!("\n--- {id}.log, last lines:");
+            for line in tail.into_iter().rev() {
+                out += &format!("\n{line}");
+            }
+        }
+        out
+    }
+
     fn shard(&self, id: &str) -> Proc {
         // A fresh port even for a restart: the identity is the id and the disk, and the
         // port just freed may already serve someone else's connection.
@@ -474,8 +490,8 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     }
     assert!(
         view.wait_for(wait_ring, ring_is(&["s0", "s1", "s2"])).await,
-        "{:?}",
-        ids(&view.ring())
+        "{}",
+        cluster.ring_failure(&view, &["s0", "s1", "s2"])
     );
     let (_gw0, gw0) = cluster.gateway(0);
     let (_gw1, gw1) = cluster.gateway(1);
@@ -656,7 +672,9 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     shards.insert("s3", cluster.shard("s3"));
     assert!(
         view.wait_for(wait_ring, ring_is(&["s0", "s1", "s2", "s3"]))
-            .await
+            .await,
+        "{}",
+        cluster.ring_failure(&view, &["s0", "s1", "s2", "s3"])
     );
     step(&before, &view.ring(), &["s0", "s1", "s2", "s3"], "join s3").await;
     progress(active_logs, "runs after s3 joined").await;
@@ -673,20 +691,32 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         clean.success(),
         "s0 did not exit cleanly after SIGTERM: {clean}"
     );
-    assert!(view.wait_for(wait_ring, ring_is(&["s1", "s2", "s3"])).await);
+    assert!(
+        view.wait_for(wait_ring, ring_is(&["s1", "s2", "s3"])).await,
+        "{}",
+        cluster.ring_failure(&view, &["s1", "s2", "s3"])
+    );
     step(&before, &view.ring(), &["s1", "s2", "s3"], "SIGTERM s0").await;
     progress(active_logs, "runs after s0 left").await;
 
     // 3. A shard is SIGKILLed: its keys go to the others when its lease expires...
     let before = view.ring();
     shards.remove("s1").unwrap().kill();
-    assert!(view.wait_for(wait_ring, ring_is(&["s2", "s3"])).await);
+    assert!(
+        view.wait_for(wait_ring, ring_is(&["s2", "s3"])).await,
+        "{}",
+        cluster.ring_failure(&view, &["s2", "s3"])
+    );
     step(&before, &view.ring(), &["s2", "s3"], "SIGKILL s1").await;
     progress(active_logs, "runs while s1 is down").await;
     // ...and it comes back with the same identity and disk, and serves its backlog.
     let before = view.ring();
     shards.insert("s1", cluster.shard("s1"));
-    assert!(view.wait_for(wait_ring, ring_is(&["s1", "s2", "s3"])).await);
+    assert!(
+        view.wait_for(wait_ring, ring_is(&["s1", "s2", "s3"])).await,
+        "{}",
+        cluster.ring_failure(&view, &["s1", "s2", "s3"])
+    );
     step(&before, &view.ring(), &["s1", "s2", "s3"], "restart s1").await;
     progress(active_logs, "runs after s1 returned").await;
 
