@@ -41,6 +41,11 @@ pub fn ns_of(at: Instant) -> u64 {
     now_ns().saturating_sub(now.saturating_duration_since(at).as_nanos() as u64)
 }
 
+/// The id at the end of a resource name.
+pub fn last_segment(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
 pub fn noop_spec() -> PipelineSpec {
     PipelineSpec {
         name: "noop".into(),
@@ -400,6 +405,20 @@ pub struct AgentStats {
     pub latency: Mutex<Option<Histogram<u64>>>,
 }
 
+/// A fake agent's first message: serving `pipeline` with `slots`.
+fn hello(agent_id: &str, pipeline: String, slots: u32) -> AgentMessage {
+    AgentMessage {
+        message: Some(agent_message::Message::Hello(Hello {
+            agent_id: agent_id.into(),
+            pipelines: vec![pipeline],
+            slots,
+            protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
+            protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
+            ..Hello::default()
+        })),
+    }
+}
+
 /// An agent that connects on a connection of its own, says Hello for `pipeline` (one that
 /// gets no tasks) and then only holds its stream: what an idle agent costs the servers.
 /// `connected` counts the streams the server accepted.
@@ -410,16 +429,7 @@ pub async fn idle_agent(
 ) -> anyhow::Result<()> {
     let mut client = pm_proto::client::agents(pm_proto::client::channel(&endpoint)?);
     let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(AgentMessage {
-        message: Some(agent_message::Message::Hello(Hello {
-            agent_id: "pm-perf-idle".into(),
-            pipelines: vec![pipeline],
-            slots: 1,
-            protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
-            protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
-            ..Hello::default()
-        })),
-    })?;
+    tx.send(hello("pm-perf-idle", pipeline, 1))?;
     let mut inbound = client
         .connect(UnboundedReceiverStream::new(rx))
         .await?
@@ -445,14 +455,7 @@ pub async fn fake_agent(
     let mut client = pm_proto::client::agents(pm_proto::client::channel(&endpoint)?);
     let (tx, rx) = mpsc::unbounded_channel();
     let message = |m| AgentMessage { message: Some(m) };
-    tx.send(message(agent_message::Message::Hello(Hello {
-        agent_id: "pm-perf-agent".into(),
-        pipelines: vec![pipeline],
-        slots,
-        protocol_min: pm_proto::AGENT_PROTOCOL_VERSION,
-        protocol_max: pm_proto::AGENT_PROTOCOL_VERSION,
-        ..Hello::default()
-    })))?;
+    tx.send(hello("pm-perf-agent", pipeline, slots))?;
     let mut inbound = client
         .connect(UnboundedReceiverStream::new(rx))
         .await?

@@ -19,7 +19,21 @@ use load::{AgentStats, Measured, Target};
 use pm_proto::client::Bearer;
 use procs::Proc;
 
+const APPLICATION: &str = "tenants/perf/applications/bench";
 const PIPELINE: &str = "tenants/perf/applications/bench/pipelines/noop";
+/// Served by the `streams` scenario's idle agents; no task is ever submitted to it.
+const IDLE_PIPELINE: &str = "tenants/perf/applications/bench/pipelines/noop-idle";
+
+/// Applies the no-op pipeline under [`APPLICATION`] as `id`.
+fn apply_noop(id: &str) -> pm_proto::v1::ApplyPipelineRequest {
+    pm_proto::v1::ApplyPipelineRequest {
+        parent: APPLICATION.into(),
+        pipeline_id: id.into(),
+        source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(
+            load::noop_spec(),
+        )),
+    }
+}
 
 #[derive(Parser)]
 #[command(about = "pipeline-manager benchmarks")]
@@ -539,25 +553,17 @@ impl Bench {
         );
         // The idle agents' pipeline: it exists, and no task is ever submitted to it.
         pm_proto::client::pipelines(pm_proto::client::channel(&gw)?)
-            .apply_pipeline(pm_proto::v1::ApplyPipelineRequest {
-                parent: "tenants/perf/applications/bench".into(),
-                pipeline_id: "noop-idle".into(),
-                source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(
-                    load::noop_spec(),
-                )),
-            })
+            .apply_pipeline(apply_noop(load::last_segment(IDLE_PIPELINE)))
             .await?;
         let rss = |p: &procs::Proc| p.rss_mib();
         let (gw0, shard0) = (rss(&stack.gateway), rss(&stack.shard));
         let connected = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let idle = format!("{PIPELINE}-idle");
-        debug_assert!(idle.ends_with("/noop-idle"));
         let started = Instant::now();
         let mut handles = Vec::with_capacity(n);
         for _ in 0..n {
             handles.push(tokio::spawn(load::idle_agent(
                 gw.clone(),
-                idle.clone(),
+                IDLE_PIPELINE.into(),
                 connected.clone(),
             )));
             // Paced: a burst of thousands of handshakes at once is another benchmark.
@@ -674,13 +680,7 @@ impl Bench {
             })
             .await?;
         pipelines
-            .apply_pipeline(pm_proto::v1::ApplyPipelineRequest {
-                parent: "tenants/perf/applications/bench".into(),
-                pipeline_id: "noop".into(),
-                source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(
-                    load::noop_spec(),
-                )),
-            })
+            .apply_pipeline(apply_noop(load::last_segment(PIPELINE)))
             .await?;
         let stack = Stack {
             tenants,
