@@ -115,19 +115,27 @@ fn pipeline_name(id: &str) -> String {
     format!("{APP}/pipelines/{id}")
 }
 
+/// Applies a pipeline document (its id from its `name`) under [`APP`].
+async fn apply_document(
+    pipelines: &mut PipelineServiceClient<Channel>,
+    document: &str,
+) -> Pipeline {
+    pipelines
+        .apply_pipeline(ApplyPipelineRequest {
+            parent: APP.into(),
+            pipeline_id: String::new(),
+            source: Some(apply_pipeline_request::Source::SpecDocument(
+                document.into(),
+            )),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("apply failed: {s:?}"))
+        .into_inner()
+}
+
 impl Harness {
     async fn apply(&mut self, document: &str) -> Pipeline {
-        self.pipelines
-            .apply_pipeline(ApplyPipelineRequest {
-                parent: APP.into(),
-                pipeline_id: String::new(),
-                source: Some(apply_pipeline_request::Source::SpecDocument(
-                    document.into(),
-                )),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("apply failed: {s:?}"))
-            .into_inner()
+        apply_document(&mut self.pipelines, document).await
     }
 
     async fn submit(

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use pm_proto::v1::*;
 
 use super::pm_dev::pm_dev;
-use super::{APP, WAIT, follow_to_end, pipeline_name, state};
+use super::{WAIT, apply_document, follow_to_end, pipeline_name, state};
 
 /// An OTLP TraceService that hands every span it receives to the test.
 struct Collector {
@@ -101,16 +101,7 @@ stages:
           - 'test -e "$PM_WORK_DIR/again" || { touch "$PM_WORK_DIR/again"; exit 3; }'
           - 'printf %s "$TRACEPARENT"'
 "#;
-    pipelines
-        .apply_pipeline(ApplyPipelineRequest {
-            parent: APP.into(),
-            pipeline_id: String::new(),
-            source: Some(apply_pipeline_request::Source::SpecDocument(
-                document.into(),
-            )),
-        })
-        .await
-        .unwrap();
+    apply_document(&mut pipelines, document).await;
 
     // The client's own trace: pm continues it.
     let trace = format!("{:032x}", rand_u128());
