@@ -60,19 +60,8 @@ pub fn open(
     let store = store::Store::open_with(dir, !options.unsafe_no_fsync)?;
     let opened = started.elapsed();
     let salvage = options.salvage;
-    let hint = |e: store::StoreError| {
-        store::StoreError(format!(
-            "{}: the task store has a record that does not decode. Start with --salvage to \
-             drop such records (each is logged and listed in a salvage report in {}) and serve \
-             the rest",
-            e.0,
-            dir.display()
-        ))
-    };
     let mut unreadable = Vec::new();
-    let specs = store
-        .read_specs(salvage.then_some(&mut unreadable))
-        .map_err(hint)?;
+    let specs = store.read_specs(salvage.then_some(&mut unreadable))?;
     let len = store.approximate_tasks();
     let reader = store.clone();
     let salvager = store.clone();
@@ -110,8 +99,7 @@ pub fn open(
                 unreadable.extend(tasks);
                 scheduler
             })
-    })
-    .map_err(hint)?;
+    })?;
     if !unreadable.is_empty() {
         // Nothing writes until the scheduler serves: these deletes go alone.
         salvaged(&salvager, dir, &unreadable)?;

@@ -333,6 +333,18 @@ impl Names {
 #[error("task store: {0}")]
 pub struct StoreError(pub String);
 
+impl StoreError {
+    /// This error (a record that does not decode), saying how to start anyway.
+    fn needs_salvage(self) -> Self {
+        StoreError(format!(
+            "{}: the task store has a record that does not decode. Start with --salvage to drop \
+             such records (each is logged and listed in a salvage report in the data directory) \
+             and serve the rest",
+            self.0
+        ))
+    }
+}
+
 /// A stored record that does not decode, found by a salvage.
 #[derive(Debug, Clone)]
 pub struct Unreadable {
@@ -554,7 +566,7 @@ impl Store {
                     specs.insert(id, spec);
                 }
                 (Err(e), Some(list)) => list.push(Unreadable::spec(&key, e)),
-                (Err(e), None) => return Err(e),
+                (Err(e), None) => return Err(e.needs_salvage()),
             }
         }
         Ok(specs)
@@ -575,7 +587,7 @@ impl Store {
             ) {
                 (Ok(record), _) => each(record),
                 (Err(e), Some(list)) => list.push(Unreadable::task(&key, e)),
-                (Err(e), None) => return Err(e),
+                (Err(e), None) => return Err(e.needs_salvage()),
             }
         }
         Ok(())

@@ -146,7 +146,8 @@ impl Scheduler {
         let written = self.write(ops).await;
         if pm_proto::trace::enabled() {
             let failed = written.as_ref().err().map(ToString::to_string);
-            for (_, _, _, task) in &planned {
+            let traced = planned.iter().filter(|p| !p.3.traceparent.is_empty());
+            for (_, _, _, task) in traced {
                 pm_proto::trace::record(
                     "enqueue",
                     &task.traceparent,
