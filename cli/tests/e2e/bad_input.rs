@@ -2,8 +2,9 @@
 //! `RunnerService.Run` at the agent that serves it): each answer has
 //! the exact code, names the field, and never echoes an over-long value back whole (a
 //! message that large would not fit in the `grpc-message` header and the client would see
-//! INTERNAL instead). The expected outcomes are this file's own table; the list of RPCs is
-//! the compiled protos', so an RPC added without rows here fails the test.
+//! INTERNAL instead). The expected outcomes are this file's own table; the list of RPCs and
+//! of their request fields is the compiled protos', so an RPC or a request field added
+//! without a row here fails the test (`NO_ROW` lists the fields no value of which is refused).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -26,6 +27,87 @@ const MESSAGE_BYTES: usize = 1024;
 /// The methods this file called with bad input (the first word of each row's label).
 static COVERED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
+/// The request fields a row's refusal named, as (method, the field's first segment).
+static FIELDS: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
+
+/// Request fields with no row, and why: no value of theirs is refused. Every other field of
+/// every public request (its top level: a row naming `client.roles` covers `client`) must be
+/// named by a refusal above, so a new field without a row fails the test.
+const NO_ROW: &[(&str, &str, &str)] = &[(
+    "GetPipeline",
+    "version",
+    "every number may name a version; one never applied is NOT_FOUND (a row)",
+)];
+
+/// The fields (and oneofs) of every public request message, as (method, field); a oneof's
+/// members count as the oneof.
+fn request_fields() -> BTreeSet<(String, String)> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(pm_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let messages: HashMap<String, &prost_types::DescriptorProto> = set
+        .file
+        .iter()
+        .flat_map(|f| {
+            f.message_type
+                .iter()
+                .map(move |m| (format!(".{}.{}", f.package(), m.name()), m))
+        })
+        .collect();
+    let mut out = BTreeSet::new();
+    for file in set.file.iter().filter(|f| f.package() == "pm.v1") {
+        for method in file.service.iter().flat_map(|s| &s.method) {
+            let input = messages[method.input_type()];
+            for field in &input.field {
+                out.insert((method.name().to_owned(), field_key(input, field.name())));
+            }
+        }
+    }
+    out
+}
+
+/// `name` as a coverage key of `message`: a oneof member stands for its oneof.
+fn field_key(message: &prost_types::DescriptorProto, name: &str) -> String {
+    message
+        .field
+        .iter()
+        .find(|f| f.name() == name)
+        // An `optional` field sits in a oneof of its own, which is no choice.
+        .filter(|f| !f.proto3_optional())
+        .and_then(|f| f.oneof_index)
+        .map(|i| message.oneof_decl[i as usize].name().to_owned())
+        .unwrap_or_else(|| name.to_owned())
+}
+
+/// Records that a refusal of `method` named `field` (a path like `client.roles[0]`).
+fn named(method: &str, field: &str) {
+    use prost::Message;
+    let first = field.split(['.', '[']).next().unwrap_or_default();
+    if first.is_empty() {
+        return;
+    }
+    let set = prost_types::FileDescriptorSet::decode(pm_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let input = set
+        .file
+        .iter()
+        .flat_map(|f| &f.service)
+        .flat_map(|s| &s.method)
+        .find(|m| m.name() == method)
+        .map(|m| {
+            m.input_type()
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        });
+    let message = set
+        .file
+        .iter()
+        .flat_map(|f| &f.message_type)
+        .find(|m| input.as_deref() == Some(m.name()));
+    let key = message.map_or_else(|| first.to_owned(), |m| field_key(m, first));
+    FIELDS.lock().unwrap().insert((method.to_owned(), key));
+}
+
 /// Every method of every public service (`pm.v1`), from the compiled protos: a new RPC is
 /// in this list without anyone adding it.
 fn public_methods() -> BTreeSet<String> {
@@ -45,6 +127,7 @@ fn public_methods() -> BTreeSet<String> {
 fn refused<T: std::fmt::Debug>(what: &str, got: Result<T, Status>, code: Code, field: &str) {
     let method = what.split_whitespace().next().unwrap_or_default();
     COVERED.lock().unwrap().insert(method.to_owned());
+    named(method, field);
     let status = match got {
         Ok(answer) => panic!("{what}: accepted: {answer:?}"),
         Err(status) => status,
@@ -199,13 +282,20 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
             .await;
         refused("CreateClient", got, code, field);
     }
-    let got = tenants
-        .list_clients(ListClientsRequest {
-            parent: format!("tenants/{long}"),
-            ..ListClientsRequest::default()
-        })
-        .await;
-    refused("ListClients", got, InvalidArgument, "parent");
+    for (parent, size, token, field) in [
+        (format!("tenants/{long}"), 0, "", "parent"),
+        ("tenants/default".to_owned(), 1_000_000, "", "page_size"),
+        ("tenants/default".to_owned(), 0, "a/b", "page_token"),
+    ] {
+        let got = tenants
+            .list_clients(ListClientsRequest {
+                parent,
+                page_size: size,
+                page_token: token.into(),
+            })
+            .await;
+        refused("ListClients", got, InvalidArgument, field);
+    }
     for (name, code, field) in [
         ("tenants/default", InvalidArgument, "name"),
         (
@@ -287,15 +377,16 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
         FailedPrecondition,
         "",
     );
-    for (parent, token, field) in [
-        (long.as_str(), "", "parent"),
-        ("tenants/default", long.as_str(), "page_token"),
+    for (parent, size, token, field) in [
+        (long.as_str(), 0, "", "parent"),
+        ("tenants/default", 1_000_000, "", "page_size"),
+        ("tenants/default", 0, long.as_str(), "page_token"),
     ] {
         let got = h
             .pipelines
             .list_applications(ListApplicationsRequest {
                 parent: parent.into(),
-                page_size: 0,
+                page_size: size,
                 page_token: token.into(),
             })
             .await;
@@ -320,6 +411,29 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
             })
             .await;
         refused("ApplyPipeline", got, InvalidArgument, field);
+    }
+    for (source, field) in [
+        (None, "source"),
+        (
+            Some(apply_pipeline_request::Source::SpecDocument(
+                "stages: []".into(),
+            )),
+            "spec_document.stages",
+        ),
+        (
+            Some(apply_pipeline_request::Source::Spec(PipelineSpec::default())),
+            "spec.stages",
+        ),
+    ] {
+        let got = h
+            .pipelines
+            .apply_pipeline(ApplyPipelineRequest {
+                parent: APP.into(),
+                pipeline_id: "p".into(),
+                source,
+            })
+            .await;
+        refused("ApplyPipeline source", got, InvalidArgument, field);
     }
     for (name, version, code, field) in [
         (APP.to_owned(), 0, InvalidArgument, "name"),
@@ -391,6 +505,64 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
         InvalidArgument,
         "idempotency_key",
     );
+    let url = || HashMap::from([("url".to_owned(), "x".to_owned())]);
+    for (what, request, field) in [
+        (
+            "undeclared param",
+            SubmitTaskRequest {
+                params: HashMap::from([("url".into(), "x".into()), ("bogus".into(), "1".into())]),
+                ..SubmitTaskRequest::default()
+            },
+            "params.bogus",
+        ),
+        (
+            "priority 101",
+            SubmitTaskRequest {
+                params: url(),
+                priority: Some(101),
+                ..SubmitTaskRequest::default()
+            },
+            "priority",
+        ),
+        (
+            "timeout over a week",
+            SubmitTaskRequest {
+                params: url(),
+                timeout_seconds: pm_spec::limits::MAX_TIMEOUT_SECONDS + 1,
+                ..SubmitTaskRequest::default()
+            },
+            "timeout_seconds",
+        ),
+    ] {
+        let request = SubmitTaskRequest {
+            parent: ocr.clone(),
+            ..request
+        };
+        let got = h.tasks.submit_task(request).await;
+        refused(&format!("SubmitTask {what}"), got, InvalidArgument, field);
+    }
+    // An inline spec is checked like an applied one, on a pipeline that allows them.
+    h.apply("name: open\nallow_inline_tasks: true\nstages:\n  - name: s\n    jobs:\n      - { name: j, commands: [date] }\n").await;
+    for (inline, field) in [
+        (
+            submit_task_request::Inline::InlineSpecDocument("stages: []".into()),
+            "inline_spec_document.stages",
+        ),
+        (
+            submit_task_request::Inline::InlineSpec(PipelineSpec::default()),
+            "inline_spec.stages",
+        ),
+    ] {
+        let got = h
+            .tasks
+            .submit_task(SubmitTaskRequest {
+                parent: pipeline_name("open"),
+                inline: Some(inline),
+                ..SubmitTaskRequest::default()
+            })
+            .await;
+        refused("SubmitTask bad inline spec", got, InvalidArgument, field);
+    }
     for (what, input) in bad_inputs() {
         let got = h
             .tasks
@@ -441,6 +613,15 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
             .await;
         refused("ListTasks", got, InvalidArgument, field);
     }
+    let got = h
+        .tasks
+        .list_tasks(ListTasksRequest {
+            parent: ocr.clone(),
+            state: 99,
+            ..ListTasksRequest::default()
+        })
+        .await;
+    refused("ListTasks unknown state", got, InvalidArgument, "state");
 
     // AuthService: a missing credential names its field; a wrong one of any size is
     // UNAUTHENTICATED, saying no more.
@@ -555,4 +736,30 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
     let unknown: Vec<&String> = covered.difference(&public).collect();
     assert!(unknown.is_empty(), "rows naming no public RPC: {unknown:?}");
     assert!(public.len() >= 24, "the descriptor lists {public:?}");
+
+    // Every field of every public request has a row, or a reason in `NO_ROW`.
+    let fields = FIELDS.lock().unwrap().clone();
+    let exempt: BTreeSet<(String, String)> = NO_ROW
+        .iter()
+        .map(|(m, f, _)| (m.to_string(), f.to_string()))
+        .collect();
+    let all = request_fields();
+    let missing: Vec<_> = all
+        .difference(&fields)
+        .filter(|f| !exempt.contains(f))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "request fields with no bad-input row: {missing:?}"
+    );
+    let stale: Vec<_> = exempt.difference(&all).collect();
+    assert!(
+        stale.is_empty(),
+        "NO_ROW names fields no request has: {stale:?}"
+    );
+    let needless: Vec<_> = exempt.intersection(&fields).collect();
+    assert!(
+        needless.is_empty(),
+        "NO_ROW names fields that have rows: {needless:?}"
+    );
 }
