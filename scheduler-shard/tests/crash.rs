@@ -1,6 +1,6 @@
 //! The at-least-once promise under SIGKILL, with real processes: a `pm-shard` binary takes
 //! concurrent submits and is killed at random moments and restarted on the same data
-//! directory and port, several times; then an agent runs everything while the shard is
+//! directory, several times (each start on a fresh port behind one stable address); then an agent runs everything while the shard is
 //! killed once more. Every acknowledged task must end DONE; duplicates are allowed and
 //! reported, losses are not.
 
@@ -15,7 +15,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::free_port;
+use common::{Forwarder, free_port};
 
 use pm_proto::internal::v1::enqueue_result;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
@@ -32,11 +32,14 @@ struct Shard {
 
 impl Shard {
     /// With short leases: after a kill, a lease no agent reclaims is delivered again soon.
-    fn start(dir: &Path, port: u16, run: usize) -> Shard {
-        Self::start_with_ttl(dir, port, run, 2)
+    fn start(dir: &Path, front: &Forwarder, run: usize) -> Shard {
+        Self::start_with_ttl(dir, front, run, 2)
     }
 
-    fn start_with_ttl(dir: &Path, port: u16, run: usize, lease_ttl_seconds: u32) -> Shard {
+    /// Starts the shard on a fresh port, behind `front`.
+    fn start_with_ttl(dir: &Path, front: &Forwarder, run: usize, lease_ttl_seconds: u32) -> Shard {
+        let port = free_port();
+        front.forward_to(port);
         let log = std::fs::File::create(dir.join(format!("shard-{run}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_pm-shard"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -237,13 +240,14 @@ fn start_agent(
 async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let dir_path: PathBuf = dir.path().to_owned();
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    // Clients and the agent keep this address; each start of the shard takes a fresh port.
+    let front = Forwarder::start().await;
+    let endpoint = front.endpoint.clone();
     let log = dir_path.join("executions.log");
     let spec = spec(&log);
 
     let mut run = 0;
-    let mut shard = Shard::start(&dir_path, port, run);
+    let mut shard = Shard::start(&dir_path, &front, run);
     wait_ready(&endpoint).await;
 
     let acked = Arc::new(Mutex::new(HashSet::new()));
@@ -265,7 +269,7 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         shard.kill();
         run += 1;
-        shard = Shard::start(&dir_path, port, run);
+        shard = Shard::start(&dir_path, &front, run);
         wait_ready(&endpoint).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -299,7 +303,7 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
     }
     shard.kill();
     run += 1;
-    let _shard = Shard::start(&dir_path, port, run);
+    let _shard = Shard::start(&dir_path, &front, run);
     wait_ready(&endpoint).await;
 
     let (mut done, mut missing) = count_done(&endpoint, &acked).await;
@@ -343,13 +347,13 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
 async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     let dir = tempfile::tempdir().unwrap();
     let dir_path: PathBuf = dir.path().to_owned();
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let front = Forwarder::start().await;
+    let endpoint = front.endpoint.clone();
     let log = dir_path.join("runs.log");
     // The lease must outlast the restart plus the agent's jittered reconnect backoff
     // (0.1, 0.2, 0.4... s, ±50%) on a loaded machine: a reclaim, not a race against the TTL.
     const TTL_SECONDS: u32 = 15;
-    let shard = Shard::start_with_ttl(&dir_path, port, 0, TTL_SECONDS);
+    let shard = Shard::start_with_ttl(&dir_path, &front, 0, TTL_SECONDS);
     wait_ready(&endpoint).await;
 
     // One task that runs for a while; every execution leaves a line.
@@ -373,7 +377,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     // The shard dies mid-run and comes back on the same disk; the agent reconnects holding
     // the lease, and the shard (which replayed it) lets it keep the task.
     shard.kill();
-    let _shard = Shard::start_with_ttl(&dir_path, port, 1, TTL_SECONDS);
+    let _shard = Shard::start_with_ttl(&dir_path, &front, 1, TTL_SECONDS);
     assert_private(&dir_path.join("data"));
     wait_ready(&endpoint).await;
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());

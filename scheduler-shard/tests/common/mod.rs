@@ -1,5 +1,6 @@
-//! What the shard's process-level tests share: a free loopback port, a one-job spec, one
-//! acknowledged submit, and an agent stream opened with a Hello.
+//! What the shard's process-level tests share: a free loopback port, a stable address in
+//! front of a shard that restarts, a one-job spec, one acknowledged submit, and an agent
+//! stream opened with a Hello.
 #![allow(dead_code)]
 
 use pm_proto::internal::v1::enqueue_result;
@@ -15,6 +16,61 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A fixed loopback address that forwards each connection to the shard of the moment, the
+/// way a Kubernetes Service stays put while its pod restarts. A shard restarted on the port
+/// it had could find that port taken by another test meanwhile; behind this, every start
+/// takes a fresh one while clients and agents keep one endpoint.
+pub struct Forwarder {
+    pub endpoint: String,
+    target: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    pub async fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let target = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(0));
+        let to = target.clone();
+        // Aborting this task drops the set, which aborts every forwarded connection.
+        let accept = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let port = to.load(Ordering::SeqCst);
+                connections.spawn(async move {
+                    // No shard up: the client sees the connection close, as with a dead pod.
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Forwarder {
+            endpoint,
+            target,
+            accept,
+        }
+    }
+
+    /// New connections go to the shard on `port` from now on.
+    pub fn forward_to(&self, port: u16) {
+        self.target.store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
 }
 
 /// One stage of one job running `commands` on the host.
