@@ -1795,11 +1795,12 @@ mod tests {
     #[tokio::test]
     async fn a_restart_replays_the_disk_and_lets_agents_reclaim_their_leases() {
         let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
         // The old journal thread lets go of the store's lock once its last writer is dropped.
-        let open = || async {
+        let open = |options: Options| async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             loop {
-                match crate::open(options(100), Some(dir.path())) {
+                match crate::open(options.clone(), Some(dir)) {
                     Ok(s) => return s,
                     Err(_) if std::time::Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1808,11 +1809,17 @@ mod tests {
                 }
             }
         };
-        let s = open().await;
+        let s = open(options(100)).await;
         let cancel = start(&s).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let session = s.open_session(&hello(2, vec![]), tx);
-        let items = vec![item(10, ""), item(10, "k"), item(10, ""), item(10, "")];
+        let session = s.open_session(&hello(3, vec![]), tx);
+        let items = vec![
+            item(10, ""),
+            item(10, "k"),
+            item(10, ""),
+            item(10, ""),
+            item(10, ""),
+        ];
         let tasks: Vec<Task> = s
             .enqueue(items)
             .await
@@ -1821,44 +1828,69 @@ mod tests {
             .collect();
         let (_, finished) = assigned(&mut rx).await;
         let (_, running) = assigned(&mut rx).await;
+        // Leased to an agent that never comes back.
+        let (orphan, _) = assigned(&mut rx).await;
+        assert_eq!(orphan.name, tasks[2].name);
         // The stream closes (so no slot comes back), then its result still lands.
         s.close_session(session);
         assert!(s.complete(session, &finished, done()).await);
         cancel.cancel();
         drop(s);
 
-        let s = open().await;
+        // Back with a lease TTL short enough to see the orphan's lease run out (and long
+        // enough for the reclaimed one to be answered before it runs out too).
+        let ttl = Duration::from_secs(2);
+        let s = open(Options {
+            lease_ttl: ttl,
+            ..options(100)
+        })
+        .await;
+        let restarted = Instant::now();
         let cancel = start(&s).await;
         let state = |t: &Task| TaskState::try_from(s.get(&t.name).unwrap().state).unwrap();
         assert_eq!(state(&tasks[0]), TaskState::Done);
-        assert_eq!(
-            state(&tasks[1]),
-            TaskState::InProgress,
-            "leased before the restart"
-        );
-        assert_eq!(state(&tasks[2]), TaskState::Ready);
+        for leased in [&tasks[1], &tasks[2]] {
+            assert_eq!(
+                state(leased),
+                TaskState::InProgress,
+                "leased before the restart"
+            );
+        }
+        assert_eq!(state(&tasks[3]), TaskState::Ready);
         assert_eq!(
             enqueue_one(&s, item(10, "k")).await.name,
             tasks[1].name,
             "idempotency survives"
         );
-        // The agent comes back with its lease; the others are dispatched as before.
+        // The agent comes back with its lease; the others are dispatched as before, and the
+        // lease nobody reclaimed is delivered again once its TTL from the restart is over.
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let back = s.open_session(&hello(2, vec![running.clone()]), tx);
+        let back = s.open_session(&hello(3, vec![running.clone()]), tx);
+        assert!(
+            s.complete(back, &running, done()).await,
+            "the reclaimed lease's result counts"
+        );
+        assert_eq!(state(&tasks[1]), TaskState::Done);
         let next: Vec<String> = vec![
             assigned(&mut rx).await.0.name,
             assigned(&mut rx).await.0.name,
         ];
         assert_eq!(
             next,
-            vec![tasks[2].name.clone(), tasks[3].name.clone()],
+            vec![tasks[3].name.clone(), tasks[4].name.clone()],
             "FIFO kept"
         );
-        assert!(
-            s.complete(back, &running, done()).await,
-            "the reclaimed lease's result counts"
+        let (again, _) = assigned(&mut rx).await;
+        assert_eq!(
+            (again.name.as_str(), again.attempt),
+            (tasks[2].name.as_str(), 2),
+            "the unclaimed lease, delivered again"
         );
-        assert_eq!(state(&tasks[1]), TaskState::Done);
+        assert!(
+            restarted.elapsed() >= ttl,
+            "not before its lease ran out: {:?}",
+            restarted.elapsed()
+        );
         cancel.cancel();
     }
 }
