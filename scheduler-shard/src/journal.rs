@@ -3,12 +3,19 @@
 //! So concurrent submits share one fsync, no request is answered before its sync, and there
 //! is never one fsync per task.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::key::TaskKey;
 use crate::store::{Op, Store, StoreError};
+use pm_proto::v1::TaskResult;
+
+/// The store the writer thread writes, shared with readers ([`Journal::read_result`]). Empty
+/// while the writer opens it again after a failed write: fjall holds a lock on the directory
+/// until every handle is dropped, so readers never keep a handle, only this lock, briefly.
+type SharedStore = Arc<RwLock<Option<Store>>>;
 
 /// Ops of one batch, past which the writer syncs before taking more (bounds batch memory).
 const MAX_OPS_PER_SYNC: usize = 16 * 1024;
@@ -28,6 +35,8 @@ pub struct Stats {
 #[derive(Clone)]
 pub struct Journal {
     tx: Option<mpsc::UnboundedSender<Request>>,
+    /// `None` for a journal that keeps nothing.
+    store: Option<SharedStore>,
     stats: Arc<Stats>,
     /// Whether the last write succeeded: false from a failed one (a full disk) until one
     /// succeeds again. The shard's health follows it.
@@ -43,13 +52,25 @@ impl Journal {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let writable = Arc::new(tokio::sync::watch::Sender::new(true));
-        let (thread_stats, thread_writable) = (stats.clone(), writable.clone());
+        let (dir, fsync) = (store.dir().to_owned(), store.fsync());
+        let shared: SharedStore = Arc::new(RwLock::new(Some(store)));
+        let (thread_stats, thread_writable, thread_store) =
+            (stats.clone(), writable.clone(), shared.clone());
         std::thread::Builder::new()
             .name("pm-journal".into())
-            .spawn(move || write_loop(store, rx, &thread_stats, &thread_writable))
+            .spawn(move || {
+                write_loop(
+                    &thread_store,
+                    (&dir, fsync),
+                    rx,
+                    &thread_stats,
+                    &thread_writable,
+                )
+            })
             .expect("spawn the journal thread");
         Self {
             tx: Some(tx),
+            store: Some(shared),
             stats,
             writable,
             failing: Arc::default(),
@@ -66,6 +87,7 @@ impl Journal {
     pub fn discard() -> Self {
         Self {
             tx: None,
+            store: None,
             stats: Arc::default(),
             writable: Arc::new(tokio::sync::watch::Sender::new(true)),
             failing: Arc::default(),
@@ -113,17 +135,43 @@ impl Journal {
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
+
+    /// Whether written records can be read back ([`Journal::read_result`]); false for a
+    /// journal that keeps nothing.
+    pub fn keeps_records(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// The stored result of task `key` of `pipeline` (`None` if the task, or its result, is
+    /// not stored). Reads what the last acknowledged write left; never waits for the writer,
+    /// except while it opens the store again after a failed write, when this fails at once.
+    pub fn read_result(
+        &self,
+        pipeline: &str,
+        key: TaskKey,
+    ) -> Result<Option<TaskResult>, StoreError> {
+        let Some(shared) = &self.store else {
+            return Ok(None);
+        };
+        let guard = shared
+            .try_read()
+            .map_err(|_| StoreError("the task store is being opened again".into()))?;
+        match &*guard {
+            Some(store) => store.task_result(pipeline, key),
+            None => Err(StoreError("the task store cannot be opened".into())),
+        }
+    }
 }
 
 fn write_loop(
-    store: Store,
+    shared: &SharedStore,
+    (dir, fsync): (&std::path::Path, bool),
     mut rx: mpsc::UnboundedReceiver<Request>,
     stats: &Stats,
     writable: &tokio::sync::watch::Sender<bool>,
 ) {
-    let (dir, fsync) = (store.dir().to_owned(), store.fsync());
-    // `None` after opening it again failed: the next batch tries first.
-    let mut store = Some(store);
+    // The store is `None` after opening it again failed: the next batch tries first.
+    let lock = || shared.write().expect("store lock poisoned");
     let metrics = crate::metrics::JournalMetrics::new();
     while let Some(first) = rx.blocking_recv() {
         let started = std::time::Instant::now();
@@ -138,10 +186,13 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        if store.is_none() {
-            store = open_again(&dir, fsync);
+        {
+            let mut store = lock();
+            if store.is_none() {
+                *store = open_again(dir, fsync);
+            }
         }
-        let result = match &store {
+        let result = match &*shared.read().expect("store lock poisoned") {
             Some(open) => open.apply(batch.iter().flat_map(|r| r.ops.iter())),
             None => Err(StoreError("the task store cannot be opened".into())),
         }
@@ -159,10 +210,11 @@ fn write_loop(
                 // A handle that failed a write refuses every later one (fjall): the next
                 // batch gets a fresh one, which works once the disk does. The journal it
                 // replays holds whole batches only; a torn one is dropped.
+                let mut store = lock();
                 if let Some(failed) = store.take() {
                     // Closed first: fjall holds a lock on the directory until then.
                     drop(failed);
-                    store = open_again(&dir, fsync);
+                    *store = open_again(dir, fsync);
                 }
             }
         }

@@ -160,6 +160,8 @@ mod tests {
         for id in &ids {
             assert_eq!(id.0.len(), 32, "{id}");
             assert!(id.0.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+            // Log lines name a lease by its id, which is what an agent's log shows too.
+            assert_eq!(id.to_string(), &*id.0);
         }
         // Consecutive ids share no structure a guesser could use: on average half of the
         // 128 bits differ (a counter differs in a few low bits).

@@ -29,8 +29,8 @@ use pm_proto::internal::v1::EnqueueTask;
 use pm_proto::names::PipelineName;
 use pm_proto::unix_ms;
 use pm_proto::v1::{
-    Assign, Cancel, Hello, Lease as WireLease, PipelineSpec, ServerMessage, StateChange, Task,
-    TaskEvent, TaskResult, TaskState, server_message, task_event,
+    Assign, Cancel, Hello, JobResult, Lease as WireLease, PipelineSpec, ServerMessage, StateChange,
+    StepResult, Task, TaskEvent, TaskResult, TaskState, server_message, task_event,
 };
 
 use crate::error::Error;
@@ -51,7 +51,7 @@ mod submit;
 mod task_map;
 mod transfer;
 
-use record::{HeldSpec, Next, TaskRecord};
+use record::{HeldSpec, Next, TaskRecord, result_summary};
 use task_map::{Slot, TaskMap};
 
 pub use stats::{
@@ -170,6 +170,9 @@ struct Inner {
     counts: HashMap<Arc<str>, PipelineCounts>,
     /// Final states per pipeline over the last minute ([`stats`]).
     recent: HashMap<Arc<str>, stats::RecentFinishes>,
+    /// Finished tasks keep only their result's summary in memory, the whole result being on
+    /// disk (false for a journal that keeps nothing: then memory is all there is).
+    results_on_disk: bool,
 }
 
 impl Inner {
@@ -366,6 +369,9 @@ impl Inner {
                 let age = (unix_ms() - record.update_time_ms).max(0) as u64;
                 let finished_at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
                 self.finished.insert((finished_at, key));
+                if self.results_on_disk {
+                    record.keep_summary();
+                }
                 Restored::Finished
             }
         };
@@ -463,14 +469,12 @@ pub struct Watch {
 /// that would pass it ends early, with a `next_page_token`.
 pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
-/// `task` as a list shows it: its steps' stdout and stderr left out (GetTask and WatchTask
-/// have them), so a page of finished tasks stays small whatever they printed.
+/// `task` as a list shows it: its result's summary, without its steps' stdout and stderr and
+/// its output data (GetTask and WatchTask have them), so a page of finished tasks stays small
+/// whatever they printed.
 fn summary(mut task: Task) -> Task {
     if let Some(result) = &mut task.result {
-        for step in result.jobs.iter_mut().flat_map(|j| j.steps.iter_mut()) {
-            step.stdout.clear();
-            step.stderr.clear();
-        }
+        *result = result_summary(result);
     }
     task
 }
@@ -548,6 +552,7 @@ impl Scheduler {
             interned: HashSet::new(),
             counts: HashMap::new(),
             recent: HashMap::new(),
+            results_on_disk: journal.keeps_records(),
         };
         for (id, spec) in specs {
             inner.durable_specs.insert(id);
@@ -631,7 +636,24 @@ impl Scheduler {
             let key = inner.find(name)?;
             inner.tasks.get(key).expect("found").disk(key)
         };
-        // Decoded here, not under the lock.
+        // Decoded (and a finished task's result read) here, not under the lock.
+        self.whole(record)
+    }
+
+    /// The task `record` is, with its whole result: a finished task holds only its result's
+    /// summary in memory, so the rest is read from the disk. A task collected meanwhile
+    /// (retention) is NOT_FOUND; a store that cannot be read is UNAVAILABLE.
+    fn whole(&self, mut record: Record) -> Result<Task, Error> {
+        if self.journal.keeps_records() && record.result.is_some() {
+            let stored = self
+                .journal
+                .read_result(&record.pipeline, record.key)
+                .map_err(storage_error)?;
+            let Some(result) = stored else {
+                return Err(Error::NotFound(record.name()));
+            };
+            record.result = Some(Arc::new(result));
+        }
         Ok(record.to_task())
     }
 
@@ -656,7 +678,7 @@ impl Scheduler {
             (record.disk(key), history, events)
         };
         Ok(Watch {
-            snapshot: snapshot.to_task(),
+            snapshot: self.whole(snapshot)?,
             history,
             events,
         })
@@ -1362,6 +1384,91 @@ mod tests {
         names.reverse();
         assert_eq!(listed, names, "every task once, newest first");
         cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_finished_task_keeps_a_summary_in_memory_and_its_output_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        // The old journal thread lets go of the store's lock once its last writer is dropped.
+        let open = || async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match crate::open(options(100), Some(dir)) {
+                    Ok(s) => return s,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(e) => panic!("reopen: {e}"),
+                }
+            }
+        };
+        let mib = "x".repeat(1024 * 1024);
+        let printed = TaskResult {
+            succeeded: true,
+            jobs: vec![JobResult {
+                job: "j".into(),
+                steps: vec![StepResult {
+                    command: "print".into(),
+                    stdout: mib.clone(),
+                    stderr: "warned".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            output: Some(prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(3.0)),
+            }),
+            ..TaskResult::default()
+        };
+        let whole = |t: &Task| {
+            let result = t.result.as_ref().expect("a result");
+            let step = &result.jobs[0].steps[0];
+            step.stdout.len() == mib.len() && step.stderr == "warned" && result.output.is_some()
+        };
+        // What memory holds: the summary (the command and how it ended), nothing printed.
+        let held = |s: &Scheduler, name: &str| {
+            let (_, key) = TaskKey::parse_name(name).unwrap();
+            let inner = s.lock();
+            let result = inner.tasks.get(key).unwrap().result.clone().unwrap();
+            let step = &result.jobs[0].steps[0];
+            assert!(result.succeeded && step.command == "print");
+            assert!(step.stdout.is_empty() && step.stderr.is_empty() && result.output.is_none());
+        };
+
+        let s = open().await;
+        let cancel = start(&s).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let agent = s.open_session(&hello(1, vec![]), tx);
+        let task = enqueue_one(&s, item(10, "k")).await;
+        let (_, lease) = assigned(&mut rx).await;
+        assert!(s.complete(agent, &lease, printed).await);
+        held(&s, &task.name);
+        assert!(whole(&s.get(&task.name).unwrap()), "GetTask reads it back");
+        assert!(
+            whole(&s.watch(&task.name).unwrap().snapshot),
+            "so does a watch"
+        );
+        let repeat = enqueue_one(&s, item(10, "k")).await;
+        assert!(repeat.name == task.name && whole(&repeat), "and a repeat");
+        let (page, _) = s.list(&task.pipeline, TaskState::Done, 10, "").unwrap();
+        let listed = page[0].result.as_ref().unwrap();
+        assert!(listed.jobs[0].steps[0].stdout.is_empty() && listed.output.is_none());
+        assert_eq!(
+            listed.jobs[0].steps[0].command, "print",
+            "a list shows the summary"
+        );
+        cancel.cancel();
+        drop(s);
+
+        // A restart keeps the summary in memory too, and the whole result on disk.
+        let s = open().await;
+        held(&s, &task.name);
+        assert!(whole(&s.get(&task.name).unwrap()));
+        // A handoff carries the whole result to the next owner.
+        let out = s.take_for_handoff(&task.pipeline, 10);
+        let handed = out.tasks[0].stored.as_ref().unwrap().task.as_ref().unwrap();
+        assert!(whole(handed), "handed off whole");
     }
 
     #[tokio::test(start_paused = true)]

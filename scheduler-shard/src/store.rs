@@ -593,6 +593,22 @@ impl Store {
         Ok(())
     }
 
+    /// The result stored with task `key` of `pipeline`: a finished task keeps only its
+    /// summary in memory, and this is the rest (what its steps printed, its output data).
+    pub fn task_result(
+        &self,
+        pipeline: &str,
+        key: TaskKey,
+    ) -> Result<Option<TaskResult>, StoreError> {
+        let name = key.name(pipeline);
+        let Some(value) = self.tasks.get(&name)? else {
+            return Ok(None);
+        };
+        let stored = ShardTask::decode(value.as_ref())
+            .map_err(|e| StoreError(format!("task {name}: {e}")))?;
+        Ok(stored.result)
+    }
+
     /// Deletes records a salvage skipped, in one synced write.
     pub fn drop_unreadable(&self, unreadable: &[Unreadable]) -> Result<(), StoreError> {
         let mut batch = self.db.batch();

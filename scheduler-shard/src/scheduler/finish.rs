@@ -5,7 +5,8 @@ use super::*;
 
 impl Scheduler {
     /// Installs a written final state: tells watchers, frees the slot in the admission
-    /// counts, starts the retention clock. Returns the task as it ended.
+    /// counts, starts the retention clock, and keeps only the result's summary in memory.
+    /// Returns the task as it ended, whole.
     pub(super) fn install_final(
         &self,
         inner: &mut Inner,
@@ -13,11 +14,15 @@ impl Scheduler {
         next: Next,
         reason: &str,
     ) -> Record {
+        let trim = inner.results_on_disk;
         let record = inner.tasks.get_mut(key).expect("task exists");
         record.busy = false;
         record.apply(next);
         record.lease = None;
         let ended = record.disk(key);
+        if trim {
+            record.keep_summary();
+        }
         if record.watched() {
             record.publish_state(reason);
             record.publish(task_event::Event::Finished(ended.to_task()));

@@ -36,6 +36,8 @@ pub(super) struct TaskRecord {
     pub lease: Option<LeaseId>,
     /// An encoded `TaskBody`: params, timeout, idempotency key. Decoded only to show the task.
     pub body: Arc<[u8]>,
+    /// A finished task's result; with a store behind the journal, only its summary
+    /// ([`result_summary`]): the whole result is on disk, read back for GetTask and WatchTask.
     pub result: Option<Arc<TaskResult>>,
     pub live: Option<Box<Live>>,
     pub create_time_ms: i64,
@@ -55,6 +57,41 @@ pub(super) struct Next {
     pub attempt: u32,
     pub update_time_ms: i64,
     pub result: Option<Arc<TaskResult>>,
+}
+
+/// A result without what its steps printed and without its output data: what a finished task
+/// keeps in memory and what a list shows. A task may print megabytes; this is a few hundred
+/// bytes, whatever it printed. Every field is named, so a new one is a decision here.
+pub(super) fn result_summary(result: &TaskResult) -> TaskResult {
+    let step = |s: &StepResult| StepResult {
+        command: s.command.clone(),
+        exit_code: s.exit_code,
+        signal: s.signal,
+        duration_ms: s.duration_ms,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: s.stdout_truncated,
+        stderr_truncated: s.stderr_truncated,
+        timed_out: s.timed_out,
+    };
+    let job = |j: &JobResult| JobResult {
+        stage: j.stage.clone(),
+        job: j.job.clone(),
+        executor: j.executor.clone(),
+        attempts: j.attempts,
+        succeeded: j.succeeded,
+        allowed_failure: j.allowed_failure,
+        timed_out: j.timed_out,
+        steps: j.steps.iter().map(step).collect(),
+        duration_ms: j.duration_ms,
+    };
+    TaskResult {
+        succeeded: result.succeeded,
+        error: result.error.clone(),
+        jobs: result.jobs.iter().map(job).collect(),
+        duration_ms: result.duration_ms,
+        output: None,
+    }
 }
 
 impl TaskRecord {
@@ -141,6 +178,13 @@ impl TaskRecord {
             update_time_ms: unix_ms(),
             result: self.result.clone(),
         })
+    }
+
+    /// Keeps only the summary of this task's result in memory (its whole result is on disk).
+    pub fn keep_summary(&mut self) {
+        if let Some(result) = &mut self.result {
+            *result = Arc::new(result_summary(result));
+        }
     }
 
     /// Applies a written change.

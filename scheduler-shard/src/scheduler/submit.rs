@@ -189,16 +189,18 @@ impl Scheduler {
         for (i, first) in repeats {
             outcomes[i] = outcomes[first].clone();
         }
-        // Decoded here, not under the lock.
+        // Decoded (and a finished repeat's result read) here, not under the lock.
         outcomes
             .into_iter()
             .enumerate()
             .map(|(i, o)| {
                 o.expect("every task has an outcome")
-                    .map(|answer| match answer {
-                        Answer::Held(record) => Submitted::Repeat(record.to_task()),
-                        Answer::Queued(task) if repeated.contains(&i) => Submitted::Repeat(task),
-                        Answer::Queued(task) => Submitted::Queued(task),
+                    .and_then(|answer| match answer {
+                        Answer::Held(record) => self.whole(record).map(Submitted::Repeat),
+                        Answer::Queued(task) if repeated.contains(&i) => {
+                            Ok(Submitted::Repeat(task))
+                        }
+                        Answer::Queued(task) => Ok(Submitted::Queued(task)),
                     })
             })
             .collect()

@@ -87,9 +87,42 @@ impl Scheduler {
         self.lock().by_pipeline.keys().cloned().collect()
     }
 
-    /// Takes up to `limit` tasks of `pipeline` out of memory to hand them off. Tasks with a
-    /// write in flight stay for a later round.
+    /// Takes up to `limit` tasks of `pipeline` out of memory to hand them off, finished ones
+    /// with their whole results (read from the disk). Tasks with a write in flight stay for a
+    /// later round, and so does every task if a result cannot be read.
     pub fn take_for_handoff(&self, pipeline: &str, limit: usize) -> Outgoing {
+        let mut out = self.take_out(pipeline, limit);
+        for task in out.tasks.iter_mut().filter_map(|t| t.stored.as_mut()) {
+            let Some(t) = task.task.as_mut().filter(|t| t.result.is_some()) else {
+                continue;
+            };
+            let read = TaskKey::parse_name(&t.name)
+                .ok_or_else(|| storage_error(format!("{} is not a task name", t.name)))
+                .and_then(|(pipeline, key)| {
+                    self.journal
+                        .read_result(pipeline, key)
+                        .map_err(storage_error)
+                });
+            match read {
+                Ok(Some(result)) => t.result = Some(result),
+                // Collected meanwhile: the summary is all there is.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%pipeline, error = %e, "results not read for a handoff; retrying");
+                    let busy = out.tasks.len();
+                    self.put_back(out);
+                    return Outgoing {
+                        busy,
+                        ..Outgoing::default()
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    /// [`Scheduler::take_for_handoff`] under the lock: the tasks as memory holds them.
+    fn take_out(&self, pipeline: &str, limit: usize) -> Outgoing {
         let mut inner = self.lock();
         let Some(keys) = inner.by_pipeline.get(pipeline) else {
             return Outgoing::default();

@@ -1044,8 +1044,8 @@ export const TaskService: GenService<{
   },
   /**
    * Lists a pipeline's tasks, newest first, optionally of one state. Listed tasks come
-   * without their steps' stdout and stderr (GetTask and WatchTask have them), and a page
-   * ends early, with a next_page_token, rather than pass 3 MiB.
+   * without their steps' stdout and stderr and their output data (GetTask and WatchTask
+   * have them), and a page ends early, with a next_page_token, rather than pass 3 MiB.
    *
    * @generated from rpc pm.v1.TaskService.ListTasks
    */
