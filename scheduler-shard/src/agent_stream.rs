@@ -1,10 +1,16 @@
 //! The agent stream (`pm.v1.AgentService.Connect`) on the shard side: the Hello handshake
 //! under a timeout, then one reader task per stream that feeds the scheduler, while the
 //! scheduler pushes Assign/Cancel down the stream's channel.
+//!
+//! Results being written are bounded in bytes over all streams
+//! ([`RESULT_BYTES_IN_FLIGHT`]): an agent's slot comes back before its result is durable, so
+//! a fast agent could otherwise queue results faster than the disk takes them. Past the
+//! bound a stream's reader waits, and HTTP/2 flow control holds the agent back.
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use prost::Message as _;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,9 +23,15 @@ use pm_proto::v1::{AgentMessage, Hello, ServerMessage, Welcome, agent_message, s
 use crate::ownership::Ownership;
 use crate::scheduler::{MAX_SLOTS, Scheduler};
 
+/// Bytes of results (and rejects) received and not yet written, over all streams. A result
+/// is at most a message (4 MiB); thousands of ordinary ones fit.
+pub const RESULT_BYTES_IN_FLIGHT: usize = 32 * 1024 * 1024;
+
 pub struct AgentStreams {
     scheduler: Arc<Scheduler>,
     ownership: Arc<Ownership>,
+    /// [`RESULT_BYTES_IN_FLIGHT`], one permit a byte.
+    in_flight: Arc<Semaphore>,
 }
 
 impl AgentStreams {
@@ -27,6 +39,7 @@ impl AgentStreams {
         Self {
             scheduler,
             ownership,
+            in_flight: Arc::new(Semaphore::new(RESULT_BYTES_IN_FLIGHT)),
         }
     }
 
@@ -105,18 +118,29 @@ impl AgentService for AgentStreams {
         let session = self.scheduler.open_session(&hello, tx.clone());
         tracing::info!(agent = %hello.agent_id, slots = hello.slots, session, "agent connected");
 
-        let scheduler = self.scheduler.clone();
+        let (scheduler, in_flight) = (self.scheduler.clone(), self.in_flight.clone());
         tokio::spawn(async move {
-            read_stream(&scheduler, session, &mut inbound, &tx).await;
+            read_stream(&scheduler, &in_flight, session, &mut inbound, &tx).await;
             scheduler.close_session(session);
         });
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 }
 
+/// A place for `bytes` of a result among those in flight; waits while they are taken. (`None`
+/// only if the semaphore were closed, which nothing does.)
+async fn reserve(
+    in_flight: &Arc<Semaphore>,
+    bytes: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let bytes = bytes.clamp(1, RESULT_BYTES_IN_FLIGHT) as u32;
+    in_flight.clone().acquire_many_owned(bytes).await.ok()
+}
+
 /// Feeds one stream's messages to the scheduler until it ends or breaks the protocol.
 async fn read_stream(
     scheduler: &Arc<Scheduler>,
+    in_flight: &Arc<Semaphore>,
     session: u64,
     inbound: &mut Streaming<AgentMessage>,
     tx: &mpsc::UnboundedSender<Result<ServerMessage, Status>>,
@@ -141,21 +165,33 @@ async fn read_stream(
                 }
             }
             // Results and rejects are written concurrently, so one agent's results share
-            // group commits instead of waiting for one fsync each. At most one per lease the
-            // agent holds is in flight; a repeat of the same lease is fenced as a duplicate.
+            // group commits instead of waiting for one fsync each, within the bytes allowed
+            // in flight (see the module doc); a repeat of a lease is fenced as a duplicate.
             Message::Result(r) => {
+                let bytes = r.encoded_len();
                 if let Some(lease) = r.lease {
+                    let Some(permit) = reserve(in_flight, bytes).await else {
+                        return;
+                    };
                     let scheduler = scheduler.clone();
                     tokio::spawn(async move {
                         let result = r.result.unwrap_or_default();
-                        scheduler.complete(session, &lease, result).await
+                        scheduler.complete(session, &lease, result).await;
+                        drop(permit);
                     });
                 }
             }
             Message::Reject(r) => {
+                let bytes = r.encoded_len();
                 if let Some(lease) = r.lease {
+                    let Some(permit) = reserve(in_flight, bytes).await else {
+                        return;
+                    };
                     let scheduler = scheduler.clone();
-                    tokio::spawn(async move { scheduler.reject(session, &lease, &r.reason).await });
+                    tokio::spawn(async move {
+                        scheduler.reject(session, &lease, &r.reason).await;
+                        drop(permit);
+                    });
                 }
             }
             Message::Hello(_) => {

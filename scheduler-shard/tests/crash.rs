@@ -569,3 +569,126 @@ async fn a_full_disk_refuses_submits_and_the_shard_recovers_without_a_restart() 
         reopened.len()
     );
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/pid/status");
+    kib * 1024
+}
+
+/// 500 tasks that each print 1 MiB, run to DONE through a real shard process: what they
+/// printed is on its disk, not in its memory (a shard that kept results in memory held
+/// ~890 MiB after this, debug build), and GetTask still returns every byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_finished_tasks_printed_stays_on_disk_not_in_memory() {
+    const TASKS: usize = 500;
+    /// The shard's RSS once fjall has flushed what it was given. Measured (debug build):
+    /// 340-480 MiB, most of it fjall's memtables, which it frees only at its next memtable
+    /// rotation (docs/scheduler.md); results kept in memory added ~500 MiB (~900 in all).
+    const RSS_BOUND: u64 = 640 * 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let front = Forwarder::start().await;
+    let endpoint = front.endpoint.clone();
+    let shard = Shard::start_with_ttl(dir.path(), &front, 0, 300);
+    wait_ready(&endpoint).await;
+
+    let spec = common::spec(vec!["print".into()]);
+    let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
+    for _ in 0..TASKS / 100 {
+        let answer = client
+            .enqueue(EnqueueRequest {
+                tasks: (0..100).map(|_| item(&spec)).collect(),
+                ..EnqueueRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            answer
+                .results
+                .iter()
+                .all(|r| matches!(r.outcome, Some(enqueue_result::Outcome::Task(_)))),
+            "{answer:?}"
+        );
+    }
+
+    // An agent of one slot answers each task with a MiB of stdout.
+    let (tx, answer) = common::connect_agent(&endpoint, PIPELINE).await;
+    let mut stream = answer.unwrap().into_inner();
+    let mib = "x".repeat(1024 * 1024);
+    let mut last = String::new();
+    for _ in 0..TASKS {
+        let assign = loop {
+            let message = tokio::time::timeout(Duration::from_secs(60), stream.message())
+                .await
+                .expect("an Assign within a minute")
+                .unwrap()
+                .expect("the stream stays open");
+            if let Some(pm_proto::v1::server_message::Message::Assign(a)) = message.message {
+                break a;
+            }
+        };
+        last = assign.task.unwrap().name;
+        let result = pm_proto::v1::TaskResult {
+            succeeded: true,
+            jobs: vec![pm_proto::v1::JobResult {
+                steps: vec![pm_proto::v1::StepResult {
+                    command: "print".into(),
+                    stdout: mib.clone(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        tx.send(pm_proto::v1::AgentMessage {
+            message: Some(pm_proto::v1::agent_message::Message::Result(
+                pm_proto::v1::AttemptResult {
+                    lease: assign.lease,
+                    result: Some(result),
+                },
+            )),
+        })
+        .unwrap();
+    }
+    // Results are taken in order on the stream: once the last is DONE, so are the others.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let task = client
+            .get_task(pm_proto::v1::GetTaskRequest { name: last.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if task.state == TaskState::Done as i32 {
+            break task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not DONE within a minute: {}",
+            task.state
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // fjall may still be flushing; what the shard itself holds does not go away.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rss = loop {
+        let rss = rss_bytes(shard.child.id());
+        if rss < RSS_BOUND || Instant::now() > deadline {
+            break rss;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        rss < RSS_BOUND,
+        "the shard holds {} MiB after {TASKS} tasks printed 1 MiB each",
+        rss >> 20
+    );
+    let step = &done.result.unwrap().jobs[0].steps[0];
+    assert_eq!(step.stdout.len(), mib.len(), "GetTask has the whole output");
+    eprintln!("{TASKS} tasks of 1 MiB output: shard RSS {} MiB", rss >> 20);
+}
