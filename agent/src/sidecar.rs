@@ -174,21 +174,28 @@ pub async fn serve(
         .work_root
         .canonicalize()
         .map_err(|e| anyhow::anyhow!("work root {}: {e}", options.work_root.display()))?;
-    if socket.exists() {
-        std::fs::remove_file(socket)?;
+    // Bound under a temporary name and given its mode and group there, then renamed into
+    // place: nothing can connect at `socket` before its permissions are final (a bound
+    // socket accepts connections at once, with the umask's mode).
+    let mut staging = socket.as_os_str().to_owned();
+    staging.push(format!(".{}.tmp", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    for path in [socket, staging.as_path()] {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
     }
-    let listener = UnixListener::bind(socket)?;
-    // Between bind and chmod the socket has the umask's mode: its directory should be
-    // private too (the shared volume's .sockets/).
+    let listener = UnixListener::bind(&staging)?;
     let mode = if options.socket_group.is_some() {
         0o660
     } else {
         0o600
     };
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))?;
     if let Some(gid) = options.socket_group {
-        std::os::unix::fs::chown(socket, None, Some(gid))?;
+        std::os::unix::fs::chown(&staging, None, Some(gid))?;
     }
+    std::fs::rename(&staging, socket)?;
     tracing::info!(socket = %socket.display(), work_root = %work_root.display(), "exec-server serving");
     let server = ExecServer {
         socket: socket.to_owned(),
