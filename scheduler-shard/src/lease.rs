@@ -135,6 +135,7 @@ mod tests {
             id
         };
         let (a, b) = (grant(0xa), grant(0xb));
+        assert!(!t.is_empty());
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(
             t.renew(&a, 8, ttl).is_none(),
