@@ -110,3 +110,60 @@ pub fn ring_key_of(pipeline: &str) -> String {
         .map(|p| p.ring_key())
         .unwrap_or_else(|_| pipeline.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str) -> Member {
+        Member {
+            id: id.into(),
+            address: format!("http://{id}"),
+            started_at: 1,
+        }
+    }
+
+    /// A shard serves the keys the ring gives it and names the owner of the others; once
+    /// leaving it serves none, names the owner each key goes to without it, and may still
+    /// move tasks (it hands everything off).
+    #[test]
+    fn a_shard_owns_its_keys_until_it_leaves() {
+        let ring = Ring::new(0, [member("a"), member("b")]);
+        let ownership = Ownership::new("a".into(), Membership::fixed([member("a"), member("b")]));
+        assert_eq!(ownership.me(), "a");
+        let keys: Vec<String> = (0..64).map(|i| format!("t/a/p{i}")).collect();
+        let mine: Vec<&String> = keys
+            .iter()
+            .filter(|k| ring.owner(k).is_some_and(|m| m.id == "a"))
+            .collect();
+        assert!(
+            !mine.is_empty() && mine.len() < keys.len(),
+            "the keys split"
+        );
+        for key in &keys {
+            let owned = ownership.check_key(key).is_ok();
+            assert_eq!(owned, mine.contains(&key), "{key}");
+            if let Err(Error::NotOwner { message, view }) = ownership.check_key(key) {
+                assert_eq!(view.owner.map(|(id, _)| id).as_deref(), Some("b"));
+                assert!(message.starts_with("shard a does not own"), "{message}");
+            }
+        }
+        assert!(ownership.settled(&ring) && !ownership.leaving());
+
+        ownership.leave();
+        assert!(ownership.leaving());
+        assert!(
+            ownership.ring().member("a").is_none(),
+            "acts on the ring without itself"
+        );
+        assert!(ownership.settled(&Ring::new(0, [member("b")])));
+        for key in &keys {
+            match ownership.check_key(key) {
+                Err(Error::NotOwner { view, .. }) => {
+                    assert_eq!(view.owner.map(|(id, _)| id).as_deref(), Some("b"), "{key}");
+                }
+                other => panic!("{key}: a leaving shard owns nothing: {other:?}"),
+            }
+        }
+    }
+}
