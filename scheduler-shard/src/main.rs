@@ -27,6 +27,10 @@ struct Args {
     /// Seconds finished tasks keep their result before they are collected.
     #[arg(long, env = "PM_RETENTION_SECONDS", default_value_t = 24 * 3600)]
     retention_seconds: u64,
+    /// Most finished tasks kept: past it the oldest are collected before their retention is
+    /// over (memory and disk stay bounded whatever the finish rate).
+    #[arg(long, env = "PM_MAX_FINISHED_TASKS", default_value_t = 1_000_000)]
+    max_finished_tasks: usize,
     /// Benchmarks only: acknowledge submits without fsync. A machine crash then loses
     /// acknowledged tasks.
     #[arg(long, hide = true)]
@@ -85,6 +89,7 @@ async fn run(args: Args) -> std::process::ExitCode {
         max_active_tasks: args.max_active_tasks,
         max_active_per_client: args.max_active_per_client,
         retention: Duration::from_secs(args.retention_seconds),
+        max_finished_tasks: args.max_finished_tasks,
         unsafe_no_fsync: args.unsafe_no_fsync,
         max_watches: args.max_watches,
         salvage: args.salvage,

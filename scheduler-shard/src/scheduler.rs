@@ -75,6 +75,9 @@ pub struct Options {
     /// How long finished tasks keep their result (and their idempotency key) before they
     /// are collected.
     pub retention: Duration,
+    /// Most finished tasks kept; past it the oldest are collected before their retention
+    /// is over (each collector round, at most [`COLLECT_BATCH`] a round).
+    pub max_finished_tasks: usize,
     /// Benchmarks only: acknowledge without fsync (see [`crate::store::Store::open_with`]).
     pub unsafe_no_fsync: bool,
     /// Watches (WatchTask streams) served at once; past it WatchTask answers
@@ -93,6 +96,7 @@ impl Default for Options {
             max_active_per_client: 250_000,
             max_deliveries: 10,
             retention: Duration::from_secs(24 * 3600),
+            max_finished_tasks: 1_000_000,
             unsafe_no_fsync: false,
             max_watches: 10_000,
             salvage: false,
@@ -1563,6 +1567,32 @@ mod tests {
         assert!(s.is_empty());
         let again = enqueue_one(&s, item(10, "key")).await;
         assert_ne!(again.name, task.name, "the key is forgotten with its task");
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_cap_the_oldest_finished_tasks_are_collected_early() {
+        let mut o = options(100);
+        o.max_finished_tasks = 2;
+        let s = scheduler_with(o);
+        let cancel = start(&s).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(1, vec![]), tx);
+        let mut finished = Vec::new();
+        for _ in 0..4 {
+            let task = enqueue_one(&s, item(10, "")).await;
+            let (_, lease) = assigned(&mut rx).await;
+            assert!(s.complete(session, &lease, done()).await);
+            finished.push(task.name);
+            // Finish times are ordered by the clock, not by chance.
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        // Long before the hour of retention: only the cap applies (this round, or the
+        // collector's own if the paused clock reached it first).
+        s.collect().await;
+        let kept: Vec<bool> = finished.iter().map(|n| s.get(n).is_ok()).collect();
+        assert_eq!(kept, [false, false, true, true], "the oldest two went");
+        assert_eq!(s.collect().await, 0, "at the cap, nothing more");
         cancel.cancel();
     }
 

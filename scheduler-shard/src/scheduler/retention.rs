@@ -1,5 +1,6 @@
-//! Retention: finished tasks are collected after `Options::retention`, and a spec once no
-//! task holds it.
+//! Retention: finished tasks are collected after `Options::retention`, or sooner, oldest
+//! first, while more than `Options::max_finished_tasks` are kept; a spec once no task holds
+//! it.
 
 use super::*;
 
@@ -12,7 +13,8 @@ impl Scheduler {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(period) => {}
             }
-            self.collect().await;
+            // A backlog over the cap is worked off in batches, not one batch a period.
+            while self.collect().await == COLLECT_BATCH {}
             self.collect_specs();
         }
     }
@@ -48,16 +50,18 @@ impl Scheduler {
         n
     }
 
-    /// Deletes finished tasks older than the retention period; returns how many.
+    /// Deletes finished tasks older than the retention period, and the oldest ones past
+    /// [`Options::max_finished_tasks`]; at most [`COLLECT_BATCH`]; returns how many.
     pub async fn collect(&self) -> usize {
         let due: Vec<(Instant, TaskKey)> = {
             let mut inner = self.lock();
-            let Some(cutoff) = Instant::now().checked_sub(self.options.retention) else {
-                return 0;
-            };
+            let cutoff = Instant::now().checked_sub(self.options.retention);
             let mut due = Vec::new();
             while due.len() < COLLECT_BATCH
-                && inner.finished.first().is_some_and(|(at, _)| *at <= cutoff)
+                && inner.finished.first().is_some_and(|(at, _)| {
+                    cutoff.is_some_and(|cutoff| *at <= cutoff)
+                        || inner.finished.len() > self.options.max_finished_tasks
+                })
             {
                 due.push(inner.finished.pop_first().expect("first exists"));
             }
