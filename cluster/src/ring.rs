@@ -168,6 +168,8 @@ mod tests {
             assert_eq!(a.owner(k).unwrap().id, b.owner(k).unwrap().id);
         }
         assert!(Ring::default().owner("x").is_none());
+        assert!(Ring::default().is_empty() && !a.is_empty());
+        assert!(a.without("pm-shard-0").without("pm-shard-1").len() == 2);
         assert_eq!(a.member("pm-shard-2").unwrap().address, "http://shard-2");
     }
 
