@@ -28,6 +28,15 @@ async function open(path) {
   return page;
 }
 const text = (page, selector) => page.$eval(selector, (el) => el.textContent ?? "");
+// A pipeline page whose form can be used: the form is there and the queue line above it has
+// filled in. A click is aimed where the button was when it was looked up; if the line fills in
+// meanwhile it moves the form down and the click lands on the field above the button.
+async function pipelinePage(path) {
+  const page = await open(path);
+  await page.waitForSelector("#submit button[type=submit]");
+  await page.waitForFunction(() => (document.getElementById("stats")?.textContent ?? "") !== "");
+  return page;
+}
 const step = (what) => console.log(`ok: ${what}`);
 const bounded = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -51,8 +60,7 @@ async function everything() {
   step("the pipeline list shows the sample pipeline");
 
   // A task submitted through the form runs to DONE, its output shown.
-  const greet = await open(`/ui/${APP}/greet`);
-  await greet.waitForSelector("#param-who");
+  const greet = await pipelinePage(`/ui/${APP}/greet`);
   await greet.type("#param-who", "browser");
   await Promise.all([greet.waitForNavigation(), greet.click("#submit button[type=submit]")]);
   if (!/\/tasks\/[0-9a-f]{32}$/.test(greet.url())) throw new Error(`not on a task page: ${greet.url()}`);
@@ -63,8 +71,7 @@ async function everything() {
   step("a task submitted through the form ran to DONE with its output");
 
   // A bad parameter: the server's INVALID_ARGUMENT, naming the field.
-  const bad = await open(`/ui/${APP}/greet`);
-  await bad.waitForSelector("#param-who");
+  const bad = await pipelinePage(`/ui/${APP}/greet`);
   await bad.type("#param-who", "x");
   await bad.type("#priority", "101");
   await bad.click("#submit button[type=submit]");
@@ -77,8 +84,7 @@ async function everything() {
   const list = await open(`/ui/${APP}/greet`);
   await list.waitForSelector("#tasks tr");
   const before = await list.$$eval("#tasks tr", (rows) => rows.length);
-  const other = await open(`/ui/${APP}/greet`);
-  await other.waitForSelector("#param-who");
+  const other = await pipelinePage(`/ui/${APP}/greet`);
   await other.type("#param-who", "again");
   await Promise.all([other.waitForNavigation(), other.click("#submit button[type=submit]")]);
   // A hidden tab does not refresh (the console saves the work): look at it again.
@@ -87,8 +93,7 @@ async function everything() {
   step("the task list updated live");
 
   // A long task: live progress through WatchTask, then cancelled from the page.
-  const slow = await open(`/ui/${APP}/slow`);
-  await slow.waitForSelector("#submit button[type=submit]");
+  const slow = await pipelinePage(`/ui/${APP}/slow`);
   await Promise.all([slow.waitForNavigation(), slow.click("#submit button[type=submit]")]);
   await slow.waitForFunction(() => document.getElementById("progress")?.textContent?.includes("tick 1"));
   step("a running task streams its output");
