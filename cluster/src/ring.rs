@@ -184,5 +184,9 @@ mod tests {
         assert!(owners.len() > 1);
         assert!(partition_of("abc", 8) < 8);
         assert_eq!(partition_of("abc", 1), 0);
+        let used: std::collections::BTreeSet<u32> = (0..200)
+            .map(|i| partition_of(&format!("task-{i}"), 8))
+            .collect();
+        assert_eq!(used.len(), 8, "tasks fall in every partition: {used:?}");
     }
 }

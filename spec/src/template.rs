@@ -198,6 +198,27 @@ mod tests {
     }
 
     #[test]
+    fn a_task_may_give_every_declared_parameter_and_no_more() {
+        let names: Vec<String> = (0..=MAX_PARAMS).map(|i| format!("p{i}")).collect();
+        let spec = PipelineSpec {
+            params: names[..MAX_PARAMS]
+                .iter()
+                .map(|n| (n.clone(), ParamSpec::default()))
+                .collect(),
+            ..PipelineSpec::default()
+        };
+        let given = |n: usize| -> HashMap<String, String> {
+            names[..n].iter().map(|k| (k.clone(), "v".into())).collect()
+        };
+        assert_eq!(
+            resolve_params(&spec, &given(MAX_PARAMS)).unwrap().len(),
+            MAX_PARAMS
+        );
+        let over = resolve_params(&spec, &given(MAX_PARAMS + 1)).unwrap_err();
+        assert_eq!(over.field, "params", "{}", over.description);
+    }
+
+    #[test]
     fn injection_attempts_stay_one_word() {
         for evil in [
             "x; touch /tmp/pm-never",
