@@ -1977,12 +1977,13 @@ mod tests {
         // Back with a lease TTL short enough to see the orphan's lease run out (and long
         // enough for the reclaimed one to be answered before it runs out too).
         let ttl = Duration::from_secs(2);
+        // Before the open, which gives restored leases their TTL from its own clock reading.
+        let restarted = Instant::now();
         let s = open(Options {
             lease_ttl: ttl,
             ..options(100)
         })
         .await;
-        let restarted = Instant::now();
         let cancel = start(&s).await;
         let state = |t: &Task| TaskState::try_from(s.get(&t.name).unwrap().state).unwrap();
         assert_eq!(state(&tasks[0]), TaskState::Done);
