@@ -149,6 +149,29 @@ mod tests {
             }
         }
         assert!(ownership.settled(&ring) && !ownership.leaving());
+        assert!(
+            !ownership.settled(&Ring::new(0, [member("b")])),
+            "not before it sees itself in the ring"
+        );
+        // A pipeline is owned by its ring key.
+        let pipelines: Vec<String> = (0..16)
+            .map(|i| format!("tenants/t/applications/a/pipelines/p{i}"))
+            .collect();
+        for p in &pipelines {
+            let name = PipelineName::parse(p).unwrap();
+            assert_eq!(ring_key_of(p), name.ring_key());
+            assert_eq!(
+                ownership.check(&name).is_ok(),
+                ownership.check_key(&name.ring_key()).is_ok()
+            );
+        }
+        assert!(
+            pipelines
+                .iter()
+                .any(|p| ownership.check(&PipelineName::parse(p).unwrap()).is_err()),
+            "some pipelines are b's"
+        );
+        assert_eq!(ring_key_of("not a pipeline"), "not a pipeline");
 
         ownership.leave();
         assert!(ownership.leaving());
