@@ -83,6 +83,11 @@ mod tests {
     #[test]
     fn the_documented_edges() {
         use TaskState::*;
+        let finals: Vec<bool> = [Ready, InProgress, Done, Error, Cancelled]
+            .into_iter()
+            .map(is_final)
+            .collect();
+        assert_eq!(finals, [false, false, true, true, true]);
         assert_eq!(transition(Ready, Event::Dispatch), Ok(InProgress));
         assert_eq!(transition(InProgress, Event::Requeue), Ok(Ready));
         assert_eq!(
