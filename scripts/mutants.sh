@@ -5,7 +5,9 @@
 # project's 2-core machine the shard's modules take over an hour.
 #
 #   ./scripts/mutants.sh           every core module
-#   ./scripts/mutants.sh shard     the shard's: task state, lease table, queue, journal, ownership
+#   ./scripts/mutants.sh shard     the journal and the lease table, against the shard's tests
+#   ./scripts/mutants.sh shard-lib task states, queue and fairness, ownership, against the
+#                                  shard's library tests (seconds a mutant, not minutes)
 #   ./scripts/mutants.sh cluster   the ring
 #   ./scripts/mutants.sh spec      the spec templates
 #
@@ -30,23 +32,26 @@ shard() {
     cargo build --workspace --bins
     # The cluster test (etcd, ~40 s) is left out: it tests the ring's movement, which the
     # faster tests of these modules cover.
-    cargo mutants --test-tool nextest -o "$out/shard" --timeout 240 \
-        -f scheduler-shard/src/task.rs -f scheduler-shard/src/lease.rs \
-        -f scheduler-shard/src/queue.rs -f scheduler-shard/src/journal.rs \
-        -f scheduler-shard/src/ownership.rs \
+    cargo mutants --test-tool nextest -o "$out/shard" --timeout 120 \
+        -f scheduler-shard/src/lease.rs -f scheduler-shard/src/journal.rs \
         -- -E 'not test(shards_join_leave_and_crash_under_load)' || true
 }
+shard-lib() {
+    cargo mutants --test-tool nextest -o "$out/shard-lib" --timeout 60 \
+        -f scheduler-shard/src/task.rs -f scheduler-shard/src/queue.rs \
+        -f scheduler-shard/src/ownership.rs -- --lib || true
+}
 cluster() {
-    cargo mutants --test-tool nextest -o "$out/cluster" --timeout 240 \
+    cargo mutants --test-tool nextest -o "$out/cluster" --timeout 120 \
         -f cluster/src/ring.rs || true
 }
 spec() {
-    cargo mutants --test-tool nextest -o "$out/spec" --timeout 240 \
+    cargo mutants --test-tool nextest -o "$out/spec" --timeout 120 \
         -f spec/src/template.rs || true
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(shard cluster spec)
+[ ${#parts[@]} -eq 0 ] && parts=(shard shard-lib cluster spec)
 for part in "${parts[@]}"; do
     "$part"
     echo "$part: caught $(wc -l <"$out/$part/mutants.out/caught.txt"), missed $(wc -l <"$out/$part/mutants.out/missed.txt"), timeout $(wc -l <"$out/$part/mutants.out/timeout.txt"), unviable $(wc -l <"$out/$part/mutants.out/unviable.txt")"
