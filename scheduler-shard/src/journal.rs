@@ -186,11 +186,10 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        {
-            let mut store = lock();
-            if store.is_none() {
-                *store = open_again(dir, fsync);
-            }
+        // Only this thread changes the store, so a look under the shared lock suffices; the
+        // exclusive one (which makes readers fail fast) is taken only to open it again.
+        if shared.read().expect("store lock poisoned").is_none() {
+            *lock() = open_again(dir, fsync);
         }
         let result = match &*shared.read().expect("store lock poisoned") {
             Some(open) => open.apply(batch.iter().flat_map(|r| r.ops.iter())),
