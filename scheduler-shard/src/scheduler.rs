@@ -819,6 +819,24 @@ mod tests {
         }
     }
 
+    /// Opens the store in `dir`, retrying while an earlier scheduler's journal thread still
+    /// holds its lock (it lets go once its last writer is dropped); an error that names
+    /// `--salvage` is the store's own answer and comes back at once.
+    async fn reopen(
+        options: Options,
+        dir: &std::path::Path,
+    ) -> Result<Arc<Scheduler>, crate::store::StoreError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match crate::open(options.clone(), Some(dir)) {
+                Err(e) if !e.0.contains("--salvage") && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// A scheduler whose writes succeed at once (logic on a paused clock).
     fn scheduler(max_active_tasks: usize) -> Arc<Scheduler> {
         scheduler_with(options(max_active_tasks))
@@ -1398,19 +1416,7 @@ mod tests {
     async fn a_finished_task_keeps_a_summary_in_memory_and_its_output_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path();
-        // The old journal thread lets go of the store's lock once its last writer is dropped.
-        let open = || async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                match crate::open(options(100), Some(dir)) {
-                    Ok(s) => return s,
-                    Err(_) if std::time::Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    Err(e) => panic!("reopen: {e}"),
-                }
-            }
-        };
+        let open = || async { reopen(options(100), dir).await.expect("reopen") };
         let mib = "x".repeat(1024 * 1024);
         let printed = TaskResult {
             succeeded: true,
@@ -1853,27 +1859,12 @@ mod tests {
     #[tokio::test]
     async fn unreadable_records_stop_a_start_unless_salvaged_and_then_are_gone() {
         let dir = tempfile::tempdir().unwrap();
-        // The last journal thread lets go of the store's lock once its writers are dropped.
         let open = |salvage: bool| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            let dir = dir.path().to_owned();
-            async move {
-                loop {
-                    let options = Options {
-                        salvage,
-                        ..options(100)
-                    };
-                    match crate::open(options, Some(&dir)) {
-                        Err(e)
-                            if !e.0.contains("--salvage")
-                                && std::time::Instant::now() < deadline =>
-                        {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        other => return other,
-                    }
-                }
-            }
+            let options = Options {
+                salvage,
+                ..options(100)
+            };
+            reopen(options, dir.path())
         };
         let s = open(false).await.unwrap();
         let cancel = start(&s).await;
@@ -1937,19 +1928,7 @@ mod tests {
     async fn a_restart_replays_the_disk_and_lets_agents_reclaim_their_leases() {
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path();
-        // The old journal thread lets go of the store's lock once its last writer is dropped.
-        let open = |options: Options| async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                match crate::open(options.clone(), Some(dir)) {
-                    Ok(s) => return s,
-                    Err(_) if std::time::Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    Err(e) => panic!("reopen: {e}"),
-                }
-            }
-        };
+        let open = |options: Options| async move { reopen(options, dir).await.expect("reopen") };
         let s = open(options(100)).await;
         let cancel = start(&s).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
