@@ -6,7 +6,7 @@
 //! of their request fields is the compiled protos', so an RPC or a request field added
 //! without a row here fails the test (`NO_ROW` lists the fields no value of which is refused).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -27,7 +27,7 @@ const MESSAGE_BYTES: usize = 1024;
 /// The methods this file called with bad input (the first word of each row's label).
 static COVERED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
-/// The request fields a row's refusal named, as (method, the field's first segment).
+/// The request fields a row's refusal named, as (method, the field path's first segment).
 static FIELDS: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
 
 /// Request fields with no row, and why: no value of theirs is refused. Every other field of
@@ -39,9 +39,9 @@ const NO_ROW: &[(&str, &str, &str)] = &[(
     "every number may name a version; one never applied is NOT_FOUND (a row)",
 )];
 
-/// The fields (and oneofs) of every public request message, as (method, field); a oneof's
-/// members count as the oneof.
-fn request_fields() -> BTreeSet<(String, String)> {
+/// Every method of every public service (`pm.v1`) with its request message, from the
+/// compiled protos: a new RPC or field is here without anyone adding it.
+fn public_requests() -> BTreeMap<String, prost_types::DescriptorProto> {
     use prost::Message;
     let set = prost_types::FileDescriptorSet::decode(pm_proto::FILE_DESCRIPTOR_SET).unwrap();
     let messages: HashMap<String, &prost_types::DescriptorProto> = set
@@ -53,16 +53,13 @@ fn request_fields() -> BTreeSet<(String, String)> {
                 .map(move |m| (format!(".{}.{}", f.package(), m.name()), m))
         })
         .collect();
-    let mut out = BTreeSet::new();
-    for file in set.file.iter().filter(|f| f.package() == "pm.v1") {
-        for method in file.service.iter().flat_map(|s| &s.method) {
-            let input = messages[method.input_type()];
-            for field in &input.field {
-                out.insert((method.name().to_owned(), field_key(input, field.name())));
-            }
-        }
-    }
-    out
+    set.file
+        .iter()
+        .filter(|f| f.package() == "pm.v1")
+        .flat_map(|f| &f.service)
+        .flat_map(|s| &s.method)
+        .map(|m| (m.name().to_owned(), messages[m.input_type()].clone()))
+        .collect()
 }
 
 /// `name` as a coverage key of `message`: a oneof member stands for its oneof.
@@ -78,56 +75,18 @@ fn field_key(message: &prost_types::DescriptorProto, name: &str) -> String {
         .unwrap_or_else(|| name.to_owned())
 }
 
-/// Records that a refusal of `method` named `field` (a path like `client.roles[0]`).
-fn named(method: &str, field: &str) {
-    use prost::Message;
-    let first = field.split(['.', '[']).next().unwrap_or_default();
-    if first.is_empty() {
-        return;
-    }
-    let set = prost_types::FileDescriptorSet::decode(pm_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let input = set
-        .file
-        .iter()
-        .flat_map(|f| &f.service)
-        .flat_map(|s| &s.method)
-        .find(|m| m.name() == method)
-        .map(|m| {
-            m.input_type()
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        });
-    let message = set
-        .file
-        .iter()
-        .flat_map(|f| &f.message_type)
-        .find(|m| input.as_deref() == Some(m.name()));
-    let key = message.map_or_else(|| first.to_owned(), |m| field_key(m, first));
-    FIELDS.lock().unwrap().insert((method.to_owned(), key));
-}
-
-/// Every method of every public service (`pm.v1`), from the compiled protos: a new RPC is
-/// in this list without anyone adding it.
-fn public_methods() -> BTreeSet<String> {
-    use prost::Message;
-    let set = prost_types::FileDescriptorSet::decode(pm_proto::FILE_DESCRIPTOR_SET).unwrap();
-    set.file
-        .iter()
-        .filter(|f| f.package() == "pm.v1")
-        .flat_map(|f| &f.service)
-        .flat_map(|s| &s.method)
-        .map(|m| m.name().to_owned())
-        .collect()
-}
-
 /// Checks one refusal against the table: its code, the field it names (`""` for none) and
 /// the size of its message.
 fn refused<T: std::fmt::Debug>(what: &str, got: Result<T, Status>, code: Code, field: &str) {
     let method = what.split_whitespace().next().unwrap_or_default();
     COVERED.lock().unwrap().insert(method.to_owned());
-    named(method, field);
+    let first = field.split(['.', '[']).next().unwrap_or_default();
+    if !first.is_empty() {
+        FIELDS
+            .lock()
+            .unwrap()
+            .insert((method.to_owned(), first.to_owned()));
+    }
     let status = match got {
         Ok(answer) => panic!("{what}: accepted: {answer:?}"),
         Err(status) => status,
@@ -727,7 +686,8 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
 
     // Every public RPC has rows here.
     let covered = COVERED.lock().unwrap().clone();
-    let public = public_methods();
+    let requests = public_requests();
+    let public: BTreeSet<String> = requests.keys().cloned().collect();
     let missing: Vec<&String> = public.difference(&covered).collect();
     assert!(
         missing.is_empty(),
@@ -738,12 +698,25 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
     assert!(public.len() >= 24, "the descriptor lists {public:?}");
 
     // Every field of every public request has a row, or a reason in `NO_ROW`.
-    let fields = FIELDS.lock().unwrap().clone();
+    let fields: BTreeSet<(String, String)> = FIELDS
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(method, first)| (method.clone(), field_key(&requests[method], first)))
+        .collect();
+    let all: BTreeSet<(String, String)> = requests
+        .iter()
+        .flat_map(|(method, input)| {
+            input
+                .field
+                .iter()
+                .map(move |f| (method.clone(), field_key(input, f.name())))
+        })
+        .collect();
     let exempt: BTreeSet<(String, String)> = NO_ROW
         .iter()
         .map(|(m, f, _)| (m.to_string(), f.to_string()))
         .collect();
-    let all = request_fields();
     let missing: Vec<_> = all
         .difference(&fields)
         .filter(|f| !exempt.contains(f))
