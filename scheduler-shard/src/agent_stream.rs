@@ -127,14 +127,22 @@ impl AgentService for AgentStreams {
     }
 }
 
-/// A place for `bytes` of a result among those in flight; waits while they are taken. (`None`
-/// only if the semaphore were closed, which nothing does.)
-async fn reserve(
+/// Runs `write` (a result or a reject of `bytes`) on its own task once its bytes fit among
+/// those in flight, waiting until they do; the place is held until the write is done.
+async fn spawn_within(
     in_flight: &Arc<Semaphore>,
     bytes: usize,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    write: impl Future<Output = ()> + Send + 'static,
+) {
     let bytes = bytes.clamp(1, RESULT_BYTES_IN_FLIGHT) as u32;
-    in_flight.clone().acquire_many_owned(bytes).await.ok()
+    // Nothing closes the semaphore, so the wait ends with a place.
+    let Ok(permit) = in_flight.clone().acquire_many_owned(bytes).await else {
+        return;
+    };
+    tokio::spawn(async move {
+        write.await;
+        drop(permit);
+    });
 }
 
 /// Feeds one stream's messages to the scheduler until it ends or breaks the protocol.
@@ -170,28 +178,22 @@ async fn read_stream(
             Message::Result(r) => {
                 let bytes = r.encoded_len();
                 if let Some(lease) = r.lease {
-                    let Some(permit) = reserve(in_flight, bytes).await else {
-                        return;
-                    };
                     let scheduler = scheduler.clone();
-                    tokio::spawn(async move {
-                        let result = r.result.unwrap_or_default();
+                    let result = r.result.unwrap_or_default();
+                    spawn_within(in_flight, bytes, async move {
                         scheduler.complete(session, &lease, result).await;
-                        drop(permit);
-                    });
+                    })
+                    .await;
                 }
             }
             Message::Reject(r) => {
                 let bytes = r.encoded_len();
                 if let Some(lease) = r.lease {
-                    let Some(permit) = reserve(in_flight, bytes).await else {
-                        return;
-                    };
                     let scheduler = scheduler.clone();
-                    tokio::spawn(async move {
+                    spawn_within(in_flight, bytes, async move {
                         scheduler.reject(session, &lease, &r.reason).await;
-                        drop(permit);
-                    });
+                    })
+                    .await;
                 }
             }
             Message::Hello(_) => {
