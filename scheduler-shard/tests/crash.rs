@@ -1,8 +1,8 @@
 //! The at-least-once promise under SIGKILL, with real processes: a `pm-shard` binary takes
 //! concurrent submits and is killed at random moments and restarted on the same data
-//! directory, several times (each start on a fresh port behind one stable address); then an agent runs everything while the shard is
-//! killed once more. Every acknowledged task must end DONE; duplicates are allowed and
-//! reported, losses are not.
+//! directory, several times (each start on a fresh port behind one stable address); then an
+//! agent runs everything while the shard is killed once more. Every acknowledged task must
+//! end DONE; duplicates are allowed and reported, losses are not.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
