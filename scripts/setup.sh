@@ -5,6 +5,7 @@
 #   PM_ETCD_BIN names one already;
 # - wget and tesseract (Debian's tesseract-ocr, with English), which the sample OCR pipeline
 #   runs, and curl;
+# - make and a C compiler, which build jemalloc (the servers' allocator on x86_64);
 # - promtool (Debian's prometheus), which lints a live scrape in the metrics test;
 # - for the Raspberry Pi builds: Rust's aarch64 and armv7 Linux targets, Debian's cross
 #   compilers for them (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf, with their libcs),
@@ -21,6 +22,8 @@ fi
 
 packages=()
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v make >/dev/null 2>&1 || packages+=(make)
+command -v cc >/dev/null 2>&1 || packages+=(gcc)
 command -v wget >/dev/null 2>&1 || packages+=(wget)
 command -v tesseract >/dev/null 2>&1 || packages+=(tesseract-ocr)
 if [ "${1:-}" = "--test" ] && [ -z "${PM_ETCD_BIN:-}" ] && [ ! -x /usr/bin/etcd ]; then
