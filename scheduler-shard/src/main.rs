@@ -37,6 +37,10 @@ struct Args {
     /// over (memory and disk stay bounded whatever the finish rate).
     #[arg(long, env = "PM_MAX_FINISHED_TASKS", default_value_t = 1_000_000)]
     max_finished_tasks: usize,
+    /// Most finished tasks kept of one pipeline: past it that pipeline's oldest are
+    /// collected, so one busy pipeline does not push the others' history out.
+    #[arg(long, env = "PM_MAX_FINISHED_PER_PIPELINE", default_value_t = 100_000)]
+    max_finished_per_pipeline: usize,
     /// Benchmarks only: acknowledge submits without fsync. A machine crash then loses
     /// acknowledged tasks.
     #[arg(long, hide = true)]
@@ -96,6 +100,7 @@ async fn run(args: Args) -> std::process::ExitCode {
         max_active_per_client: args.max_active_per_client,
         retention: Duration::from_secs(args.retention_seconds),
         max_finished_tasks: args.max_finished_tasks,
+        max_finished_per_pipeline: args.max_finished_per_pipeline,
         unsafe_no_fsync: args.unsafe_no_fsync,
         max_watches: args.max_watches,
         salvage: args.salvage,

@@ -43,6 +43,7 @@ use crate::task::{self, Event};
 
 mod dispatch;
 mod finish;
+mod finished;
 mod record;
 mod retention;
 mod sessions;
@@ -78,6 +79,9 @@ pub struct Options {
     /// Most finished tasks kept; past it the oldest are collected before their retention
     /// is over (each collector round, at most [`COLLECT_BATCH`] a round).
     pub max_finished_tasks: usize,
+    /// Most finished tasks kept of one pipeline; past it its oldest are collected, so one
+    /// busy pipeline cannot push the others' history out.
+    pub max_finished_per_pipeline: usize,
     /// Benchmarks only: acknowledge without fsync (see [`crate::store::Store::open_with`]).
     pub unsafe_no_fsync: bool,
     /// Watches (WatchTask streams) served at once; past it WatchTask answers
@@ -97,6 +101,7 @@ impl Default for Options {
             max_deliveries: 10,
             retention: Duration::from_secs(24 * 3600),
             max_finished_tasks: 1_000_000,
+            max_finished_per_pipeline: 100_000,
             unsafe_no_fsync: false,
             max_watches: 10_000,
             salvage: false,
@@ -159,8 +164,8 @@ struct Inner {
     /// cost it nothing. Kept by [`Inner::add_session`] and [`Inner::remove_session`].
     sessions_by_pipeline: HashMap<String, BTreeSet<u64>>,
     sessions_for_all: BTreeSet<u64>,
-    /// Finished tasks by when they finished, for retention.
-    finished: BTreeSet<(Instant, TaskKey)>,
+    /// Finished tasks by pipeline and when they finished, for retention.
+    finished: finished::Finished,
     next_seq: u64,
     next_session: u64,
     /// READY + IN_PROGRESS tasks (and submits being written), in all and per flow.
@@ -372,7 +377,7 @@ impl Inner {
             _ => {
                 let age = (unix_ms() - record.update_time_ms).max(0) as u64;
                 let finished_at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
-                self.finished.insert((finished_at, key));
+                self.finished.insert(&record.pipeline, finished_at, key);
                 if self.results_on_disk {
                     record.keep_summary();
                 }
@@ -547,7 +552,7 @@ impl Scheduler {
             sessions: BTreeMap::new(),
             sessions_by_pipeline: HashMap::new(),
             sessions_for_all: BTreeSet::new(),
-            finished: BTreeSet::new(),
+            finished: Default::default(),
             next_seq: 0,
             next_session: 0,
             active: 0,
@@ -1603,6 +1608,35 @@ mod tests {
         let kept: Vec<bool> = finished.iter().map(|n| s.get(n).is_ok()).collect();
         assert_eq!(kept, [false, false, true, true], "the oldest two went");
         assert_eq!(s.collect().await, 0, "at the cap, nothing more");
+        cancel.cancel();
+    }
+
+    /// One busy pipeline past its own cap loses its oldest finished tasks; a quiet one
+    /// keeps its older history.
+    #[tokio::test(start_paused = true)]
+    async fn past_a_pipelines_cap_only_its_oldest_finished_tasks_are_collected() {
+        let mut o = options(100);
+        o.max_finished_per_pipeline = 2;
+        let s = scheduler_with(o);
+        let cancel = start(&s).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(1, vec![]), tx);
+        let mut finished = Vec::new();
+        // The quiet pipeline's task finishes first, then four of the busy one's.
+        for pipeline in ["quiet", "busy", "busy", "busy", "busy"] {
+            let mut task = item(10, "");
+            task.task.as_mut().expect("task").pipeline =
+                format!("tenants/t/applications/a/pipelines/{pipeline}");
+            let task = enqueue_one(&s, task).await;
+            let (_, lease) = assigned(&mut rx).await;
+            assert!(s.complete(session, &lease, done()).await);
+            finished.push(task.name);
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        s.collect().await;
+        let kept: Vec<bool> = finished.iter().map(|n| s.get(n).is_ok()).collect();
+        assert_eq!(kept, [true, false, false, true, true]);
+        assert_eq!(s.collect().await, 0, "each pipeline at or under its cap");
         cancel.cancel();
     }
 

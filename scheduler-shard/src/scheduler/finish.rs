@@ -33,7 +33,7 @@ impl Scheduler {
         let (flow, pipeline, state) = (record.flow.clone(), record.pipeline.clone(), record.state);
         inner.unreserve(&flow);
         inner.count_finished(&pipeline, state);
-        inner.finished.insert((Instant::now(), key));
+        inner.finished.insert(&pipeline, Instant::now(), key);
         ended
     }
 

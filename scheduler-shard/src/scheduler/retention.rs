@@ -1,6 +1,7 @@
 //! Retention: finished tasks are collected after `Options::retention`, or sooner, oldest
-//! first, while more than `Options::max_finished_tasks` are kept; a spec once no task holds
-//! it.
+//! first, while a pipeline keeps more than `Options::max_finished_per_pipeline` or the shard
+//! more than `Options::max_finished_tasks` ([`finished`] picks them); a spec once no task
+//! holds it.
 
 use super::*;
 
@@ -51,42 +52,37 @@ impl Scheduler {
     }
 
     /// Deletes finished tasks older than the retention period, and the oldest ones past
-    /// [`Options::max_finished_tasks`]; at most [`COLLECT_BATCH`]; returns how many.
+    /// [`Options::max_finished_per_pipeline`] of a pipeline or
+    /// [`Options::max_finished_tasks`] of the shard; at most [`COLLECT_BATCH`]; returns how
+    /// many.
     pub async fn collect(&self) -> usize {
-        let due: Vec<(Instant, TaskKey)> = {
-            let mut inner = self.lock();
-            let cutoff = Instant::now().checked_sub(self.options.retention);
-            let mut due = Vec::new();
-            while due.len() < COLLECT_BATCH
-                && inner.finished.first().is_some_and(|(at, _)| {
-                    cutoff.is_some_and(|cutoff| *at <= cutoff)
-                        || inner.finished.len() > self.options.max_finished_tasks
-                })
-            {
-                due.push(inner.finished.pop_first().expect("first exists"));
-            }
-            due
-        };
+        let due = self.lock().finished.take_due(finished::Limits {
+            cutoff: Instant::now().checked_sub(self.options.retention),
+            max_total: self.options.max_finished_tasks,
+            max_per_pipeline: self.options.max_finished_per_pipeline,
+            batch: COLLECT_BATCH,
+        });
         if due.is_empty() {
             return 0;
         }
         let ops = {
             let inner = self.lock();
             due.iter()
-                .filter_map(|&(_, key)| {
-                    let pipeline = inner.tasks.get(key)?.pipeline.clone();
-                    Some(Op::DeleteTask { pipeline, key })
+                .filter(|(_, _, key)| inner.tasks.get(*key).is_some())
+                .map(|(pipeline, _, key)| Op::DeleteTask {
+                    pipeline: pipeline.clone(),
+                    key: *key,
                 })
                 .collect()
         };
         let written = self.write(ops).await;
         let mut inner = self.lock();
         if written.is_err() {
-            inner.finished.extend(due);
+            inner.finished.put_back(due);
             return 0;
         }
         let collected = due.len();
-        for (_, key) in due {
+        for (_, _, key) in due {
             inner.unindex(key);
         }
         tracing::debug!(collected, "finished tasks collected");

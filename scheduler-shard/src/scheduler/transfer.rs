@@ -174,7 +174,7 @@ impl Scheduler {
             });
         }
         if !finished.is_empty() {
-            inner.finished.retain(|(_, key)| !finished.contains(key));
+            inner.finished.remove(&finished);
         }
         out
     }
