@@ -18,11 +18,12 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use pm_proto::AGENT_PROTOCOL_VERSION;
 use pm_proto::v1::{
-    AgentMessage, Assign, AttemptResult, Hello, Lease, Progress, Reject, Renew, agent_message,
-    server_message,
+    AgentMessage, Assign, AttemptResult, Hello, Lease, Progress, Reject, Renew, ResultPart,
+    agent_message, server_message,
 };
+use pm_proto::{AGENT_PROTOCOL_MIN, AGENT_PROTOCOL_VERSION, RESULT_PART_BYTES};
+use prost::Message as _;
 
 use crate::runner::{Run, RunnerOptions, run_task};
 
@@ -135,7 +136,7 @@ async fn session(
         slots: options.slots.saturating_sub(busy),
         executors: options.executors.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        protocol_min: AGENT_PROTOCOL_VERSION,
+        protocol_min: AGENT_PROTOCOL_MIN,
         protocol_max: AGENT_PROTOCOL_VERSION,
         held_leases: held,
     };
@@ -165,7 +166,7 @@ async fn session(
         if draining.is_some() && running.lock().expect("running lock").is_empty() {
             // Every result is queued (a task reports under the lock that removes it).
             while let Ok(out) = out_rx.try_recv() {
-                let _ = stream_tx.send(out);
+                send(&stream_tx, out, welcome.protocol_version);
             }
             drop(stream_tx);
             // The shard ends the stream once it has read all of ours.
@@ -220,7 +221,7 @@ async fn session(
                 }
             }
             Some(out) = out_rx.recv() => {
-                if stream_tx.send(out).is_err() {
+                if !send(&stream_tx, out, welcome.protocol_version) {
                     return Err(SessionError::Stream("outbound closed".into()));
                 }
             }
@@ -232,6 +233,37 @@ async fn session(
             }
         }
     }
+}
+
+/// Sends `out` down the stream; returns false once the stream is closed. With protocol 2, a
+/// result whose encoding passes [`RESULT_PART_BYTES`] goes as `ResultPart`s, one after the
+/// other, so no message comes near the message limit.
+fn send(stream_tx: &mpsc::UnboundedSender<AgentMessage>, out: AgentMessage, protocol: u32) -> bool {
+    let out = match out.message {
+        Some(agent_message::Message::Result(AttemptResult {
+            lease,
+            result: Some(result),
+        })) if protocol >= 2 && result.encoded_len() > RESULT_PART_BYTES => {
+            let data = result.encode_to_vec();
+            let chunks = data.chunks(RESULT_PART_BYTES).count();
+            return data
+                .chunks(RESULT_PART_BYTES)
+                .enumerate()
+                .all(|(i, chunk)| {
+                    let part = ResultPart {
+                        lease: lease.clone(),
+                        data: chunk.to_vec(),
+                        last: i + 1 == chunks,
+                        total_bytes: data.len() as u32,
+                    };
+                    stream_tx
+                        .send(message(agent_message::Message::ResultPart(part)))
+                        .is_ok()
+                });
+        }
+        message => AgentMessage { message },
+    };
+    stream_tx.send(out).is_ok()
 }
 
 /// Starts an assigned task, or rejects it when this agent cannot run it.
@@ -340,5 +372,82 @@ fn hand_back(running: &Running, out_tx: &mpsc::UnboundedSender<AgentMessage>, re
             lease: Some(lease),
             reason: reason.to_owned(),
         })));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pm_proto::v1::{JobResult, StepResult, TaskResult};
+
+    fn result_of(stdout_bytes: usize) -> (Lease, TaskResult, AgentMessage) {
+        let lease = Lease {
+            task: "tenants/t/applications/a/pipelines/p/tasks/x".into(),
+            lease_id: "l".into(),
+            attempt: 1,
+            deadline_ms: 0,
+        };
+        let result = TaskResult {
+            succeeded: true,
+            jobs: vec![JobResult {
+                steps: vec![StepResult {
+                    stdout: "x".repeat(stdout_bytes),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let out = message(agent_message::Message::Result(AttemptResult {
+            lease: Some(lease.clone()),
+            result: Some(result.clone()),
+        }));
+        (lease, result, out)
+    }
+
+    fn sent(out: AgentMessage, protocol: u32) -> Vec<agent_message::Message> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        assert!(send(&tx, out, protocol));
+        drop(tx);
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| m.message)
+            .collect()
+    }
+
+    #[test]
+    fn a_large_result_goes_in_parts_that_add_up_to_it() {
+        let (lease, result, out) = result_of(300 * 1024);
+        let parts: Vec<ResultPart> = sent(out, 2)
+            .into_iter()
+            .map(|m| match m {
+                agent_message::Message::ResultPart(p) => p,
+                other => panic!("not a part: {other:?}"),
+            })
+            .collect();
+        assert_eq!(parts.len(), 5, "300 KiB and a little, in 64 KiB parts");
+        let total = result.encoded_len();
+        let mut data = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            assert!(p.data.len() <= RESULT_PART_BYTES);
+            assert_eq!(p.last, i == parts.len() - 1);
+            assert_eq!(p.total_bytes as usize, total);
+            assert_eq!(p.lease.as_ref(), Some(&lease));
+            data.extend_from_slice(&p.data);
+        }
+        assert_eq!(TaskResult::decode(data.as_slice()).unwrap(), result);
+    }
+
+    #[test]
+    fn a_small_result_or_an_old_server_gets_one_message() {
+        let (_, _, small) = result_of(1024);
+        assert!(matches!(
+            sent(small, 2).as_slice(),
+            [agent_message::Message::Result(_)]
+        ));
+        let (_, _, large) = result_of(300 * 1024);
+        assert!(matches!(
+            sent(large, 1).as_slice(),
+            [agent_message::Message::Result(_)]
+        ));
     }
 }

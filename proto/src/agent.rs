@@ -7,6 +7,7 @@ use tonic::{Status, Streaming};
 
 use crate::status::invalid_argument;
 use crate::v1::{AgentMessage, Hello, agent_message};
+use crate::{AGENT_PROTOCOL_MIN, AGENT_PROTOCOL_VERSION};
 
 /// How long a new stream may take to say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,4 +25,11 @@ pub async fn read_hello(inbound: &mut Streaming<AgentMessage>) -> Result<Hello, 
             "the first message of a stream must be Hello",
         )),
     }
+}
+
+/// The protocol version for an agent speaking `min..=max`: the newest both sides speak, or
+/// none.
+pub fn protocol_for(min: u32, max: u32) -> Option<u32> {
+    let version = max.min(AGENT_PROTOCOL_VERSION);
+    (version >= min.max(AGENT_PROTOCOL_MIN)).then_some(version)
 }

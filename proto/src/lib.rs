@@ -63,8 +63,14 @@ pub fn methods() -> &'static std::collections::HashMap<String, prost_reflect::Me
 /// Largest message a server or client of ours accepts, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// The agent protocol version this build speaks.
-pub const AGENT_PROTOCOL_VERSION: u32 = 1;
+/// The newest agent protocol version this build speaks. 2 added `ResultPart`.
+pub const AGENT_PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest agent protocol version this build speaks.
+pub const AGENT_PROTOCOL_MIN: u32 = 1;
+
+/// The most bytes of a result one `ResultPart` carries; a larger result goes in parts.
+pub const RESULT_PART_BYTES: usize = 64 * 1024;
 
 /// Milliseconds since the Unix epoch, the unit of every `*_ms` time field.
 pub fn unix_ms() -> i64 {

@@ -5,20 +5,26 @@
 //! Results being written are bounded in bytes over all streams
 //! ([`RESULT_BYTES_IN_FLIGHT`]): an agent's slot comes back before its result is durable, so
 //! a fast agent could otherwise queue results faster than the disk takes them. Past the
-//! bound a stream's reader waits, and HTTP/2 flow control holds the agent back.
+//! bound a stream's reader waits, and HTTP/2 flow control holds the agent back. A result sent
+//! in parts (protocol 2) takes its whole place at its first part, as its parts declare its
+//! length: a stream holds no place while it waits for one, so streams cannot deadlock on
+//! half-received results.
 
 use std::sync::Arc;
 
 use prost::Message as _;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use pm_proto::AGENT_PROTOCOL_VERSION;
 use pm_proto::names::PipelineName;
 use pm_proto::status::invalid_argument;
 use pm_proto::v1::agent_service_server::AgentService;
-use pm_proto::v1::{AgentMessage, Hello, ServerMessage, Welcome, agent_message, server_message};
+use pm_proto::v1::{
+    AgentMessage, Hello, Lease as WireLease, ResultPart, ServerMessage, TaskResult, Welcome,
+    agent_message, server_message,
+};
+use pm_proto::{AGENT_PROTOCOL_MIN, AGENT_PROTOCOL_VERSION, MAX_MESSAGE_BYTES};
 
 use crate::ownership::Ownership;
 use crate::scheduler::{MAX_SLOTS, Scheduler};
@@ -62,7 +68,8 @@ impl AgentStreams {
     }
 }
 
-fn check_hello(hello: &Hello) -> Result<(), Status> {
+/// Checks a Hello; returns the protocol version to speak.
+fn check_hello(hello: &Hello) -> Result<u32, Status> {
     if hello.agent_id.is_empty() || hello.agent_id.len() > 253 {
         return Err(invalid_argument("hello.agent_id", "must be 1..=253 bytes"));
     }
@@ -73,12 +80,14 @@ fn check_hello(hello: &Hello) -> Result<(), Status> {
             &format!("{} is out of range 1..={MAX_SLOTS}", hello.slots),
         ));
     }
-    if !(hello.protocol_min..=hello.protocol_max).contains(&AGENT_PROTOCOL_VERSION) {
+    let Some(version) = pm_proto::agent::protocol_for(hello.protocol_min, hello.protocol_max)
+    else {
         return Err(Status::failed_precondition(format!(
-            "agent speaks protocol {}..={}, this shard speaks {AGENT_PROTOCOL_VERSION}",
+            "agent speaks protocol {}..={}, this shard speaks \
+             {AGENT_PROTOCOL_MIN}..={AGENT_PROTOCOL_VERSION}",
             hello.protocol_min, hello.protocol_max
         )));
-    }
+    };
     if hello.held_leases.len() > MAX_SLOTS as usize {
         return Err(invalid_argument(
             "hello.held_leases",
@@ -89,7 +98,7 @@ fn check_hello(hello: &Hello) -> Result<(), Status> {
         PipelineName::parse(p)
             .map_err(|e| invalid_argument(&format!("hello.pipelines[{i}]"), &e.to_string()))?;
     }
-    Ok(())
+    Ok(version)
 }
 
 #[tonic::async_trait]
@@ -102,7 +111,7 @@ impl AgentService for AgentStreams {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = request.into_inner();
         let hello = pm_proto::agent::read_hello(&mut inbound).await?;
-        check_hello(&hello)?;
+        let version = check_hello(&hello)?;
         self.check_owned(&hello)?;
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -110,7 +119,7 @@ impl AgentService for AgentStreams {
         // Welcome goes first: opening the session may push Assigns right away.
         let _ = tx.send(Ok(ServerMessage {
             message: Some(server_message::Message::Welcome(Welcome {
-                protocol_version: AGENT_PROTOCOL_VERSION,
+                protocol_version: version,
                 session_id,
                 lease_ttl_ms: self.scheduler.options().lease_ttl.as_millis() as u32,
             })),
@@ -127,22 +136,92 @@ impl AgentService for AgentStreams {
     }
 }
 
-/// Runs `write` (a result or a reject of `bytes`) on its own task once its bytes fit among
-/// those in flight, waiting until they do; the place is held until the write is done.
-async fn spawn_within(
-    in_flight: &Arc<Semaphore>,
-    bytes: usize,
-    write: impl Future<Output = ()> + Send + 'static,
-) {
+/// A place for `bytes` among the results in flight, once they fit (waiting until they do).
+async fn place(in_flight: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit {
     let bytes = bytes.clamp(1, RESULT_BYTES_IN_FLIGHT) as u32;
-    // Nothing closes the semaphore, so the wait ends with a place.
-    let Ok(permit) = in_flight.clone().acquire_many_owned(bytes).await else {
-        return;
-    };
+    in_flight
+        .clone()
+        .acquire_many_owned(bytes)
+        .await
+        .expect("nothing closes the semaphore")
+}
+
+/// Runs `write` (a result or a reject) on its own task, holding its place until it is done.
+fn spawn_holding(permit: OwnedSemaphorePermit, write: impl Future<Output = ()> + Send + 'static) {
     tokio::spawn(async move {
         write.await;
         drop(permit);
     });
+}
+
+/// A result arriving in parts: whose, the bytes so far, the length its parts declare, and
+/// its place among the bytes in flight (all of it, taken at the first part).
+struct Assembling {
+    lease: WireLease,
+    data: Vec<u8>,
+    total: usize,
+    permit: OwnedSemaphorePermit,
+}
+
+/// A result once its last part is in, with its place.
+type Assembled = (WireLease, TaskResult, OwnedSemaphorePermit);
+
+/// Adds one part to the result being assembled; returns the whole result with its last part.
+/// A part of another result before the last one, more or fewer bytes than declared, more than
+/// a message's worth, or bytes that are no `TaskResult`, break the protocol.
+async fn add_part(
+    assembling: &mut Option<Assembling>,
+    in_flight: &Arc<Semaphore>,
+    part: ResultPart,
+) -> Result<Option<Assembled>, Status> {
+    let Some(lease) = part.lease else {
+        return Err(invalid_argument("result_part.lease", "is required"));
+    };
+    let total = part.total_bytes as usize;
+    if total > MAX_MESSAGE_BYTES {
+        return Err(invalid_argument(
+            "result_part.total_bytes",
+            &format!("{total} bytes; a result has at most {MAX_MESSAGE_BYTES}"),
+        ));
+    }
+    let mut current = match assembling.take() {
+        Some(a) if a.lease.lease_id == lease.lease_id && a.total == total => a,
+        Some(a) => {
+            return Err(invalid_argument(
+                "result_part",
+                &format!(
+                    "a part of another result arrived before the last part of lease {}",
+                    a.lease.lease_id
+                ),
+            ));
+        }
+        None => Assembling {
+            permit: place(in_flight, total).await,
+            lease,
+            data: Vec::with_capacity(total),
+            total,
+        },
+    };
+    if current.data.len() + part.data.len() > total {
+        return Err(invalid_argument(
+            "result_part.data",
+            &format!("the parts carry more than total_bytes ({total})"),
+        ));
+    }
+    current.data.extend_from_slice(&part.data);
+    if !part.last {
+        *assembling = Some(current);
+        return Ok(None);
+    }
+    if current.data.len() != total {
+        return Err(invalid_argument(
+            "result_part.total_bytes",
+            &format!("{total}, but the parts carried {}", current.data.len()),
+        ));
+    }
+    let result = TaskResult::decode(current.data.as_slice())
+        .map_err(|e| invalid_argument("result_part.data", &format!("not a TaskResult: {e}")))?;
+    Ok(Some((current.lease, result, current.permit)))
 }
 
 /// Feeds one stream's messages to the scheduler until it ends or breaks the protocol.
@@ -154,6 +233,7 @@ async fn read_stream(
     tx: &mpsc::UnboundedSender<Result<ServerMessage, Status>>,
 ) {
     use agent_message::Message;
+    let mut assembling = None;
     loop {
         let message = match inbound.message().await {
             Ok(Some(AgentMessage { message: Some(m) })) => m,
@@ -180,20 +260,32 @@ async fn read_stream(
                 if let Some(lease) = r.lease {
                     let scheduler = scheduler.clone();
                     let result = r.result.unwrap_or_default();
-                    spawn_within(in_flight, bytes, async move {
+                    spawn_holding(place(in_flight, bytes).await, async move {
                         scheduler.complete(session, &lease, result).await;
-                    })
-                    .await;
+                    });
                 }
             }
+            Message::ResultPart(part) => match add_part(&mut assembling, in_flight, part).await {
+                Ok(None) => {}
+                Ok(Some((lease, result, permit))) => {
+                    let scheduler = scheduler.clone();
+                    spawn_holding(permit, async move {
+                        scheduler.complete(session, &lease, result).await;
+                    });
+                }
+                Err(status) => {
+                    tracing::debug!(session, %status, "agent stream broke the protocol");
+                    let _ = tx.send(Err(status));
+                    return;
+                }
+            },
             Message::Reject(r) => {
                 let bytes = r.encoded_len();
                 if let Some(lease) = r.lease {
                     let scheduler = scheduler.clone();
-                    spawn_within(in_flight, bytes, async move {
+                    spawn_holding(place(in_flight, bytes).await, async move {
                         scheduler.reject(session, &lease, &r.reason).await;
-                    })
-                    .await;
+                    });
                 }
             }
             Message::Hello(_) => {
