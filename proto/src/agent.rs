@@ -33,3 +33,19 @@ pub fn protocol_for(min: u32, max: u32) -> Option<u32> {
     let version = max.min(AGENT_PROTOCOL_VERSION);
     (version >= min.max(AGENT_PROTOCOL_MIN)).then_some(version)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_version_both_sides_speak_is_chosen() {
+        assert_eq!(AGENT_PROTOCOL_VERSION, 2);
+        assert_eq!(protocol_for(1, 1), Some(1), "an agent of before parts");
+        assert_eq!(protocol_for(1, 2), Some(2));
+        assert_eq!(protocol_for(1, 9), Some(2), "a newer agent that still speaks 2");
+        assert_eq!(protocol_for(3, 9), None, "an agent too new");
+        assert_eq!(protocol_for(0, 0), None, "no version 0");
+        assert_eq!(protocol_for(2, 1), None, "an empty range");
+    }
+}
