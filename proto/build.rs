@@ -30,6 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `AgentService.Connect` would clash with the generated `connect` constructor;
         // clients are built from a Channel by `pm_proto::client` instead.
         .build_transport(false)
+        // Smaller first buffers than tonic's 8 KiB per call (src/codec.rs).
+        .codec_path("crate::codec::PmCodec")
         .compile_fds(fds)?;
     Ok(())
 }

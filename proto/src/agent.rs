@@ -43,7 +43,11 @@ mod tests {
         assert_eq!(AGENT_PROTOCOL_VERSION, 2);
         assert_eq!(protocol_for(1, 1), Some(1), "an agent of before parts");
         assert_eq!(protocol_for(1, 2), Some(2));
-        assert_eq!(protocol_for(1, 9), Some(2), "a newer agent that still speaks 2");
+        assert_eq!(
+            protocol_for(1, 9),
+            Some(2),
+            "a newer agent that still speaks 2"
+        );
         assert_eq!(protocol_for(3, 9), None, "an agent too new");
         assert_eq!(protocol_for(0, 0), None, "no version 0");
         assert_eq!(protocol_for(2, 1), None, "an empty range");

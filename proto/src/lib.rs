@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod codec;
 pub mod connections;
 pub mod in_flight;
 pub mod json;
