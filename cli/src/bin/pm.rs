@@ -37,6 +37,10 @@ enum Command {
         /// --endpoint` against this one, from another machine or a Pi).
         #[arg(long, default_value_t = 8)]
         slots: u32,
+        /// Run no embedded agent (as `--slots 0`): agents of their own, in containers or on
+        /// other machines, serve the pipelines.
+        #[arg(long, conflicts_with_all = ["slots", "demo"])]
+        no_agent: bool,
         /// Turn authentication on: every call needs a token, and a platform admin's token is
         /// kept fresh in `<data-dir>/admin.token` (its credentials in admin.client).
         #[arg(long)]
@@ -74,6 +78,7 @@ async fn main() -> std::process::ExitCode {
         listen,
         no_sample,
         slots,
+        no_agent,
         auth,
         metrics_listen,
         log_format,
@@ -83,6 +88,7 @@ async fn main() -> std::process::ExitCode {
     } = Cli::parse().command;
     // Spans still queued are sent before the process exits.
     let tracing = pm_proto::server::init_tracing(log_format, "pm");
+    let slots = if no_agent { 0 } else { slots };
     if slots == 0 && demo {
         eprintln!("pm dev: --demo needs the embedded agent (--slots at least 1)");
         return std::process::ExitCode::from(64);

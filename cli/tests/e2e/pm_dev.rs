@@ -96,3 +96,22 @@ pub fn pm_dev(env: &[(&str, &str)]) -> PmDev {
         dir,
     }
 }
+
+/// `--no-agent` is `--slots 0` by name; asking for both, or for the demo (which needs the
+/// embedded agent), is refused before anything starts.
+#[test]
+fn no_agent_is_refused_with_slots_or_the_demo() {
+    for extra in [&["--slots", "2"][..], &["--demo"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pm"))
+            .args(["dev", "--no-agent"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("'--no-agent' cannot be used with"),
+            "{stderr}"
+        );
+    }
+}
