@@ -6,9 +6,10 @@
 //! ([`RESULT_BYTES_IN_FLIGHT`]): an agent's slot comes back before its result is durable, so
 //! a fast agent could otherwise queue results faster than the disk takes them. Past the
 //! bound a stream's reader waits, and HTTP/2 flow control holds the agent back. A result sent
-//! in parts (protocol 2) takes its whole place at its first part, as its parts declare its
-//! length: a stream holds no place while it waits for one, so streams cannot deadlock on
-//! half-received results.
+//! in parts (protocol 2) is put together first, at most one per stream and 4 MiB, as one
+//! message of that size was received before parts existed, and takes its place once whole:
+//! a half-received result holds no place, so a stalled or hostile agent cannot hold room
+//! that others' results need.
 
 use std::sync::Arc;
 
@@ -154,13 +155,11 @@ fn spawn_holding(permit: OwnedSemaphorePermit, write: impl Future<Output = ()> +
     });
 }
 
-/// A result arriving in parts: whose, the bytes so far, the length its parts declare, and
-/// its place among the bytes in flight (all of it, taken at the first part).
+/// A result arriving in parts: whose, the bytes so far, the length its parts declare.
 struct Assembling {
     lease: WireLease,
     data: Vec<u8>,
     total: usize,
-    permit: OwnedSemaphorePermit,
 }
 
 /// A result once its last part is in, with its place.
@@ -190,13 +189,13 @@ async fn add_part(
             return Err(invalid_argument(
                 "result_part",
                 &format!(
-                    "a part of another result arrived before the last part of lease {}",
+                    "a part of another result (or of another length) arrived before the \
+                     last part of lease {}",
                     a.lease.lease_id
                 ),
             ));
         }
         None => Assembling {
-            permit: place(in_flight, total).await,
             lease,
             data: Vec::with_capacity(total),
             total,
@@ -221,7 +220,7 @@ async fn add_part(
     }
     let result = TaskResult::decode(current.data.as_slice())
         .map_err(|e| invalid_argument("result_part.data", &format!("not a TaskResult: {e}")))?;
-    Ok(Some((current.lease, result, current.permit)))
+    Ok(Some((current.lease, result, place(in_flight, total).await)))
 }
 
 /// Feeds one stream's messages to the scheduler until it ends or breaks the protocol.

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file pm/v1/agent.proto.
  */
 export const file_pm_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChFwbS92MS9hZ2VudC5wcm90bxIFcG0udjEi5gEKDEFnZW50TWVzc2FnZRIdCgVoZWxsbxgBIAEoCzIMLnBtLnYxLkhlbGxvSAASHwoGY3JlZGl0GAIgASgLMg0ucG0udjEuQ3JlZGl0SAASIwoIcHJvZ3Jlc3MYAyABKAsyDy5wbS52MS5Qcm9ncmVzc0gAEiYKBnJlc3VsdBgEIAEoCzIULnBtLnYxLkF0dGVtcHRSZXN1bHRIABIdCgVyZW5ldxgFIAEoCzIMLnBtLnYxLlJlbmV3SAASHwoGcmVqZWN0GAYgASgLMg0ucG0udjEuUmVqZWN0SABCCQoHbWVzc2FnZSKeAQoNU2VydmVyTWVzc2FnZRIhCgd3ZWxjb21lGAEgASgLMg4ucG0udjEuV2VsY29tZUgAEh8KBmFzc2lnbhgCIAEoCzINLnBtLnYxLkFzc2lnbkgAEh8KBmNhbmNlbBgDIAEoCzINLnBtLnYxLkNhbmNlbEgAEh0KBWRyYWluGAQgASgLMgwucG0udjEuRHJhaW5IAEIJCgdtZXNzYWdlIq4BCgVIZWxsbxIQCghhZ2VudF9pZBgBIAEoCRIRCglwaXBlbGluZXMYAiADKAkSDQoFc2xvdHMYAyABKA0SEQoJZXhlY3V0b3JzGAQgAygJEg8KB3ZlcnNpb24YBSABKAkSFAoMcHJvdG9jb2xfbWluGAYgASgNEhQKDHByb3RvY29sX21heBgHIAEoDRIhCgtoZWxkX2xlYXNlcxgIIAMoCzIMLnBtLnYxLkxlYXNlIk0KB1dlbGNvbWUSGAoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoDRISCgpzZXNzaW9uX2lkGAIgASgJEhQKDGxlYXNlX3R0bF9tcxgDIAEoDSJNCgVMZWFzZRIMCgR0YXNrGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKA0SEwoLZGVhZGxpbmVfbXMYBCABKAMiFwoGQ3JlZGl0Eg0KBXNsb3RzGAEgASgNIkgKCFByb2dyZXNzEhsKBWxlYXNlGAEgASgLMgwucG0udjEuTGVhc2USHwoFZXZlbnQYAiABKAsyEC5wbS52MS5UYXNrRXZlbnQiTwoNQXR0ZW1wdFJlc3VsdBIbCgVsZWFzZRgBIAEoCzIMLnBtLnYxLkxlYXNlEiEKBnJlc3VsdBgCIAEoCzIRLnBtLnYxLlRhc2tSZXN1bHQiJQoFUmVuZXcSHAoGbGVhc2VzGAEgAygLMgwucG0udjEuTGVhc2UiNQoGUmVqZWN0EhsKBWxlYXNlGAEgASgLMgwucG0udjEuTGVhc2USDgoGcmVhc29uGAIgASgJImMKBkFzc2lnbhIZCgR0YXNrGAEgASgLMgsucG0udjEuVGFzaxIhCgRzcGVjGAIgASgLMhMucG0udjEuUGlwZWxpbmVTcGVjEhsKBWxlYXNlGAMgASgLMgwucG0udjEuTGVhc2UiJQoGQ2FuY2VsEhsKBWxlYXNlGAEgASgLMgwucG0udjEuTGVhc2UiLAoFRHJhaW4SDgoGcmVhc29uGAEgASgJEhMKC2RlYWRsaW5lX21zGAIgASgNMkgKDEFnZW50U2VydmljZRI4CgdDb25uZWN0EhMucG0udjEuQWdlbnRNZXNzYWdlGhQucG0udjEuU2VydmVyTWVzc2FnZSgBMAFiBnByb3RvMw", [file_pm_v1_pipeline, file_pm_v1_task]);
+  fileDesc("ChFwbS92MS9hZ2VudC5wcm90bxIFcG0udjEikAIKDEFnZW50TWVzc2FnZRIdCgVoZWxsbxgBIAEoCzIMLnBtLnYxLkhlbGxvSAASHwoGY3JlZGl0GAIgASgLMg0ucG0udjEuQ3JlZGl0SAASIwoIcHJvZ3Jlc3MYAyABKAsyDy5wbS52MS5Qcm9ncmVzc0gAEiYKBnJlc3VsdBgEIAEoCzIULnBtLnYxLkF0dGVtcHRSZXN1bHRIABIdCgVyZW5ldxgFIAEoCzIMLnBtLnYxLlJlbmV3SAASHwoGcmVqZWN0GAYgASgLMg0ucG0udjEuUmVqZWN0SAASKAoLcmVzdWx0X3BhcnQYByABKAsyES5wbS52MS5SZXN1bHRQYXJ0SABCCQoHbWVzc2FnZSKeAQoNU2VydmVyTWVzc2FnZRIhCgd3ZWxjb21lGAEgASgLMg4ucG0udjEuV2VsY29tZUgAEh8KBmFzc2lnbhgCIAEoCzINLnBtLnYxLkFzc2lnbkgAEh8KBmNhbmNlbBgDIAEoCzINLnBtLnYxLkNhbmNlbEgAEh0KBWRyYWluGAQgASgLMgwucG0udjEuRHJhaW5IAEIJCgdtZXNzYWdlIq4BCgVIZWxsbxIQCghhZ2VudF9pZBgBIAEoCRIRCglwaXBlbGluZXMYAiADKAkSDQoFc2xvdHMYAyABKA0SEQoJZXhlY3V0b3JzGAQgAygJEg8KB3ZlcnNpb24YBSABKAkSFAoMcHJvdG9jb2xfbWluGAYgASgNEhQKDHByb3RvY29sX21heBgHIAEoDRIhCgtoZWxkX2xlYXNlcxgIIAMoCzIMLnBtLnYxLkxlYXNlIk0KB1dlbGNvbWUSGAoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoDRISCgpzZXNzaW9uX2lkGAIgASgJEhQKDGxlYXNlX3R0bF9tcxgDIAEoDSJNCgVMZWFzZRIMCgR0YXNrGAEgASgJEhAKCGxlYXNlX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKA0SEwoLZGVhZGxpbmVfbXMYBCABKAMiFwoGQ3JlZGl0Eg0KBXNsb3RzGAEgASgNIkgKCFByb2dyZXNzEhsKBWxlYXNlGAEgASgLMgwucG0udjEuTGVhc2USHwoFZXZlbnQYAiABKAsyEC5wbS52MS5UYXNrRXZlbnQiTwoNQXR0ZW1wdFJlc3VsdBIbCgVsZWFzZRgBIAEoCzIMLnBtLnYxLkxlYXNlEiEKBnJlc3VsdBgCIAEoCzIRLnBtLnYxLlRhc2tSZXN1bHQiWgoKUmVzdWx0UGFydBIbCgVsZWFzZRgBIAEoCzIMLnBtLnYxLkxlYXNlEgwKBGRhdGEYAiABKAwSDAoEbGFzdBgDIAEoCBITCgt0b3RhbF9ieXRlcxgEIAEoDSIlCgVSZW5ldxIcCgZsZWFzZXMYASADKAsyDC5wbS52MS5MZWFzZSI1CgZSZWplY3QSGwoFbGVhc2UYASABKAsyDC5wbS52MS5MZWFzZRIOCgZyZWFzb24YAiABKAkiYwoGQXNzaWduEhkKBHRhc2sYASABKAsyCy5wbS52MS5UYXNrEiEKBHNwZWMYAiABKAsyEy5wbS52MS5QaXBlbGluZVNwZWMSGwoFbGVhc2UYAyABKAsyDC5wbS52MS5MZWFzZSIlCgZDYW5jZWwSGwoFbGVhc2UYASABKAsyDC5wbS52MS5MZWFzZSIsCgVEcmFpbhIOCgZyZWFzb24YASABKAkSEwoLZGVhZGxpbmVfbXMYAiABKA0ySAoMQWdlbnRTZXJ2aWNlEjgKB0Nvbm5lY3QSEy5wbS52MS5BZ2VudE1lc3NhZ2UaFC5wbS52MS5TZXJ2ZXJNZXNzYWdlKAEwAWIGcHJvdG8z", [file_pm_v1_pipeline, file_pm_v1_task]);
 
 /**
  * Agent -> server.
@@ -61,6 +61,12 @@ export type AgentMessage = Message<"pm.v1.AgentMessage"> & {
      */
     value: Reject;
     case: "reject";
+  } | {
+    /**
+     * @generated from field: pm.v1.ResultPart result_part = 7;
+     */
+    value: ResultPart;
+    case: "resultPart";
   } | { case: undefined; value?: undefined };
 };
 
@@ -338,6 +344,53 @@ export const AttemptResultSchema: GenMessage<AttemptResult> = /*@__PURE__*/
   messageDesc(file_pm_v1_agent, 7);
 
 /**
+ * A piece of a large result (protocol 2). An agent sends a result whose encoding passes
+ * 64 KiB as parts rather than as one `result`, so no message on the stream comes near the
+ * message limit. Each part carries the lease and the next bytes of the encoded
+ * `TaskResult`; the parts of one result come one after the other, with no other part
+ * between them, and the one with `last` set ends it and counts as the `result` would.
+ *
+ * @generated from message pm.v1.ResultPart
+ */
+export type ResultPart = Message<"pm.v1.ResultPart"> & {
+  /**
+   * The lease the task ran under (the same in every part).
+   *
+   * @generated from field: pm.v1.Lease lease = 1;
+   */
+  lease?: Lease | undefined;
+
+  /**
+   * The next bytes of the encoded `TaskResult`.
+   *
+   * @generated from field: bytes data = 2;
+   */
+  data: Uint8Array;
+
+  /**
+   * This part ends the result.
+   *
+   * @generated from field: bool last = 3;
+   */
+  last: boolean;
+
+  /**
+   * The whole encoded `TaskResult`'s length (the same in every part); the server refuses a
+   * result longer than 4 MiB at its first part.
+   *
+   * @generated from field: uint32 total_bytes = 4;
+   */
+  totalBytes: number;
+};
+
+/**
+ * Describes the message pm.v1.ResultPart.
+ * Use `create(ResultPartSchema)` to create a new message.
+ */
+export const ResultPartSchema: GenMessage<ResultPart> = /*@__PURE__*/
+  messageDesc(file_pm_v1_agent, 8);
+
+/**
  * Renew leases of running tasks.
  *
  * @generated from message pm.v1.Renew
@@ -354,7 +407,7 @@ export type Renew = Message<"pm.v1.Renew"> & {
  * Use `create(RenewSchema)` to create a new message.
  */
 export const RenewSchema: GenMessage<Renew> = /*@__PURE__*/
-  messageDesc(file_pm_v1_agent, 8);
+  messageDesc(file_pm_v1_agent, 9);
 
 /**
  * The agent will not run an assigned task (unknown executor, say); its slot is credited back.
@@ -382,7 +435,7 @@ export type Reject = Message<"pm.v1.Reject"> & {
  * Use `create(RejectSchema)` to create a new message.
  */
 export const RejectSchema: GenMessage<Reject> = /*@__PURE__*/
-  messageDesc(file_pm_v1_agent, 9);
+  messageDesc(file_pm_v1_agent, 10);
 
 /**
  * A task to run.
@@ -417,7 +470,7 @@ export type Assign = Message<"pm.v1.Assign"> & {
  * Use `create(AssignSchema)` to create a new message.
  */
 export const AssignSchema: GenMessage<Assign> = /*@__PURE__*/
-  messageDesc(file_pm_v1_agent, 10);
+  messageDesc(file_pm_v1_agent, 11);
 
 /**
  * Stop a running task: kill its process groups and report the result.
@@ -436,7 +489,7 @@ export type Cancel = Message<"pm.v1.Cancel"> & {
  * Use `create(CancelSchema)` to create a new message.
  */
 export const CancelSchema: GenMessage<Cancel> = /*@__PURE__*/
-  messageDesc(file_pm_v1_agent, 11);
+  messageDesc(file_pm_v1_agent, 12);
 
 /**
  * Stop taking work: finish what runs within the deadline, then close.
@@ -464,7 +517,7 @@ export type Drain = Message<"pm.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_pm_v1_agent, 12);
+  messageDesc(file_pm_v1_agent, 13);
 
 /**
  * The agent's one long-lived stream. The first message is Hello, answered by Welcome;
