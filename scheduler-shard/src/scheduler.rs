@@ -1585,23 +1585,33 @@ mod tests {
         cancel.cancel();
     }
 
+    /// Submits one task to each of `pipelines` (`tenants/t/applications/a/pipelines/{p}`)
+    /// in turn, and an agent of one slot finishes each before the next, a paused
+    /// millisecond apart, so finish times follow the clock, not chance. Returns their names.
+    async fn finish_one_by_one<const N: usize>(s: &Scheduler, pipelines: [&str; N]) -> Vec<String> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = s.open_session(&hello(1, vec![]), tx);
+        let mut finished = Vec::new();
+        for pipeline in pipelines {
+            let mut task = item(10, "");
+            task.task.as_mut().expect("task").pipeline =
+                format!("tenants/t/applications/a/pipelines/{pipeline}");
+            let task = enqueue_one(s, task).await;
+            let (_, lease) = assigned(&mut rx).await;
+            assert!(s.complete(session, &lease, done()).await);
+            finished.push(task.name);
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        finished
+    }
+
     #[tokio::test(start_paused = true)]
     async fn past_the_cap_the_oldest_finished_tasks_are_collected_early() {
         let mut o = options(100);
         o.max_finished_tasks = 2;
         let s = scheduler_with(o);
         let cancel = start(&s).await;
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let session = s.open_session(&hello(1, vec![]), tx);
-        let mut finished = Vec::new();
-        for _ in 0..4 {
-            let task = enqueue_one(&s, item(10, "")).await;
-            let (_, lease) = assigned(&mut rx).await;
-            assert!(s.complete(session, &lease, done()).await);
-            finished.push(task.name);
-            // Finish times are ordered by the clock, not by chance.
-            tokio::time::advance(Duration::from_millis(1)).await;
-        }
+        let finished = finish_one_by_one(&s, ["p"; 4]).await;
         // Long before the hour of retention: only the cap applies (this round, or the
         // collector's own if the paused clock reached it first).
         s.collect().await;
@@ -1619,20 +1629,8 @@ mod tests {
         o.max_finished_per_pipeline = 2;
         let s = scheduler_with(o);
         let cancel = start(&s).await;
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let session = s.open_session(&hello(1, vec![]), tx);
-        let mut finished = Vec::new();
         // The quiet pipeline's task finishes first, then four of the busy one's.
-        for pipeline in ["quiet", "busy", "busy", "busy", "busy"] {
-            let mut task = item(10, "");
-            task.task.as_mut().expect("task").pipeline =
-                format!("tenants/t/applications/a/pipelines/{pipeline}");
-            let task = enqueue_one(&s, task).await;
-            let (_, lease) = assigned(&mut rx).await;
-            assert!(s.complete(session, &lease, done()).await);
-            finished.push(task.name);
-            tokio::time::advance(Duration::from_millis(1)).await;
-        }
+        let finished = finish_one_by_one(&s, ["quiet", "busy", "busy", "busy", "busy"]).await;
         s.collect().await;
         let kept: Vec<bool> = finished.iter().map(|n| s.get(n).is_ok()).collect();
         assert_eq!(kept, [true, false, false, true, true]);

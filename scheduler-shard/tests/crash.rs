@@ -381,20 +381,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     assert_private(&dir_path.join("data"));
     wait_ready(&endpoint).await;
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
-    let done = loop {
-        let t = client
-            .get_task(pm_proto::v1::GetTaskRequest {
-                name: task.name.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if t.state == TaskState::Done as i32 {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "not DONE within a minute: {t:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = common::until_done(&mut client, &task.name, deadline).await;
     assert_eq!(done.attempt, 1, "reclaimed, not delivered again");
     assert_eq!(executions(&log).len(), 1, "it ran once");
     let restarted_log = std::fs::read_to_string(dir_path.join("shard-1.log")).unwrap();
@@ -658,22 +645,7 @@ async fn what_finished_tasks_printed_stays_on_disk_not_in_memory() {
     }
     // Results are taken in order on the stream: once the last is DONE, so are the others.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let task = client
-            .get_task(pm_proto::v1::GetTaskRequest { name: last.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if task.state == TaskState::Done as i32 {
-            break task;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not DONE within a minute: {}",
-            task.state
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let done = common::until_done(&mut client, &last, deadline).await;
     // fjall may still be flushing; what the shard itself holds does not go away.
     let deadline = Instant::now() + Duration::from_secs(30);
     let rss = loop {

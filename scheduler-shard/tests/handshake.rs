@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use pm_proto::v1::{
-    AgentMessage, Credit, GetTaskRequest, Hello, JobResult, ResultPart, StepResult, TaskResult,
-    TaskState, agent_message, server_message,
+    AgentMessage, Credit, Hello, JobResult, ResultPart, StepResult, TaskResult, agent_message,
+    server_message,
 };
 
 async fn first_answer(endpoint: &str, first: agent_message::Message) -> tonic::Status {
@@ -45,8 +45,15 @@ fn hello() -> Hello {
     }
 }
 
-#[tokio::test]
-async fn a_bad_handshake_gets_the_exact_code_naming_the_field() {
+/// A shard with default options in this process on a random port: its endpoint, what stops
+/// it, and its server task.
+type Served = (
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+);
+
+async fn serve() -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let scheduler = pm_scheduler_shard::open(pm_scheduler_shard::Options::default(), None).unwrap();
@@ -56,6 +63,12 @@ async fn a_bad_handshake_gets_the_exact_code_naming_the_field() {
         scheduler,
         stop.clone().cancelled_owned(),
     ));
+    (endpoint, stop, server)
+}
+
+#[tokio::test]
+async fn a_bad_handshake_gets_the_exact_code_naming_the_field() {
+    let (endpoint, stop, server) = serve().await;
     let field = |s: &tonic::Status| pm_proto::status::violated_field(s).unwrap_or_default();
 
     let s = first_answer(
@@ -130,15 +143,7 @@ struct Assigned {
 const PIPELINE: &str = "tenants/t/applications/a/pipelines/p";
 
 async fn assigned() -> Assigned {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let scheduler = pm_scheduler_shard::open(pm_scheduler_shard::Options::default(), None).unwrap();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(pm_scheduler_shard::run(
-        listener,
-        scheduler,
-        stop.clone().cancelled_owned(),
-    ));
+    let (endpoint, stop, server) = serve().await;
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
     let item = pm_proto::internal::v1::EnqueueTask {
         task: Some(pm_proto::v1::Task {
@@ -217,20 +222,7 @@ async fn a_result_sent_in_parts_is_put_together() {
     }
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&a.endpoint).unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
-    let done = loop {
-        let task = client
-            .get_task(GetTaskRequest {
-                name: a.task.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if task.state == TaskState::Done as i32 {
-            break task;
-        }
-        assert!(Instant::now() < deadline, "not DONE: {task:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let done = common::until_done(&mut client, &a.task, deadline).await;
     assert_eq!(done.result.unwrap(), result, "the whole result, as sent");
     // The stream stays open for the next task.
     drop(a.tx);

@@ -1,6 +1,6 @@
 //! What the shard's process-level tests share: a free loopback port, a stable address in
-//! front of a shard that restarts, a one-job spec, one acknowledged submit, and an agent
-//! stream opened with a Hello.
+//! front of a shard that restarts, a one-job spec, one acknowledged submit, a wait for a task
+//! to be DONE, and an agent stream opened with a Hello.
 #![allow(dead_code)]
 
 use pm_proto::internal::v1::enqueue_result;
@@ -106,6 +106,33 @@ pub async fn enqueue_acknowledged(
     match answer.results.first().and_then(|r| r.outcome.clone()) {
         Some(enqueue_result::Outcome::Task(task)) => task,
         _ => panic!("not acknowledged: {answer:?}"),
+    }
+}
+
+/// Asks for task `name` until it is DONE, and returns it; panics at `deadline`.
+pub async fn until_done(
+    client: &mut ShardServiceClient<tonic::transport::Channel>,
+    name: &str,
+    deadline: std::time::Instant,
+) -> Task {
+    loop {
+        let task = client
+            .get_task(pm_proto::v1::GetTaskRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if task.state == pm_proto::v1::TaskState::Done as i32 {
+            return task;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} not DONE in time: state {}, attempt {}",
+            task.state,
+            task.attempt
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
