@@ -292,6 +292,21 @@ async fn parts_that_break_the_protocol_end_the_stream_naming_the_field() {
             (Code::InvalidArgument, field.to_owned()),
             "{status:?}"
         );
+        // The acknowledged task is not lost nor finished by the broken result: it stays
+        // leased until its lease runs out, then runs again.
+        let mut client = pm_proto::client::shard(pm_proto::client::channel(&a.endpoint).unwrap());
+        let task = client
+            .get_task(pm_proto::v1::GetTaskRequest {
+                name: a.task.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (task.state, task.attempt),
+            (pm_proto::v1::TaskState::InProgress as i32, 1),
+            "{field}"
+        );
         a.stop.cancel();
         a.server.await.unwrap().unwrap();
     }
