@@ -64,6 +64,8 @@ fn message(m: agent_message::Message) -> AgentMessage {
 
 /// Runs the agent until `shutdown` fires, then drains (see the module doc).
 pub async fn run(options: AgentOptions, shutdown: CancellationToken) {
+    // No work is taken before the executors can run it.
+    crate::sidecar::wait_until_reachable(&options.runner.sidecars, &shutdown).await;
     let running: Running = Arc::default();
     // Tasks report here; whichever stream is current forwards it. Messages wait here while
     // the agent reconnects.

@@ -105,6 +105,8 @@ impl ExecService for ExecServer {
                 ),
             ));
         }
+        // Which container ran which step is read from here (`kubectl logs`, `podman logs`).
+        tracing::info!(command = %req.command, work_dir = %work_dir.display(), "exec");
         let output_limit = req.output_limit.min(self.max_output_bytes);
         let base_env = self.base_env.clone();
         let mut env: Vec<(String, String)> = req.env.into_iter().collect();
@@ -180,6 +182,12 @@ pub async fn serve(
     let mut staging = socket.as_os_str().to_owned();
     staging.push(format!(".{}.tmp", std::process::id()));
     let staging = std::path::PathBuf::from(staging);
+    // The sockets' directory on a fresh shared volume (an emptyDir) is made by whichever
+    // exec-server starts first.
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("socket directory {}: {e}", dir.display()))?;
+    }
     for path in [socket, staging.as_path()] {
         if path.exists() {
             std::fs::remove_file(path)?;
@@ -213,6 +221,47 @@ pub async fn serve(
 
 /// Executors reached over sockets: executor name -> socket path.
 pub type Sidecars = HashMap<String, PathBuf>;
+
+/// How often [`wait_until_reachable`] tries the sockets, and says which it still waits for.
+const REACH_EVERY: Duration = Duration::from_millis(100);
+const REACH_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Returns once every sidecar's socket accepts a connection, or at `shutdown`. The containers
+/// of a pod start in any order: an agent that took tasks before its executors listened would
+/// fail their jobs ("could not start") instead of running them.
+pub async fn wait_until_reachable(sidecars: &Sidecars, shutdown: &CancellationToken) {
+    let mut names: Vec<&String> = sidecars.keys().collect();
+    names.sort();
+    let mut logged: Option<Instant> = None;
+    loop {
+        let mut missing = Vec::new();
+        for name in &names {
+            if tokio::net::UnixStream::connect(&sidecars[*name])
+                .await
+                .is_err()
+            {
+                missing.push(name.as_str());
+            }
+        }
+        if missing.is_empty() {
+            if logged.is_some() {
+                tracing::info!("every sidecar executor listens");
+            }
+            return;
+        }
+        if logged.is_none_or(|at| at.elapsed() >= REACH_LOG_EVERY) {
+            tracing::info!(
+                ?missing,
+                "waiting for sidecar executors to listen before taking tasks"
+            );
+            logged = Some(Instant::now());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REACH_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
 
 /// Runs a step in the sidecar at `socket`; like [`executor::run_step`], it never fails: an
 /// unreachable sidecar is reported as a step that could not start (exit code 127).

@@ -111,7 +111,8 @@ async fn dies(pid_file: &Path, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_on_a_sidecar_executor_run_in_the_exec_server() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("wget.sock");
+    // In a directory no one made yet, as on a fresh emptyDir.
+    let socket = dir.path().join(".sockets/wget.sock");
     let _server = exec_server(&socket, &dir.path().join("work"), &[]);
     let options = RunnerOptions {
         work_root: dir.path().join("work"),
@@ -262,6 +263,49 @@ async fn an_unreachable_sidecar_is_a_step_that_could_not_start() {
     let step = &result.jobs[0].steps[0];
     assert_eq!(step.exit_code, 127);
     assert!(step.stderr.contains("nobody.sock"), "{}", step.stderr);
+}
+
+/// An agent takes no work before its sidecars listen: the wait ends only once every socket
+/// accepts a connection, or at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_waits_for_its_sidecars_to_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wget, tesseract) = (dir.path().join("wget.sock"), dir.path().join("ocr.sock"));
+    let sidecars: pm_agent::sidecar::Sidecars = [
+        ("wget".to_owned(), wget.clone()),
+        ("tesseract".to_owned(), tesseract.clone()),
+    ]
+    .into();
+    let shutdown = CancellationToken::new();
+    let waiting = {
+        let (sidecars, shutdown) = (sidecars.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            pm_agent::sidecar::wait_until_reachable(&sidecars, &shutdown).await;
+        })
+    };
+    let _wget = exec_server(&wget, &dir.path().join("work"), &[]);
+    // One of two listening is not enough (checked over several of its 100 ms rounds).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "returned with tesseract not listening"
+    );
+    let _tesseract = exec_server(&tesseract, &dir.path().join("work"), &[]);
+    tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("returned once both listen")
+        .unwrap();
+
+    // With one never listening, shutdown ends the wait.
+    let never: pm_agent::sidecar::Sidecars =
+        [("mc".to_owned(), dir.path().join("nobody.sock"))].into();
+    shutdown.cancel();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        pm_agent::sidecar::wait_until_reachable(&never, &shutdown),
+    )
+    .await
+    .expect("shutdown ends the wait");
 }
 
 /// What an exec-server lets through its socket: only its user, only work dirs inside its
