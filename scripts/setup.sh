@@ -12,7 +12,12 @@
 #   and qemu-user to run the aarch64 agent in a test;
 # - for the web console's tests: Node and npm, Debian's chromium (driven headless by
 #   puppeteer-core; no browser is downloaded), and web/'s npm packages at their locked
-#   versions (`npm ci`).
+#   versions (`npm ci`);
+# - with --containers (and --test): podman, runc and debootstrap, which scripts/images.sh
+#   and the pod test use, with a system-wide /etc/containers/containers.conf that works on
+#   hosts like this project's: the runc runtime (crun fails on their cgroups) and no default
+#   ulimits (setting RLIMIT_NOFILE is not permitted there). An existing containers.conf not
+#   written here is left alone, with a warning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,10 +49,27 @@ if [ "${1:-}" = "--test" ]; then
         fi
     done
 fi
+containers=
+if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--containers" ]; then
+    containers=1
+    command -v podman >/dev/null 2>&1 || packages+=(podman)
+    command -v runc >/dev/null 2>&1 || packages+=(runc)
+    command -v debootstrap >/dev/null 2>&1 || packages+=(debootstrap)
+fi
 if [ ${#packages[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 if [ "${1:-}" = "--test" ] && { [ ! -d web/node_modules ] || [ web/package-lock.json -nt web/node_modules/.package-lock.json ]; }; then
     (cd web && npm ci --silent --no-audit --no-fund)
+fi
+if [ -n "$containers" ]; then
+    conf=/etc/containers/containers.conf
+    marker='# Written by pipeline-manager scripts/setup.sh'
+    if [ ! -e "$conf" ] || head -n 1 "$conf" | grep -qx "$marker"; then
+        mkdir -p /etc/containers
+        printf '%s\n[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n' "$marker" > "$conf"
+    elif ! grep -q '^runtime = "runc"' "$conf"; then
+        echo "setup: $conf is not ours: if podman fails to start containers, set runtime = \"runc\" under [engine] and default_ulimits = [] under [containers]" >&2
+    fi
 fi
