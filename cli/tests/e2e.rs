@@ -39,6 +39,10 @@ mod trace;
 #[path = "e2e/pi.rs"]
 mod pi;
 
+/// The OCR pipeline pod under podman (k8s/overlays/local).
+#[path = "e2e/pod.rs"]
+mod pod;
+
 /// What an idle watch costs.
 #[path = "e2e/watches.rs"]
 mod watches;
