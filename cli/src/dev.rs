@@ -44,6 +44,9 @@ pub struct DevOptions {
     /// Show each task's work directory to its jobs here (`/mnt/pipe`, as the source
     /// documents' commands expect; see [`pm_agent::work_mount`]).
     pub work_dir_at: Option<PathBuf>,
+    /// Watches one client may hold through the gateway (with `auth`; see
+    /// [`pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT`]).
+    pub max_watches_per_client: usize,
 }
 
 /// The platform admin's token, rewritten while `pm dev --auth` runs.
@@ -122,11 +125,12 @@ impl Dev {
             }
         });
         let stop = shutdown.clone();
-        let auth = options.auth;
+        let (auth, max_watches_per_client) = (options.auth, options.max_watches_per_client);
         tasks.spawn(async move {
             let security = pm_gateway::Security {
                 auth,
                 origins: pm_gateway::Origins::Localhost,
+                max_watches_per_client,
             };
             let served = pm_gateway::run(gateway, upstreams, security, stop.cancelled_owned());
             if let Err(e) = served.await {

@@ -101,6 +101,7 @@ async fn start_with_slots(slots: u32) -> Harness {
         slots,
         auth: false,
         work_dir_at: Some(pm_agent::work_mount::DEFAULT_AT.into()),
+        max_watches_per_client: pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT,
     })
     .await
     .unwrap();
@@ -813,6 +814,7 @@ async fn the_console_works_in_a_real_browser() {
         slots: 0,
         auth: true,
         work_dir_at: None,
+        max_watches_per_client: pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT,
     })
     .await
     .unwrap();

@@ -61,12 +61,24 @@ pub enum Origins {
     Any,
 }
 
-/// How the gateway checks its callers.
-#[derive(Debug, Clone, Default)]
+/// How the gateway checks and bounds its callers.
+#[derive(Debug, Clone)]
 pub struct Security {
     /// Verify bearer tokens and authorize every call (`false`: everyone may do everything).
     pub auth: bool,
     pub origins: Origins,
+    /// Watches one client may hold open here (not counted with `auth` off).
+    pub max_watches_per_client: usize,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Self {
+            auth: false,
+            origins: Origins::default(),
+            max_watches_per_client: watch::DEFAULT_MAX_WATCHES_PER_CLIENT,
+        }
+    }
 }
 
 fn is_localhost(origin: &[u8]) -> bool {
@@ -166,9 +178,12 @@ pub async fn run(
         .add_service(health_service)
         .add_service(pm_proto::server::reflection())
         .add_service(InterceptedService::new(
-            TaskServiceServer::new(tasks::Tasks::new(routes.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            TaskServiceServer::new(tasks::Tasks::new(
+                routes.clone(),
+                security.max_watches_per_client,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
             guard(&authn),
         ))
         .add_service(InterceptedService::new(

@@ -39,6 +39,10 @@ struct Args {
     /// None by default: only the gateway's own pages.
     #[arg(long, env = "PM_ALLOW_ORIGINS", value_delimiter = ',')]
     allow_origins: Vec<String>,
+    /// Watches one client (a token's subject) may hold open through this gateway; past it,
+    /// WatchTask answers RESOURCE_EXHAUSTED. Each shard also bounds its own (--max-watches).
+    #[arg(long, env = "PM_MAX_WATCHES_PER_CLIENT", default_value_t = pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT)]
+    max_watches_per_client: usize,
 }
 
 fn origins(given: &[String]) -> pm_gateway::Origins {
@@ -87,6 +91,7 @@ async fn run(args: Args) -> std::process::ExitCode {
     let security = pm_gateway::Security {
         auth: !args.insecure_no_auth,
         origins: origins(&args.allow_origins),
+        max_watches_per_client: args.max_watches_per_client,
     };
     match pm_gateway::run(
         listener,

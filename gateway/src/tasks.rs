@@ -29,6 +29,7 @@ use crate::enqueue::{Coalescer, Prepared, enqueue};
 use crate::error::{Error, status_of};
 use crate::pipelines::PipelineVersion;
 use crate::routing::Routes;
+use crate::watch::PerClient;
 
 /// Events queued per watch for the client's HTTP/2 stream (boxed: pointers).
 const WATCH_CHANNEL: usize = 64;
@@ -41,13 +42,16 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 pub struct Tasks {
     routes: Routes,
     coalescer: Arc<Coalescer>,
+    watches: PerClient,
 }
 
 impl Tasks {
-    pub fn new(routes: Routes) -> Self {
+    /// `max_watches_per_client`: see [`crate::watch::DEFAULT_MAX_WATCHES_PER_CLIENT`].
+    pub fn new(routes: Routes, max_watches_per_client: usize) -> Self {
         Self {
             coalescer: Coalescer::new(routes.clone()),
             routes,
+            watches: PerClient::new(max_watches_per_client),
         }
     }
 
@@ -255,6 +259,8 @@ impl TaskService for Tasks {
         request: Request<WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         authz::check(&request, Rpc::WatchTask, &request.get_ref().name)?;
+        // Held until the watch ends, whoever ends it.
+        let permit = self.watches.acquire(Caller::of(&request)?.client())?;
         let req = request.into_inner();
         let name = task_name(&req.name)?;
         let open = {
@@ -275,7 +281,7 @@ impl TaskService for Tasks {
         let upstream = open().await?;
         // The watch outlives handoffs (see `watch`).
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL);
-        tokio::spawn(crate::watch::follow(upstream, open, tx));
+        tokio::spawn(crate::watch::follow(upstream, open, tx, permit));
         Ok(Response::new(Box::pin(
             ReceiverStream::new(rx).map(|e| e.map(|event| *event)),
         )))

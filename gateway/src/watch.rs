@@ -1,3 +1,6 @@
+//! Watches at the edge: how many one client may hold ([`PerClient`]), and a watch that
+//! outlives a handoff or a shard's restart ([`follow`]).
+//!
 //! A watch that outlives a handoff or a shard's restart: when the shard stops serving a task
 //! (it moved to another shard, the shard left, or it died) before it finished, the watch is
 //! opened again at the owner, which starts with a snapshot. While no shard serves the task
@@ -6,7 +9,9 @@
 //! [`WATCH_REOPEN_FOR`]. Only time without an event counts, so a long watch survives any
 //! number of moves.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -24,6 +29,77 @@ pub const WATCH_REOPEN_FOR: Duration = Duration::from_secs(60);
 /// The longest pause between two re-opens.
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// Watches one client may hold open through one gateway by default
+/// (`--max-watches-per-client`). Each shard bounds all of its watches too (`--max-watches`,
+/// 10,000); this keeps one client from taking them all.
+pub const DEFAULT_MAX_WATCHES_PER_CLIENT: usize = 1000;
+
+/// Open watches by client (its token's subject). With authentication off there are no
+/// clients to tell apart, so only the shards' own limit applies.
+#[derive(Debug, Clone)]
+pub struct PerClient {
+    max: usize,
+    open: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+}
+
+/// One open watch of a client, given back when dropped.
+#[derive(Debug)]
+pub struct WatchPermit {
+    client: Arc<str>,
+    open: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+}
+
+impl PerClient {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A permit for one more watch of `client` ("" with authentication off: always given),
+    /// or RESOURCE_EXHAUSTED past the limit.
+    pub fn acquire(&self, client: &str) -> Result<Option<WatchPermit>, Status> {
+        if client.is_empty() {
+            return Ok(None);
+        }
+        let mut open = self.open.lock().expect("watch counts lock");
+        let held = open.get(client).copied().unwrap_or(0);
+        if held >= self.max {
+            return Err(Status::resource_exhausted(format!(
+                "this client holds {held} watches, the most one client may hold through this gateway (--max-watches-per-client); close one, or watch fewer tasks at once (ListTasks shows many)"
+            )));
+        }
+        let client: Arc<str> = match open.get_key_value(client) {
+            Some((key, _)) => key.clone(),
+            None => client.into(),
+        };
+        open.insert(client.clone(), held + 1);
+        Ok(Some(WatchPermit {
+            client,
+            open: self.open.clone(),
+        }))
+    }
+
+    /// Watches `client` holds now.
+    pub fn held(&self, client: &str) -> usize {
+        let open = self.open.lock().expect("watch counts lock");
+        open.get(client).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for WatchPermit {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("watch counts lock");
+        if let Some(held) = open.get_mut(&self.client) {
+            *held -= 1;
+            if *held == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
 /// Answers that say no shard serves the task right now, which a re-open may change: the new
 /// owner does not have it yet (NOT_FOUND), or the owner is down or changing (UNAVAILABLE).
 fn transient(code: Code) -> bool {
@@ -37,6 +113,7 @@ pub async fn follow<S, O, F>(
     mut upstream: S,
     open: O,
     tx: mpsc::Sender<Result<Box<TaskEvent>, Status>>,
+    _permit: Option<WatchPermit>,
 ) where
     S: Stream<Item = Result<TaskEvent, Status>> + Unpin,
     O: Fn() -> F,
@@ -109,6 +186,32 @@ mod tests {
 
     type Upstream = BoxStream<'static, Result<TaskEvent, Status>>;
 
+    #[test]
+    fn watches_are_counted_per_client_and_given_back() {
+        let quota = PerClient::new(2);
+        let a1 = quota.acquire("a").unwrap();
+        let a2 = quota.acquire("a").unwrap();
+        let refused = quota.acquire("a").unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("--max-watches-per-client"),
+            "{refused:?}"
+        );
+        // Another client has its own.
+        let b = quota.acquire("b").unwrap();
+        assert_eq!((quota.held("a"), quota.held("b")), (2, 1));
+        drop(a1);
+        let a3 = quota.acquire("a").unwrap();
+        drop((a2, a3, b));
+        assert_eq!((quota.held("a"), quota.held("b")), (0, 0));
+        assert!(
+            quota.open.lock().unwrap().is_empty(),
+            "no entry left behind"
+        );
+        // With authentication off there is no client to count.
+        assert!((0..5).all(|_| quota.acquire("").unwrap().is_none()));
+    }
+
     fn progress(n: i64) -> Result<TaskEvent, Status> {
         Ok(TaskEvent {
             time_ms: n,
@@ -139,7 +242,7 @@ mod tests {
         };
         let (tx, mut rx) = mpsc::channel(64);
         let first: Upstream = stream::iter(vec![progress(0)]).boxed();
-        follow(first, open, tx).await;
+        follow(first, open, tx, None).await;
         let mut got = Vec::new();
         while let Some(e) = rx.recv().await {
             got.push(e);
@@ -165,7 +268,12 @@ mod tests {
     async fn a_client_that_goes_closes_the_upstream_watch_at_once() {
         let (tx, rx) = mpsc::channel(1);
         let open = || async { Err::<Upstream, _>(Status::internal("never re-opened")) };
-        let follow = tokio::spawn(follow(stream::pending().boxed() as Upstream, open, tx));
+        let follow = tokio::spawn(follow(
+            stream::pending().boxed() as Upstream,
+            open,
+            tx,
+            None,
+        ));
         drop(rx);
         tokio::time::timeout(std::time::Duration::from_secs(10), follow)
             .await

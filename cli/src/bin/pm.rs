@@ -64,6 +64,10 @@ enum Command {
         /// Leave work directories where they are made (no --work-dir-at).
         #[arg(long, conflicts_with = "work_dir_at")]
         no_work_dir_at: bool,
+        /// Watches one client may hold open (with --auth); past it, WatchTask answers
+        /// RESOURCE_EXHAUSTED.
+        #[arg(long, env = "PM_MAX_WATCHES_PER_CLIENT", default_value_t = pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT)]
+        max_watches_per_client: usize,
     },
 }
 
@@ -85,6 +89,7 @@ async fn main() -> std::process::ExitCode {
         work_dir_at,
         no_work_dir_at,
         demo,
+        max_watches_per_client,
     } = Cli::parse().command;
     // Spans still queued are sent before the process exits.
     let tracing = pm_proto::server::init_tracing(log_format, "pm");
@@ -113,6 +118,7 @@ async fn main() -> std::process::ExitCode {
         slots,
         auth,
         work_dir_at: (!no_work_dir_at).then_some(work_dir_at),
+        max_watches_per_client,
     };
     let token_file = options.data_dir.join(pm_cli::dev::ADMIN_TOKEN_FILE);
     let dev = match Dev::start(options).await {

@@ -138,6 +138,10 @@ impl Fixture {
     }
 
     async fn start() -> Fixture {
+        Self::start_with(pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT).await
+    }
+
+    async fn start_with(max_watches_per_client: usize) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let dev = Dev::start(DevOptions {
             data_dir: dir.path().join("data"),
@@ -146,6 +150,7 @@ impl Fixture {
             slots: 4,
             auth: true,
             work_dir_at: None,
+            max_watches_per_client,
         })
         .await
         .unwrap();
@@ -563,6 +568,69 @@ async fn every_rpc_by_every_role_in_its_own_and_another_tenant() {
 
 /// Plain HTTP with JSON goes through the same authentication and authorization: a token in
 /// `Authorization: Bearer`, the same answers as gRPC (as HTTP statuses).
+/// A client may hold only so many watches (`--max-watches-per-client`): the next is
+/// RESOURCE_EXHAUSTED naming the setting, another client is not held back, and a closed watch
+/// gives its place back.
+#[tokio::test]
+async fn watches_are_bounded_per_client() {
+    let f = Fixture::start_with(2).await;
+    let parent = format!("tenants/{OWN}/applications/app");
+    f.pipelines(Who::PlatformAdmin)
+        .apply_pipeline(ApplyPipelineRequest {
+            parent: parent.clone(),
+            pipeline_id: "slow".into(),
+            source: Some(apply_pipeline_request::Source::SpecDocument(
+                "stages: [{name: s, jobs: [{name: j, commands: [\"sleep 600\"]}]}]".into(),
+            )),
+        })
+        .await
+        .unwrap();
+    let task = f
+        .tasks(Who::Submitter)
+        .submit_task(SubmitTaskRequest {
+            parent: format!("{parent}/pipelines/slow"),
+            ..SubmitTaskRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let watch = |who: Who| {
+        let mut tasks = f.tasks(who);
+        let name = task.name.clone();
+        async move {
+            let mut stream = tasks
+                .watch_task(WatchTaskRequest { name })
+                .await?
+                .into_inner();
+            // Open on every side: the snapshot came through.
+            stream.message().await?.expect("a snapshot");
+            Ok::<_, tonic::Status>(stream)
+        }
+    };
+    let first = watch(Who::Viewer).await.unwrap();
+    let _second = watch(Who::Viewer).await.unwrap();
+    let refused = watch(Who::Viewer).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("--max-watches-per-client"),
+        "{refused:?}"
+    );
+    let _other = watch(Who::Submitter).await.unwrap();
+    // The gateway sees the close when the stream is reset: bounded retries until it has.
+    drop(first);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match watch(Who::Viewer).await {
+            Ok(_third) => break,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(std::time::Instant::now() < deadline, "never given back");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn curl_with_json_is_authorized_as_grpc_is() {
     let f = Fixture::start().await;

@@ -52,6 +52,7 @@ async fn an_aarch64_agent_under_qemu_runs_the_seed_ocr_pipeline() {
         slots: 0,
         auth: false,
         work_dir_at: None,
+        max_watches_per_client: pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT,
     })
     .await
     .unwrap();

@@ -312,6 +312,7 @@ async fn the_ocr_pipeline_pod_runs_each_job_in_its_executor_container() {
         slots: 0,
         auth: false,
         work_dir_at: None,
+        max_watches_per_client: pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT,
     })
     .await
     .unwrap();
