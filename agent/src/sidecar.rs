@@ -105,8 +105,11 @@ impl ExecService for ExecServer {
                 ),
             ));
         }
-        // Which container ran which step is read from here (`kubectl logs`, `podman logs`).
-        tracing::info!(command = %req.command, work_dir = %work_dir.display(), "exec");
+        // Which container ran which step is read from here (`kubectl logs`, `podman logs`):
+        // the program and the task's directory, not the command, which carries the task's
+        // parameters (a signed URL, say) into logs other people read.
+        let program = req.command.split_whitespace().next().unwrap_or_default();
+        tracing::info!(program = %program, work_dir = %work_dir.display(), "exec");
         let output_limit = req.output_limit.min(self.max_output_bytes);
         let base_env = self.base_env.clone();
         let mut env: Vec<(String, String)> = req.env.into_iter().collect();
