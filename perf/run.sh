@@ -7,6 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release --quiet -p pm-scheduler-shard -p pm-gateway -p pm-tenant-service -p pm-perf
+cargo build --release --quiet -p pm-scheduler-shard -p pm-gateway -p pm-tenant-service -p pm-agent -p pm-perf
 mkdir -p perf/results
 exec "$target/release/pm-perf" --bin-dir "$target/release" --json perf/results/latest.json "$@"

@@ -6,6 +6,7 @@
 mod load;
 mod procs;
 mod scaling;
+mod soak;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -61,11 +62,33 @@ struct Args {
     /// peers were measured in (8 agents x 1 and x 16 slots, dispatch at 1k/5k/10k per s);
     /// `auth` submits through a gateway with auth off and on, and the token check's cost;
     /// `streams` many idle agent streams, each on its own connection, held by one gateway
-    /// and one shard (their memory, and dispatch p99 at 1,000/s without and with them).
+    /// and one shard (their memory, and dispatch p99 at 1,000/s without and with them);
+    /// `soak` (only when named, 10 minutes by default): see `--soak-*` and perf/README.md.
     scenarios: Vec<String>,
     /// Idle agent streams the `streams` scenario opens.
     #[arg(long, default_value_t = 10_000)]
     idle_streams: usize,
+    /// `soak` (never part of the default run): how long it submits.
+    #[arg(long, default_value_t = 600)]
+    soak_seconds: u64,
+    /// `soak`: submits per second, open loop, through the gateway.
+    #[arg(long, default_value_t = 500.0)]
+    soak_rate: f64,
+    /// `soak`: bytes each task prints.
+    #[arg(long, default_value_t = 16 * 1024)]
+    soak_output_bytes: usize,
+    /// `soak`: idle watches held throughout (four per parked task).
+    #[arg(long, default_value_t = 2_000)]
+    soak_watches: usize,
+    /// `soak`: idle agent streams held throughout, each on its own connection.
+    #[arg(long, default_value_t = 5_000)]
+    soak_idle: usize,
+    /// `soak`: seconds between SIGKILLs of the agent (started again at once).
+    #[arg(long, default_value_t = 60)]
+    soak_kill_every: u64,
+    /// `soak`: the agent's slots.
+    #[arg(long, default_value_t = 32)]
+    soak_slots: u32,
 }
 
 /// The services a client talks to, each its own process.
@@ -91,6 +114,8 @@ struct Bench {
     duration: Duration,
     /// `--tls-*` flags every server started from now on gets (the `auth` scenario's last leg).
     tls: Vec<String>,
+    /// Flags the shards started from now on get besides [`shard_args`] (the soak's).
+    shard_extra: Vec<String>,
 }
 
 fn shard_args(data: &std::path::Path) -> Vec<String> {
@@ -169,6 +194,7 @@ impl Bench {
     async fn shard(&self, name: &str) -> anyhow::Result<Proc> {
         let mut args = shard_args(&self.path(name));
         args.extend(self.tls.iter().cloned());
+        args.extend(self.shard_extra.iter().cloned());
         Proc::start(&self.args.bin_dir, "pm-shard", &args, self.dir.path()).await
     }
 
@@ -1011,8 +1037,8 @@ async fn main() -> anyhow::Result<()> {
         };
     for s in &chosen {
         anyhow::ensure!(
-            all.contains(&s.as_str()),
-            "unknown scenario {s:?}; use {}",
+            all.contains(&s.as_str()) || s == "soak",
+            "unknown scenario {s:?}; use {}, or soak",
             all.join(", ")
         );
     }
@@ -1024,6 +1050,7 @@ async fn main() -> anyhow::Result<()> {
         warmup,
         duration,
         tls: Vec::new(),
+        shard_extra: Vec::new(),
     };
     let _ = load::now_ns();
     load::SPEC_EVERY_TASK.store(bench.args.spec_every_task, Ordering::Relaxed);
@@ -1077,6 +1104,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if which.contains(&"streams") {
         bench.streams().await?;
+    }
+    if which.contains(&"soak") {
+        bench.soak().await?;
     }
     let etcd = pm_cluster::testing::etcd_binary();
     if which.contains(&"scaling") && !etcd.exists() {
