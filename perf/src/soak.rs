@@ -240,7 +240,8 @@ impl Bench {
         }
         let measured = load.await?;
 
-        // Drained: no soak task READY or IN_PROGRESS (bounded), then the counters.
+        // Drained: no soak task READY or IN_PROGRESS (bounded: a backlog the agent could not
+        // keep up with is reported as still queued), then the counters.
         let drain = Instant::now();
         let text = loop {
             let text = scrape(&metrics).await?;
@@ -254,8 +255,8 @@ impl Bench {
         let submitted = by_state(&text, "pm_tasks_submitted_total", SOAK);
         let finished = by_state(&text, "pm_tasks_finished_total", SOAK);
         let acked = measured.tasks;
-        let ended: f64 = finished.values().sum();
-        let lost = acked as f64 - ended;
+        // Acknowledged and neither finished nor still queued: lost.
+        let lost = acked as f64 - finished.values().sum::<f64>() - queued.values().sum::<f64>();
         println!(
             "  soak: {acked} acknowledged at {:.0}/s, submit p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.1} ms, errors {:?}",
             measured.tps(),
@@ -266,7 +267,7 @@ impl Bench {
             measured.errors
         );
         println!(
-            "  soak: drained in {:.1} s; submitted (shard) {submitted:?}, finished {finished:?}, still queued {queued:?}; not finished of the acknowledged: {lost}; duplicate results {}, leases expired {}",
+            "  soak: drained in {:.1} s; submitted (shard) {submitted:?}, finished {finished:?}, still queued {queued:?}; lost (acknowledged, neither finished nor queued): {lost}; duplicate results {}, leases expired {}",
             drain.elapsed().as_secs_f64(),
             total(&text, "pm_results_duplicate_total"),
             total(&text, "pm_leases_expired_total"),
@@ -286,7 +287,7 @@ impl Bench {
             "errors": measured.errors,
             "finished": finished,
             "still_queued": queued,
-            "not_finished": lost,
+            "lost": lost,
             "duplicate_results": total(&text, "pm_results_duplicate_total"),
             "rss": samples,
         }));
