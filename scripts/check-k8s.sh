@@ -72,6 +72,11 @@ done
 grep -q 'etcd-2=http://etcd-2.etcd:2380' "$out/prod.yaml" \
     || { echo "prod: ETCD_INITIAL_CLUSTER does not list three members" >&2; exit 1; }
 grep -q 'preStop' "$out/prod.yaml" || { echo "prod: the shards have no preStop" >&2; exit 1; }
+# A shard's name resolves from its start (it joins the ring then), and a long replay is not
+# killed by liveness.
+grep -q 'publishNotReadyAddresses: true' "$out/prod.yaml" \
+    || { echo "prod: the shards' Service does not publish not-ready addresses" >&2; exit 1; }
+grep -q 'startupProbe:' "$out/prod.yaml" || { echo "prod: the shards have no startupProbe" >&2; exit 1; }
 # prod speaks TLS: gateway, tenant-service and shards have their files, the agent the CA.
 [ "$(grep -c 'name: PM_TLS_CERT' "$out/prod.yaml")" -eq 3 ] \
     || { echo "prod: gateway, tenant-service and shards need PM_TLS_CERT" >&2; exit 1; }
