@@ -73,12 +73,31 @@ async fn logged(container: &str, text: &str, times: usize) -> String {
     }
 }
 
-/// Why this machine cannot run a container at all, if it cannot.
+/// Why this machine cannot run a container at all, if it cannot: `true` from the agent's
+/// image (its base, whichever `scripts/images.sh` used; none of our binaries), or from the
+/// debootstrap base alone where images.sh found that podman cannot run it and stopped.
 async fn cannot_run_containers() -> Option<String> {
+    let agent = format!("localhost/pipeline-manager:{VERSION}");
+    let exists = tokio::process::Command::new("podman")
+        .args(["image", "exists", &agent])
+        .status();
+    let built = match tokio::time::timeout(Duration::from_secs(120), exists).await {
+        Err(_) => return Some("`podman image exists` took over 120 s".into()),
+        Ok(Err(e)) => {
+            return Some(format!(
+                "podman: {e} (./scripts/setup.sh --containers installs it)"
+            ));
+        }
+        Ok(Ok(status)) => status.success(),
+    };
+    let image = if built {
+        agent
+    } else {
+        "localhost/pm-base:bookworm".to_owned()
+    };
     let probe = tokio::process::Command::new("podman")
-        .args(["run", "--rm", "--network", "host"])
-        .arg("localhost/pm-base:bookworm")
-        .arg("true")
+        .args(["run", "--rm", "--network", "host", "--entrypoint", "true"])
+        .arg(&image)
         .output();
     match tokio::time::timeout(Duration::from_secs(120), probe).await {
         Err(_) => Some("`podman run` took over 120 s".into()),
@@ -88,10 +107,10 @@ async fn cannot_run_containers() -> Option<String> {
         Ok(Ok(out)) if !out.status.success() => {
             let why = String::from_utf8_lossy(&out.stderr);
             let missing = why.contains("image not known") || why.contains("no such image");
-            // A missing base image is not the machine's fault: the images were not built.
+            // A missing image is not the machine's fault: the images were not built.
             assert!(
                 !missing,
-                "no localhost/pm-base:bookworm: run ./scripts/images.sh (the test command does)"
+                "no {image}: run ./scripts/images.sh (the test command does)"
             );
             Some(format!("`podman run` fails here: {}", why.trim()))
         }
