@@ -120,15 +120,20 @@ fn pipeline_name(id: &str) -> String {
     format!("{APP}/pipelines/{id}")
 }
 
-/// Applies a pipeline document (its id from its `name`) under [`APP`].
+/// The workload-scheduler document's OCR pipeline: the seeds' flat form (`{{url}}`, paths
+/// under /mnt/pipe), with no `name` of its own.
+const SEED_OCR: &str = include_str!("../../examples/seeds/workload-scheduler-ocr.json");
+
+/// Applies a pipeline document under [`APP`] as `id` (or, with `id` empty, as its `name`).
 async fn apply_document(
     pipelines: &mut PipelineServiceClient<Channel>,
+    id: &str,
     document: &str,
 ) -> Pipeline {
     pipelines
         .apply_pipeline(ApplyPipelineRequest {
             parent: APP.into(),
-            pipeline_id: String::new(),
+            pipeline_id: id.into(),
             source: Some(apply_pipeline_request::Source::SpecDocument(
                 document.into(),
             )),
@@ -140,7 +145,12 @@ async fn apply_document(
 
 impl Harness {
     async fn apply(&mut self, document: &str) -> Pipeline {
-        apply_document(&mut self.pipelines, document).await
+        apply_document(&mut self.pipelines, "", document).await
+    }
+
+    /// Applies a document that has no `name` as `id`.
+    async fn apply_as(&mut self, id: &str, document: &str) -> Pipeline {
+        apply_document(&mut self.pipelines, id, document).await
     }
 
     async fn submit(

@@ -141,11 +141,6 @@ fn cpu_seconds_of(stat: &str) -> f64 {
     ticks / 100.0
 }
 
-/// Resident set size in MiB of the process `pid` (0 once it is gone).
-pub fn rss_mib_of_pid(pid: u32) -> f64 {
-    rss_mib_of(&format!("/proc/{pid}/status"))
-}
-
 fn rss_mib_of(status: &str) -> f64 {
     std::fs::read_to_string(status)
         .ok()

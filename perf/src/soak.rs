@@ -42,13 +42,9 @@ impl Agent {
             .spawn()?;
         Ok(Agent { child })
     }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
+/// SIGKILL, and reaped.
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -218,11 +214,10 @@ impl Bench {
         let mut next_kill = started + kill_every;
         let mut samples = Vec::new();
         let mut next_sample = started;
-        let pids = (stack.gateway.pid(), stack.shard.pid());
         while started.elapsed() < run {
             let now = Instant::now();
             if now >= next_sample {
-                let (g, s) = (procs::rss_mib_of_pid(pids.0), procs::rss_mib_of_pid(pids.1));
+                let (g, s) = (rss(&stack.gateway), rss(&stack.shard));
                 let t = started.elapsed().as_secs();
                 println!(
                     "  soak t={t:>4} s  RSS gateway {g:.0} MiB  shard {s:.0} MiB  ({kills} agent kills)"
@@ -231,7 +226,7 @@ impl Bench {
                 next_sample += Duration::from_secs(30);
             }
             if now >= next_kill {
-                agent.take().expect("running").kill();
+                drop(agent.take());
                 kills += 1;
                 agent = Some(Agent::start(self, &gw, kills)?);
                 next_kill += kill_every;

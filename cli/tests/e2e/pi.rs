@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use pm_cli::dev::{Dev, DevOptions};
 use pm_proto::v1::*;
 
-use super::{APP, WAIT, follow_to_end, pipeline_name};
+use super::{SEED_OCR, WAIT, follow_to_end, start_with_slots};
 
 /// The cross-built agent, beside this test's own binaries in the shared target dir.
 fn aarch64_agent() -> PathBuf {
@@ -43,62 +42,33 @@ async fn an_aarch64_agent_under_qemu_runs_the_seed_ocr_pipeline() {
         183,
         "not an aarch64 binary"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let dev = Dev::start(DevOptions {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".into(),
-        sample: true,
-        // No embedded agent: only the emulated one can run the task.
-        slots: 0,
-        auth: false,
-        work_dir_at: None,
-        max_watches_per_client: pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT,
-    })
-    .await
-    .unwrap();
+    // No embedded agent: only the emulated one can run the task.
+    let mut h = start_with_slots(0).await;
     let pi = Emulated(
         Command::new("qemu-aarch64")
             .args(["-L", "/usr/aarch64-linux-gnu"])
             .arg(&agent)
             .args([
                 "--endpoint",
-                &dev.endpoint(),
+                &h.dev.endpoint(),
                 "--agent-id",
                 "pi",
                 "--slots",
                 "1",
             ])
             .arg("--work-root")
-            .arg(dir.path().join("pi-work"))
+            .arg(h.dir.path().join("pi-work"))
             .args(["--work-dir-at", "/mnt/pipe"])
             .stdin(Stdio::null())
             .spawn()
             .expect("qemu-aarch64 runs (scripts/setup.sh --test installs qemu-user)"),
     );
-    let channel = pm_proto::client::channel(&dev.endpoint()).unwrap();
-    let mut pipelines = pm_proto::client::pipelines(channel.clone());
-    let mut tasks = pm_proto::client::tasks(channel);
-    let seed = include_str!("../../../examples/seeds/workload-scheduler-ocr.json");
-    pipelines
-        .apply_pipeline(ApplyPipelineRequest {
-            parent: APP.into(),
-            pipeline_id: "pi-ocr".into(),
-            source: Some(apply_pipeline_request::Source::SpecDocument(seed.into())),
-        })
-        .await
-        .unwrap();
-    let image = dev.sample_image_url.clone().unwrap();
-    let task = tasks
-        .submit_task(SubmitTaskRequest {
-            parent: pipeline_name("pi-ocr"),
-            params: [("url".to_owned(), image)].into(),
-            ..SubmitTaskRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    h.apply_as("pi-ocr", SEED_OCR).await;
+    let image = h.dev.sample_image_url.clone().unwrap();
+    let task = h.submit("pi-ocr", &[("url", &image)]).await.unwrap();
     // The emulated agent starts slowly; the wait is bounded by WAIT.
-    let stream = tasks
+    let stream = h
+        .tasks
         .watch_task(WatchTaskRequest {
             name: task.name.clone(),
         })
@@ -116,7 +86,7 @@ async fn an_aarch64_agent_under_qemu_runs_the_seed_ocr_pipeline() {
     // A stop does not wait on a peer: the agent's stream is still open, and is cut after
     // the grace period.
     let grace = pm_proto::server::STOP_GRACE;
-    tokio::time::timeout(grace * 4, dev.stop())
+    tokio::time::timeout(grace * 4, h.dev.stop())
         .await
         .expect("pm dev stops with an agent still connected");
     drop(pi);

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use pm_cli::dev::{Dev, DevOptions};
 use pm_proto::v1::*;
 
-use super::{APP, WAIT, follow_to_end, pipeline_name, state};
+use super::{SEED_OCR, WAIT, start_with_slots, state};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The endpoint the local overlay gives the agent: `pm dev`'s default address.
@@ -274,30 +273,6 @@ async fn image_server(release: watch::Receiver<bool>) -> (String, mpsc::Unbounde
     (base, held)
 }
 
-async fn submit(tasks: &mut TaskServiceClient, url: &str) -> Task {
-    tasks
-        .submit_task(SubmitTaskRequest {
-            parent: pipeline_name("ocr"),
-            params: [("url".to_owned(), url.to_owned())].into(),
-            ..SubmitTaskRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn finish(tasks: &mut TaskServiceClient, name: &str) -> Task {
-    let stream = tasks
-        .watch_task(WatchTaskRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    follow_to_end(stream, name).await.0
-}
-
-type TaskServiceClient =
-    pm_proto::v1::task_service_client::TaskServiceClient<tonic::transport::Channel>;
-
 /// The id part of a task's name, which its work directory is named after.
 fn id(task: &Task) -> &str {
     task.name.rsplit('/').next().unwrap()
@@ -322,42 +297,23 @@ async fn the_ocr_pipeline_pod_runs_each_job_in_its_executor_container() {
             "no {image}: run ./scripts/images.sh (the test command does)"
         );
     }
-    let dir = tempfile::tempdir().unwrap();
-    let dev = Dev::start(DevOptions {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".into(),
-        sample: true,
-        // No embedded agent: only the pod's can run the task.
-        slots: 0,
-        auth: false,
-        work_dir_at: None,
-        max_watches_per_client: pm_gateway::watch::DEFAULT_MAX_WATCHES_PER_CLIENT,
-    })
-    .await
-    .unwrap();
-    let channel = pm_proto::client::channel(&dev.endpoint()).unwrap();
-    let mut pipelines = pm_proto::client::pipelines(channel.clone());
-    let mut tasks = pm_proto::client::tasks(channel);
-    // The seeds' flat form, as the pod's agent serves it: default/demo/ocr.
-    let seed = include_str!("../../../examples/seeds/workload-scheduler-ocr.json");
-    pipelines
-        .apply_pipeline(ApplyPipelineRequest {
-            parent: APP.into(),
-            pipeline_id: "ocr".into(),
-            source: Some(apply_pipeline_request::Source::SpecDocument(seed.into())),
-        })
-        .await
-        .unwrap();
+    // No embedded agent: only the pod's can run the task. The seeds' flat form, as the pod's
+    // agent serves it: default/demo/ocr.
+    let mut h = start_with_slots(0).await;
+    h.apply_as("ocr", SEED_OCR).await;
     let (release_tx, release) = watch::channel(false);
     let (images, mut held) = image_server(release).await;
 
     // One pod: the task runs in it, each job in its own executor's container.
     let name = format!("ocr-e2e-{}", std::process::id());
-    let yaml = render(&name, &dev.endpoint()).await;
+    let yaml = render(&name, &h.dev.endpoint()).await;
     let pod = Played::play(&name, &yaml).await;
     pod.ready().await;
-    let task = submit(&mut tasks, &format!("{images}/hello.png")).await;
-    let done = finish(&mut tasks, &task.name).await;
+    let task = h
+        .submit("ocr", &[("url", &format!("{images}/hello.png"))])
+        .await
+        .unwrap();
+    let done = h.finish(&task.name).await.0;
     assert_eq!(state(&done), TaskState::Done, "{done:#?}");
     assert_eq!(
         pm_cli::demo::recognized(&done),
@@ -387,7 +343,10 @@ async fn the_ocr_pipeline_pod_runs_each_job_in_its_executor_container() {
 
     // SIGTERM while a task runs: the agent drains (5 s in the overlay), hands the task back,
     // and it finishes in the pod played again.
-    let long = submit(&mut tasks, &format!("{images}/hold/drain.png")).await;
+    let long = h
+        .submit("ocr", &[("url", &format!("{images}/hold/drain.png"))])
+        .await
+        .unwrap();
     tokio::time::timeout(WAIT, held.recv())
         .await
         .expect("the pod's wget asked for the held image")
@@ -401,7 +360,8 @@ async fn the_ocr_pipeline_pod_runs_each_job_in_its_executor_container() {
     // The hand-back is written by the shard after the agent left: wait for it (bounded).
     let deadline = Instant::now() + WAIT;
     let back = loop {
-        let back = tasks
+        let back = h
+            .tasks
             .get_task(GetTaskRequest {
                 name: long.name.clone(),
             })
@@ -418,7 +378,7 @@ async fn the_ocr_pipeline_pod_runs_each_job_in_its_executor_container() {
     pod.down().await;
     release_tx.send(true).unwrap();
     let pod = Played::play(&name, &yaml).await;
-    let done = finish(&mut tasks, &long.name).await;
+    let done = h.finish(&long.name).await.0;
     assert_eq!(state(&done), TaskState::Done, "{done:#?}");
     assert_eq!(done.attempt, 2);
     assert_eq!(
@@ -435,15 +395,19 @@ async fn the_ocr_pipeline_pod_runs_each_job_in_its_executor_container() {
     let mut replicas = Vec::new();
     for replica in ["a", "b"] {
         let name = format!("{name}-{replica}");
-        let yaml = render(&name, &dev.endpoint()).await;
+        let yaml = render(&name, &h.dev.endpoint()).await;
         replicas.push(Played::play(&name, &yaml).await);
     }
     for replica in &replicas {
         replica.ready().await;
     }
     let both = [
-        submit(&mut tasks, &format!("{images}/hold/a.png")).await,
-        submit(&mut tasks, &format!("{images}/hold/b.png")).await,
+        h.submit("ocr", &[("url", &format!("{images}/hold/a.png"))])
+            .await
+            .unwrap(),
+        h.submit("ocr", &[("url", &format!("{images}/hold/b.png"))])
+            .await
+            .unwrap(),
     ];
     for _ in 0..2 {
         tokio::time::timeout(WAIT, held.recv())
@@ -458,11 +422,11 @@ async fn the_ocr_pipeline_pod_runs_each_job_in_its_executor_container() {
     }
     release_tx.send(true).unwrap();
     for task in &both {
-        let done = finish(&mut tasks, &task.name).await;
+        let done = h.finish(&task.name).await.0;
         assert_eq!(state(&done), TaskState::Done, "{done:#?}");
     }
     for replica in replicas {
         replica.down().await;
     }
-    dev.stop().await;
+    h.dev.stop().await;
 }

@@ -101,7 +101,7 @@ stages:
           - 'test -e "$PM_WORK_DIR/again" || { touch "$PM_WORK_DIR/again"; exit 3; }'
           - 'printf %s "$TRACEPARENT"'
 "#;
-    apply_document(&mut pipelines, document).await;
+    apply_document(&mut pipelines, "", document).await;
 
     // The client's own trace: pm continues it.
     let trace = format!("{:032x}", rand_u128());
