@@ -12,7 +12,8 @@ RUN ./scripts/setup.sh && cargo build --release --locked \
     && strip --strip-debug pm-gateway pm-tenant-service pm-shard pm-agent pm pmctl
 
 FROM docker.io/library/debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates \
+# etcdctl (etcd-client) for the etcd backup CronJob and restore Job of k8s/.
+RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates etcd-client \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/pm-gateway /src/target/release/pm-tenant-service \
     /src/target/release/pm-shard /src/target/release/pm-agent /src/target/release/pm \

@@ -63,9 +63,15 @@ build() { # image, Containerfile (stdin)
     podman build --quiet --network host --build-arg "BASE=$base" -t "$1" -f - "$context" >/dev/null
 }
 
+# With etcdctl (Debian's etcd-client, 17 MB; the binary alone, not apt's caches) for the etcd
+# backup CronJob and restore Job of k8s/.
 build "localhost/pipeline-manager:$version" <<'EOF'
 ARG BASE
+FROM $BASE AS etcdctl
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    etcd-client >/dev/null
 FROM $BASE
+COPY --from=etcdctl /usr/bin/etcdctl /usr/local/bin/etcdctl
 COPY bin/ /usr/local/bin/
 ENTRYPOINT ["pm-agent"]
 EOF

@@ -2,7 +2,8 @@
 # Installs what building and testing need beyond cargo, once per machine; later runs are no-ops.
 # - protox's binary in .tools/, the `protoc` etcd-client's build script runs (.cargo/config.toml);
 # - an etcd server for the cluster tests (Debian's etcd-server, /usr/bin/etcd), unless
-#   PM_ETCD_BIN names one already;
+#   PM_ETCD_BIN names one already, and etcdctl (Debian's etcd-client), which the backup and
+#   restore scripts of k8s/base run in their test;
 # - wget and tesseract (Debian's tesseract-ocr, with English), which the sample OCR pipeline
 #   runs, and curl;
 # - make and a C compiler, which build jemalloc (the servers' allocator on x86_64);
@@ -33,6 +34,9 @@ command -v wget >/dev/null 2>&1 || packages+=(wget)
 command -v tesseract >/dev/null 2>&1 || packages+=(tesseract-ocr)
 if [ "${1:-}" = "--test" ] && [ -z "${PM_ETCD_BIN:-}" ] && [ ! -x /usr/bin/etcd ]; then
     packages+=(etcd-server)
+fi
+if [ "${1:-}" = "--test" ] && ! command -v etcdctl >/dev/null 2>&1; then
+    packages+=(etcd-client)
 fi
 if [ "${1:-}" = "--test" ] && [ -z "${PM_PROMTOOL_BIN:-}" ] && ! command -v promtool >/dev/null 2>&1; then
     packages+=(prometheus)

@@ -3,7 +3,7 @@
 //! `scripts/setup.sh --test` installs).
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,10 +12,12 @@ use crate::metadata::{Error, Expect, KeyValue, MetadataStore};
 pub struct Etcd {
     child: Child,
     pub endpoint: String,
-    _dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
 }
 
-fn free_port() -> u16 {
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -28,27 +30,38 @@ pub fn etcd_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
 }
 
+/// The member name every test etcd has (a restored snapshot must name it too).
+pub const MEMBER: &str = "test";
+
 impl Etcd {
-    /// Starts etcd and waits until it answers (at most 20 s).
+    /// Starts etcd in a temp dir and waits until it answers (at most 20 s).
     pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("etcd");
+        let mut etcd = Self::start_on(&data_dir, free_port(), free_port());
+        etcd._dir = Some(dir);
+        etcd
+    }
+
+    /// Starts etcd on `data_dir` (made if missing, kept after), member [`MEMBER`] with the
+    /// peer URL `http://127.0.0.1:{peer}`, and waits until it answers (at most 20 s).
+    pub fn start_on(data_dir: &Path, client: u16, peer: u16) -> Self {
         let bin = etcd_binary();
         assert!(
             bin.exists(),
             "no etcd at {}: run ./scripts/setup.sh --test or set PM_ETCD_BIN",
             bin.display()
         );
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = Command::new(&bin)
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
+            .arg(format!("--name={MEMBER}"))
+            .arg(format!("--data-dir={}", data_dir.display()))
             .arg(format!("--listen-client-urls={endpoint}"))
             .arg(format!("--advertise-client-urls={endpoint}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=test={peer_url}"))
+            .arg(format!("--initial-cluster={MEMBER}={peer_url}"))
             .arg("--log-level=error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -57,7 +70,8 @@ impl Etcd {
         let etcd = Self {
             child,
             endpoint,
-            _dir: dir,
+            data_dir: data_dir.to_owned(),
+            _dir: None,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         let health = format!("127.0.0.1:{client}");
@@ -68,6 +82,16 @@ impl Etcd {
             assert!(Instant::now() < deadline, "etcd did not start in 20 s");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Asks etcd for its status on a thread of its own, so callers may be async.
@@ -92,8 +116,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
