@@ -78,6 +78,9 @@ grep -q 'preStop' "$out/prod.yaml" || { echo "prod: the shards have no preStop" 
 grep -q 'publishNotReadyAddresses: true' "$out/prod.yaml" \
     || { echo "prod: the shards' Service does not publish not-ready addresses" >&2; exit 1; }
 grep -q 'startupProbe:' "$out/prod.yaml" || { echo "prod: the shards have no startupProbe" >&2; exit 1; }
+# Shards leave one at a time (a leaver must not hand its tasks to another leaver).
+grep -q 'podManagementPolicy: OrderedReady' "$out/prod.yaml" \
+    || { echo "prod: the shards do not leave one at a time" >&2; exit 1; }
 # prod speaks TLS: gateway, tenant-service and shards have their files, the agent the CA.
 [ "$(grep -c 'name: PM_TLS_CERT' "$out/prod.yaml")" -eq 3 ] \
     || { echo "prod: gateway, tenant-service and shards need PM_TLS_CERT" >&2; exit 1; }

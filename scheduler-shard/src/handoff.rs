@@ -26,6 +26,9 @@ pub const BATCH: usize = 500;
 /// How long one Adopt call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a leaving shard logs what it still holds.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 /// Channels to the other shards, by address.
 #[derive(Default)]
 pub struct Peers {
@@ -92,16 +95,35 @@ impl Handoff {
     }
 
     /// Scale-down: hands everything off by the ring without this shard, until nothing is
-    /// left or `timeout` passes. Returns how many pipelines are still held (0: all moved).
-    pub async fn drain(&self, timeout: Duration) -> usize {
+    /// left, or `timeout` passes when there is one. Returns how many pipelines are still
+    /// held (0: all moved). Logs its progress every [`PROGRESS_EVERY`].
+    pub async fn drain(&self, timeout: Option<Duration>) -> usize {
         self.ownership.leave();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = timeout.map(|t| started + t);
+        let mut reported = started;
+        let total = self.scheduler.len();
+        tracing::info!(tasks = total, "leaving: handing every task off");
         loop {
             let pending = self.round().await;
             let held = self.scheduler.pipelines().len();
             // A submit that passed its ownership check before the leave may still land.
             if held == 0 && self.scheduler.arrivals_in_flight() == 0 {
+                tracing::info!(
+                    tasks = total,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "every task handed off"
+                );
                 return 0;
+            }
+            if reported.elapsed() >= PROGRESS_EVERY {
+                reported = tokio::time::Instant::now();
+                tracing::info!(
+                    tasks_left = self.scheduler.len(),
+                    pipelines_left = held,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "handing off"
+                );
             }
             if held > 0 && self.ownership.ring().is_empty() {
                 tracing::warn!(
@@ -110,8 +132,12 @@ impl Handoff {
                 );
                 return held;
             }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(pipelines = held, "handoff not finished in time");
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                tracing::warn!(
+                    pipelines = held,
+                    tasks = self.scheduler.len(),
+                    "handoff not finished within --handoff-seconds: the tasks left stay on this shard's disk until it is back"
+                );
                 return held;
             }
             let wait = if pending { 200 } else { 50 };

@@ -150,8 +150,9 @@ const READ_AHEAD_CHUNKS: usize = 16;
 pub struct Cluster {
     pub ownership: Arc<Ownership>,
     pub registration: Option<Registration>,
-    /// How long a leaving shard (SIGTERM) spends handing its tasks off.
-    pub handoff_timeout: Duration,
+    /// How long a leaving shard (SIGTERM) may spend handing its tasks off (`None`: until
+    /// every task is handed off).
+    pub handoff_timeout: Option<Duration>,
 }
 
 impl Cluster {
@@ -160,7 +161,7 @@ impl Cluster {
         Self {
             ownership: Arc::new(Ownership::standalone()),
             registration: None,
-            handoff_timeout: Duration::ZERO,
+            handoff_timeout: Some(Duration::ZERO),
         }
     }
 
@@ -170,7 +171,7 @@ impl Cluster {
         endpoints: &[String],
         me: Member,
         ttl: Duration,
-        handoff_timeout: Duration,
+        handoff_timeout: Option<Duration>,
         cancel: CancellationToken,
     ) -> Result<Self, pm_cluster::Error> {
         let client = pm_cluster::etcd::connect(endpoints).await?;

@@ -66,8 +66,10 @@ struct Args {
     /// shard keeps its pipelines before they go to the next owner.
     #[arg(long, env = "PM_MEMBERSHIP_TTL_SECONDS", default_value_t = 10)]
     membership_ttl_seconds: u64,
-    /// Seconds a leaving shard (SIGTERM) may spend handing its tasks to the others.
-    #[arg(long, env = "PM_HANDOFF_SECONDS", default_value_t = 60)]
+    /// Seconds a leaving shard (SIGTERM) may spend handing its tasks to the others; 0, the
+    /// default, for as long as it takes: a shard that exits with tasks left strands them on
+    /// its disk until it comes back. Bound it with the orchestrator's grace period instead.
+    #[arg(long, env = "PM_HANDOFF_SECONDS", default_value_t = 0)]
     handoff_seconds: u64,
     /// Where the shard keeps its tasks (its own disk).
     #[arg(long, env = "PM_DATA_DIR", default_value = "pm-data/shard")]
@@ -147,7 +149,7 @@ async fn run(args: Args) -> std::process::ExitCode {
             &args.etcd,
             me,
             Duration::from_secs(args.membership_ttl_seconds.max(1)),
-            Duration::from_secs(args.handoff_seconds),
+            (args.handoff_seconds > 0).then(|| Duration::from_secs(args.handoff_seconds)),
             tokio_util::sync::CancellationToken::new(),
         )
         .await

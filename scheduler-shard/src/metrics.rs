@@ -14,7 +14,7 @@ use ::metrics::{
 use pm_proto::names::PipelineName;
 use pm_proto::v1::TaskState;
 
-use crate::ownership::Ownership;
+use crate::ownership::{Ownership, ring_key_of};
 use crate::scheduler::{FINAL_STATES, Scheduler};
 
 pub const COMPONENT: &str = "shard";
@@ -137,6 +137,10 @@ fn describe() {
         "Pipelines (ring keys) with tasks on this shard."
     );
     describe_gauge!(
+        "pm_handoff_pending_tasks",
+        "Unfinished tasks held here of pipelines this shard no longer owns (all of them while it leaves): what the handoff still has to move."
+    );
+    describe_gauge!(
         "pm_etcd_connected",
         "1 while the shard follows the ring in etcd, 0 while it serves the last ring it saw."
     );
@@ -168,7 +172,15 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
         let now_ms = pm_proto::unix_ms().max(0) as u64;
         let mut shown = shown.lock().expect("shown lock");
         let mut now = HashSet::with_capacity(stats.pipelines.len());
+        let ring = ownership.ring();
+        let mut pending = 0;
         for p in &stats.pipelines {
+            let moving = ring
+                .owner(&ring_key_of(&p.pipeline))
+                .is_some_and(|o| o.id != ownership.me() || ownership.leaving());
+            if moving {
+                pending += p.ready + p.in_progress;
+            }
             let labels = pipeline_labels(&p.pipeline);
             let queued = |state: TaskState| {
                 let mut l = labels.clone();
@@ -200,7 +212,8 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
         gauge!("pm_agent_sessions", "component" => COMPONENT).set(stats.sessions as f64);
         gauge!("pm_agent_slots_free", "component" => COMPONENT).set(stats.slots_free as f64);
         gauge!("pm_ring_owned_keys", "component" => COMPONENT).set(stats.pipelines_held as f64);
-        gauge!("pm_ring_shards", "component" => COMPONENT).set(ownership.ring().len() as f64);
+        gauge!("pm_ring_shards", "component" => COMPONENT).set(ring.len() as f64);
+        gauge!("pm_handoff_pending_tasks", "component" => COMPONENT).set(pending as f64);
         if clustered {
             let connected = ownership.membership().connected();
             gauge!("pm_etcd_connected", "component" => COMPONENT)

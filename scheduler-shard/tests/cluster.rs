@@ -173,7 +173,13 @@ impl Cluster {
         out
     }
 
+    /// Shard `id`, whose handoff on leaving is bounded at 20 s (this test's changes come
+    /// one after another; an unbounded one is [`Cluster::shard_with`]).
     fn shard(&self, id: &str) -> Proc {
+        self.shard_with(id, &["--handoff-seconds", "20"])
+    }
+
+    fn shard_with(&self, id: &str, extra: &[&str]) -> Proc {
         // A fresh port even for a restart: the identity is the id and the disk, and the
         // port just freed may already serve someone else's connection.
         let port = free_port();
@@ -197,11 +203,11 @@ impl Cluster {
             "2",
             "--lease-ttl-seconds",
             "3",
-            "--handoff-seconds",
-            "20",
         ]
+        .into_iter()
+        .chain(extra.iter().copied())
         .map(String::from)
-        .to_vec();
+        .collect();
         Proc::spawn("pm-shard", &args, &self.dir.join(format!("{id}.log")))
     }
 
@@ -818,5 +824,146 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         acked.len()
     );
 
+    cancel.cancel();
+}
+
+/// Scale-down under a backlog: a shard holding 100,000 READY tasks gets SIGTERM with no
+/// handoff bound (the default), and exits only once every task is on the remaining shard,
+/// however long that takes; nothing is left on its disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_shard_hands_off_its_whole_backlog_before_it_exits() {
+    use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask, enqueue_result};
+    use pm_proto::v1::Task;
+
+    const TASKS: usize = 100_000;
+    const PER_CALL: usize = 1_000;
+    let tmp = Logs(Some(tempfile::tempdir().unwrap()));
+    let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
+    let etcd = Etcd::start();
+    let cluster = Cluster {
+        dir: dir.clone(),
+        etcd: etcd.endpoint.clone(),
+        tenant_service: String::new(),
+        admin: (String::new(), String::new()),
+        metrics: Mutex::default(),
+    };
+    let cancel = CancellationToken::new();
+    let client = pm_cluster::etcd::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .unwrap();
+    let view = Membership::watch(client, cancel.clone());
+    let leaver = cluster.shard_with("s0", &[]);
+    let _stayer = cluster.shard_with("s1", &[]);
+    assert!(
+        view.wait_for(Duration::from_secs(20), |r| ids(r) == ["s0", "s1"])
+            .await,
+        "{}",
+        cluster.ring_failure(&view, &["s0", "s1"])
+    );
+    let ring = view.ring();
+    let address = |id: &str| {
+        ring.members()
+            .find(|m| m.id == id)
+            .map(|m| m.address.clone())
+            .unwrap()
+    };
+    // Four pipelines s0 owns: the whole backlog is on the shard that leaves.
+    let pipelines: Vec<String> = (0..200)
+        .map(|i| format!("tenants/c/applications/a/pipelines/q{i}"))
+        .filter(|p| owner(&ring, p) == "s0")
+        .take(4)
+        .collect();
+    assert_eq!(pipelines.len(), 4);
+    let item = |pipeline: &str| EnqueueTask {
+        task: Some(Task {
+            pipeline: pipeline.into(),
+            priority: 10,
+            ..Task::default()
+        }),
+        spec: Some(common::spec(vec!["true".into()])),
+        client_priority: 10,
+        ..EnqueueTask::default()
+    };
+    let s0 = pm_proto::client::shard(pm_proto::client::channel(&address("s0")).unwrap());
+    let submitters: Vec<_> = (0..4)
+        .map(|w| {
+            let mut s0 = s0.clone();
+            let pipeline = pipelines[w].clone();
+            let item = item(&pipeline);
+            tokio::spawn(async move {
+                let mut names = Vec::new();
+                for _ in 0..TASKS / 4 / PER_CALL {
+                    let answer = s0
+                        .enqueue(EnqueueRequest {
+                            tasks: vec![item.clone(); PER_CALL],
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    for r in answer.results {
+                        match r.outcome {
+                            Some(enqueue_result::Outcome::Task(t)) => names.push(t.name),
+                            other => panic!("not acknowledged: {other:?}"),
+                        }
+                    }
+                }
+                names
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for s in submitters {
+        acked.extend(s.await.unwrap());
+    }
+    assert_eq!(acked.len(), TASKS);
+
+    // SIGTERM with no bound but the test's own.
+    let left = Instant::now();
+    let status = leaver.terminate(Duration::from_secs(300));
+    let took = left.elapsed();
+    assert!(status.success(), "s0 exited with {status}");
+    eprintln!("s0 handed off {TASKS} READY tasks and exited {took:?} after SIGTERM");
+    let log = std::fs::read_to_string(dir.join("s0.log")).unwrap();
+    assert!(log.contains("every task handed off"), "{log}");
+    assert!(
+        !log.contains("handoff not finished"),
+        "s0 gave up on its handoff: {log}"
+    );
+
+    // Every task is on s1, READY, and findable by the name s0 acknowledged it under.
+    let metrics = cluster.metrics.lock().unwrap()["s1"].clone();
+    let text = scrape(&metrics).await.unwrap();
+    let ready: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("pm_queue_tasks{") && l.contains("state=\"ready\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(ready as usize, TASKS, "{text}");
+    let mut s1 = pm_proto::client::shard(pm_proto::client::channel(&address("s1")).unwrap());
+    for name in acked.iter().step_by(997) {
+        let task = s1
+            .get_task(GetTaskRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(task.state(), TaskState::Ready, "{name}");
+    }
+    // And nothing is left on s0's disk: started again, it replays no task (it logs what it
+    // recovered, before it serves).
+    let before = log.len();
+    let back = cluster.shard_with("s0", &[]);
+    let mut restarted = String::new();
+    until("s0 serves again", Duration::from_secs(30), async || {
+        let log = std::fs::read_to_string(dir.join("s0.log")).unwrap_or_default();
+        restarted = log.get(before..).unwrap_or_default().to_owned();
+        restarted.contains("shard serving")
+    })
+    .await;
+    assert!(
+        !restarted.contains("recovered tasks from disk"),
+        "s0 kept tasks on its disk: {restarted}"
+    );
+    drop(back);
     cancel.cancel();
 }

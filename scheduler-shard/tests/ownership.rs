@@ -38,7 +38,7 @@ async fn shard(etcd: &str, id: &str, stop: &CancellationToken) -> Shard {
         &[etcd.to_owned()],
         me,
         Duration::from_secs(2),
-        Duration::from_secs(5),
+        Some(Duration::from_secs(5)),
         stop.clone(),
     )
     .await
