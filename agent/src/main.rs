@@ -131,6 +131,12 @@ enum Command {
         #[arg(long, env = "PM_WORK_DIR_AT")]
         work_dir_at: Option<PathBuf>,
     },
+    /// Exits 0 if an exec-server accepts connections on SOCKET, 1 if not: an executor
+    /// container's startup probe (it needs nothing in the executor's image but this binary).
+    ExecServerReady {
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -161,6 +167,15 @@ async fn run(args: Args) -> std::process::ExitCode {
             pm_agent::runner::MAX_OUTPUT_DATA
         );
         return std::process::ExitCode::from(64);
+    }
+    if let Some(Command::ExecServerReady { socket }) = &args.command {
+        return match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(_) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pm-agent: no exec-server on {}: {e}", socket.display());
+                std::process::ExitCode::from(1)
+            }
+        };
     }
     if let Some(Command::ExecServer {
         socket,

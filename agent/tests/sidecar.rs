@@ -396,3 +396,26 @@ async fn the_exec_server_confines_what_it_is_asked_to_run() {
     assert!(result.stdout.contains("PM_TASK_ID=t1"));
     assert!(!result.stdout.contains("leaked"), "{}", result.stdout);
 }
+
+/// `pm-agent exec-server-ready`, an executor's startup probe: fails until the exec-server
+/// listens, then succeeds.
+#[test]
+fn the_readiness_probe_answers_whether_the_exec_server_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("wget.sock");
+    let ready = || {
+        Command::new(env!("CARGO_BIN_EXE_pm-agent"))
+            .args(["exec-server-ready", "--socket"])
+            .arg(&socket)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(ready(), Some(1));
+    let server = exec_server(&socket, &dir.path().join("work"), &[]);
+    assert_eq!(ready(), Some(0));
+    drop(server);
+    // A socket file left by a killed server accepts nothing.
+    assert_eq!(ready(), Some(1));
+}
