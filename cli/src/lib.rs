@@ -5,4 +5,5 @@
 
 pub mod ctl;
 pub mod demo;
+pub mod deploy;
 pub mod dev;

@@ -23,6 +23,10 @@ mod auth;
 #[path = "e2e/bad_input.rs"]
 mod bad_input;
 
+/// `pmctl pipeline deploy`'s values, rendered by the pipeline chart.
+#[path = "e2e/chart.rs"]
+mod chart;
+
 /// `pm dev --metrics-listen`, scraped live.
 #[path = "e2e/metrics.rs"]
 mod metrics;
