@@ -159,6 +159,21 @@ grep -q 'podManagementPolicy: OrderedReady' "$out/prod.yaml" \
     || { echo "prod: gateway, tenant-service and shards need PM_TLS_CERT" >&2; exit 1; }
 [ "$(grep -c -- '--health-listen=0.0.0.0:8081' "$out/prod.yaml")" -eq 3 ] \
     || { echo "prod: with TLS the probes need the plaintext health port" >&2; exit 1; }
+# Kubelet's gRPC probes speak plaintext: none may aim at a TLS port.
+NODE_PATH=.tools/npm/node_modules node -e '
+    const yaml = require("js-yaml"), fs = require("fs");
+    for (const d of yaml.loadAll(fs.readFileSync(process.argv[1], "utf8")).filter(Boolean)) {
+        for (const c of (d.spec && d.spec.template && d.spec.template.spec.containers) || []) {
+            for (const probe of ["startupProbe", "readinessProbe", "livenessProbe"]) {
+                const port = c[probe] && c[probe].grpc && c[probe].grpc.port;
+                if (port !== undefined && port !== 8081) {
+                    console.error(`prod: ${d.metadata.name}'"'"'s ${probe} asks port ${port}, which speaks TLS`);
+                    process.exit(1);
+                }
+            }
+        }
+    }
+' "$out/prod.yaml"
 # The internal ports are closed to all but their callers (docs/security.md).
 for overlay in dev prod; do
     [ "$(grep -c '^kind: NetworkPolicy' "$out/$overlay.yaml")" -eq 5 ] \
