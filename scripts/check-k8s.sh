@@ -142,6 +142,36 @@ grep -q 'needs at least one executor' "$out/chart-error.txt" \
     || { cat "$out/chart-error.txt" >&2; exit 1; }
 echo "charts/pipeline: linted, rendered four ways and valid; its OCR pod is k8s/pipelines/ocr's"
 
+# The platform chart (charts/platform) renders exactly the objects of the kustomize base and
+# of each overlay (its values files examples/dev.yaml and prod.yaml), the namespace aside
+# (a release does not make its own namespace). So it is validated and scanned with them.
+render k8s/base > "$out/base.yaml"
+"$helm" lint --strict --quiet charts/platform 2> >(grep -v 'found symbolic link' >&2)
+for variant in base dev prod; do
+    values=()
+    [ "$variant" = base ] || values=(-f "charts/platform/examples/$variant.yaml")
+    "$helm" template platform charts/platform --namespace pipeline-manager "${values[@]}" \
+        > "$out/platform-$variant.yaml" 2> >(grep -v 'found symbolic link' >&2)
+    NODE_PATH=.tools/npm/node_modules node -e '
+        const yaml = require("js-yaml"), fs = require("fs");
+        const load = (f) => yaml.loadAll(fs.readFileSync(f, "utf8")).filter(Boolean);
+        const canon = (v) => JSON.stringify(v, (_, x) =>
+            x && typeof x === "object" && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).sort()) : x);
+        const byKey = (docs) => new Map(docs.map((d) => [d.kind + "/" + d.metadata.name, canon(d)]));
+        const chart = byKey(load(process.argv[1]));
+        const kustomize = byKey(load(process.argv[2]).filter((d) => d.kind !== "Namespace"));
+        for (const key of new Set([...chart.keys(), ...kustomize.keys()])) {
+            const [a, b] = [chart.get(key), kustomize.get(key)];
+            if (a === b) continue;
+            if (!a || !b) { console.error(process.argv[3] + ": " + key + " is only in " + (a ? "charts/platform" : "kustomize")); process.exit(1); }
+            let i = 0; while (a[i] === b[i]) i++;
+            console.error(process.argv[3] + ": " + key + " differs:\n  chart:     ..." + a.slice(Math.max(0, i - 60), i + 100) + "\n  kustomize: ..." + b.slice(Math.max(0, i - 60), i + 100));
+            process.exit(1);
+        }
+    ' "$out/platform-$variant.yaml" "$out/$variant.yaml" "charts/platform (values of $variant)"
+done
+echo "charts/platform: linted; renders the objects of k8s/base, overlays/dev and overlays/prod"
+
 # What the schemas cannot see: prod's etcd peers match its replicas, and shards drain.
 grep -q 'etcd-2=http://etcd-2.etcd:2380' "$out/prod.yaml" \
     || { echo "prod: ETCD_INITIAL_CLUSTER does not list three members" >&2; exit 1; }
