@@ -11,11 +11,12 @@ use ::metrics::{
     histogram,
 };
 
+use pm_cluster::Ring;
 use pm_proto::names::PipelineName;
 use pm_proto::v1::TaskState;
 
 use crate::ownership::{Ownership, ring_key_of};
-use crate::scheduler::{FINAL_STATES, Scheduler};
+use crate::scheduler::{FINAL_STATES, PipelineStats, Scheduler};
 
 pub const COMPONENT: &str = "shard";
 
@@ -173,14 +174,8 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
         let mut shown = shown.lock().expect("shown lock");
         let mut now = HashSet::with_capacity(stats.pipelines.len());
         let ring = ownership.ring();
-        let mut pending = 0;
+        let pending = pending_handoff(&stats.pipelines, &ring, ownership.me(), ownership.leaving());
         for p in &stats.pipelines {
-            let moving = ring
-                .owner(&ring_key_of(&p.pipeline))
-                .is_some_and(|o| o.id != ownership.me() || ownership.leaving());
-            if moving {
-                pending += p.ready + p.in_progress;
-            }
             let labels = pipeline_labels(&p.pipeline);
             let queued = |state: TaskState| {
                 let mut l = labels.clone();
@@ -223,6 +218,20 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
     });
 }
 
+/// Unfinished tasks of the pipelines `me` no longer owns by `ring` (every pipeline's while
+/// it is `leaving`): `pm_handoff_pending_tasks`. With no owner at all (an empty ring), there
+/// is nowhere to move them, so they are not pending.
+fn pending_handoff(pipelines: &[PipelineStats], ring: &Ring, me: &str, leaving: bool) -> u64 {
+    pipelines
+        .iter()
+        .filter(|p| {
+            ring.owner(&ring_key_of(&p.pipeline))
+                .is_some_and(|o| o.id != me || leaving)
+        })
+        .map(|p| p.ready + p.in_progress)
+        .sum()
+}
+
 fn pipeline_labels(pipeline: &str) -> Vec<(&'static str, String)> {
     let (tenant, application, name) = match PipelineName::parse(pipeline) {
         Ok(p) => (p.tenant, p.application, p.pipeline),
@@ -234,4 +243,49 @@ fn pipeline_labels(pipeline: &str) -> Vec<(&'static str, String)> {
         ("application", application),
         ("pipeline", name),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pm_cluster::Member;
+
+    #[test]
+    fn pending_handoff_counts_the_unfinished_tasks_of_pipelines_owned_elsewhere() {
+        let member = |id: &str| Member {
+            id: id.into(),
+            address: format!("http://{id}:1"),
+            started_at: 1,
+        };
+        let ring = Ring::new(1, [member("a"), member("b")]);
+        let pipelines: Vec<PipelineStats> = (0..40)
+            .map(|i| PipelineStats {
+                pipeline: format!("tenants/t/applications/a/pipelines/p{i}").into(),
+                ready: 10,
+                in_progress: 1,
+                oldest_ready_ms: None,
+                counts: Default::default(),
+            })
+            .collect();
+        let owned_by_b = pipelines
+            .iter()
+            .filter(|p| ring.owner(&ring_key_of(&p.pipeline)).unwrap().id == "b")
+            .count() as u64;
+        assert!(owned_by_b > 0 && owned_by_b < 40);
+        assert_eq!(
+            pending_handoff(&pipelines, &ring, "a", false),
+            owned_by_b * 11
+        );
+        assert_eq!(
+            pending_handoff(&pipelines, &ring, "a", true),
+            40 * 11,
+            "leaving: all of them"
+        );
+        let empty = Ring::new(2, []);
+        assert_eq!(
+            pending_handoff(&pipelines, &empty, "a", true),
+            0,
+            "nowhere to go"
+        );
+    }
 }
