@@ -1,10 +1,7 @@
 //! `pm-gateway`: the public endpoint as its own process.
 
-// jemalloc: less CPU per request than glibc's malloc, without mimalloc's latency spikes
-// (perf/RESULTS.md, "The allocator").
-#[cfg(target_arch = "x86_64")]
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+// jemalloc on x86_64 (pm_proto::server_allocator: why).
+pm_proto::server_allocator!();
 
 use clap::Parser;
 

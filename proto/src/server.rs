@@ -228,3 +228,20 @@ pub fn init_tracing(format: LogFormat, service: &'static str) -> crate::trace::T
         }
     }
 }
+
+/// The servers' allocator, declared in each server binary (`pm-gateway`, `pm-tenant-service`,
+/// `pm-shard`, `pm`) with `pm_proto::server_allocator!();`. On x86_64 it is jemalloc: less
+/// CPU per request than glibc's malloc, without mimalloc's latency spikes (perf/RESULTS.md,
+/// "The allocator"). Its background purging thread is off: it returns ~45 MiB of an idle
+/// shard that held a million tasks, but cost ~9% more CPU per task in 1-slot cycles
+/// ("jemalloc's background thread"); `_RJEM_MALLOC_CONF=background_thread:true` turns it on.
+/// Elsewhere glibc's: jemalloc fixes its page size when it is built, and Raspberry Pi 5
+/// kernels use 16 KiB pages. The binary needs `tikv-jemallocator` on x86_64.
+#[macro_export]
+macro_rules! server_allocator {
+    () => {
+        #[cfg(target_arch = "x86_64")]
+        #[global_allocator]
+        static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+    };
+}
