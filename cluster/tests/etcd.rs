@@ -181,17 +181,22 @@ async fn a_snapshot_restores_a_wiped_etcd() {
     );
     let peer_url = format!("http://127.0.0.1:{peer}");
     let member = pm_cluster::testing::MEMBER;
-    let out = script(
-        "etcd-restore.sh",
-        &[
-            newest.to_str().unwrap(),
-            data.to_str().unwrap(),
-            member,
-            &format!("{member}={peer_url}"),
-            &peer_url,
-        ],
-        &[],
-    );
+    // The documented restore: the newest snapshot into the member's data dir, as a
+    // one-member cluster on the ports it starts on next.
+    let restore = || {
+        script(
+            "etcd-restore.sh",
+            &[
+                newest.to_str().unwrap(),
+                data.to_str().unwrap(),
+                member,
+                &format!("{member}={peer_url}"),
+                &peer_url,
+            ],
+            &[],
+        )
+    };
+    let out = restore();
     assert!(out.contains("restored "), "{out}");
     let restored = Etcd::start_on(&data, client, peer);
     let store = EtcdStore::connect(std::slice::from_ref(&restored.endpoint))
@@ -209,17 +214,7 @@ async fn a_snapshot_restores_a_wiped_etcd() {
 
     // A restore over a data dir that holds something moves it aside, never deletes it.
     drop(restored);
-    let out = script(
-        "etcd-restore.sh",
-        &[
-            newest.to_str().unwrap(),
-            data.to_str().unwrap(),
-            member,
-            &format!("{member}={peer_url}"),
-            &peer_url,
-        ],
-        &[],
-    );
+    let out = restore();
     assert!(out.contains("moved the old data to "), "{out}");
     let aside = std::fs::read_dir(data.parent().unwrap())
         .unwrap()

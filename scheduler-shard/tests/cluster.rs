@@ -832,9 +832,6 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
 /// however long that takes; nothing is left on its disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_shard_hands_off_its_whole_backlog_before_it_exits() {
-    use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask, enqueue_result};
-    use pm_proto::v1::Task;
-
     const TASKS: usize = 100_000;
     const PER_CALL: usize = 1_000;
     let tmp = Logs(Some(tempfile::tempdir().unwrap()));
@@ -874,39 +871,19 @@ async fn a_leaving_shard_hands_off_its_whole_backlog_before_it_exits() {
         .take(4)
         .collect();
     assert_eq!(pipelines.len(), 4);
-    let item = |pipeline: &str| EnqueueTask {
-        task: Some(Task {
-            pipeline: pipeline.into(),
-            priority: 10,
-            ..Task::default()
-        }),
-        spec: Some(common::spec(vec!["true".into()])),
-        client_priority: 10,
-        ..EnqueueTask::default()
-    };
     let s0 = pm_proto::client::shard(pm_proto::client::channel(&address("s0")).unwrap());
     let submitters: Vec<_> = (0..4)
         .map(|w| {
             let mut s0 = s0.clone();
             let pipeline = pipelines[w].clone();
-            let item = item(&pipeline);
+            let item = common::item(&pipeline);
             tokio::spawn(async move {
                 let mut names = Vec::new();
                 for _ in 0..TASKS / 4 / PER_CALL {
-                    let answer = s0
-                        .enqueue(EnqueueRequest {
-                            tasks: vec![item.clone(); PER_CALL],
-                            ..Default::default()
-                        })
-                        .await
-                        .unwrap()
-                        .into_inner();
-                    for r in answer.results {
-                        match r.outcome {
-                            Some(enqueue_result::Outcome::Task(t)) => names.push(t.name),
-                            other => panic!("not acknowledged: {other:?}"),
-                        }
-                    }
+                    let tasks =
+                        common::enqueue_all_acknowledged(&mut s0, vec![item.clone(); PER_CALL])
+                            .await;
+                    names.extend(tasks.into_iter().map(|t| t.name));
                 }
                 names
             })

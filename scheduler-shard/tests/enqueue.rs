@@ -11,7 +11,7 @@ use tonic::Code;
 use pm_proto::internal::v1::enqueue_result;
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
-use pm_proto::v1::{GetTaskRequest, ListTasksRequest, Task};
+use pm_proto::v1::{GetTaskRequest, ListTasksRequest};
 use tonic::transport::Channel;
 
 const PIPELINE: &str = "tenants/t/applications/a/pipelines/p";
@@ -53,16 +53,7 @@ impl Shard {
 }
 
 fn with_spec() -> EnqueueTask {
-    EnqueueTask {
-        task: Some(Task {
-            pipeline: PIPELINE.into(),
-            priority: 10,
-            ..Task::default()
-        }),
-        spec: Some(common::spec(vec!["true".into()])),
-        client_priority: 10,
-        ..EnqueueTask::default()
-    }
+    common::item(PIPELINE)
 }
 
 fn by_id(spec_id: Vec<u8>) -> EnqueueTask {

@@ -9,10 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 mod common;
+use common::item;
 
 use pm_cluster::Member;
 use pm_cluster::testing::Etcd;
-use pm_proto::internal::v1::{AdoptRequest, EnqueueRequest, EnqueueTask, HandoffTask, StoredTask};
+use pm_proto::internal::v1::{AdoptRequest, EnqueueRequest, HandoffTask, StoredTask};
 use pm_proto::status::NotOwner;
 use pm_proto::v1::{GetTaskRequest, ListTasksRequest, PipelineSpec, Task, TaskState};
 use pm_scheduler_shard::{Cluster, Ownership};
@@ -59,19 +60,6 @@ async fn shard(etcd: &str, id: &str, stop: &CancellationToken) -> Shard {
 
 fn spec() -> PipelineSpec {
     common::spec(vec!["true".into()])
-}
-
-fn item(pipeline: &str) -> EnqueueTask {
-    EnqueueTask {
-        task: Some(Task {
-            pipeline: pipeline.into(),
-            priority: 10,
-            ..Task::default()
-        }),
-        spec: Some(spec()),
-        client_priority: 10,
-        ..EnqueueTask::default()
-    }
 }
 
 fn client(

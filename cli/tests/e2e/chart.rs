@@ -12,22 +12,25 @@ fn repo() -> PathBuf {
 #[test]
 fn pmctl_deploy_prints_values_the_chart_renders() {
     let repo = repo();
-    let out = Command::new(env!("CARGO_BIN_EXE_pmctl"))
-        .current_dir(&repo)
-        .args([
+    // `pmctl pipeline deploy` of the OCR spec with these `--image`s.
+    let deploy = |images: &[&str]| {
+        let mut pmctl = Command::new(env!("CARGO_BIN_EXE_pmctl"));
+        pmctl.current_dir(&repo).args([
             "pipeline",
             "deploy",
             "default/demo/ocr",
             "-f",
             "examples/ocr.yaml",
-        ])
-        .args(["--image", "wget=docker.io/library/debian:bookworm-slim"])
-        .args([
-            "--image",
-            "tesseract=ghcr.io/pipeline-manager/pm-exec-tesseract:0.1.0",
-        ])
-        .output()
-        .unwrap();
+        ]);
+        for image in images {
+            pmctl.args(["--image", image]);
+        }
+        pmctl.output().unwrap()
+    };
+    let out = deploy(&[
+        "wget=docker.io/library/debian:bookworm-slim",
+        "tesseract=ghcr.io/pipeline-manager/pm-exec-tesseract:0.1.0",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let values = String::from_utf8(out.stdout).unwrap();
@@ -93,18 +96,7 @@ fn pmctl_deploy_prints_values_the_chart_renders() {
     );
 
     // An executor left without an image is named.
-    let out = Command::new(env!("CARGO_BIN_EXE_pmctl"))
-        .current_dir(&repo)
-        .args([
-            "pipeline",
-            "deploy",
-            "default/demo/ocr",
-            "-f",
-            "examples/ocr.yaml",
-        ])
-        .args(["--image", "wget=debian"])
-        .output()
-        .unwrap();
+    let out = deploy(&["wget=debian"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -90,23 +90,53 @@ pub fn spec(commands: Vec<String>) -> PipelineSpec {
     }
 }
 
+/// A task of `pipeline` (priority 10) that runs `true`, sent with its spec.
+pub fn item(pipeline: &str) -> EnqueueTask {
+    EnqueueTask {
+        task: Some(Task {
+            pipeline: pipeline.into(),
+            priority: 10,
+            ..Task::default()
+        }),
+        spec: Some(spec(vec!["true".into()])),
+        client_priority: 10,
+        ..EnqueueTask::default()
+    }
+}
+
 /// Submits one task; panics unless the shard acknowledges it (durable).
 pub async fn enqueue_acknowledged(
     client: &mut ShardServiceClient<tonic::transport::Channel>,
     item: EnqueueTask,
 ) -> Task {
+    enqueue_all_acknowledged(client, vec![item]).await.remove(0)
+}
+
+/// Submits `items` in one call; panics unless the shard acknowledges every one (durable).
+/// Returns the tasks in the order sent.
+pub async fn enqueue_all_acknowledged(
+    client: &mut ShardServiceClient<tonic::transport::Channel>,
+    items: Vec<EnqueueTask>,
+) -> Vec<Task> {
+    let sent = items.len();
     let answer = client
         .enqueue(EnqueueRequest {
-            tasks: vec![item],
+            tasks: items,
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    match answer.results.first().and_then(|r| r.outcome.clone()) {
-        Some(enqueue_result::Outcome::Task(task)) => task,
-        _ => panic!("not acknowledged: {answer:?}"),
-    }
+    let tasks: Vec<Task> = answer
+        .results
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Some(enqueue_result::Outcome::Task(task)) => Some(task.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tasks.len(), sent, "not acknowledged: {answer:?}");
+    tasks
 }
 
 /// Asks for task `name` until it is DONE, and returns it; panics at `deadline`.
