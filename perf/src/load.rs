@@ -419,6 +419,55 @@ fn hello(agent_id: &str, pipeline: String, slots: u32) -> AgentMessage {
     }
 }
 
+/// `n` [`idle_agent`]s on `endpoint` for `pipeline`, held until dropped.
+pub struct IdleAgents {
+    handles: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    connected: Arc<AtomicU64>,
+}
+
+impl IdleAgents {
+    /// Opens them, 200 every 20 ms (a burst of thousands of handshakes at once is another
+    /// benchmark), and waits until all are connected or 120 s have passed.
+    pub async fn open(endpoint: &str, pipeline: &str, n: usize) -> Self {
+        let connected = Arc::new(AtomicU64::new(0));
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            handles.push(tokio::spawn(idle_agent(
+                endpoint.to_owned(),
+                pipeline.to_owned(),
+                connected.clone(),
+            )));
+            if i % 200 == 199 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let agents = Self { handles, connected };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while agents.connected() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        agents
+    }
+
+    /// Streams the server accepted.
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed) as usize
+    }
+
+    /// Agents whose stream ended (refused or lost).
+    pub fn ended(&self) -> usize {
+        self.handles.iter().filter(|h| h.is_finished()).count()
+    }
+}
+
+impl Drop for IdleAgents {
+    fn drop(&mut self) {
+        for h in &self.handles {
+            h.abort();
+        }
+    }
+}
+
 /// An agent that connects on a connection of its own, says Hello for `pipeline` (one that
 /// gets no tasks) and then only holds its stream: what an idle agent costs the servers.
 /// `connected` counts the streams the server accepted.

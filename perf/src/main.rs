@@ -583,30 +583,11 @@ impl Bench {
             .await?;
         let rss = |p: &procs::Proc| p.rss_mib();
         let (gw0, shard0) = (rss(&stack.gateway), rss(&stack.shard));
-        let connected = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let started = Instant::now();
-        let mut handles = Vec::with_capacity(n);
-        for _ in 0..n {
-            handles.push(tokio::spawn(load::idle_agent(
-                gw.clone(),
-                IDLE_PIPELINE.into(),
-                connected.clone(),
-            )));
-            // Paced: a burst of thousands of handshakes at once is another benchmark.
-            if handles.len() % 200 == 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while (connected.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let held = connected.load(Ordering::Relaxed) as usize;
-        let failed = handles.iter().filter(|h| h.is_finished()).count();
-        println!(
-            "  {held} of {n} idle streams connected in {:.1} s ({failed} ended)",
-            started.elapsed().as_secs_f64()
-        );
+        let idle = load::IdleAgents::open(&gw, IDLE_PIPELINE, n).await;
+        let connect_s = started.elapsed().as_secs_f64();
+        let (held, failed) = (idle.connected(), idle.ended());
+        println!("  {held} of {n} idle streams connected in {connect_s:.1} s ({failed} ended)");
         // Let allocations settle before reading RSS.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (gw1, shard1) = (rss(&stack.gateway), rss(&stack.shard));
@@ -632,11 +613,9 @@ impl Bench {
             "gateway_kib_per_stream": per(gw0, gw1),
             "shard_kib_per_stream": per(shard0, shard1),
         });
-        f["connect_s"] = json!(started.elapsed().as_secs_f64());
+        f["connect_s"] = json!(connect_s);
         self.results.push(f);
-        for h in handles {
-            h.abort();
-        }
+        drop(idle);
         stack.stop();
         Ok(())
     }

@@ -8,8 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -174,25 +172,10 @@ impl Bench {
             held.push(stream);
         }
         // Idle agent streams, each on its own connection.
-        let connected = Arc::new(AtomicU64::new(0));
-        let mut idle = Vec::with_capacity(n_idle);
-        for i in 0..n_idle {
-            idle.push(tokio::spawn(load::idle_agent(
-                gw.clone(),
-                IDLE_PIPELINE.into(),
-                connected.clone(),
-            )));
-            if i % 200 == 199 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while (connected.load(Ordering::Relaxed) as usize) < n_idle && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let idle = load::IdleAgents::open(&gw, IDLE_PIPELINE, n_idle).await;
         println!(
             "  soak: {n_watches} idle watches, {} of {n_idle} idle agent streams; RSS gateway {:.0} -> {:.0} MiB, shard {:.0} -> {:.0} MiB",
-            connected.load(Ordering::Relaxed),
+            idle.connected(),
             start_rss.0,
             rss(&stack.gateway),
             start_rss.1,
@@ -273,7 +256,7 @@ impl Bench {
             "rate": rate,
             "output_bytes": bytes,
             "idle_watches": n_watches,
-            "idle_streams": connected.load(Ordering::Relaxed),
+            "idle_streams": idle.connected(),
             "agent_kills": kills,
             "acked": acked,
             "submit_p99_ms": measured.ms(0.99),
@@ -288,9 +271,7 @@ impl Bench {
         }));
         drop(agent);
         drop(held);
-        for h in idle {
-            h.abort();
-        }
+        drop(idle);
         stack.stop();
         Ok(())
     }
