@@ -328,6 +328,12 @@ async fn holders(cluster: &Cluster, live: &[&str]) -> BTreeMap<String, BTreeSet<
     held
 }
 
+/// The test's own view of the ring in etcd, as the gateways build it, until `cancel`.
+async fn ring_view(etcd: &str, cancel: &CancellationToken) -> Membership {
+    let client = pm_cluster::etcd::connect(&[etcd.to_owned()]).await.unwrap();
+    Membership::watch(client, cancel.clone())
+}
+
 /// One GET of a shard's /metrics.
 async fn scrape(addr: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -481,10 +487,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
 
     // The test's own view of the ring, as the gateways build it.
     let cancel = CancellationToken::new();
-    let client = pm_cluster::etcd::connect(std::slice::from_ref(&etcd.endpoint))
-        .await
-        .unwrap();
-    let view = Membership::watch(client, cancel.clone());
+    let view = ring_view(&etcd.endpoint, &cancel).await;
     let ring_is = |want: &'static [&'static str]| {
         move |r: &Arc<Ring>| ids(r) == want.iter().map(|s| s.to_string()).collect::<Vec<_>>()
     };
@@ -845,10 +848,7 @@ async fn a_leaving_shard_hands_off_its_whole_backlog_before_it_exits() {
         metrics: Mutex::default(),
     };
     let cancel = CancellationToken::new();
-    let client = pm_cluster::etcd::connect(std::slice::from_ref(&etcd.endpoint))
-        .await
-        .unwrap();
-    let view = Membership::watch(client, cancel.clone());
+    let view = ring_view(&etcd.endpoint, &cancel).await;
     let leaver = cluster.shard_with("s0", &[]);
     let _stayer = cluster.shard_with("s1", &[]);
     assert!(
