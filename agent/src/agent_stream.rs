@@ -141,6 +141,8 @@ async fn session(
         protocol_min: AGENT_PROTOCOL_MIN,
         protocol_max: AGENT_PROTOCOL_VERSION,
         held_leases: held,
+        partitions: Vec::new(),
+        explicit_credit: false,
     };
     let _ = stream_tx.send(message(agent_message::Message::Hello(hello)));
     let mut inbound = client

@@ -549,6 +549,7 @@ async fn pipeline(c: Conn, out: &Printer, command: PipelineCommand) -> anyhow::R
         } => {
             let request = GetPipelineStatsRequest {
                 name: pipeline_name(&pipeline)?.to_string(),
+                ..Default::default()
             };
             let mut first = true;
             loop {
@@ -721,6 +722,7 @@ async fn task(c: Conn, out: &Printer, command: TaskCommand) -> anyhow::Result<Ex
                     state: state as i32,
                     page_size: limit,
                     page_token: String::new(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -16,4 +16,4 @@ pub mod testing;
 pub use etcd::EtcdStore;
 pub use membership::{Membership, Registration};
 pub use metadata::{EmbeddedStore, Error, Expect, KeyValue, MetadataStore};
-pub use ring::{Member, Ring};
+pub use ring::{Member, Ring, RingKey};

@@ -6,13 +6,77 @@
 //! that scored second. No virtual-node table is needed, and every process holding the same
 //! member list computes the same owner. A lookup is one xxh3 per shard (S ≤ a few hundred).
 //!
-//! The ring key of a task is its pipeline, `<tenant>/<app>/<pipeline>`; a pipeline with
-//! `partitions: k` has the keys `<tenant>/<app>/<pipeline>#<i>` for `i` in `0..k`.
+//! What the ring places is a [`RingKey`]: a pipeline's partition. Everything a shard holds
+//! and serves (queues, handoffs, agent sessions, idempotency keys) belongs to one.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 
+use pm_proto::names::{PipelineName, TaskName};
+use pm_proto::v1::Pipeline;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// What the ring places: partition `partition` of `pipeline`. A pipeline with
+/// `partitions: k` has the keys of partitions `0..k`; one without has partition 0 alone.
+/// A task's id carries its partition ([`pm_proto::names::with_partition`]), so its name
+/// alone gives its key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RingKey {
+    pub pipeline: PipelineName,
+    pub partition: u32,
+}
+
+impl RingKey {
+    pub fn new(pipeline: PipelineName, partition: u32) -> Self {
+        Self {
+            pipeline,
+            partition,
+        }
+    }
+
+    /// Partition 0: all of a pipeline without partitions.
+    pub fn whole(pipeline: PipelineName) -> Self {
+        Self::new(pipeline, 0)
+    }
+
+    /// The key of the task `name`.
+    pub fn of_task(name: &TaskName) -> Self {
+        Self::new(name.pipeline.clone(), name.partition())
+    }
+
+    /// What the ring hashes: `tenant/app/pipeline`, with `#i` for a partition `i` > 0.
+    /// Partition 0 hashes as the pipeline did before it had partitions, so giving one
+    /// partitions moves none of its tasks.
+    fn hashed(&self) -> String {
+        let p = &self.pipeline;
+        match self.partition {
+            0 => format!("{}/{}/{}", p.tenant, p.application, p.pipeline),
+            i => format!("{}/{}/{}#{i}", p.tenant, p.application, p.pipeline),
+        }
+    }
+}
+
+impl fmt::Display for RingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hashed())
+    }
+}
+
+/// The partitions a pipeline's tasks may be in: as many as any of its versions up to
+/// `pipeline` had (`Pipeline.max_partitions`; the spec's own for a version stored before that
+/// field), at least 1. Lowering `partitions` stops new tasks from going to the partitions
+/// dropped, but what they hold drains: agents and lists keep covering them.
+pub fn covered_partitions(pipeline: &Pipeline) -> u32 {
+    let spec = pipeline.spec.as_ref().map_or(0, |s| s.partitions);
+    pipeline.max_partitions.max(spec).max(1)
+}
+
+/// The partitions new tasks of `pipeline` are spread over: its spec's, at least 1.
+pub fn submit_partitions(pipeline: &Pipeline) -> u32 {
+    pipeline.spec.as_ref().map_or(1, |s| s.partitions.max(1))
+}
 
 /// One shard, as registered under `/pm/v1/shards/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,11 +129,35 @@ impl Ring {
     }
 
     /// The shard that owns `key`, or `None` when no shard is registered.
-    pub fn owner(&self, key: &str) -> Option<&Arc<Member>> {
+    pub fn owner(&self, key: &RingKey) -> Option<&Arc<Member>> {
+        self.owner_of_hashed(&key.hashed())
+    }
+
+    fn owner_of_hashed(&self, key: &str) -> Option<&Arc<Member>> {
         self.members
             .iter()
             .max_by_key(|(seed, m)| (xxh3_64_with_seed(key.as_bytes(), *seed), &m.id))
             .map(|(_, m)| m)
+    }
+
+    /// The owners of partitions `0..partitions` of `pipeline`, each with the partitions it
+    /// owns, by shard id; empty when no shard is registered.
+    pub fn partition_owners(
+        &self,
+        pipeline: &PipelineName,
+        partitions: u32,
+    ) -> BTreeMap<String, (Arc<Member>, Vec<u32>)> {
+        let mut owners: BTreeMap<String, (Arc<Member>, Vec<u32>)> = BTreeMap::new();
+        for i in 0..partitions.max(1) {
+            if let Some(m) = self.owner(&RingKey::new(pipeline.clone(), i)) {
+                owners
+                    .entry(m.id.clone())
+                    .or_insert_with(|| (m.clone(), Vec::new()))
+                    .1
+                    .push(i);
+            }
+        }
+        owners
     }
 
     /// The same ring without `id` (a shard leaving).
@@ -90,24 +178,6 @@ fn seed(id: &str) -> u64 {
     xxh3_64_with_seed(id.as_bytes(), 0x706d_7269_6e67)
 }
 
-/// The ring key of a pipeline's tasks: the pipeline itself, or one of its partitions.
-pub fn ring_key(pipeline: &str, partitions: u32, partition: u32) -> String {
-    if partitions <= 1 {
-        pipeline.to_owned()
-    } else {
-        format!("{pipeline}#{}", partition % partitions)
-    }
-}
-
-/// The partition a task of a partitioned pipeline falls in, stable for its id.
-pub fn partition_of(task_id: &str, partitions: u32) -> u32 {
-    if partitions <= 1 {
-        0
-    } else {
-        (xxh3_64_with_seed(task_id.as_bytes(), 0) % u64::from(partitions)) as u32
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,8 +193,18 @@ mod tests {
         )
     }
 
-    fn keys() -> Vec<String> {
-        (0..20_000).map(|i| format!("t/app/p{i}")).collect()
+    fn pipeline(id: &str) -> PipelineName {
+        PipelineName {
+            tenant: "t".into(),
+            application: "app".into(),
+            pipeline: id.into(),
+        }
+    }
+
+    fn keys() -> Vec<RingKey> {
+        (0..20_000)
+            .map(|i| RingKey::whole(pipeline(&format!("p{i}"))))
+            .collect()
     }
 
     #[test]
@@ -167,26 +247,59 @@ mod tests {
         for k in keys().iter().take(1000) {
             assert_eq!(a.owner(k).unwrap().id, b.owner(k).unwrap().id);
         }
-        assert!(Ring::default().owner("x").is_none());
+        assert!(Ring::default().owner(&keys()[0]).is_none());
         assert!(Ring::default().is_empty() && !a.is_empty());
         assert!(a.without("pm-shard-0").without("pm-shard-1").len() == 2);
         assert_eq!(a.member("pm-shard-2").unwrap().address, "http://shard-2");
     }
 
     #[test]
-    fn partitions_spread_one_pipeline() {
-        assert_eq!(ring_key("t/a/p", 1, 0), "t/a/p");
-        assert_eq!(ring_key("t/a/p", 4, 6), "t/a/p#2");
+    fn partitions_spread_one_pipeline_and_partition_0_stays_where_the_pipeline_was() {
+        let hot = pipeline("hot");
+        assert_eq!(RingKey::whole(hot.clone()).to_string(), "t/app/hot");
+        assert_eq!(RingKey::new(hot.clone(), 3).to_string(), "t/app/hot#3");
         let r = ring(4);
-        let owners: std::collections::BTreeSet<_> = (0..8)
-            .map(|i| r.owner(&ring_key("t/a/hot", 8, i)).unwrap().id.clone())
-            .collect();
-        assert!(owners.len() > 1);
-        assert!(partition_of("abc", 8) < 8);
-        assert_eq!(partition_of("abc", 1), 0);
-        let used: std::collections::BTreeSet<u32> = (0..200)
-            .map(|i| partition_of(&format!("task-{i}"), 8))
-            .collect();
-        assert_eq!(used.len(), 8, "tasks fall in every partition: {used:?}");
+        let owners = r.partition_owners(&hot, 8);
+        assert!(owners.len() > 1, "{owners:?}");
+        let mut all: Vec<u32> = owners.values().flat_map(|(_, ps)| ps.clone()).collect();
+        all.sort();
+        assert_eq!(
+            all,
+            (0..8).collect::<Vec<_>>(),
+            "each partition has one owner"
+        );
+        for (id, (member, ps)) in &owners {
+            assert_eq!(&member.id, id);
+            for &p in ps {
+                assert_eq!(&r.owner(&RingKey::new(hot.clone(), p)).unwrap().id, id);
+            }
+        }
+        assert_eq!(
+            r.partition_owners(&hot, 0).len(),
+            1,
+            "0 partitions means one"
+        );
+        assert!(Ring::default().partition_owners(&hot, 4).is_empty());
+        // A task named with a partition routes to that partition's key.
+        let id = pm_proto::names::with_partition(0x0190_f3a2_b4c1_7abc_9def_0123_4567_89ab, 5);
+        let name = TaskName::parse(&format!("{hot}/tasks/{id:032x}")).unwrap();
+        assert_eq!(RingKey::of_task(&name), RingKey::new(hot, 5));
+    }
+
+    #[test]
+    fn lowered_partitions_stay_covered() {
+        let mut p = Pipeline {
+            spec: Some(pm_proto::v1::PipelineSpec {
+                partitions: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!((covered_partitions(&p), submit_partitions(&p)), (2, 2));
+        p.max_partitions = 6;
+        assert_eq!((covered_partitions(&p), submit_partitions(&p)), (6, 2));
+        p.spec = None;
+        p.max_partitions = 0;
+        assert_eq!((covered_partitions(&p), submit_partitions(&p)), (1, 1));
     }
 }

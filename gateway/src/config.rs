@@ -12,6 +12,7 @@ use pm_proto::v1::*;
 
 use crate::auth::Caller;
 use crate::authz::{self, Rpc};
+use crate::partitions;
 use crate::routing::Routes;
 
 pub struct Config {
@@ -241,13 +242,18 @@ impl PipelineService for Config {
         let pipeline = pm_proto::names::PipelineName::parse(&req.name)
             .map_err(|e| crate::error::Error::invalid("name", e.to_string()))?;
         // NOT_FOUND for a pipeline that does not exist, rather than zeros.
-        self.routes.pipeline_cache().get(&pipeline).await?;
-        self.routes
-            .call(&pipeline, |mut s| {
-                let req = req.clone();
-                async move { s.get_pipeline_stats(req).await }
-            })
-            .await
+        let version = self.routes.pipeline_cache().get(&pipeline).await?;
+        let covered = pm_cluster::ring::covered_partitions(&version.pipeline);
+        let partitions = partitions::wanted("partitions", &req.partitions, covered)?;
+        let stats = partitions::per_owner(&self.routes, &pipeline, &partitions, |mut s, p| {
+            let req = GetPipelineStatsRequest {
+                partitions: p,
+                ..req.clone()
+            };
+            async move { s.get_pipeline_stats(req).await.map(Response::into_inner) }
+        })
+        .await?;
+        Ok(Response::new(partitions::sum_stats(req.name, stats)))
     }
 }
 

@@ -1,5 +1,6 @@
-//! Validated tasks on their way to the shard that owns their pipeline: one `Enqueue` per
-//! pipeline per call, specs by reference, and unary submits coalesced.
+//! Validated tasks on their way to the shard that owns their ring key (their pipeline's
+//! partition): one `Enqueue` per ring key per call, specs by reference, and unary submits
+//! coalesced.
 //!
 //! - **Specs by reference.** A task of a pipeline version names its spec by id
 //!   ([`pm_spec::spec_id`], computed once per cached version), so the spec's bytes do not
@@ -13,7 +14,7 @@
 //!   [`MAX_COALESCED`] tasks). A submit to an idle shard (nothing in flight) goes at once,
 //!   on its own call: nothing waits on a timer. Every task is still acknowledged or refused on its own, with
 //!   its own result. A shard that answers "not the owner" (a ring change) gets nothing more
-//!   of that batch: each pipeline's tasks are sent again by [`enqueue`], which follows the
+//!   of that batch: each ring key's tasks are sent again by [`enqueue`], which follows the
 //!   ring.
 
 use std::collections::HashMap;
@@ -24,8 +25,8 @@ use prost::Message;
 use tokio::sync::oneshot;
 use tonic::Status;
 
+use pm_cluster::RingKey;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueResult, EnqueueTask, Queued, enqueue_result};
-use pm_proto::names::PipelineName;
 use pm_proto::status::NotOwner;
 use pm_proto::v1::{Task, TaskState};
 
@@ -55,11 +56,11 @@ pub struct Prepared {
 /// What one task came to.
 pub type Outcome = Result<Task, pm_proto::v1::Error>;
 
-/// Sends `items`, all of `pipeline`, to its owner in one Enqueue (following the ring);
+/// Sends `items`, all of ring key `key`, to its owner in one Enqueue (following the ring);
 /// those whose spec the shard asks for are sent again with it. One outcome per item, in
 /// order.
-pub async fn enqueue(routes: &Routes, pipeline: &PipelineName, items: &[Prepared]) -> Vec<Outcome> {
-    send(routes, To::Owner(pipeline), items)
+pub async fn enqueue(routes: &Routes, key: &RingKey, items: &[Prepared]) -> Vec<Outcome> {
+    send(routes, To::Owner(key), items)
         .await
         .unwrap_or_else(|status| vec![Err(Error::Upstream(status).into()); items.len()])
 }
@@ -67,8 +68,8 @@ pub async fn enqueue(routes: &Routes, pipeline: &PipelineName, items: &[Prepared
 /// Where one Enqueue goes.
 #[derive(Clone, Copy)]
 enum To<'a> {
-    /// The owner of this pipeline, following "not the owner" answers.
-    Owner(&'a PipelineName),
+    /// The owner of this ring key, following "not the owner" answers.
+    Owner(&'a RingKey),
     /// This shard, whatever it answers.
     Shard(&'a str),
 }
@@ -131,10 +132,10 @@ async fn call(
         answer_queued_by_id: true,
     };
     let answer = match to {
-        // Cloned per attempt: a shard that does not own the pipeline (a ring change under
-        // way) refuses the whole request before looking at it.
-        To::Owner(pipeline) => routes
-            .call(pipeline, |mut shard| {
+        // Cloned per attempt: a shard that does not own the key (a ring change under way)
+        // refuses the whole request before looking at it.
+        To::Owner(key) => routes
+            .call(key, |mut shard| {
                 let request = request(tasks.clone());
                 async move { shard.enqueue(request).await }
             })
@@ -168,7 +169,7 @@ fn outcome(result: EnqueueResult, sent: &EnqueueTask) -> Outcome {
 
 /// A unary submit waiting for its shard.
 struct Waiting {
-    pipeline: PipelineName,
+    key: RingKey,
     item: Prepared,
     done: oneshot::Sender<Outcome>,
 }
@@ -225,15 +226,15 @@ impl Coalescer {
         })
     }
 
-    /// Queues one task for the shard that owns `pipeline` and waits for its own outcome.
-    pub async fn submit(self: &Arc<Self>, pipeline: PipelineName, item: Prepared) -> Outcome {
-        let address = match self.routes.owner_of(&pipeline) {
+    /// Queues one task for the shard that owns `key` and waits for its own outcome.
+    pub async fn submit(self: &Arc<Self>, key: RingKey, item: Prepared) -> Outcome {
+        let address = match self.routes.owner_of(&key) {
             Ok(address) => address,
             Err(status) => return Err(Error::Upstream(status).into()),
         };
         // Decided under the lock, done after it.
         enum Step {
-            Alone(PipelineName, Box<Prepared>),
+            Alone(RingKey, Box<Prepared>),
             Wait(oneshot::Receiver<Outcome>),
         }
         let step = {
@@ -244,7 +245,7 @@ impl Coalescer {
                 // to a drainer). Under load there is always a flight, so submits queue and
                 // share calls.
                 queue.in_flight += 1;
-                Step::Alone(pipeline, Box::new(item))
+                Step::Alone(key, Box::new(item))
             } else if queue.waiting.len() >= MAX_QUEUED {
                 return Err(Error::Upstream(pm_proto::status::resource_exhausted(
                     format!("{MAX_QUEUED} submits to shard {address} are waiting; retry later"),
@@ -253,11 +254,7 @@ impl Coalescer {
                 .into());
             } else {
                 let (done, outcome) = oneshot::channel();
-                queue.waiting.push(Waiting {
-                    pipeline,
-                    item,
-                    done,
-                });
+                queue.waiting.push(Waiting { key, item, done });
                 if queue.in_flight < MAX_IN_FLIGHT {
                     queue.in_flight += 1;
                     // Its own task, so a client that goes away does not take others'
@@ -268,7 +265,7 @@ impl Coalescer {
             }
         };
         match step {
-            Step::Alone(pipeline, item) => {
+            Step::Alone(key, item) => {
                 let _flight = Flight {
                     coalescer: self.clone(),
                     address: address.clone(),
@@ -277,7 +274,7 @@ impl Coalescer {
                 match send(&self.routes, To::Shard(&address), &items).await {
                     Ok(mut outcomes) => outcomes.pop().expect("one outcome"),
                     Err(status) if NotOwner::from_status(&status).is_some() => {
-                        let mut outcomes = enqueue(&self.routes, &pipeline, &items).await;
+                        let mut outcomes = enqueue(&self.routes, &key, &items).await;
                         outcomes.pop().expect("one outcome")
                     }
                     Err(status) => Err(Error::Upstream(status).into()),
@@ -323,7 +320,7 @@ impl Coalescer {
             let outcomes = match send(&self.routes, To::Shard(&address), &items).await {
                 Ok(outcomes) => outcomes,
                 Err(status) if NotOwner::from_status(&status).is_some() => {
-                    self.per_pipeline(&batch, &items).await
+                    self.per_key(&batch, &items).await
                 }
                 Err(status) => vec![Err(Error::Upstream(status).into()); items.len()],
             };
@@ -333,16 +330,16 @@ impl Coalescer {
         }
     }
 
-    /// A batch the shard no longer owns all of: each pipeline's tasks to its owner, in
+    /// A batch the shard no longer owns all of: each ring key's tasks to its owner, in
     /// parallel, following the ring. Outcomes in the batch's order.
-    async fn per_pipeline(&self, batch: &[Waiting], items: &[Prepared]) -> Vec<Outcome> {
-        let mut groups: HashMap<&PipelineName, Vec<usize>> = HashMap::new();
+    async fn per_key(&self, batch: &[Waiting], items: &[Prepared]) -> Vec<Outcome> {
+        let mut groups: HashMap<&RingKey, Vec<usize>> = HashMap::new();
         for (i, w) in batch.iter().enumerate() {
-            groups.entry(&w.pipeline).or_default().push(i);
+            groups.entry(&w.key).or_default().push(i);
         }
-        let sends = groups.into_iter().map(|(pipeline, indexes)| async move {
+        let sends = groups.into_iter().map(|(key, indexes)| async move {
             let group: Vec<Prepared> = indexes.iter().map(|&i| items[i].clone()).collect();
-            (indexes, enqueue(&self.routes, pipeline, &group).await)
+            (indexes, enqueue(&self.routes, key, &group).await)
         });
         let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
         for (indexes, answers) in futures::future::join_all(sends).await {

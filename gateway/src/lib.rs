@@ -20,6 +20,7 @@ pub mod console;
 pub mod enqueue;
 pub mod error;
 pub mod metrics;
+pub mod partitions;
 pub mod pipelines;
 pub mod routing;
 pub mod tasks;

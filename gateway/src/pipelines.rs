@@ -10,13 +10,14 @@
 //! [`TTL`], so another gateway's apply is seen within it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::Channel;
+use xxhash_rust::xxh3::xxh3_64;
 
 use pm_proto::names::PipelineName;
 use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
@@ -42,6 +43,37 @@ pub struct PipelineVersion {
     /// Its tenant's `quota.max_queued_tasks` (0: none). A tenant's quota is set when it is
     /// made and cannot change while it has pipelines, so it is cached with them.
     pub tenant_max_queued_tasks: u64,
+    /// The partition the next submit without an idempotency key goes to (round-robin).
+    next_partition: AtomicU32,
+}
+
+impl PipelineVersion {
+    pub fn new(pipeline: Pipeline, spec_id: pm_spec::SpecId, tenant_max_queued_tasks: u64) -> Self {
+        Self {
+            pipeline,
+            spec_id,
+            tenant_max_queued_tasks,
+            // From a different partition on each gateway and each refresh of the entry, so
+            // that partition 0 is not favoured by every short-lived count.
+            next_partition: AtomicU32::new(rand::random()),
+        }
+    }
+
+    /// The partition a new task goes to: one of the spec's `partitions`, in turn, so that
+    /// each gets an even share from this gateway. A task with an idempotency key goes to
+    /// the partition the key hashes to, on every gateway, so that its repeats meet the
+    /// first submit on one shard (after `partitions` changes, a repeat may land in another
+    /// partition and make a second task).
+    pub fn place(&self, idempotency_key: &str) -> u32 {
+        let k = pm_cluster::ring::submit_partitions(&self.pipeline);
+        if k == 1 {
+            0
+        } else if idempotency_key.is_empty() {
+            self.next_partition.fetch_add(1, Ordering::Relaxed) % k
+        } else {
+            (xxh3_64(idempotency_key.as_bytes()) % u64::from(k)) as u32
+        }
+    }
 }
 
 pub struct PipelineCache {
@@ -167,11 +199,11 @@ impl PipelineCache {
             .await?
             .into_inner();
         let spec_id = pm_spec::spec_id(pipeline.spec.as_ref().unwrap_or(&Default::default()));
-        let pipeline = Arc::new(PipelineVersion {
+        let pipeline = Arc::new(PipelineVersion::new(
             pipeline,
             spec_id,
-            tenant_max_queued_tasks: tenant.quota.map_or(0, |q| q.max_queued_tasks),
-        });
+            tenant.quota.map_or(0, |q| q.max_queued_tasks),
+        ));
         let mut entries = self.entries.lock().expect("cache lock");
         if entries.len() >= MAX_ENTRIES {
             entries.clear();

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use pm_cluster::{Member, Membership};
+use pm_cluster::{Member, Membership, RingKey};
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
 use pm_proto::internal::v1::token_keys_client::TokenKeysClient;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueResponse};
@@ -40,7 +40,7 @@ pub struct Upstreams {
 }
 
 /// Calls to the owner, at most this many when shards answer "not the owner".
-const ATTEMPTS: u32 = 6;
+pub const ATTEMPTS: u32 = 6;
 /// How long to wait for this gateway's ring to reach a shard's revision.
 const RING_WAIT: Duration = Duration::from_secs(2);
 
@@ -127,25 +127,33 @@ impl Routes {
         Ok(channel)
     }
 
-    /// The address of the shard that owns ring key `key`, by this gateway's ring.
-    fn owner(&self, key: &str) -> Result<String, Status> {
-        let ring = self.membership.ring();
-        match ring.owner(key) {
-            Some(m) => Ok(m.address.clone()),
-            None => Err(pm_proto::status::unavailable(
-                if self.membership.connected() {
-                    "no scheduler shard is registered".into()
-                } else {
-                    "no scheduler shard known yet (etcd unreachable)".into()
-                },
-                Duration::from_secs(1),
-            )),
-        }
+    /// UNAVAILABLE: no shard to send a call to.
+    pub fn no_shard(&self) -> Status {
+        pm_proto::status::unavailable(
+            if self.membership.connected() {
+                "no scheduler shard is registered".into()
+            } else {
+                "no scheduler shard known yet (etcd unreachable)".into()
+            },
+            Duration::from_secs(1),
+        )
     }
 
-    /// The address of the shard that owns `pipeline` now, by this gateway's ring.
-    pub fn owner_of(&self, pipeline: &PipelineName) -> Result<String, Status> {
-        self.owner(&pipeline.ring_key())
+    /// The address of the shard that owns `key` (`None`: any shard), by this gateway's ring.
+    fn owner(&self, key: Option<&RingKey>) -> Result<String, Status> {
+        let ring = self.membership.ring();
+        let owner = match key {
+            Some(key) => ring.owner(key),
+            None => ring.members().next(),
+        };
+        owner
+            .map(|m| m.address.clone())
+            .ok_or_else(|| self.no_shard())
+    }
+
+    /// The address of the shard that owns `key` now, by this gateway's ring.
+    pub fn owner_of(&self, key: &RingKey) -> Result<String, Status> {
+        self.owner(Some(key))
     }
 
     /// One Enqueue at the shard at `address`, without following "not the owner" answers:
@@ -163,36 +171,61 @@ impl Routes {
         }
     }
 
-    /// Calls `f` on the shard that owns `pipeline`, following "not the owner" answers.
-    pub async fn call<T, F, Fut>(&self, pipeline: &PipelineName, f: F) -> Result<T, Status>
+    /// Calls `f` on the shard that owns `key`, following "not the owner" answers.
+    pub async fn call<T, F, Fut>(&self, key: &RingKey, f: F) -> Result<T, Status>
     where
         F: FnMut(ShardServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let key = pipeline.ring_key();
-        self.follow(&key, pm_proto::client::shard, f).await
+        self.follow(Some(key), pm_proto::client::shard, f).await
     }
 
     /// The same for an agent's stream, by the ring key of its pipelines (all must share one
-    /// owner; an agent serving every pipeline goes to the only shard).
+    /// owner; an agent serving every pipeline goes to the only shard). An agent of a
+    /// partitioned pipeline is [`crate::agents`]' fan-in instead.
     pub async fn call_agents<T, F, Fut>(&self, pipelines: &[String], f: F) -> Result<T, Status>
     where
         F: FnMut(AgentServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let key = self.agent_key(pipelines)?;
-        self.follow(&key, pm_proto::client::agents, f).await
+        self.follow(key.as_ref(), pm_proto::client::agents, f).await
     }
 
-    fn agent_key(&self, pipelines: &[String]) -> Result<String, Status> {
+    /// The agent stream to the shard at `address`, without following "not the owner".
+    pub fn agents_at(&self, address: &str) -> Result<AgentServiceClient<Channel>, Status> {
+        Ok(pm_proto::client::agents(self.channel(address)?))
+    }
+
+    /// Waits (bounded) for this gateway's ring to reach the revision a "not the owner"
+    /// answer names, or gives a lagging shard a moment; `attempt` counts from 0.
+    pub async fn catch_up(&self, status: &Status, attempt: u32) {
+        let Some(view) = NotOwner::from_status(status) else {
+            return;
+        };
+        let ours = self.membership.ring().revision;
+        if view.revision > ours {
+            // The shard has seen a newer ring: wait for ours to catch up.
+            self.membership
+                .wait_for(RING_WAIT, |r| r.revision >= view.revision)
+                .await;
+        } else {
+            // The shard lags behind us (or we agree and a change is under way): give it a
+            // moment.
+            tokio::time::sleep(Duration::from_millis(10 << attempt.min(6))).await;
+        }
+        crate::metrics::METRICS.routing_retries.increment(1);
+    }
+
+    fn agent_key(&self, pipelines: &[String]) -> Result<Option<RingKey>, Status> {
         let ring = self.membership.ring();
-        let keys: Vec<String> = pipelines
+        let keys: Vec<RingKey> = pipelines
             .iter()
-            .filter_map(|p| PipelineName::parse(p).ok().map(|p| p.ring_key()))
+            .filter_map(|p| PipelineName::parse(p).ok().map(RingKey::whole))
             .collect();
         match keys.first() {
             // Any shard: it refuses unless it is the only one.
-            None => Ok(String::new()),
+            None => Ok(None),
             Some(first) => {
                 let owner = ring.owner(first).map(|m| m.id.clone());
                 if let Some(other) = keys
@@ -204,14 +237,14 @@ impl Routes {
                          run one agent per pipeline in a cluster"
                     )));
                 }
-                Ok(first.clone())
+                Ok(Some(first.clone()))
             }
         }
     }
 
     async fn follow<C, T, F, Fut>(
         &self,
-        key: &str,
+        key: Option<&RingKey>,
         client: impl Fn(Channel) -> C,
         mut f: F,
     ) -> Result<T, Status>
@@ -226,22 +259,11 @@ impl Routes {
                 Ok(v) => return Ok(v),
                 Err(status) => broken(&address, status),
             };
-            let Some(view) = NotOwner::from_status(&status) else {
+            if NotOwner::from_status(&status).is_none() {
                 return Err(status);
-            };
-            let ours = self.membership.ring().revision;
-            if view.revision > ours {
-                // The shard has seen a newer ring: wait for ours to catch up.
-                self.membership
-                    .wait_for(RING_WAIT, |r| r.revision >= view.revision)
-                    .await;
-            } else {
-                // The shard lags behind us (or we agree and a change is under way): give
-                // it a moment.
-                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
             }
-            tracing::debug!(key, attempt, %status, "not the owner; retrying");
-            crate::metrics::METRICS.routing_retries.increment(1);
+            self.catch_up(&status, attempt).await;
+            tracing::debug!(?key, attempt, %status, "not the owner; retrying");
             last = Some(status);
         }
         Err(last.map_or_else(

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use pm_cluster::RingKey;
 use pm_proto::internal::v1::EnqueueTask;
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::v1::task_service_server::TaskService;
@@ -27,6 +28,7 @@ use crate::auth::Caller;
 use crate::authz::{self, Rpc, tenant_of};
 use crate::enqueue::{Coalescer, Prepared, enqueue};
 use crate::error::{Error, status_of};
+use crate::partitions;
 use crate::pipelines::PipelineVersion;
 use crate::routing::Routes;
 use crate::watch::PerClient;
@@ -103,6 +105,7 @@ impl Tasks {
         };
         let params = pm_spec::resolve_params(&spec, &req.params)?;
         let tenant_max_queued_tasks = version.tenant_max_queued_tasks;
+        let partition = version.place(&req.idempotency_key);
         let (spec, spec_id, version) = match spec {
             Cow::Owned(inline) => (Some(inline), Vec::new(), None),
             Cow::Borrowed(_) => (None, version.spec_id.to_vec(), Some(version.clone())),
@@ -127,6 +130,7 @@ impl Tasks {
             // The client's own, from its token: never from the request.
             client_priority: caller.priority(),
             tenant_max_queued_tasks,
+            partition,
         };
         Ok(Prepared { task, version })
     }
@@ -144,8 +148,8 @@ impl Tasks {
         let mut outcomes: Vec<Option<Result<Task, pm_proto::v1::Error>>> =
             vec![None; requests.len()];
         let mut pipelines: HashMap<String, Result<Arc<PipelineVersion>, Status>> = HashMap::new();
-        // Valid tasks grouped by pipeline (so by shard), with their index in the batch.
-        let mut by_pipeline: HashMap<PipelineName, Vec<(usize, Prepared)>> = HashMap::new();
+        // Valid tasks grouped by ring key (so by shard), with their index in the batch.
+        let mut by_key: HashMap<RingKey, Vec<(usize, Prepared)>> = HashMap::new();
         let alone = requests.len() == 1;
         for (i, req) in requests.into_iter().enumerate() {
             if let Err(denied) = authz::authorize(caller, Rpc::SubmitTask, tenant_of(&req.parent)) {
@@ -169,18 +173,26 @@ impl Tasks {
                 Err(status) => Err(Error::Upstream(status.clone())),
             };
             match prepared {
-                Ok(task) => by_pipeline.entry(name).or_default().push((i, task)),
+                Ok(task) => {
+                    let key = RingKey::new(name, task.task.partition);
+                    by_key.entry(key).or_default().push((i, task));
+                }
                 Err(e) => outcomes[i] = Some(Err(e.into())),
             }
         }
-        for (pipeline, items) in by_pipeline {
+        // Each ring key's Enqueue in parallel: a partitioned pipeline's batch is split by
+        // partition, and each task is still acknowledged or refused on its own.
+        let sends = by_key.into_iter().map(|(key, items)| async move {
             let (indexes, items): (Vec<usize>, Vec<Prepared>) = items.into_iter().unzip();
             let answers = if alone {
                 let item = items.into_iter().next().expect("one item");
-                vec![self.coalescer.submit(pipeline, item).await]
+                vec![self.coalescer.submit(key, item).await]
             } else {
-                enqueue(&self.routes, &pipeline, &items).await
+                enqueue(&self.routes, &key, &items).await
             };
+            (indexes, answers)
+        });
+        for (indexes, answers) in futures::future::join_all(sends).await {
             for (i, outcome) in indexes.into_iter().zip(answers) {
                 outcomes[i] = Some(outcome);
             }
@@ -245,7 +257,7 @@ impl TaskService for Tasks {
         let name = task_name(&req.name)?;
         let routes = &self.routes;
         routes
-            .call(&name.pipeline, |mut s| {
+            .call(&RingKey::of_task(&name), |mut s| {
                 let req = req.clone();
                 async move { s.get_task(req).await }
             })
@@ -266,10 +278,10 @@ impl TaskService for Tasks {
         let open = {
             let routes = self.routes.clone();
             move || {
-                let (routes, req, pipeline) = (routes.clone(), req.clone(), name.pipeline.clone());
+                let (routes, req, key) = (routes.clone(), req.clone(), RingKey::of_task(&name));
                 async move {
                     routes
-                        .call(&pipeline, |mut s| {
+                        .call(&key, |mut s| {
                             let req = req.clone();
                             async move { s.watch_task(req).await }
                         })
@@ -295,7 +307,7 @@ impl TaskService for Tasks {
         let req = request.into_inner();
         let name = task_name(&req.name)?;
         self.routes
-            .call(&name.pipeline, |mut s| {
+            .call(&RingKey::of_task(&name), |mut s| {
                 let req = req.clone();
                 async move { s.cancel_task(req).await }
             })
@@ -311,12 +323,19 @@ impl TaskService for Tasks {
         let pipeline = PipelineName::parse(&req.parent)
             .map_err(|e| Error::invalid("parent", e.to_string()))?;
         // NOT_FOUND for a pipeline that does not exist, rather than an empty list.
-        self.pipeline(&pipeline).await?;
-        self.routes
-            .call(&pipeline, |mut s| {
-                let req = req.clone();
-                async move { s.list_tasks(req).await }
-            })
-            .await
+        let version = self.pipeline(&pipeline).await?;
+        let covered = pm_cluster::ring::covered_partitions(&version.pipeline);
+        let partitions = partitions::wanted("partitions", &req.partitions, covered)?;
+        let size =
+            pm_spec::validate::check_page(req.page_size, &req.page_token).map_err(Error::from)?;
+        let pages = partitions::per_owner(&self.routes, &pipeline, &partitions, |mut s, p| {
+            let req = ListTasksRequest {
+                partitions: p,
+                ..req.clone()
+            };
+            async move { s.list_tasks(req).await.map(Response::into_inner) }
+        })
+        .await?;
+        Ok(Response::new(partitions::merge_pages(pages, size)))
     }
 }

@@ -148,6 +148,7 @@ impl Target {
                         spec_id: id.clone(),
                         client_priority: 10,
                         tenant_max_queued_tasks: 0,
+                        partition: 0,
                     })
                     .collect();
                 let mut answer = client

@@ -190,11 +190,36 @@ impl PipelineName {
             _ => Self::parse(short),
         }
     }
+}
 
-    /// Its key on the shards' hash ring: `tenant/app/pipeline`.
-    pub fn ring_key(&self) -> String {
-        format!("{}/{}/{}", self.tenant, self.application, self.pipeline)
+/// Partitions a task id has room for (12 bits); a spec allows fewer
+/// (`pm_spec::MAX_PARTITIONS`).
+pub const ID_PARTITIONS: u32 = 1 << 12;
+
+/// A task id's partition, which routes every call on it (see [`with_partition`]).
+pub fn partition_of_id(id: u128) -> u32 {
+    if (id >> 76) & 0xf == 8 {
+        ((id >> 64) & 0xfff) as u32
+    } else {
+        0
     }
+}
+
+/// Task id `id` (a UUIDv7) placed in `partition`. Partition 0 keeps it a UUIDv7, as every
+/// id was before pipelines had partitions. Another partition makes it a UUIDv8 (version
+/// nibble 8, the 13th hex digit) whose next 12 bits, 3 hex digits, hold the partition in
+/// place of random bits: the order of ids stays their time order, and 62 random bits remain.
+/// So a task's name alone says which ring key, so which shard, holds it.
+pub fn with_partition(id: u128, partition: u32) -> u128 {
+    if partition == 0 {
+        return id;
+    }
+    assert!(
+        partition < ID_PARTITIONS,
+        "partition {partition} past the id's room"
+    );
+    let cleared = id & !(0xffff_u128 << 64);
+    cleared | (0x8000 | u128::from(partition)) << 64
 }
 
 impl TaskName {
@@ -217,6 +242,18 @@ impl TaskName {
             },
             task: ids[3].to_owned(),
         })
+    }
+}
+
+impl TaskName {
+    /// The partition of its pipeline the task is in, read from its id; 0 for an id that is
+    /// not 32 hex digits (none issued is not).
+    pub fn partition(&self) -> u32 {
+        let hex = self.task.len() == 32 && self.task.bytes().all(|b| b.is_ascii_hexdigit());
+        match u128::from_str_radix(&self.task, 16) {
+            Ok(id) if hex => partition_of_id(id),
+            _ => 0,
+        }
     }
 }
 
@@ -296,6 +333,38 @@ mod tests {
         assert!(check_id(&"a".repeat(64)).is_err());
         assert!(check_id("9a").is_err());
         assert!(check_id("a-9").is_ok());
+    }
+
+    #[test]
+    fn an_id_carries_its_partition_and_keeps_its_time_order() {
+        let v7 = 0x0190_f3a2_b4c1_7abc_9def_0123_4567_89ab_u128;
+        assert_eq!(partition_of_id(v7), 0, "a UUIDv7 is partition 0");
+        assert_eq!(with_partition(v7, 0), v7);
+        for p in [1, 5, 1023, ID_PARTITIONS - 1] {
+            let id = with_partition(v7, p);
+            assert_eq!(partition_of_id(id), p);
+            assert_eq!(id >> 80, v7 >> 80, "the time is kept");
+            assert_eq!(
+                id & ((1 << 64) - 1),
+                v7 & ((1 << 64) - 1),
+                "the random bits too"
+            );
+            let name = TaskName::parse(&format!(
+                "tenants/t/applications/a/pipelines/p/tasks/{id:032x}"
+            ))
+            .unwrap();
+            assert_eq!(name.partition(), p);
+        }
+        let old = TaskName::parse(&format!(
+            "tenants/t/applications/a/pipelines/p/tasks/{v7:032x}"
+        ));
+        assert_eq!(
+            old.unwrap().partition(),
+            0,
+            "names issued before partitions"
+        );
+        let odd = TaskName::parse("tenants/t/applications/a/pipelines/p/tasks/x-1").unwrap();
+        assert_eq!(odd.partition(), 0);
     }
 
     #[test]

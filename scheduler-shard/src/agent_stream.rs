@@ -50,7 +50,8 @@ impl AgentStreams {
         }
     }
 
-    /// An agent is served by the shard that owns all its pipelines.
+    /// An agent is served by the shard that owns all its pipelines' ring keys: partition 0,
+    /// or the partitions its Hello names (of its one pipeline).
     fn check_owned(&self, hello: &Hello) -> Result<(), Status> {
         let ring = self.ownership.ring();
         if hello.pipelines.is_empty() && ring.len() > 1 {
@@ -60,9 +61,15 @@ impl AgentStreams {
                 ring.len()
             )));
         }
+        if !hello.partitions.is_empty() && hello.pipelines.len() != 1 {
+            return Err(invalid_argument(
+                "hello.partitions",
+                "names partitions of one pipeline: name exactly one in hello.pipelines",
+            ));
+        }
         for p in &hello.pipelines {
             if let Ok(name) = PipelineName::parse(p) {
-                self.ownership.check(&name)?;
+                self.ownership.check_partitions(&name, &hello.partitions)?;
             }
         }
         Ok(())
@@ -74,8 +81,10 @@ fn check_hello(hello: &Hello) -> Result<u32, Status> {
     if hello.agent_id.is_empty() || hello.agent_id.len() > 253 {
         return Err(invalid_argument("hello.agent_id", "must be 1..=253 bytes"));
     }
-    // Zero free slots is fine for an agent reconnecting with all its slots busy.
-    if hello.slots > MAX_SLOTS || (hello.slots == 0 && hello.held_leases.is_empty()) {
+    // Zero free slots is fine for an agent reconnecting with all its slots busy, and for a
+    // stream on explicit credit (slots come later).
+    let idle = hello.slots == 0 && hello.held_leases.is_empty() && !hello.explicit_credit;
+    if hello.slots > MAX_SLOTS || idle {
         return Err(invalid_argument(
             "hello.slots",
             &format!("{} is out of range 1..={MAX_SLOTS}", hello.slots),

@@ -17,8 +17,10 @@ use tonic::transport::Channel;
 use pm_proto::internal::v1::AdoptRequest;
 use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
 
-use crate::ownership::{Ownership, ring_key_of};
+use crate::ownership::Ownership;
 use crate::scheduler::Scheduler;
+use pm_cluster::RingKey;
+use pm_proto::names::PipelineName;
 
 /// Tasks per Adopt call (well under the 4 MiB message limit for ordinary tasks).
 pub const BATCH: usize = 500;
@@ -95,7 +97,7 @@ impl Handoff {
     }
 
     /// Scale-down: hands everything off by the ring without this shard, until nothing is
-    /// left, or `timeout` passes when there is one. Returns how many pipelines are still
+    /// left, or `timeout` passes when there is one. Returns how many ring keys are still
     /// held (0: all moved). Logs its progress every [`PROGRESS_EVERY`].
     pub async fn drain(&self, timeout: Option<Duration>) -> usize {
         self.ownership.leave();
@@ -106,7 +108,12 @@ impl Handoff {
         tracing::info!(tasks = total, "leaving: handing every task off");
         loop {
             let pending = self.round().await;
-            let held = self.scheduler.pipelines().len();
+            let held: usize = self
+                .scheduler
+                .ring_keys_held()
+                .iter()
+                .map(|(_, partitions)| partitions.len())
+                .sum();
             // A submit that passed its ownership check before the leave may still land.
             if held == 0 && self.scheduler.arrivals_in_flight() == 0 {
                 tracing::info!(
@@ -120,21 +127,21 @@ impl Handoff {
                 reported = tokio::time::Instant::now();
                 tracing::info!(
                     tasks_left = self.scheduler.len(),
-                    pipelines_left = held,
+                    ring_keys_left = held,
                     seconds = started.elapsed().as_secs_f64(),
                     "handing off"
                 );
             }
             if held > 0 && self.ownership.ring().is_empty() {
                 tracing::warn!(
-                    pipelines = held,
+                    ring_keys = held,
                     "no other shard to hand off to: tasks stay on this shard's disk"
                 );
                 return held;
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 tracing::warn!(
-                    pipelines = held,
+                    ring_keys = held,
                     tasks = self.scheduler.len(),
                     "handoff not finished within --handoff-seconds: the tasks left stay on this shard's disk until it is back"
                 );
@@ -152,19 +159,34 @@ async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Peers) 
     if !ownership.settled(&ring) {
         return false;
     }
-    // Agents of lost pipelines go, even where no task of theirs is held here: their
-    // pipeline's new tasks queue at the new owner.
-    let lost = |pipeline: Option<&str>| match pipeline {
-        Some(p) => ring
-            .owner(&ring_key_of(p))
-            .is_some_and(|o| o.id != ownership.me() || ownership.leaving()),
-        None => ring.len() > 1 || ownership.leaving(),
+    // Agents of lost ring keys go, even where no task of theirs is held here: their new
+    // tasks queue at the new owner.
+    let moved = |key: &RingKey| {
+        ring.owner(key)
+            .is_some_and(|o| o.id != ownership.me() || ownership.leaving())
     };
-    scheduler.close_sessions_where(lost, "its pipeline moved to another shard; reconnect");
+    scheduler.close_sessions_where(
+        |key| match key {
+            Some(key) => moved(key),
+            None => ring.len() > 1 || ownership.leaving(),
+        },
+        "its pipeline moved to another shard; reconnect",
+    );
     let mut pending = false;
-    for pipeline in scheduler.pipelines() {
+    for (pipeline, partition) in scheduler
+        .ring_keys_held()
+        .into_iter()
+        .flat_map(|(p, partitions)| partitions.into_iter().map(move |i| (p.clone(), i)))
+    {
+        // A task's key is its pipeline's partition; an unparsable pipeline stays.
+        let Some(key) = PipelineName::parse(&pipeline)
+            .ok()
+            .map(|p| RingKey::new(p, partition))
+        else {
+            continue;
+        };
         // An empty ring (the last shard leaving) has no one to take them: they stay on disk.
-        let Some(owner) = ring.owner(&ring_key_of(&pipeline)).cloned() else {
+        let Some(owner) = ring.owner(&key).cloned() else {
             continue;
         };
         if owner.id == ownership.me() && !ownership.leaving() {
@@ -175,7 +197,7 @@ async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Peers) 
             continue;
         };
         loop {
-            let out = scheduler.take_for_handoff(&pipeline, BATCH);
+            let out = scheduler.take_for_handoff(&pipeline, partition, BATCH);
             pending |= out.busy > 0;
             if out.is_empty() {
                 break;
@@ -193,10 +215,10 @@ async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Peers) 
                     if let Err(e) = scheduler.forget(&out).await {
                         // They stay on disk too; a restart hands them off again, and the
                         // new owner keeps its own copy.
-                        tracing::warn!(%pipeline, "handed-off tasks not deleted here: {e}");
+                        tracing::warn!(%key, "handed-off tasks not deleted here: {e}");
                     }
                     tracing::info!(
-                        %pipeline,
+                        %key,
                         to = %owner.id,
                         adopted = r.adopted,
                         already_held = r.already_held,
@@ -207,7 +229,7 @@ async fn round(scheduler: &Scheduler, ownership: &Ownership, peers: &mut Peers) 
                     }
                 }
                 Err(status) => {
-                    tracing::warn!(%pipeline, to = %owner.id, %status, "handoff failed; retrying");
+                    tracing::warn!(%key, to = %owner.id, %status, "handoff failed; retrying");
                     scheduler.put_back(out);
                     pending = true;
                     break;

@@ -6,6 +6,9 @@
 //! name: no string per task, and comparisons of two numbers instead of two long strings that
 //! share their prefix. Keys are unique on a shard (74 random bits per id); a record keeps its
 //! pipeline, and a name is only accepted when both parts match.
+//!
+//! A task of a partition other than 0 has that partition in its id, which makes it a UUIDv8
+//! with 62 random bits (the layout is [`pm_proto::names::with_partition`]'s).
 
 use std::fmt;
 
@@ -16,6 +19,19 @@ impl TaskKey {
     /// A new, time-ordered key (a UUIDv7).
     pub fn generate() -> Self {
         Self(uuid::Uuid::now_v7().as_u128())
+    }
+
+    /// A new key of a task in `partition` of its pipeline.
+    pub fn generate_in(partition: u32) -> Self {
+        Self(pm_proto::names::with_partition(
+            uuid::Uuid::now_v7().as_u128(),
+            partition,
+        ))
+    }
+
+    /// The partition of its pipeline the task is in.
+    pub fn partition(self) -> u32 {
+        pm_proto::names::partition_of_id(self.0)
     }
 
     /// When the task was submitted, ms since the Unix epoch: a UUIDv7's first 48 bits.
@@ -110,5 +126,17 @@ mod tests {
         assert_eq!(TaskKey::parse_name("tenants/t/tasks"), None);
         assert_eq!(TaskKey::parse_name(&format!("{name}0")), None);
         assert_eq!(TaskKey::parse_name(&name[1..]).map(|(_, k)| k), Some(a));
+    }
+
+    #[test]
+    fn a_key_carries_its_partition_in_time_order() {
+        let (a, b, c) = (
+            TaskKey::generate_in(0),
+            TaskKey::generate_in(7),
+            TaskKey::generate(),
+        );
+        assert_eq!((a.partition(), b.partition(), c.partition()), (0, 7, 0));
+        assert!(a.created_ms() <= b.created_ms() && b.created_ms() <= c.created_ms());
+        assert_eq!(TaskKey::parse_id(&b.to_string()), Some(b));
     }
 }

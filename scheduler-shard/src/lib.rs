@@ -256,7 +256,7 @@ pub async fn serve(
                     tracing::warn!("cannot leave the ring in etcd ({e}); it expires instead");
                 }
                 let held = handoff.drain(cluster.handoff_timeout).await;
-                tracing::info!(pipelines_left = held, "left the ring");
+                tracing::info!(ring_keys_left = held, "left the ring");
             }
         }
     };

@@ -11,12 +11,12 @@ use ::metrics::{
     histogram,
 };
 
-use pm_cluster::Ring;
+use pm_cluster::{Ring, RingKey};
 use pm_proto::names::PipelineName;
 use pm_proto::v1::TaskState;
 
-use crate::ownership::{Ownership, ring_key_of};
-use crate::scheduler::{FINAL_STATES, PipelineStats, Scheduler};
+use crate::ownership::Ownership;
+use crate::scheduler::{FINAL_STATES, QueueStats, Scheduler};
 
 pub const COMPONENT: &str = "shard";
 
@@ -174,7 +174,7 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
         let mut shown = shown.lock().expect("shown lock");
         let mut now = HashSet::with_capacity(stats.pipelines.len());
         let ring = ownership.ring();
-        let pending = pending_handoff(&stats.pipelines, &ring, ownership.me(), ownership.leaving());
+        let pending = pending_handoff(&stats, &ring, ownership.me(), ownership.leaving());
         for p in &stats.pipelines {
             let labels = pipeline_labels(&p.pipeline);
             let queued = |state: TaskState| {
@@ -218,17 +218,25 @@ pub fn collect_on_scrape(scheduler: &Arc<Scheduler>, ownership: &Arc<Ownership>,
     });
 }
 
-/// Unfinished tasks of the pipelines `me` no longer owns by `ring` (every pipeline's while
-/// it is `leaving`): `pm_handoff_pending_tasks`. With no owner at all (an empty ring), there
-/// is nowhere to move them, so they are not pending.
-fn pending_handoff(pipelines: &[PipelineStats], ring: &Ring, me: &str, leaving: bool) -> u64 {
-    pipelines
+/// Tasks of the ring keys `me` no longer owns by `ring` (all of them while it is
+/// `leaving`): `pm_handoff_pending_tasks`. A pipeline's unfinished tasks; for a partitioned
+/// one, every task held of a lost partition, finished ones too (they move as well). With no
+/// owner at all (an empty ring), there is nowhere to move them, so they are not pending.
+fn pending_handoff(stats: &QueueStats, ring: &Ring, me: &str, leaving: bool) -> u64 {
+    let lost = |key: RingKey| ring.owner(&key).is_some_and(|o| o.id != me || leaving);
+    stats
+        .pipelines
         .iter()
-        .filter(|p| {
-            ring.owner(&ring_key_of(&p.pipeline))
-                .is_some_and(|o| o.id != me || leaving)
+        .filter_map(|p| Some((p, PipelineName::parse(&p.pipeline).ok()?)))
+        .map(|(p, name)| match stats.partitions.get(&p.pipeline) {
+            Some(held) => held
+                .iter()
+                .filter(|(i, _)| lost(RingKey::new(name.clone(), *i)))
+                .map(|(_, n)| n)
+                .sum(),
+            None if lost(RingKey::whole(name)) => p.ready + p.in_progress,
+            None => 0,
         })
-        .map(|p| p.ready + p.in_progress)
         .sum()
 }
 
@@ -248,6 +256,7 @@ fn pipeline_labels(pipeline: &str) -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::PipelineStats;
     use pm_cluster::Member;
 
     #[test]
@@ -269,21 +278,50 @@ mod tests {
             .collect();
         let owned_by_b = pipelines
             .iter()
-            .filter(|p| ring.owner(&ring_key_of(&p.pipeline)).unwrap().id == "b")
+            .filter(|p| {
+                let key = RingKey::whole(PipelineName::parse(&p.pipeline).unwrap());
+                ring.owner(&key).unwrap().id == "b"
+            })
             .count() as u64;
+        let hot = "tenants/t/applications/a/pipelines/hot";
+        let lost_partitions: Vec<u32> = (0..8)
+            .filter(|&i| {
+                let key = RingKey::new(PipelineName::parse(hot).unwrap(), i);
+                ring.owner(&key).unwrap().id == "b"
+            })
+            .collect();
+        assert!(!lost_partitions.is_empty() && lost_partitions.len() < 8);
+        let mut stats = QueueStats {
+            pipelines,
+            ..QueueStats::default()
+        };
+        stats.pipelines.push(PipelineStats {
+            pipeline: hot.into(),
+            ready: 1000,
+            in_progress: 1000,
+            oldest_ready_ms: None,
+            counts: Default::default(),
+        });
+        stats.partitions.insert(
+            hot.into(),
+            (0..8).map(|i| (i, 100 + u64::from(i))).collect(),
+        );
+        let hot_lost: u64 = lost_partitions.iter().map(|&i| 100 + u64::from(i)).sum();
+        let stats = &stats;
         assert!(owned_by_b > 0 && owned_by_b < 40);
         assert_eq!(
-            pending_handoff(&pipelines, &ring, "a", false),
-            owned_by_b * 11
+            pending_handoff(stats, &ring, "a", false),
+            owned_by_b * 11 + hot_lost,
+            "the pipelines b owns, and the partitions of the hot one b owns"
         );
         assert_eq!(
-            pending_handoff(&pipelines, &ring, "a", true),
-            40 * 11,
+            pending_handoff(stats, &ring, "a", true),
+            40 * 11 + (0..8).map(|i| 100 + i).sum::<u64>(),
             "leaving: all of them"
         );
         let empty = Ring::new(2, []);
         assert_eq!(
-            pending_handoff(&pipelines, &empty, "a", true),
+            pending_handoff(stats, &empty, "a", true),
             0,
             "nowhere to go"
         );

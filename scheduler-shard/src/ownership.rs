@@ -9,10 +9,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use pm_cluster::{Member, Membership, Ring};
+use pm_cluster::{Member, Membership, Ring, RingKey};
 use pm_proto::names::PipelineName;
 
 use crate::error::Error;
+use crate::key::TaskKey;
 
 pub struct Ownership {
     me: String,
@@ -72,13 +73,8 @@ impl Ownership {
         self.leaving() || ring.member(&self.me).is_some()
     }
 
-    /// Ok when this shard owns `pipeline`'s tasks; otherwise who does, by its view.
-    pub fn check(&self, pipeline: &PipelineName) -> Result<(), Error> {
-        self.check_key(&pipeline.ring_key())
-    }
-
-    /// Ok when this shard owns ring key `key`.
-    pub fn check_key(&self, key: &str) -> Result<(), Error> {
+    /// Ok when this shard owns ring key `key`; otherwise who does, by its view.
+    pub fn check(&self, key: &RingKey) -> Result<(), Error> {
         let ring = self.ring();
         let owner = ring.owner(key);
         if !self.leaving() && owner.is_some_and(|m| m.id == self.me) {
@@ -102,13 +98,39 @@ impl Ownership {
             },
         })
     }
+
+    /// Ok when this shard owns each of `partitions` of `pipeline` (partition 0 alone when
+    /// none is named); INVALID_ARGUMENT for a list past a pipeline's partitions.
+    pub fn check_partitions(
+        &self,
+        pipeline: &PipelineName,
+        partitions: &[u32],
+    ) -> Result<(), Error> {
+        let max = pm_spec::limits::MAX_PARTITIONS;
+        if partitions.len() > max as usize || partitions.iter().any(|&p| p >= max) {
+            return Err(Error::invalid(
+                "partitions",
+                format!(
+                    "{} named; a pipeline has at most {max}, numbered from 0",
+                    partitions.len()
+                ),
+            ));
+        }
+        if partitions.is_empty() {
+            return self.check(&RingKey::whole(pipeline.clone()));
+        }
+        for &p in partitions {
+            self.check(&RingKey::new(pipeline.clone(), p))?;
+        }
+        Ok(())
+    }
 }
 
-/// The ring key of a pipeline held under its resource name.
-pub fn ring_key_of(pipeline: &str) -> String {
+/// The ring key of a task of `pipeline` (held under its resource name) with `key`.
+pub fn ring_key_of(pipeline: &str, key: TaskKey) -> Option<RingKey> {
     PipelineName::parse(pipeline)
-        .map(|p| p.ring_key())
-        .unwrap_or_else(|_| pipeline.to_owned())
+        .ok()
+        .map(|p| RingKey::new(p, key.partition()))
 }
 
 #[cfg(test)]
@@ -131,8 +153,15 @@ mod tests {
         let ring = Ring::new(0, [member("a"), member("b")]);
         let ownership = Ownership::new("a".into(), Membership::fixed([member("a"), member("b")]));
         assert_eq!(ownership.me(), "a");
-        let keys: Vec<String> = (0..64).map(|i| format!("t/a/p{i}")).collect();
-        let mine: Vec<&String> = keys
+        let keys: Vec<RingKey> = (0..64)
+            .map(|i| {
+                RingKey::whole(
+                    PipelineName::parse(&format!("tenants/t/applications/a/pipelines/p{i}"))
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let mine: Vec<&RingKey> = keys
             .iter()
             .filter(|k| ring.owner(k).is_some_and(|m| m.id == "a"))
             .collect();
@@ -141,9 +170,9 @@ mod tests {
             "the keys split"
         );
         for key in &keys {
-            let owned = ownership.check_key(key).is_ok();
+            let owned = ownership.check(key).is_ok();
             assert_eq!(owned, mine.contains(&key), "{key}");
-            if let Err(Error::NotOwner { message, view }) = ownership.check_key(key) {
+            if let Err(Error::NotOwner { message, view }) = ownership.check(key) {
                 assert_eq!(view.owner.map(|(id, _)| id).as_deref(), Some("b"));
                 assert!(message.starts_with("shard a does not own"), "{message}");
             }
@@ -153,25 +182,32 @@ mod tests {
             !ownership.settled(&Ring::new(0, [member("b")])),
             "not before it sees itself in the ring"
         );
-        // A pipeline is owned by its ring key.
-        let pipelines: Vec<String> = (0..16)
-            .map(|i| format!("tenants/t/applications/a/pipelines/p{i}"))
-            .collect();
-        for p in &pipelines {
-            let name = PipelineName::parse(p).unwrap();
-            assert_eq!(ring_key_of(p), name.ring_key());
-            assert_eq!(
-                ownership.check(&name).is_ok(),
-                ownership.check_key(&name.ring_key()).is_ok()
-            );
-        }
+        // A partitioned pipeline's partitions are keys of their own; a task's is in its key.
+        let hot = PipelineName::parse("tenants/t/applications/a/pipelines/hot").unwrap();
+        let partitions: Vec<u32> = (0..16).collect();
+        let (owned, other): (Vec<u32>, Vec<u32>) = partitions
+            .iter()
+            .partition(|&&p| ring.owner(&RingKey::new(hot.clone(), p)).unwrap().id == "a");
         assert!(
-            pipelines
-                .iter()
-                .any(|p| ownership.check(&PipelineName::parse(p).unwrap()).is_err()),
-            "some pipelines are b's"
+            !owned.is_empty() && !other.is_empty(),
+            "the partitions split"
         );
-        assert_eq!(ring_key_of("not a pipeline"), "not a pipeline");
+        assert!(ownership.check_partitions(&hot, &owned).is_ok());
+        assert!(
+            ownership
+                .check_partitions(&hot, &[owned[0], other[0]])
+                .is_err()
+        );
+        assert_eq!(
+            ownership.check_partitions(&hot, &[]).is_ok(),
+            ownership.check(&RingKey::whole(hot.clone())).is_ok()
+        );
+        let key = TaskKey::generate_in(other[0]);
+        assert_eq!(
+            ring_key_of(&hot.to_string(), key),
+            Some(RingKey::new(hot.clone(), other[0]))
+        );
+        assert_eq!(ring_key_of("not a pipeline", key), None);
 
         ownership.leave();
         assert!(ownership.leaving());
@@ -181,7 +217,7 @@ mod tests {
         );
         assert!(ownership.settled(&Ring::new(0, [member("b")])));
         for key in &keys {
-            match ownership.check_key(key) {
+            match ownership.check(key) {
                 Err(Error::NotOwner { view, .. }) => {
                     assert_eq!(view.owner.map(|(id, _)| id).as_deref(), Some("b"), "{key}");
                 }

@@ -129,6 +129,11 @@ struct Session {
     agent_id: String,
     /// `None` serves every pipeline.
     pipelines: Option<BTreeSet<String>>,
+    /// The partitions of its pipeline it was opened for (Hello.partitions; empty: 0). It
+    /// takes any task of its pipelines held here; these say which ring keys it goes with.
+    partitions: Vec<u32>,
+    /// Hello.explicit_credit: only Credit messages add slots, not answers.
+    explicit_credit: bool,
     credit: u32,
     /// The leases this stream was given (or reclaimed in its Hello) and has not answered yet:
     /// each holds one of its slots. Only a Result or Reject naming one of them gives a slot
@@ -148,6 +153,9 @@ struct Inner {
     tasks: TaskMap,
     /// Tasks per pipeline, ordered by id (ids are time-ordered UUIDv7).
     by_pipeline: HashMap<Arc<str>, BTreeSet<TaskKey>>,
+    /// Tasks held per partition > 0 of a partitioned pipeline (the rest of `by_pipeline` is
+    /// partition 0): which ring keys this shard holds, without a scan.
+    by_partition: HashMap<Arc<str>, BTreeMap<u32, usize>>,
     /// (pipeline, idempotency key) -> task, for durable tasks.
     idempotency: HashMap<(Arc<str>, String), TaskKey>,
     /// Keys whose first submit is being written.
@@ -406,10 +414,26 @@ impl Inner {
     /// Removes a task from every index; its disk record is untouched.
     fn unindex(&mut self, key: TaskKey) -> Option<TaskRecord> {
         let record = self.tasks.remove(key)?;
+        let mut indexed = false;
         if let Some(keys) = self.by_pipeline.get_mut(&record.pipeline) {
-            keys.remove(&key);
+            indexed = keys.remove(&key);
             if keys.is_empty() {
                 self.by_pipeline.remove(&record.pipeline);
+            }
+        }
+        let partition = key.partition();
+        if indexed
+            && partition > 0
+            && let Some(counts) = self.by_partition.get_mut(&record.pipeline)
+        {
+            if let Some(n) = counts.get_mut(&partition) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&partition);
+                }
+            }
+            if counts.is_empty() {
+                self.by_partition.remove(&record.pipeline);
             }
         }
         if record.keyed {
@@ -433,10 +457,21 @@ impl Inner {
             let idempotency = (record.pipeline.clone(), record.idempotency_key());
             self.idempotency.insert(idempotency, key);
         }
-        self.by_pipeline
+        let partition = key.partition();
+        if self
+            .by_pipeline
             .entry(record.pipeline.clone())
             .or_default()
-            .insert(key);
+            .insert(key)
+            && partition > 0
+        {
+            *self
+                .by_partition
+                .entry(record.pipeline.clone())
+                .or_default()
+                .entry(partition)
+                .or_default() += 1;
+        }
         self.tasks.insert(key, record)
     }
 
@@ -542,6 +577,7 @@ impl Scheduler {
         let mut inner = Inner {
             tasks: TaskMap::with_capacity(len),
             by_pipeline: HashMap::new(),
+            by_partition: HashMap::new(),
             idempotency: HashMap::new(),
             idempotency_pending: HashSet::new(),
             specs: HashMap::new(),
@@ -693,11 +729,13 @@ impl Scheduler {
         })
     }
 
-    /// A page of `pipeline`'s tasks, newest first; `page_token` is the id of the last task
-    /// of the page before.
+    /// A page of `pipeline`'s tasks (of `partitions` only, unless empty), newest first;
+    /// `page_token` is the id of the last task of the page before. Ids are in time order
+    /// whatever their partition, so the token of a merged list works on every shard.
     pub fn list(
         &self,
         pipeline: &str,
+        partitions: &[u32],
         state: TaskState,
         page_size: usize,
         page_token: &str,
@@ -721,6 +759,9 @@ impl Scheduler {
         let mut page: Vec<Record> = Vec::with_capacity(page_size);
         let mut more = false;
         for &key in keys.rev() {
+            if !partitions.is_empty() && !partitions.contains(&key.partition()) {
+                continue;
+            }
             let record = inner.tasks.get(key).expect("indexed tasks exist");
             if state != TaskState::Unspecified && record.state != state {
                 continue;
@@ -801,6 +842,7 @@ mod tests {
             client_priority: 10,
             spec_id: Vec::new(),
             tenant_max_queued_tasks: 0,
+            partition: 0,
         }
     }
 
@@ -984,6 +1026,33 @@ mod tests {
 
     fn credit_of(s: &Scheduler, session: u64) -> u32 {
         s.lock().sessions[&session].credit
+    }
+
+    /// A stream on explicit credit (a gateway's fan-in) gets a slot back only by Credit:
+    /// its answers free nothing, so the gateway can give the slot to another owner.
+    #[tokio::test(start_paused = true)]
+    async fn on_explicit_credit_an_answer_gives_no_slot_back() {
+        let s = scheduler(100);
+        let cancel = start(&s).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let explicit = Hello {
+            explicit_credit: true,
+            ..hello(0, vec![])
+        };
+        let session = s.open_session(&explicit, tx);
+        assert_eq!(credit_of(&s, session), 0);
+        s.credit(session, 2);
+        enqueue_one(&s, item(10, "")).await;
+        enqueue_one(&s, item(10, "")).await;
+        let (_, first) = assigned(&mut rx).await;
+        let (_, second) = assigned(&mut rx).await;
+        assert_eq!(credit_of(&s, session), 0);
+        assert!(s.complete(session, &first, done()).await);
+        s.reject(session, &second, "not here").await;
+        assert_eq!(credit_of(&s, session), 0, "no slot back by answers");
+        s.credit(session, 1);
+        assert_eq!(credit_of(&s, session), 1);
+        cancel.cancel();
     }
 
     /// An attacker's agent stream, serving a pipeline of its own, that knows (or guesses)
@@ -1343,9 +1412,9 @@ mod tests {
         ));
         let made_up = format!("{}/tasks/not-an-id", task.pipeline);
         assert!(matches!(s.watch(&made_up), Err(Error::NotFound(_))));
-        let listed = s.list(&task.pipeline, TaskState::Unspecified, 10, "");
+        let listed = s.list(&task.pipeline, &[], TaskState::Unspecified, 10, "");
         assert_eq!(listed.unwrap().0.len(), 1);
-        let refused = s.list(&task.pipeline, TaskState::Unspecified, 10, "zz");
+        let refused = s.list(&task.pipeline, &[], TaskState::Unspecified, 10, "zz");
         assert!(
             matches!(&refused, Err(Error::InvalidArgument(v)) if v.field == "page_token"),
             "{:?}",
@@ -1390,7 +1459,7 @@ mod tests {
         let mut token = String::new();
         for _ in 0..8 {
             let (page, next) = s
-                .list(&ran.pipeline, TaskState::Unspecified, 100, &token)
+                .list(&ran.pipeline, &[], TaskState::Unspecified, 100, &token)
                 .unwrap();
             let bytes: usize = page.iter().map(Message::encoded_len).sum();
             assert!(bytes <= MAX_PAGE_BYTES, "a page of {bytes} bytes");
@@ -1470,7 +1539,9 @@ mod tests {
         );
         let repeat = enqueue_one(&s, item(10, "k")).await;
         assert!(repeat.name == task.name && whole(&repeat), "and a repeat");
-        let (page, _) = s.list(&task.pipeline, TaskState::Done, 10, "").unwrap();
+        let (page, _) = s
+            .list(&task.pipeline, &[], TaskState::Done, 10, "")
+            .unwrap();
         let listed = page[0].result.as_ref().unwrap();
         assert!(listed.jobs[0].steps[0].stdout.is_empty() && listed.output.is_none());
         assert_eq!(
@@ -1485,7 +1556,7 @@ mod tests {
         held(&s, &task.name);
         assert!(whole(&s.get(&task.name).unwrap()));
         // A handoff carries the whole result to the next owner.
-        let out = s.take_for_handoff(&task.pipeline, 10);
+        let out = s.take_for_handoff(&task.pipeline, 0, 10);
         let handed = out.tasks[0].stored.as_ref().unwrap().task.as_ref().unwrap();
         assert!(whole(handed), "handed off whole");
     }
@@ -1657,7 +1728,7 @@ mod tests {
         };
         tokio::time::advance(TTL / 2).await;
 
-        let out = old.take_for_handoff(&reclaimed.pipeline, 100);
+        let out = old.take_for_handoff(&reclaimed.pipeline, 0, 100);
         assert_eq!(out.tasks.len(), 2);
         for t in &out.tasks {
             let left = Duration::from_millis(t.lease_remaining_ms as u64);

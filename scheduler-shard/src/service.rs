@@ -23,6 +23,7 @@ use pm_proto::v1::{
 use crate::error::Error;
 use crate::ownership::Ownership;
 use crate::scheduler::{Scheduler, Submitted, WATCH_BUFFER};
+use pm_cluster::RingKey;
 
 /// Events queued per watch for the HTTP/2 stream (pointers to shared events).
 const WATCH_CHANNEL: usize = 64;
@@ -49,24 +50,20 @@ impl Shard {
         }
     }
 
-    /// The task's name, if this shard owns its pipeline.
+    /// The task's name, if this shard owns its ring key.
     fn task_name(&self, name: &str) -> Result<String, Error> {
         let name = TaskName::parse(name).map_err(|e| Error::invalid("name", e.to_string()))?;
-        self.ownership.check(&name.pipeline)?;
+        self.ownership.check(&RingKey::of_task(&name))?;
         Ok(name.to_string())
     }
 
-    /// Refuses the whole call unless this shard owns every pipeline of `tasks`.
-    fn check_owned<'a>(&self, tasks: impl Iterator<Item = Option<&'a Task>>) -> Result<(), Error> {
+    /// Refuses the whole call unless this shard owns every ring key of the tasks (`None`:
+    /// a task whose pipeline does not parse, refused on its own by the scheduler).
+    fn check_owned(&self, keys: impl Iterator<Item = Option<RingKey>>) -> Result<(), Error> {
         let mut seen = HashSet::new();
-        for task in tasks {
-            let pipeline = task.map(|t| t.pipeline.as_str()).unwrap_or_default();
-            if !seen.insert(pipeline) {
-                continue;
-            }
-            // A bad name is refused for that task alone, by the scheduler.
-            if let Ok(name) = PipelineName::parse(pipeline) {
-                self.ownership.check(&name)?;
+        for key in keys.flatten() {
+            if seen.insert(key.clone()) {
+                self.ownership.check(&key)?;
             }
         }
         Ok(())
@@ -84,7 +81,11 @@ impl ShardService for Shard {
             answer_queued_by_id: by_id,
         } = request.into_inner();
         let _arriving = self.scheduler.arriving();
-        self.check_owned(tasks.iter().map(|t| t.task.as_ref()))?;
+        self.check_owned(tasks.iter().map(|t| {
+            let pipeline = t.task.as_ref().map(|t| t.pipeline.as_str())?;
+            let name = PipelineName::parse(pipeline).ok()?;
+            Some(RingKey::new(name, t.partition))
+        }))?;
         let mut spec_needed = Vec::new();
         let results = self
             .scheduler
@@ -223,14 +224,19 @@ impl ShardService for Shard {
         let req = request.into_inner();
         let pipeline = PipelineName::parse(&req.parent)
             .map_err(|e| Error::invalid("parent", e.to_string()))?;
-        self.ownership.check(&pipeline)?;
+        self.ownership
+            .check_partitions(&pipeline, &req.partitions)?;
         let state = TaskState::try_from(req.state)
             .map_err(|_| Error::invalid("state", format!("{} is not a task state", req.state)))?;
         let size = pm_spec::validate::check_page(req.page_size, &req.page_token)
             .map_err(Error::InvalidArgument)?;
-        let (tasks, next_page_token) =
-            self.scheduler
-                .list(&pipeline.to_string(), state, size, &req.page_token)?;
+        let (tasks, next_page_token) = self.scheduler.list(
+            &pipeline.to_string(),
+            &req.partitions,
+            state,
+            size,
+            &req.page_token,
+        )?;
         Ok(Response::new(ListTasksResponse {
             tasks,
             next_page_token,
@@ -244,7 +250,8 @@ impl ShardService for Shard {
         let req = request.into_inner();
         let pipeline =
             PipelineName::parse(&req.name).map_err(|e| Error::invalid("name", e.to_string()))?;
-        self.ownership.check(&pipeline)?;
+        self.ownership
+            .check_partitions(&pipeline, &req.partitions)?;
         let name = pipeline.to_string();
         let q = self.scheduler.pipeline_queue(&name);
         let [done, error, cancelled] = q.finished_recently;
@@ -269,12 +276,12 @@ impl ShardService for Shard {
     ) -> Result<Response<AdoptResponse>, Status> {
         let request = request.into_inner();
         let _arriving = self.scheduler.arriving();
-        self.check_owned(
-            request
-                .tasks
-                .iter()
-                .map(|t| t.stored.as_ref().and_then(|s| s.task.as_ref())),
-        )?;
+        self.check_owned(request.tasks.iter().map(|t| {
+            let task = t.stored.as_ref().and_then(|s| s.task.as_ref())?;
+            TaskName::parse(&task.name)
+                .ok()
+                .map(|n| RingKey::of_task(&n))
+        }))?;
         let n = request.tasks.len();
         let from = request.from_shard.clone();
         let response = self.scheduler.adopt(request).await?;

@@ -9,6 +9,12 @@
 //! changed. Submits refused meanwhile must be refusals a client retries. Authentication is
 //! on, as in production: the test, its gateways' clients and the agents hold tokens of the
 //! platform admin that tenant-service bootstraps.
+//!
+//! Two of the pipelines have `partitions: 6`: `hot`, with two agents, and `idlehot`, whose
+//! READY tasks wait on several shards through the changes. Their submits spread over the
+//! partitions and so over the shards; their agents get work from every partition owner; a
+//! task of `idlehot` is watched and another cancelled by name across the moves; and at the
+//! end a paged list of each holds every acknowledged task once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -37,6 +43,11 @@ use pm_proto::v1::{
 };
 
 const PIPELINES: usize = 8;
+/// The partitioned pipelines (the last active one and the last idle one), and their
+/// partitions.
+const HOT: &str = "hot";
+const IDLE_HOT: &str = "idlehot";
+const PARTITIONS: u32 = 6;
 /// Pipelines without agents until the end: their tasks wait READY through every change, so
 /// the handoffs must carry them.
 const IDLE: usize = 8;
@@ -350,17 +361,25 @@ async fn scrape(addr: &str) -> std::io::Result<String> {
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-/// The ring owner of pipeline `name`.
-fn owner(ring: &Ring, name: &str) -> String {
-    let key = pm_proto::names::PipelineName::parse(name)
-        .unwrap()
-        .ring_key();
-    ring.owner(&key).map(|m| m.id.clone()).unwrap_or_default()
+fn partitions_of(name: &str) -> u32 {
+    if name.ends_with(&format!("/{HOT}")) || name.ends_with(&format!("/{IDLE_HOT}")) {
+        PARTITIONS
+    } else {
+        1
+    }
 }
 
-/// Waits until every pipeline's unfinished tasks are on its owner in `ring` and nowhere
-/// else, as the live shards report them, and each of `must_hold` has some; returns who
-/// holds what.
+/// The ring owners of pipeline `name`'s partitions.
+fn owners(ring: &Ring, name: &str) -> BTreeSet<String> {
+    let pipeline = pm_proto::names::PipelineName::parse(name).unwrap();
+    ring.partition_owners(&pipeline, partitions_of(name))
+        .into_keys()
+        .collect()
+}
+
+/// Waits until every pipeline's unfinished tasks are on its partitions' owners in `ring`
+/// and nowhere else, as the live shards report them, and each of `must_hold` is on all of
+/// them; returns who holds what.
 async fn settled(
     cluster: &Cluster,
     ring: &Ring,
@@ -371,10 +390,12 @@ async fn settled(
     let mut held = BTreeMap::new();
     until(what, Duration::from_secs(30), async || {
         held = holders(cluster, live).await;
-        must_hold.iter().all(|p| held.contains_key(p))
+        must_hold
+            .iter()
+            .all(|p| held.get(p) == Some(&owners(ring, p)))
             && held
                 .iter()
-                .all(|(p, shards)| shards.len() == 1 && shards.contains(&owner(ring, p)))
+                .all(|(p, shards)| shards.is_subset(&owners(ring, p)))
     })
     .await;
     held
@@ -545,16 +566,22 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         .unwrap();
     let mut pipelines = Vec::new();
     let mut logs = Vec::new();
-    let ids_of_pipelines = (0..PIPELINES)
+    let ids_of_pipelines = (0..PIPELINES - 1)
         .map(|p| format!("p{p}"))
-        .chain((0..IDLE).map(|p| format!("idle{p}")));
+        .chain([HOT.to_owned()])
+        .chain((0..IDLE - 1).map(|p| format!("idle{p}")))
+        .chain([IDLE_HOT.to_owned()]);
     for id in ids_of_pipelines {
         let log = log_of(&dir, &id);
+        let mut spec = spec(&log);
+        if id == HOT || id == IDLE_HOT {
+            spec.partitions = PARTITIONS;
+        }
         let applied = config
             .apply_pipeline(ApplyPipelineRequest {
                 parent: "tenants/c/applications/a".into(),
                 pipeline_id: id,
-                source: Some(apply_pipeline_request::Source::Spec(spec(&log))),
+                source: Some(apply_pipeline_request::Source::Spec(spec)),
             })
             .await
             .unwrap();
@@ -569,6 +596,10 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         .enumerate()
         .map(|(n, p)| cluster.agent(n, &gateways[n % 2], p))
         .collect();
+    // The hot pipeline's second agent, through the other gateway.
+    let hot = pipelines[PIPELINES - 1].clone();
+    let idle_hot = pipelines[PIPELINES + IDLE - 1].clone();
+    agents.push(cluster.agent(100, &gateways[PIPELINES % 2], &hot));
 
     let load = Arc::new(Load::default());
     let stop = CancellationToken::new();
@@ -585,6 +616,99 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         })
         .collect();
     progress(active_logs, "runs with three shards").await;
+    let first_ring = view.ring();
+
+    // The hot pipelines' submits spread over their partitions, and so over the shards: a
+    // burst of batches to each through both gateways.
+    let acked_of = |p: &str| -> Vec<String> {
+        let acked = load.acked.lock().unwrap();
+        let prefix = format!("{p}/tasks/");
+        acked
+            .iter()
+            .filter(|t| t.starts_with(&prefix))
+            .cloned()
+            .collect()
+    };
+    let mut spread: Vec<String> = Vec::new();
+    for (i, pipeline) in [&hot, &idle_hot, &hot, &idle_hot].into_iter().enumerate() {
+        let mut client = tasks(&gateways[i % 2], &bearer);
+        for _ in 0..3 {
+            let requests = (0..50)
+                .map(|_| SubmitTaskRequest {
+                    parent: pipeline.clone(),
+                    ..SubmitTaskRequest::default()
+                })
+                .collect();
+            let results = client
+                .submit_tasks(SubmitTasksRequest { requests })
+                .await
+                .unwrap()
+                .into_inner()
+                .results;
+            for r in results {
+                match r.outcome {
+                    Some(submit_task_result::Outcome::Task(t)) => spread.push(t.name),
+                    other => panic!("a submit to a partitioned pipeline failed: {other:?}"),
+                }
+            }
+        }
+    }
+    load.acked.lock().unwrap().extend(spread.iter().cloned());
+    let mut by_partition = vec![0usize; PARTITIONS as usize];
+    let mut by_shard: BTreeMap<String, usize> = BTreeMap::new();
+    for name in &spread {
+        let task = pm_proto::names::TaskName::parse(name).unwrap();
+        by_partition[task.partition() as usize] += 1;
+        let key = pm_cluster::RingKey::of_task(&task);
+        *by_shard
+            .entry(first_ring.owner(&key).unwrap().id.clone())
+            .or_default() += 1;
+    }
+    eprintln!(
+        "hot submits: {} by partition {by_partition:?}, by shard {by_shard:?}",
+        spread.len()
+    );
+    let even = spread.len() as f64 / f64::from(PARTITIONS);
+    for (p, n) in by_partition.iter().enumerate() {
+        assert!(
+            (*n as f64 - even).abs() <= even * 0.5,
+            "partition {p} got {n} of {} submits: {by_partition:?}",
+            spread.len()
+        );
+    }
+    // Each shard gets the share of the partitions the ring gives it (each partition is
+    // placed on its own, so 6 over 3 shards need not be 2 each; docs/partitions.md).
+    let placed = first_ring.partition_owners(
+        &pm_proto::names::PipelineName::parse(&hot).unwrap(),
+        PARTITIONS,
+    );
+    eprintln!(
+        "partitions of hot by shard: {:?}",
+        placed
+            .iter()
+            .map(|(id, (_, ps))| (id, ps))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(by_shard.len(), 3, "every shard gets a share: {by_shard:?}");
+    for (shard, n) in &by_shard {
+        // hot and idlehot are placed alike but for their names: the two pipelines' shares.
+        let owned = |p: &String| {
+            first_ring
+                .partition_owners(
+                    &pm_proto::names::PipelineName::parse(p).unwrap(),
+                    PARTITIONS,
+                )
+                .get(shard)
+                .map_or(0, |(_, ps)| ps.len())
+        };
+        let expected = spread.len() as f64 / 2.0 * (owned(&hot) + owned(&idle_hot)) as f64
+            / f64::from(PARTITIONS);
+        assert!(
+            (*n as f64 - expected).abs() <= expected * 0.5,
+            "shard {shard} got {n} of {} submits, its partitions {expected}: {by_shard:?}",
+            spread.len()
+        );
+    }
 
     // A watch on one task of each idle pipeline, open through every change until the task
     // finishes at the end: the gateway follows each task to its new owner.
@@ -655,7 +779,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         let now = settled(&cluster, after, live, &idle, what).await;
         let by_ring: BTreeSet<&String> = idle
             .iter()
-            .filter(|p| owner(before, p) != owner(after, p))
+            .filter(|p| owners(before, p) != owners(after, p))
             .collect();
         let by_shards: BTreeSet<&String> = idle
             .iter()
@@ -729,6 +853,27 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     step(&before, &view.ring(), &["s1", "s2", "s3"], "restart s1").await;
     progress(active_logs, "runs after s1 returned").await;
 
+    // A READY task of the partitioned idle pipeline, on another shard than it was queued
+    // on, is cancelled by its name through a gateway.
+    let now = view.ring();
+    let moved_task = acked_of(&idle_hot)
+        .into_iter()
+        .filter(|t| !watched.contains(t))
+        .find(|t| {
+            let key = pm_cluster::RingKey::of_task(&pm_proto::names::TaskName::parse(t).unwrap());
+            first_ring.owner(&key).map(|m| &m.id) != now.owner(&key).map(|m| &m.id)
+        })
+        .expect("a task of idlehot whose partition moved");
+    let mut client = tasks(&gw0, &bearer);
+    let cancelled = client
+        .cancel_task(pm_proto::v1::CancelTaskRequest {
+            name: moved_task.clone(),
+        })
+        .await
+        .expect("cancel by name after the move")
+        .into_inner();
+    assert_eq!(cancelled.state, TaskState::Cancelled as i32, "{moved_task}");
+
     stop.cancel();
     for s in submitters {
         s.await.unwrap();
@@ -741,7 +886,14 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     for (n, p) in pipelines[PIPELINES..].iter().enumerate() {
         agents.push(cluster.agent(PIPELINES + n, &gateways[n % 2], p));
     }
-    let acked: Vec<String> = load.acked.lock().unwrap().iter().cloned().collect();
+    let acked: Vec<String> = load
+        .acked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| **t != moved_task)
+        .cloned()
+        .collect();
     let refused = load.refused.lock().unwrap().clone();
     eprintln!("acknowledged {} tasks; refused {refused:?}", acked.len());
     // A ring change may refuse a submit, but only as a client retries it: never "not the
@@ -821,6 +973,62 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
         &never[..never.len().min(5)]
     );
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    let cancelled = tasks
+        .get_task(GetTaskRequest {
+            name: moved_task.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, TaskState::Cancelled as i32);
+    assert!(
+        !counts.contains_key(cancelled.id.as_str()),
+        "the cancelled task never ran"
+    );
+
+    // A paged list of each partitioned pipeline, merged from its partitions' owners, holds
+    // every acknowledged task once.
+    for pipeline in [&hot, &idle_hot] {
+        let mut listed: Vec<String> = Vec::new();
+        let mut token = String::new();
+        for _ in 0..10_000 {
+            let page = tasks
+                .list_tasks(pm_proto::v1::ListTasksRequest {
+                    parent: pipeline.clone(),
+                    page_size: 37,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            listed.extend(page.tasks.into_iter().map(|t| t.name));
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+        let unique: HashSet<&String> = listed.iter().collect();
+        assert_eq!(
+            unique.len(),
+            listed.len(),
+            "{pipeline}: a task listed twice"
+        );
+        let expected: Vec<&String> = acked
+            .iter()
+            .chain([&moved_task])
+            .filter(|t| t.starts_with(&format!("{pipeline}/")))
+            .collect();
+        let missing: Vec<&&String> = expected.iter().filter(|t| !unique.contains(**t)).collect();
+        assert!(
+            missing.is_empty(),
+            "{pipeline}: {} of {} acknowledged tasks not listed, e.g. {:?}",
+            missing.len(),
+            expected.len(),
+            &missing[..missing.len().min(3)]
+        );
+        eprintln!("{pipeline}: {} tasks listed in pages of 37", listed.len());
+    }
     eprintln!(
         "{} runs of {} acknowledged tasks: {duplicates} duplicate executions, 0 lost",
         ran.len(),
@@ -867,7 +1075,7 @@ async fn a_leaving_shard_hands_off_its_whole_backlog_before_it_exits() {
     // Four pipelines s0 owns: the whole backlog is on the shard that leaves.
     let pipelines: Vec<String> = (0..200)
         .map(|i| format!("tenants/c/applications/a/pipelines/q{i}"))
-        .filter(|p| owner(&ring, p) == "s0")
+        .filter(|p| owners(&ring, p) == BTreeSet::from(["s0".to_owned()]))
         .take(4)
         .collect();
     assert_eq!(pipelines.len(), 4);

@@ -88,7 +88,8 @@ async fn shards_serve_what_they_own_refuse_the_rest_and_survive_an_etcd_outage()
         (0..100)
             .map(|i| format!("tenants/t/applications/app/pipelines/p{i}"))
             .find(|p| {
-                let key = pm_proto::names::PipelineName::parse(p).unwrap().ring_key();
+                let key =
+                    pm_cluster::RingKey::whole(pm_proto::names::PipelineName::parse(p).unwrap());
                 ring.owner(&key).unwrap().id == id
             })
             .unwrap()
@@ -268,7 +269,7 @@ async fn an_agent_of_a_pipeline_that_moves_is_disconnected_even_with_no_tasks_he
     let pipeline = (0..100)
         .map(|i| format!("tenants/t/applications/app/pipelines/p{i}"))
         .find(|p| {
-            let key = pm_proto::names::PipelineName::parse(p).unwrap().ring_key();
+            let key = pm_cluster::RingKey::whole(pm_proto::names::PipelineName::parse(p).unwrap());
             both.owner(&key).unwrap().id == "b"
         })
         .unwrap();

@@ -310,6 +310,8 @@ impl Catalog {
                 let next = Pipeline {
                     name: name.to_string(),
                     version: latest.version + 1,
+                    max_partitions: pm_cluster::ring::covered_partitions(&latest)
+                        .max(spec.partitions),
                     spec: Some(spec),
                     create_time_ms: latest.create_time_ms,
                     update_time_ms: now,
@@ -320,6 +322,7 @@ impl Catalog {
                 Pipeline {
                     name: name.to_string(),
                     version: 1,
+                    max_partitions: spec.partitions.max(1),
                     spec: Some(spec),
                     create_time_ms: now,
                     update_time_ms: now,

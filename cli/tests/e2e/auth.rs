@@ -386,6 +386,7 @@ impl Fixture {
                 self.pipelines(who)
                     .get_pipeline_stats(GetPipelineStatsRequest {
                         name: pipeline(tenant),
+                        ..Default::default()
                     })
                     .await
                     .map(drop),

@@ -416,7 +416,10 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
             field,
         );
         if version == 0 {
-            let stats = GetPipelineStatsRequest { name: name.clone() };
+            let stats = GetPipelineStatsRequest {
+                name: name.clone(),
+                ..Default::default()
+            };
             let got = h.pipelines.get_pipeline_stats(stats).await;
             refused("GetPipelineStats", got, code, field);
             let delete = DeletePipelineRequest { name };

@@ -137,7 +137,10 @@ async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
 
     // The same queue through the API: one pipeline, from the shard that owns it.
     let stats = pipelines
-        .get_pipeline_stats(GetPipelineStatsRequest { name: slow.clone() })
+        .get_pipeline_stats(GetPipelineStatsRequest {
+            name: slow.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -152,7 +155,10 @@ async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
         "{stats:?}, submitted {since} ms ago"
     );
     let stats = pipelines
-        .get_pipeline_stats(GetPipelineStatsRequest { name: ocr.clone() })
+        .get_pipeline_stats(GetPipelineStatsRequest {
+            name: ocr.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

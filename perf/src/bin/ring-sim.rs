@@ -10,7 +10,8 @@
 
 use std::time::Instant;
 
-use pm_cluster::{Member, Ring};
+use pm_cluster::{Member, Ring, RingKey};
+use pm_proto::names::PipelineName;
 
 fn ring(n: usize) -> Ring {
     Ring::new(
@@ -23,7 +24,7 @@ fn ring(n: usize) -> Ring {
     )
 }
 
-fn owners(ring: &Ring, keys: &[String]) -> Vec<usize> {
+fn owners(ring: &Ring, keys: &[RingKey]) -> Vec<usize> {
     keys.iter()
         .map(|k| {
             let id = &ring.owner(k).expect("a member").id;
@@ -37,8 +38,14 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(100_000);
-    let keys: Vec<String> = (0..k)
-        .map(|i| format!("tenant-{}/app-{}/pipeline-{i}", i % 97, i % 13))
+    let keys: Vec<RingKey> = (0..k)
+        .map(|i| {
+            RingKey::whole(PipelineName {
+                tenant: format!("tenant-{}", i % 97),
+                application: format!("app-{}", i % 13),
+                pipeline: format!("pipeline-{i}"),
+            })
+        })
         .collect();
     println!("ring-sim: {k} keys, rendezvous hashing (xxh3)");
     println!("| S | max/mean | CV | moved on join | moved on leave | ideal 1/S | lookup ns |");

@@ -23,6 +23,8 @@ impl Scheduler {
         let mut session = Session {
             agent_id: hello.agent_id.clone(),
             pipelines,
+            partitions: hello.partitions.clone(),
+            explicit_credit: hello.explicit_credit,
             credit: 0,
             held: HashSet::new(),
             tx,
@@ -86,14 +88,14 @@ impl Scheduler {
         .then_some(held.task)
     }
 
-    /// Ends `session`'s hold of `lease` and credits its slot back, if it held it: a forged
-    /// or repeated answer raises no credit.
+    /// Ends `session`'s hold of `lease` and credits its slot back, if it held it (and the
+    /// stream is not on explicit credit): a forged or repeated answer raises no credit.
     fn answer(inner: &mut Inner, session: u64, lease: &WireLease) {
         let id = LeaseId(lease.lease_id.as_str().into());
         if inner
             .sessions
             .get_mut(&session)
-            .is_some_and(|s| s.held.remove(&id))
+            .is_some_and(|s| s.held.remove(&id) && !s.explicit_credit)
         {
             inner.credit(session, 1);
         }

@@ -91,11 +91,25 @@ pub struct QueueStats {
     pub sessions: u64,
     /// Credit of every session: slots free for another task.
     pub slots_free: u64,
-    /// Pipelines with tasks on this shard (ring keys it holds).
+    /// Pipelines with tasks on this shard.
     pub pipelines_held: u64,
+    /// Tasks held (in any state) per partition of each partitioned pipeline.
+    pub partitions: HashMap<Arc<str>, Vec<(u32, u64)>>,
 }
 
 impl Inner {
+    /// The partitions of `pipeline` this shard holds tasks of, with how many, in order.
+    pub(super) fn partitions_held(&self, pipeline: &str) -> Vec<(u32, u64)> {
+        let all = self.by_pipeline.get(pipeline).map_or(0, |k| k.len());
+        let others = self.by_partition.get(pipeline);
+        let in_others: usize = others.map_or(0, |o| o.values().sum());
+        let first = (all > in_others).then_some((0, (all - in_others) as u64));
+        first
+            .into_iter()
+            .chain(others.into_iter().flatten().map(|(&i, &n)| (i, n as u64)))
+            .collect()
+    }
+
     fn counts(&mut self, pipeline: &Arc<str>) -> &mut PipelineCounts {
         self.counts.entry(pipeline.clone()).or_default()
     }
@@ -189,6 +203,11 @@ impl Scheduler {
             sessions: inner.sessions.len() as u64,
             slots_free: inner.sessions.values().map(|s| u64::from(s.credit)).sum(),
             pipelines_held: inner.by_pipeline.len() as u64,
+            partitions: inner
+                .by_partition
+                .keys()
+                .map(|p| (p.clone(), inner.partitions_held(p)))
+                .collect(),
         }
     }
 }

@@ -65,7 +65,17 @@ impl Prepared {
         };
         PipelineName::check(&task.pipeline)
             .map_err(|e| Error::invalid("task.pipeline", e.to_string()))?;
-        let key = TaskKey::generate();
+        if item.partition >= pm_spec::limits::MAX_PARTITIONS {
+            return Err(Error::invalid(
+                "partition",
+                format!(
+                    "{} is past the last partition a pipeline may have ({})",
+                    item.partition,
+                    pm_spec::limits::MAX_PARTITIONS - 1
+                ),
+            ));
+        }
+        let key = TaskKey::generate_in(item.partition);
         let now = unix_ms();
         task.name = key.name(&task.pipeline);
         task.id = key.to_string();

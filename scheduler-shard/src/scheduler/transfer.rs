@@ -3,7 +3,9 @@
 //! handed to this shard. The decision of what to move, and the call, are
 //! [`crate::handoff`]'s.
 
+use pm_cluster::RingKey;
 use pm_proto::internal::v1::{AdoptRequest, AdoptResponse, HandoffTask};
+use pm_proto::names::PipelineName;
 
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 
@@ -60,17 +62,26 @@ impl Scheduler {
         self.arriving.load(AtomicOrdering::SeqCst)
     }
 
-    /// Closes the streams of agents whose pipelines `moved` says this shard lost (`None`: an
-    /// agent serving every pipeline), whether or not tasks of theirs are held here. They
-    /// reconnect through the gateway, which routes them to the new owner.
-    pub fn close_sessions_where(&self, moved: impl Fn(Option<&str>) -> bool, reason: &str) {
+    /// Closes the streams of agents one of whose ring keys `moved` says this shard lost
+    /// (`None`: an agent serving every pipeline), whether or not tasks of theirs are held
+    /// here. They reconnect through the gateway, which routes them to the new owners.
+    pub fn close_sessions_where(&self, moved: impl Fn(Option<&RingKey>) -> bool, reason: &str) {
         let mut inner = self.lock();
         let lost: Vec<u64> = inner
             .sessions
             .iter()
             .filter(|(_, s)| match &s.pipelines {
                 None => moved(None),
-                Some(ps) => ps.iter().any(|p| moved(Some(p))),
+                Some(ps) => ps
+                    .iter()
+                    .filter_map(|p| PipelineName::parse(p).ok())
+                    .any(|p| {
+                        let first = s.partitions.is_empty().then_some(0);
+                        first
+                            .into_iter()
+                            .chain(s.partitions.iter().copied())
+                            .any(|i| moved(Some(&RingKey::new(p.clone(), i))))
+                    }),
             })
             .map(|(id, _)| *id)
             .collect();
@@ -82,16 +93,24 @@ impl Scheduler {
         }
     }
 
-    /// Pipelines this shard holds tasks of.
-    pub fn pipelines(&self) -> Vec<Arc<str>> {
-        self.lock().by_pipeline.keys().cloned().collect()
+    /// The ring keys this shard holds tasks of: each pipeline with its partitions held.
+    pub fn ring_keys_held(&self) -> Vec<(Arc<str>, Vec<u32>)> {
+        let inner = self.lock();
+        inner
+            .by_pipeline
+            .keys()
+            .map(|p| {
+                let held = inner.partitions_held(p);
+                (p.clone(), held.into_iter().map(|(i, _)| i).collect())
+            })
+            .collect()
     }
 
     /// Takes up to `limit` tasks of `pipeline` out of memory to hand them off, finished ones
     /// with their whole results (read from the disk). Tasks with a write in flight stay for a
     /// later round, and so does every task if a result cannot be read.
-    pub fn take_for_handoff(&self, pipeline: &str, limit: usize) -> Outgoing {
-        let mut out = self.take_out(pipeline, limit);
+    pub fn take_for_handoff(&self, pipeline: &str, partition: u32, limit: usize) -> Outgoing {
+        let mut out = self.take_out(pipeline, partition, limit);
         for task in out.tasks.iter_mut().filter_map(|t| t.stored.as_mut()) {
             let Some(t) = task.task.as_mut().filter(|t| t.result.is_some()) else {
                 continue;
@@ -122,14 +141,14 @@ impl Scheduler {
     }
 
     /// [`Scheduler::take_for_handoff`] under the lock: the tasks as memory holds them.
-    fn take_out(&self, pipeline: &str, limit: usize) -> Outgoing {
+    fn take_out(&self, pipeline: &str, partition: u32, limit: usize) -> Outgoing {
         let mut inner = self.lock();
         let Some(keys) = inner.by_pipeline.get(pipeline) else {
             return Outgoing::default();
         };
         let mut out = Outgoing::default();
         let mut take = Vec::new();
-        for &key in keys {
+        for &key in keys.iter().filter(|k| k.partition() == partition) {
             if inner.tasks.get(key).is_some_and(|r| r.busy) {
                 out.busy += 1;
             } else if take.len() < limit {
