@@ -4,6 +4,7 @@
 //! `summary: submit_tps=.. submit_p99_ms=.. dispatch_p99_ms=.. cycle_tps=.. batch_tps=..`.
 
 mod load;
+mod partitions;
 mod procs;
 mod scaling;
 mod soak;
@@ -1009,8 +1010,19 @@ async fn main() -> anyhow::Result<()> {
         (Duration::from_secs(2), Duration::from_secs(10))
     };
     let all = [
-        "submit", "batch", "latency", "dispatch", "cycle", "gateway", "null", "peers", "restart",
-        "scaling", "auth", "streams",
+        "submit",
+        "batch",
+        "latency",
+        "dispatch",
+        "cycle",
+        "gateway",
+        "null",
+        "peers",
+        "restart",
+        "scaling",
+        "partitions",
+        "auth",
+        "streams",
     ];
     let chosen: Vec<String> =
         if args.scenarios.is_empty() || args.scenarios.iter().any(|s| s == "all") {
@@ -1103,6 +1115,14 @@ async fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let f = scaling::run(&bench.args.bin_dir, &dir, rate, bench.args.quick).await?;
         println!("{}", f.text);
+        bench.results.push(f.json);
+    }
+    if which.contains(&"partitions") && !etcd.exists() {
+        println!("partitions: skipped, no etcd at {}", etcd.display());
+    } else if which.contains(&"partitions") {
+        let dir = bench.path("partitions");
+        std::fs::create_dir_all(&dir)?;
+        let f = partitions::run(&bench.args.bin_dir, &dir, bench.args.quick).await?;
         bench.results.push(f.json);
     }
     // Last: its TLS leg turns TLS on for the rest of this process.

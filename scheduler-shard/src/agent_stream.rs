@@ -108,6 +108,13 @@ fn check_hello(hello: &Hello) -> Result<u32, Status> {
         PipelineName::parse(p)
             .map_err(|e| invalid_argument(&format!("hello.pipelines[{i}]"), &e.to_string()))?;
     }
+    let max = pm_spec::limits::MAX_PARTITIONS;
+    if hello.partitions.len() > max as usize || hello.partitions.iter().any(|&p| p >= max) {
+        return Err(invalid_argument(
+            "hello.partitions",
+            &format!("a pipeline has at most {max} partitions, numbered from 0"),
+        ));
+    }
     Ok(version)
 }
 

@@ -35,6 +35,7 @@ mod tls;
 use pm_cluster::testing::Etcd;
 use pm_cluster::{Membership, Ring};
 use pm_proto::client::{AuthedChannel, Bearer, Credentials};
+use pm_proto::v1::pipeline_service_client::PipelineServiceClient;
 use pm_proto::v1::task_service_client::TaskServiceClient;
 use pm_proto::v1::{
     ApplyPipelineRequest, CreateApplicationRequest, CreateTenantRequest, GetTaskRequest,
@@ -168,6 +169,95 @@ fn tasks(gateway: &str, bearer: &Bearer) -> TaskServiceClient<AuthedChannel> {
 }
 
 impl Cluster {
+    /// tenant-service on `etcd` (it makes the platform admin, whose secret it writes to a
+    /// file before it listens) and the cluster around it; the process runs while kept.
+    async fn boot(dir: &Path, etcd: &Etcd) -> (Cluster, Proc) {
+        let tenant_port = free_port();
+        let admin_file = dir.join("admin.client");
+        let tenant = Proc::spawn(
+            "pm-tenant-service",
+            &[
+                "--etcd".into(),
+                etcd.endpoint.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{tenant_port}"),
+                "--bootstrap-admin-file".into(),
+                admin_file.display().to_string(),
+            ],
+            &dir.join("tenant.log"),
+        );
+        let mut saved = None;
+        until(
+            "the platform admin is made",
+            Duration::from_secs(30),
+            async || {
+                saved = std::fs::read_to_string(&admin_file).ok();
+                saved.is_some()
+            },
+        )
+        .await;
+        let saved = saved.unwrap();
+        let (id, secret) = saved.trim().split_once(':').expect("id:secret");
+        let cluster = Cluster {
+            dir: dir.to_path_buf(),
+            etcd: etcd.endpoint.clone(),
+            tenant_service: format!("http://127.0.0.1:{tenant_port}"),
+            admin: (id.to_owned(), secret.to_owned()),
+            metrics: Mutex::default(),
+        };
+        (cluster, tenant)
+    }
+
+    /// The platform admin's token, once `gateway` issues one.
+    async fn login(&self, gateway: &str) -> Bearer {
+        let channel = pm_proto::client::channel(gateway).unwrap();
+        let mut token = None;
+        until(
+            "the gateway issues a token",
+            Duration::from_secs(30),
+            async || {
+                let admin = Credentials::Client {
+                    id: self.admin.0.clone(),
+                    secret: self.admin.1.clone(),
+                };
+                token = admin.token(&channel).await.ok().flatten();
+                token.is_some()
+            },
+        )
+        .await;
+        Bearer::new(token.as_deref()).unwrap()
+    }
+
+    /// Tenant `c` and its application `a`, made through `gateway`: its pipeline service.
+    async fn application(
+        &self,
+        gateway: &str,
+        bearer: &Bearer,
+    ) -> PipelineServiceClient<AuthedChannel> {
+        let channel = pm_proto::client::channel(gateway).unwrap();
+        let mut tenants = pm_proto::client::tenants_with(channel.clone(), bearer.clone());
+        until("the gateway serves", Duration::from_secs(30), async || {
+            let r = tenants
+                .create_tenant(CreateTenantRequest {
+                    tenant_id: "c".into(),
+                    tenant: None,
+                })
+                .await;
+            r.is_ok() || r.is_err_and(|s| s.code() == Code::AlreadyExists)
+        })
+        .await;
+        let mut config = pm_proto::client::pipelines_with(channel, bearer.clone());
+        config
+            .create_application(CreateApplicationRequest {
+                parent: "tenants/c".into(),
+                application_id: "a".into(),
+                application: None,
+            })
+            .await
+            .unwrap();
+        config
+    }
+
     /// Why a ring wait failed: the ring seen, and the last lines of each expected shard's
     /// log (a shard that could not start says why there).
     fn ring_failure(&self, view: &Membership, want: &[&str]) -> String {
@@ -471,40 +561,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     let tmp = Logs(Some(tempfile::tempdir().unwrap()));
     let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
     let etcd = Etcd::start();
-    let tenant_port = free_port();
-    let admin_file = dir.join("admin.client");
-    let _tenant = Proc::spawn(
-        "pm-tenant-service",
-        &[
-            "--etcd".into(),
-            etcd.endpoint.clone(),
-            "--listen".into(),
-            format!("127.0.0.1:{tenant_port}"),
-            "--bootstrap-admin-file".into(),
-            admin_file.display().to_string(),
-        ],
-        &dir.join("tenant.log"),
-    );
-    // Written before tenant-service listens.
-    let mut saved = None;
-    until(
-        "the platform admin is made",
-        Duration::from_secs(30),
-        async || {
-            saved = std::fs::read_to_string(&admin_file).ok();
-            saved.is_some()
-        },
-    )
-    .await;
-    let saved = saved.unwrap();
-    let (id, secret) = saved.trim().split_once(':').expect("id:secret");
-    let cluster = Cluster {
-        dir: dir.clone(),
-        etcd: etcd.endpoint.clone(),
-        tenant_service: format!("http://127.0.0.1:{tenant_port}"),
-        admin: (id.to_owned(), secret.to_owned()),
-        metrics: Mutex::default(),
-    };
+    let (cluster, _tenant) = Cluster::boot(&dir, &etcd).await;
 
     // The test's own view of the ring, as the gateways build it.
     let cancel = CancellationToken::new();
@@ -528,42 +585,8 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     let gateways = [gw0.clone(), gw1.clone()];
 
     // Configuration through a gateway, stored in etcd by tenant-service.
-    let channel = pm_proto::client::channel(&gw0).unwrap();
-    let mut token = None;
-    until(
-        "the gateway issues a token",
-        Duration::from_secs(30),
-        async || {
-            let admin = Credentials::Client {
-                id: cluster.admin.0.clone(),
-                secret: cluster.admin.1.clone(),
-            };
-            token = admin.token(&channel).await.ok().flatten();
-            token.is_some()
-        },
-    )
-    .await;
-    let bearer = Bearer::new(token.as_deref()).unwrap();
-    let mut tenants = pm_proto::client::tenants_with(channel.clone(), bearer.clone());
-    until("the gateway serves", Duration::from_secs(30), async || {
-        let r = tenants
-            .create_tenant(CreateTenantRequest {
-                tenant_id: "c".into(),
-                tenant: None,
-            })
-            .await;
-        r.is_ok() || r.is_err_and(|s| s.code() == Code::AlreadyExists)
-    })
-    .await;
-    let mut config = pm_proto::client::pipelines_with(channel, bearer.clone());
-    config
-        .create_application(CreateApplicationRequest {
-            parent: "tenants/c".into(),
-            application_id: "a".into(),
-            application: None,
-        })
-        .await
-        .unwrap();
+    let bearer = cluster.login(&gw0).await;
+    let mut config = cluster.application(&gw0, &bearer).await;
     let mut pipelines = Vec::new();
     let mut logs = Vec::new();
     let ids_of_pipelines = (0..PIPELINES - 1)
@@ -1150,5 +1173,155 @@ async fn a_leaving_shard_hands_off_its_whole_backlog_before_it_exits() {
         "s0 kept tasks on its disk: {restarted}"
     );
     drop(back);
+    cancel.cancel();
+}
+
+/// Changing a pipeline's partitions strands nothing: READY tasks queued over 6 partitions on
+/// three shards still run after `partitions` drops to 2 (new tasks go to partitions 0 and 1
+/// only) and rises to 4, once an agent comes, and one paged list holds them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_or_raising_partitions_strands_no_task() {
+    let tmp = Logs(Some(tempfile::tempdir().unwrap()));
+    let dir = tmp.0.as_ref().unwrap().path().to_path_buf();
+    let etcd = Etcd::start();
+    let (cluster, _tenant) = Cluster::boot(&dir, &etcd).await;
+    let cancel = CancellationToken::new();
+    let view = ring_view(&etcd.endpoint, &cancel).await;
+    let _shards: Vec<Proc> = ["s0", "s1", "s2"].map(|id| cluster.shard(id)).into();
+    assert!(
+        view.wait_for(Duration::from_secs(20), |r| r.len() == 3)
+            .await,
+        "{}",
+        cluster.ring_failure(&view, &["s0", "s1", "s2"])
+    );
+    let (_gw, gw) = cluster.gateway(0);
+    let bearer = cluster.login(&gw).await;
+    let mut config = cluster.application(&gw, &bearer).await;
+    let log = log_of(&dir, "shift");
+    let mut apply = async |k: u32| {
+        let mut spec = spec(&log);
+        spec.partitions = k;
+        config
+            .apply_pipeline(ApplyPipelineRequest {
+                parent: "tenants/c/applications/a".into(),
+                pipeline_id: "shift".into(),
+                source: Some(apply_pipeline_request::Source::Spec(spec)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let mut client = tasks(&gw, &bearer);
+    let first = apply(6).await;
+    let pipeline = first.name.clone();
+    let owners = view
+        .ring()
+        .partition_owners(&pm_proto::names::PipelineName::parse(&pipeline).unwrap(), 6);
+    assert!(
+        owners.len() > 1,
+        "the partitions are on several shards: {owners:?}"
+    );
+    // Submits through the gateway, all acknowledged: their names and partitions.
+    let mut submit = async |n: usize| -> Vec<(String, u32)> {
+        let requests = (0..n)
+            .map(|_| SubmitTaskRequest {
+                parent: pipeline.clone(),
+                ..SubmitTaskRequest::default()
+            })
+            .collect();
+        let results = client
+            .submit_tasks(SubmitTasksRequest { requests })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        results
+            .into_iter()
+            .map(|r| match r.outcome {
+                Some(submit_task_result::Outcome::Task(t)) => {
+                    let name = pm_proto::names::TaskName::parse(&t.name).unwrap();
+                    (t.name, name.partition())
+                }
+                other => panic!("a submit failed: {other:?}"),
+            })
+            .collect()
+    };
+    let partitions =
+        |tasks: &[(String, u32)]| -> BTreeSet<u32> { tasks.iter().map(|(_, p)| *p).collect() };
+    let mut acked = submit(60).await;
+    assert_eq!(partitions(&acked), (0..6).collect());
+
+    // Down to 2: new tasks go to partitions 0 and 1; tenant-service remembers 6.
+    let lowered = apply(2).await;
+    assert_eq!((lowered.version, lowered.max_partitions), (2, 6));
+    let later = submit(20).await;
+    assert_eq!(partitions(&later), (0..2).collect());
+    acked.extend(later);
+    // Up to 4: 0 to 3.
+    let raised = apply(4).await;
+    assert_eq!((raised.version, raised.max_partitions), (3, 6));
+    let later = submit(20).await;
+    assert_eq!(partitions(&later), (0..4).collect());
+    acked.extend(later);
+
+    // One agent, through the gateway, reaches every partition's owner, dropped ones too.
+    let _agent = cluster.agent(0, &gw, &pipeline);
+    let mut client = tasks(&gw, &bearer);
+    let mut pending: Vec<String> = acked.iter().map(|(n, _)| n.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pending.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} tasks not DONE within 60 s, e.g. {:?}",
+            pending.len(),
+            &pending[..pending.len().min(3)]
+        );
+        let mut still = Vec::new();
+        for name in pending {
+            let task = client
+                .get_task(GetTaskRequest { name: name.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if task.state != TaskState::Done as i32 {
+                still.push(name);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(runs(&log).len(), acked.len(), "each ran once");
+
+    // One list, in pages merged from the owners, holds every task once.
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    for _ in 0..100 {
+        let page = client
+            .list_tasks(pm_proto::v1::ListTasksRequest {
+                parent: pipeline.clone(),
+                page_size: 7,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.tasks.into_iter().map(|t| t.name));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let mut expected: Vec<String> = acked.into_iter().map(|(n, _)| n).collect();
+    expected.sort();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected, "listed: every task, once");
+    assert!(
+        listed.windows(2).all(|w| w[0] > w[1]),
+        "newest first across partitions"
+    );
     cancel.cancel();
 }

@@ -584,6 +584,22 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
         })
         .await;
     refused("ListTasks unknown state", got, InvalidArgument, "state");
+    // Partitions past any pipeline's, or more of them than a pipeline may have.
+    for partitions in [vec![1024], (0..2000).collect()] {
+        let list = ListTasksRequest {
+            parent: ocr.clone(),
+            partitions: partitions.clone(),
+            ..ListTasksRequest::default()
+        };
+        let got = h.tasks.list_tasks(list).await;
+        refused("ListTasks", got, InvalidArgument, "partitions");
+        let stats = GetPipelineStatsRequest {
+            name: ocr.clone(),
+            partitions,
+        };
+        let got = h.pipelines.get_pipeline_stats(stats).await;
+        refused("GetPipelineStats", got, InvalidArgument, "partitions");
+    }
 
     // AuthService: a missing credential names its field; a wrong one of any size is
     // UNAUTHENTICATED, saying no more.
@@ -630,6 +646,13 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
                 ..hello.clone()
             },
             "hello.pipelines[0]",
+        ),
+        (
+            Hello {
+                partitions: vec![1024],
+                ..hello.clone()
+            },
+            "hello.partitions",
         ),
     ] {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -4,7 +4,8 @@
 //!   coefficient of variation;
 //! - keys moved when a shard joins (S-1 -> S) and when one leaves (S -> S-1), against the
 //!   ideal 1/S;
-//! - the cost of one lookup.
+//! - the cost of one lookup;
+//! - how one pipeline's k partitions spread over S shards (each placed on its own).
 //!
 //! `cargo run --release -p pm-perf --bin ring-sim [-- KEYS]`
 
@@ -109,4 +110,46 @@ fn main() {
     println!(
         "over S = 2..=256: keys moved on a join at most {worst_join:.2} x 1/S; most loaded shard at most {worst_balance:.3} x the mean"
     );
+    partition_spread();
+}
+
+/// One pipeline's k partitions over S shards, over 2,000 pipelines: how far the most loaded
+/// shard's share is above even (k/S partitions), and how often a shard owns none.
+fn partition_spread() {
+    const PIPELINES: usize = 2_000;
+    println!();
+    println!("partitions: one pipeline's k partitions over S shards, {PIPELINES} pipelines");
+    println!(
+        "| S | k | most loaded / even, median | 95th percentile | worst | pipelines with a shard owning none |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for s in [2usize, 3, 4, 8, 16, 32] {
+        let r = ring(s);
+        for per_shard in [1u32, 2, 4, 8] {
+            let k = s as u32 * per_shard;
+            let mut ratios = Vec::with_capacity(PIPELINES);
+            let mut empty = 0;
+            for p in 0..PIPELINES {
+                let pipeline = PipelineName {
+                    tenant: "t".into(),
+                    application: "a".into(),
+                    pipeline: format!("hot-{p}"),
+                };
+                let owners = r.partition_owners(&pipeline, k);
+                let most = owners.values().map(|(_, ps)| ps.len()).max().unwrap_or(0);
+                if owners.len() < s {
+                    empty += 1;
+                }
+                ratios.push(most as f64 / f64::from(per_shard));
+            }
+            ratios.sort_by(f64::total_cmp);
+            println!(
+                "| {s} | {k} | {:.2} | {:.2} | {:.2} | {:.1}% |",
+                ratios[PIPELINES / 2],
+                ratios[PIPELINES * 95 / 100],
+                ratios[PIPELINES - 1],
+                empty as f64 * 100.0 / PIPELINES as f64
+            );
+        }
+    }
 }

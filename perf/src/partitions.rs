@@ -1,0 +1,183 @@
+//! Scenario "partitions": one hot pipeline's submit rate with `partitions: k` over S shard
+//! processes, on a real etcd, through one gateway: batches of 100 from 8 closed-loop
+//! clients. For each (S, k) it reports tasks/s and each shard's CPU per task it took (its
+//! share by the ring: the partitions it owns over k). On this two-core machine every
+//! process shares the same cores, so the rate is expected flat: what shows the work
+//! splitting is each shard's share of the tasks and of the CPU.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use pm_cluster::Membership;
+use pm_cluster::testing::Etcd;
+use pm_proto::names::PipelineName;
+
+use crate::load::{self, Target};
+use crate::procs::Proc;
+use crate::scaling::Figures;
+
+/// Shard processes and partitions measured, in this order.
+const CASES: [(usize, u32); 9] = [
+    (1, 1),
+    (1, 2),
+    (1, 4),
+    (2, 1),
+    (2, 2),
+    (2, 4),
+    (4, 1),
+    (4, 2),
+    (4, 4),
+];
+
+pub async fn run(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    quick: bool,
+) -> anyhow::Result<Figures> {
+    let (warmup, duration) = if quick {
+        (Duration::from_millis(500), Duration::from_secs(2))
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(5))
+    };
+    let mut text =
+        String::from("partitions: one pipeline, batches of 100, 8 clients, through a gateway\n");
+    let mut rows = Vec::new();
+    for (n, (shards, k)) in CASES.into_iter().enumerate() {
+        let dir = dir.join(format!("case{n}"));
+        std::fs::create_dir_all(&dir)?;
+        let etcd = Etcd::start();
+        let e = etcd.endpoint.clone();
+        let tenants = Proc::start(
+            bin,
+            "pm-tenant-service",
+            &["--etcd".into(), e.clone()],
+            &dir,
+        )
+        .await?;
+        let mut procs = Vec::new();
+        for i in 0..shards {
+            let id = format!("s{i}");
+            let args = vec![
+                "--etcd".to_owned(),
+                e.clone(),
+                "--shard-id".into(),
+                id.clone(),
+                "--data-dir".into(),
+                dir.join(&id).display().to_string(),
+                "--max-active-tasks".into(),
+                "100000000".into(),
+                "--max-active-per-client".into(),
+                "100000000".into(),
+            ];
+            procs.push((id, Proc::start(bin, "pm-shard", &args, &dir).await?));
+        }
+        let cancel = CancellationToken::new();
+        let view = Membership::watch(
+            pm_cluster::etcd::connect(std::slice::from_ref(&e)).await?,
+            cancel.clone(),
+        );
+        anyhow::ensure!(
+            view.wait_for(Duration::from_secs(20), |r| r.len() == shards)
+                .await,
+            "{shards} shards not in the ring"
+        );
+        let gateway = Proc::start(
+            bin,
+            "pm-gateway",
+            &[
+                "--etcd".into(),
+                e.clone(),
+                "--tenant-service".into(),
+                tenants.endpoint.clone(),
+                "--insecure-no-auth".into(),
+            ],
+            &dir,
+        )
+        .await?;
+        let channel = pm_proto::client::channel(&gateway.endpoint)?;
+        let mut config = pm_proto::client::pipelines(channel);
+        config
+            .create_application(pm_proto::v1::CreateApplicationRequest {
+                parent: "tenants/default".into(),
+                application_id: "hot".into(),
+                application: None,
+            })
+            .await?;
+        let mut spec = load::noop_spec();
+        spec.partitions = k;
+        let name = config
+            .apply_pipeline(pm_proto::v1::ApplyPipelineRequest {
+                parent: "tenants/default/applications/hot".into(),
+                pipeline_id: "hot".into(),
+                source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(spec)),
+            })
+            .await?
+            .into_inner()
+            .name;
+        let targets: Vec<Target> = (0..8)
+            .map(|_| Target::connect(&gateway.endpoint, true, &name))
+            .collect::<Result<_, _>>()?;
+        // Each shard's share: the partitions it owns.
+        let owners = view
+            .ring()
+            .partition_owners(&PipelineName::parse(&name)?, k);
+        let share = |id: &str| {
+            owners
+                .get(id)
+                .map_or(0.0, |(_, ps)| ps.len() as f64 / f64::from(k))
+        };
+        let before: Vec<f64> = procs.iter().map(|(_, p)| p.cpu_seconds()).collect();
+        let gateway_before = gateway.cpu_seconds();
+        let started = std::time::Instant::now();
+        let m = load::closed_loop(&targets, 8, 100, warmup, duration).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let gateway_cpu = gateway.cpu_seconds() - gateway_before;
+        // Tasks each shard took over the whole run (warm-up included), by its share.
+        let all_tasks = m.tps() * elapsed;
+        let mut per_shard = Vec::new();
+        for ((id, p), cpu0) in procs.iter().zip(&before) {
+            let cpu = p.cpu_seconds() - cpu0;
+            let tasks = all_tasks * share(id);
+            let us = if tasks > 0.0 {
+                cpu / tasks * 1e6
+            } else {
+                f64::NAN
+            };
+            per_shard
+                .push(json!({"shard": id, "share": share(id), "cpu_s": cpu, "us_per_task": us}));
+        }
+        let line = format!(
+            "  S={shards} k={k}: {:.0} tasks/s; gateway {:.1} µs/task; shards (share, CPU s, µs/task): {}",
+            m.tps(),
+            gateway_cpu / all_tasks * 1e6,
+            per_shard
+                .iter()
+                .map(|s| format!(
+                    "{} {:.2} {:.2} {:.1}",
+                    s["shard"].as_str().unwrap_or_default(),
+                    s["share"].as_f64().unwrap_or_default(),
+                    s["cpu_s"].as_f64().unwrap_or_default(),
+                    s["us_per_task"].as_f64().unwrap_or(f64::NAN)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("{line}");
+        text += &line;
+        text.push('\n');
+        rows.push(json!({"shards": shards, "partitions": k, "tasks_per_s": m.tps().round(),
+            "errors": m.errors, "gateway_us_per_task": gateway_cpu / all_tasks * 1e6, "per_shard": per_shard}));
+        cancel.cancel();
+        gateway.stop();
+        for (_, p) in procs {
+            p.stop();
+        }
+        tenants.stop();
+    }
+    Ok(Figures {
+        json: json!({"scenario": "partitions", "cases": rows}),
+        text,
+    })
+}
