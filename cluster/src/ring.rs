@@ -7,11 +7,15 @@
 //! member list computes the same owner. A lookup is one xxh3 per shard (S ≤ a few hundred).
 //!
 //! What the ring places is a [`RingKey`]: a pipeline's partition. Everything a shard holds
-//! and serves (queues, handoffs, agent sessions, idempotency keys) belongs to one.
+//! and serves (queues, handoffs, agent sessions, idempotency keys) belongs to one. The
+//! partitions of one pipeline are placed with a bound ([`Ring::owner`]) so that they spread
+//! evenly: placed each on its own, 6 partitions over 3 shards land 1, 2 and 3 as often as
+//! not. The bound costs movement: a join or a leave moves about half of a hot pipeline's
+//! partitions instead of 1/S (`ring-sim` measures both; perf/RESULTS.md).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pm_proto::names::{PipelineName, TaskName};
 use pm_proto::v1::Pipeline;
@@ -96,7 +100,32 @@ pub struct Ring {
     pub revision: u64,
     /// Sorted by id.
     members: Vec<(u64, Arc<Member>)>,
+    /// Where each partitioned pipeline's partitions are placed by this ring ([`Ring::owner`]).
+    placed: Placements,
 }
+
+/// Partitions most pipelines' placements kept per ring: past it the cache starts over.
+const MAX_PLACED: usize = 10_000;
+
+/// A ring's cache of partition placements: indexes into its members, by partition, for the
+/// partitions asked for so far. Computed again by any ring (the same members give the same
+/// placement), so it is neither compared nor cloned.
+#[derive(Debug, Default)]
+struct Placements(Mutex<HashMap<PipelineName, Vec<u32>>>);
+
+impl Clone for Placements {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Placements {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Placements {}
 
 impl Ring {
     pub fn new(revision: u64, members: impl IntoIterator<Item = Member>) -> Self {
@@ -106,7 +135,11 @@ impl Ring {
             .collect();
         members.sort_by(|a, b| a.1.id.cmp(&b.1.id));
         members.dedup_by(|a, b| a.1.id == b.1.id);
-        Self { revision, members }
+        Self {
+            revision,
+            members,
+            placed: Placements::default(),
+        }
     }
 
     pub fn members(&self) -> impl ExactSizeIterator<Item = &Arc<Member>> {
@@ -129,8 +162,52 @@ impl Ring {
     }
 
     /// The shard that owns `key`, or `None` when no shard is registered.
+    ///
+    /// Partition 0 is the pipeline's own key: the shard scoring it highest. Partition i > 0
+    /// goes to the shard scoring `pipeline#i` highest among those holding fewer than
+    /// ⌈(i+1)/S⌉ of partitions 0..i (S shards): placed in order, the partitions of one
+    /// pipeline spread evenly over the shards, for whatever k, within one of each other,
+    /// while each keeps its own first choice where the bound allows. A placement depends
+    /// only on the members and the partition number, never on k, so every process places
+    /// alike and raising k moves no partition.
     pub fn owner(&self, key: &RingKey) -> Option<&Arc<Member>> {
-        self.owner_of_hashed(&key.hashed())
+        if key.partition == 0 {
+            return self.owner_of_hashed(&key.hashed());
+        }
+        let i = self.placement(&key.pipeline, key.partition)?;
+        Some(&self.members[i as usize].1)
+    }
+
+    /// The index of the member that holds `partition` of `pipeline` (see [`Ring::owner`]).
+    fn placement(&self, pipeline: &PipelineName, partition: u32) -> Option<u32> {
+        if self.members.is_empty() {
+            return None;
+        }
+        let mut placed = self.placed.0.lock().expect("placements lock");
+        if let Some(i) = placed.get(pipeline).and_then(|p| p.get(partition as usize)) {
+            return Some(*i);
+        }
+        if placed.len() >= MAX_PLACED {
+            placed.clear();
+        }
+        let n = self.members.len();
+        let mut load = vec![0u32; n];
+        let mut owners = Vec::with_capacity(partition as usize + 1);
+        for i in 0..=partition {
+            let cap = i / n as u32 + 1;
+            let hashed = RingKey::new(pipeline.clone(), i).hashed();
+            let best = (0..n)
+                .filter(|&m| load[m] < cap)
+                .max_by_key(|&m| {
+                    let (seed, member) = &self.members[m];
+                    (xxh3_64_with_seed(hashed.as_bytes(), *seed), &member.id)
+                })
+                .expect("some member is below the bound");
+            load[best] += 1;
+            owners.push(best as u32);
+        }
+        placed.insert(pipeline.clone(), owners);
+        Some(placed[pipeline][partition as usize])
     }
 
     fn owner_of_hashed(&self, key: &str) -> Option<&Arc<Member>> {
@@ -170,6 +247,7 @@ impl Ring {
                 .filter(|(_, m)| m.id != id)
                 .cloned()
                 .collect(),
+            placed: Placements::default(),
         }
     }
 }
@@ -279,6 +357,45 @@ mod tests {
             1,
             "0 partitions means one"
         );
+        // Partition 0 is where the pipeline was; the rest spread within one of even, for
+        // any k and any number of shards, and raising k moves none of them.
+        assert_eq!(
+            r.owner(&RingKey::whole(hot.clone())).unwrap().id,
+            r.owner_of_hashed("t/app/hot").unwrap().id
+        );
+        for s in 1..7 {
+            let r = ring(s);
+            for p in 0..50 {
+                let pipeline = pipeline(&format!("hot{p}"));
+                let mut before: Option<BTreeMap<u32, String>> = None;
+                for k in 1..=24 {
+                    let owners = r.partition_owners(&pipeline, k);
+                    let loads: Vec<usize> = owners.values().map(|(_, ps)| ps.len()).collect();
+                    let (most, least) = (loads.iter().max().unwrap(), loads.iter().min().unwrap());
+                    assert!(
+                        most - least <= 1 && owners.len() == s.min(k as usize),
+                        "{loads:?}"
+                    );
+                    let now: BTreeMap<u32, String> = owners
+                        .iter()
+                        .flat_map(|(id, (_, ps))| ps.iter().map(move |&i| (i, id.clone())))
+                        .collect();
+                    if let Some(before) = &before {
+                        assert!(
+                            before.iter().all(|(i, id)| &now[i] == id),
+                            "k={k} moved one"
+                        );
+                    }
+                    before = Some(now);
+                }
+            }
+        }
+        // A fresh ring of the same members places alike (the cache is not the answer).
+        let again = ring(4);
+        for i in 0..8 {
+            let key = RingKey::new(hot.clone(), i);
+            assert_eq!(r.owner(&key).unwrap().id, again.owner(&key).unwrap().id);
+        }
         assert!(Ring::default().partition_owners(&hot, 4).is_empty());
         // A task named with a partition routes to that partition's key.
         let id = pm_proto::names::with_partition(0x0190_f3a2_b4c1_7abc_9def_0123_4567_89ab, 5);

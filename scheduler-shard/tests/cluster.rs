@@ -699,36 +699,14 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
             spread.len()
         );
     }
-    // Each shard gets the share of the partitions the ring gives it (each partition is
-    // placed on its own, so 6 over 3 shards need not be 2 each; docs/partitions.md).
-    let placed = first_ring.partition_owners(
-        &pm_proto::names::PipelineName::parse(&hot).unwrap(),
-        PARTITIONS,
-    );
-    eprintln!(
-        "partitions of hot by shard: {:?}",
-        placed
-            .iter()
-            .map(|(id, (_, ps))| (id, ps))
-            .collect::<Vec<_>>()
-    );
+    // Every shard gets a share within ±50% of even: the ring spreads one pipeline's
+    // partitions evenly (docs/partitions.md).
+    let even = spread.len() as f64 / 3.0;
     assert_eq!(by_shard.len(), 3, "every shard gets a share: {by_shard:?}");
     for (shard, n) in &by_shard {
-        // hot and idlehot are placed alike but for their names: the two pipelines' shares.
-        let owned = |p: &String| {
-            first_ring
-                .partition_owners(
-                    &pm_proto::names::PipelineName::parse(p).unwrap(),
-                    PARTITIONS,
-                )
-                .get(shard)
-                .map_or(0, |(_, ps)| ps.len())
-        };
-        let expected = spread.len() as f64 / 2.0 * (owned(&hot) + owned(&idle_hot)) as f64
-            / f64::from(PARTITIONS);
         assert!(
-            (*n as f64 - expected).abs() <= expected * 0.5,
-            "shard {shard} got {n} of {} submits, its partitions {expected}: {by_shard:?}",
+            (*n as f64 - even).abs() <= even * 0.5,
+            "shard {shard} got {n} of {} submits: {by_shard:?}",
             spread.len()
         );
     }

@@ -114,21 +114,23 @@ fn main() {
 }
 
 /// One pipeline's k partitions over S shards, over 2,000 pipelines: how far the most loaded
-/// shard's share is above even (k/S partitions), and how often a shard owns none.
+/// shard's share is above even (k/S partitions), how often a shard owns none, and how many
+/// partitions move when a shard joins (S -> S+1) or leaves (the first of S goes).
 fn partition_spread() {
     const PIPELINES: usize = 2_000;
     println!();
     println!("partitions: one pipeline's k partitions over S shards, {PIPELINES} pipelines");
     println!(
-        "| S | k | most loaded / even, median | 95th percentile | worst | pipelines with a shard owning none |"
+        "| S | k | most loaded / even, median | worst | pipelines with a shard owning none | moved on join | moved on leave | ideal |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for s in [2usize, 3, 4, 8, 16, 32] {
-        let r = ring(s);
+        let (r, joined) = (ring(s), ring(s + 1));
+        let left = r.without("pm-shard-0");
         for per_shard in [1u32, 2, 4, 8] {
             let k = s as u32 * per_shard;
             let mut ratios = Vec::with_capacity(PIPELINES);
-            let mut empty = 0;
+            let (mut empty, mut moved_join, mut moved_leave) = (0, 0, 0);
             for p in 0..PIPELINES {
                 let pipeline = PipelineName {
                     tenant: "t".into(),
@@ -141,14 +143,23 @@ fn partition_spread() {
                     empty += 1;
                 }
                 ratios.push(most as f64 / f64::from(per_shard));
+                for i in 0..k {
+                    let key = RingKey::new(pipeline.clone(), i);
+                    let before = &r.owner(&key).expect("a member").id;
+                    moved_join += usize::from(before != &joined.owner(&key).expect("a member").id);
+                    moved_leave += usize::from(before != &left.owner(&key).expect("a member").id);
+                }
             }
             ratios.sort_by(f64::total_cmp);
+            let all = (PIPELINES * k as usize) as f64;
             println!(
-                "| {s} | {k} | {:.2} | {:.2} | {:.2} | {:.1}% |",
+                "| {s} | {k} | {:.2} | {:.2} | {:.1}% | {:.1}% | {:.1}% | {:.1}% |",
                 ratios[PIPELINES / 2],
-                ratios[PIPELINES * 95 / 100],
                 ratios[PIPELINES - 1],
-                empty as f64 * 100.0 / PIPELINES as f64
+                empty as f64 * 100.0 / PIPELINES as f64,
+                moved_join as f64 * 100.0 / all,
+                moved_leave as f64 * 100.0 / all,
+                100.0 / (s + 1) as f64,
             );
         }
     }
