@@ -404,6 +404,8 @@ pub struct AgentStats {
     pub recording: AtomicBool,
     /// Submit (scheduled time) -> Assign received, microseconds.
     pub latency: Mutex<Option<Histogram<u64>>>,
+    /// The same by the partition of the task's pipeline.
+    pub by_partition: Mutex<BTreeMap<u32, Histogram<u64>>>,
 }
 
 /// A fake agent's first message: serving `pipeline` with `slots`.
@@ -528,6 +530,18 @@ pub async fn fake_agent(
             if let Some(h) = stats.latency.lock().expect("lock").as_mut() {
                 let _ = h.record(us.max(1));
             }
+            let partition = assign
+                .task
+                .as_ref()
+                .and_then(|t| pm_proto::names::TaskName::parse(&t.name).ok())
+                .map_or(0, |n| n.partition());
+            let _ = stats
+                .by_partition
+                .lock()
+                .expect("lock")
+                .entry(partition)
+                .or_insert_with(histogram)
+                .record(us.max(1));
         }
         tx.send(message(agent_message::Message::Result(AttemptResult {
             lease: assign.lease,

@@ -4,6 +4,10 @@
 //! share by the ring: the partitions it owns over k). On this two-core machine every
 //! process shares the same cores, so the rate is expected flat: what shows the work
 //! splitting is each shard's share of the tasks and of the CPU.
+//!
+//! Then, with 4 shards and k = 4, the spread of dispatch latency over the partitions: 4
+//! no-op agents of 16 slots through the gateway (each fanned in from every owner), an open
+//! loop of single submits at [`DISPATCH_RATE`], and submit -> Assign by partition.
 
 use std::time::Duration;
 
@@ -17,6 +21,9 @@ use pm_proto::names::PipelineName;
 use crate::load::{self, Target};
 use crate::procs::Proc;
 use crate::scaling::Figures;
+
+/// Submits a second of the dispatch-latency phase.
+const DISPATCH_RATE: f64 = 2_000.0;
 
 /// Shard processes and partitions measured, in this order.
 const CASES: [(usize, u32); 9] = [
@@ -169,6 +176,25 @@ pub async fn run(
         text.push('\n');
         rows.push(json!({"shards": shards, "partitions": k, "tasks_per_s": m.tps().round(),
             "errors": m.errors, "gateway_us_per_task": gateway_cpu / all_tasks * 1e6, "per_shard": per_shard}));
+        if (shards, k) == (4, 4) {
+            // A pipeline of its own: the first holds the READY backlog the submits left.
+            let mut spec = load::noop_spec();
+            spec.partitions = k;
+            let fresh = config
+                .apply_pipeline(pm_proto::v1::ApplyPipelineRequest {
+                    parent: "tenants/default/applications/hot".into(),
+                    pipeline_id: "dispatch".into(),
+                    source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(spec)),
+                })
+                .await?
+                .into_inner()
+                .name;
+            let spread = dispatch_by_partition(&gateway.endpoint, &fresh, warmup, duration).await?;
+            println!("{}", spread.0);
+            text += &spread.0;
+            text.push('\n');
+            rows.push(spread.1);
+        }
         cancel.cancel();
         gateway.stop();
         for (_, p) in procs {
@@ -180,4 +206,59 @@ pub async fn run(
         json: json!({"scenario": "partitions", "cases": rows}),
         text,
     })
+}
+
+/// Submit -> Assign by partition of `pipeline`, at [`DISPATCH_RATE`] open loop, with 4 no-op
+/// agents of 16 slots on `gateway`: the line printed and its JSON.
+async fn dispatch_by_partition(
+    gateway: &str,
+    pipeline: &str,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let stats = std::sync::Arc::new(load::AgentStats::default());
+    let agents: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(load::fake_agent(
+                gateway.to_owned(),
+                pipeline.to_owned(),
+                16,
+                stats.clone(),
+            ))
+        })
+        .collect();
+    let targets = vec![Target::connect(gateway, true, pipeline)?];
+    let recording = stats.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(warmup).await;
+        recording
+            .recording
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let submitted = load::open_loop(&targets, DISPATCH_RATE, 1, warmup, duration).await;
+    // The last tasks arrive (bounded).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for a in agents {
+        a.abort();
+    }
+    let by_partition = std::mem::take(&mut *stats.by_partition.lock().expect("lock"));
+    let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let line = format!(
+        "  dispatch, S=4 k=4, {DISPATCH_RATE:.0}/s open loop ({} submitted, refused {:?}), submit -> Assign by partition: {}",
+        submitted.tasks,
+        submitted.errors,
+        by_partition
+            .iter()
+            .map(|(p, h)| format!(
+                "p{p} n={} p50 {:.2} ms p99 {:.2} ms",
+                h.len(),
+                ms(h, 0.5),
+                ms(h, 0.99)
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let json = json!({"dispatch_rate": DISPATCH_RATE, "by_partition": by_partition.iter().map(|(p, h)| json!({
+        "partition": p, "n": h.len(), "p50_ms": ms(h, 0.5), "p99_ms": ms(h, 0.99)})).collect::<Vec<_>>()});
+    Ok((line, json))
 }
