@@ -199,9 +199,12 @@ pub async fn run_task(
     let started = Instant::now();
     let task_deadline = (run.timeout_seconds > 0)
         .then(|| started + Duration::from_secs(run.timeout_seconds.into()));
-    let work_dir = options
-        .work_mount
-        .work_dir(options.work_root.join(sanitize(&run.id)));
+    // Absolute: a step enters its work directory before it mounts it at a fixed path, so a
+    // relative one (`pm dev`'s default data dir is `pm-data`) would be looked for inside
+    // itself, and no command could start.
+    let root =
+        std::path::absolute(&options.work_root).unwrap_or_else(|_| options.work_root.clone());
+    let work_dir = options.work_mount.work_dir(root.join(sanitize(&run.id)));
     let mount = options.work_mount.binding(&work_dir);
     let mut result = TaskResult {
         succeeded: true,
@@ -572,6 +575,47 @@ mod tests {
     /// `input.data` is there before the first job; `output.data` becomes the result's
     /// output, and one that is not JSON, too large, a symlink or a FIFO ends the task ERROR
     /// saying why, without reading through it or blocking.
+    /// A relative work root (what `pm dev`'s default `--data-dir pm-data` gives) still runs
+    /// commands with the work directory mounted at a fixed path: the mount's source was
+    /// taken relative to the step's own directory, and every command failed with "cannot
+    /// start sh".
+    #[tokio::test]
+    async fn a_relative_work_root_runs_commands_under_a_mount() {
+        let root = tempfile::tempdir_in(".").unwrap();
+        let relative = PathBuf::from(root.path().file_name().unwrap());
+        assert!(relative.is_relative());
+        let at = tempfile::tempdir().unwrap();
+        let work_mount = WorkMount::probe(&at.path().join("pipe"), &relative);
+        if work_mount == WorkMount::Off {
+            // Not root, or user namespaces are off here: no mount to take a source for.
+            eprintln!("no private mount here; skipped");
+            return;
+        }
+        let options = RunnerOptions {
+            work_root: relative,
+            work_mount,
+            ..RunnerOptions::default()
+        };
+        let run = Run {
+            id: "t1".into(),
+            spec: Arc::new(PipelineSpec {
+                stages: vec![Stage {
+                    name: "s".into(),
+                    jobs: vec![job("j", &["echo hi > out.txt", "test -s out.txt"])],
+                    priority: None,
+                }],
+                ..PipelineSpec::default()
+            }),
+            params: ResolvedParams::new(),
+            timeout_seconds: 0,
+            input: None,
+            traceparent: String::new(),
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let result = run_task(&options, run, tx, CancellationToken::new()).await;
+        assert!(result.succeeded, "{result:?}");
+    }
+
     #[tokio::test]
     async fn input_data_goes_in_and_output_data_comes_out_bounded() {
         let one = |commands: &[&str]| PipelineSpec {
