@@ -7,7 +7,8 @@
 //!
 //! Then, with 4 shards and k = 4, the spread of dispatch latency over the partitions: 4
 //! no-op agents of 16 slots through the gateway (each fanned in from every owner), an open
-//! loop of single submits at [`DISPATCH_RATE`], and submit -> Assign by partition.
+//! loop of single submits at [`DISPATCH_RATE`], and submit -> Assign by partition; and the
+//! same with k = 1 (one owner, no fan-in) to compare.
 
 use std::time::Duration;
 
@@ -176,20 +177,22 @@ pub async fn run(
         text.push('\n');
         rows.push(json!({"shards": shards, "partitions": k, "tasks_per_s": m.tps().round(),
             "errors": m.errors, "gateway_us_per_task": gateway_cpu / all_tasks * 1e6, "per_shard": per_shard}));
-        if (shards, k) == (4, 4) {
+        // The dispatch phase at k = 4, and the same at k = 1 (no fan-in) to compare.
+        if shards == 4 && (k == 1 || k == 4) {
             // A pipeline of its own: the first holds the READY backlog the submits left.
             let mut spec = load::noop_spec();
             spec.partitions = k;
             let fresh = config
                 .apply_pipeline(pm_proto::v1::ApplyPipelineRequest {
                     parent: "tenants/default/applications/hot".into(),
-                    pipeline_id: "dispatch".into(),
+                    pipeline_id: format!("dispatch-{k}"),
                     source: Some(pm_proto::v1::apply_pipeline_request::Source::Spec(spec)),
                 })
                 .await?
                 .into_inner()
                 .name;
-            let spread = dispatch_by_partition(&gateway.endpoint, &fresh, warmup, duration).await?;
+            let spread =
+                dispatch_by_partition(&gateway.endpoint, &fresh, k, warmup, duration).await?;
             println!("{}", spread.0);
             text += &spread.0;
             text.push('\n');
@@ -208,11 +211,12 @@ pub async fn run(
     })
 }
 
-/// Submit -> Assign by partition of `pipeline`, at [`DISPATCH_RATE`] open loop, with 4 no-op
-/// agents of 16 slots on `gateway`: the line printed and its JSON.
+/// Submit -> Assign by partition of `pipeline` (with `k` partitions), at [`DISPATCH_RATE`]
+/// open loop, with 4 no-op agents of 16 slots on `gateway`: the line printed and its JSON.
 async fn dispatch_by_partition(
     gateway: &str,
     pipeline: &str,
+    k: u32,
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<(String, serde_json::Value)> {
@@ -244,7 +248,7 @@ async fn dispatch_by_partition(
     let by_partition = std::mem::take(&mut *stats.by_partition.lock().expect("lock"));
     let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let line = format!(
-        "  dispatch, S=4 k=4, {DISPATCH_RATE:.0}/s open loop ({} submitted, refused {:?}), submit -> Assign by partition: {}",
+        "  dispatch, S=4 k={k}, {DISPATCH_RATE:.0}/s open loop ({} submitted, refused {:?}), submit -> Assign by partition: {}",
         submitted.tasks,
         submitted.errors,
         by_partition
@@ -258,7 +262,7 @@ async fn dispatch_by_partition(
             .collect::<Vec<_>>()
             .join("; ")
     );
-    let json = json!({"dispatch_rate": DISPATCH_RATE, "by_partition": by_partition.iter().map(|(p, h)| json!({
+    let json = json!({"dispatch_rate": DISPATCH_RATE, "partitions": k, "by_partition": by_partition.iter().map(|(p, h)| json!({
         "partition": p, "n": h.len(), "p50_ms": ms(h, 0.5), "p99_ms": ms(h, 0.99)})).collect::<Vec<_>>()});
     Ok((line, json))
 }
