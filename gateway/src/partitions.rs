@@ -114,6 +114,11 @@ pub fn merge_pages(pages: Vec<ListTasksResponse>, size: usize) -> ListTasksRespo
         tasks.truncate(cut.max(1));
         more = true;
     }
+    page(tasks, more)
+}
+
+/// A page of `tasks`, with a token (its last id) when there are `more`.
+fn page(tasks: Vec<Task>, more: bool) -> ListTasksResponse {
     let next_page_token = match (more, tasks.last()) {
         (true, Some(last)) => last.id.clone(),
         _ => String::new(),
@@ -158,16 +163,8 @@ mod tests {
         }
     }
 
-    fn page(ids: &[u32], more: bool) -> ListTasksResponse {
-        let tasks: Vec<Task> = ids.iter().map(|&i| task(i)).collect();
-        let next_page_token = match (more, tasks.last()) {
-            (true, Some(t)) => t.id.clone(),
-            _ => String::new(),
-        };
-        ListTasksResponse {
-            tasks,
-            next_page_token,
-        }
+    fn page_of(ids: &[u32], more: bool) -> ListTasksResponse {
+        page(ids.iter().map(|&i| task(i)).collect(), more)
     }
 
     fn ids(page: &ListTasksResponse) -> Vec<String> {
@@ -177,16 +174,19 @@ mod tests {
     #[test]
     fn pages_merge_newest_first_without_skipping_or_repeating() {
         // Shard a has 9, 7, 5 | 3, 1 (a page of 3 and more); shard b has 8, 2 (all of it).
-        let merged = merge_pages(vec![page(&[9, 7, 5], true), page(&[8, 2], false)], 3);
-        assert_eq!(ids(&merged), ids(&page(&[9, 8, 7], false)));
+        let merged = merge_pages(vec![page_of(&[9, 7, 5], true), page_of(&[8, 2], false)], 3);
+        assert_eq!(ids(&merged), ids(&page_of(&[9, 8, 7], false)));
         assert_eq!(merged.next_page_token, task(7).id);
         // The frontier: a's page ended at 5, so b's 2 waits for the next page.
-        let merged = merge_pages(vec![page(&[9, 7, 5], true), page(&[8, 2], false)], 10);
-        assert_eq!(ids(&merged), ids(&page(&[9, 8, 7, 5], false)));
+        let merged = merge_pages(vec![page_of(&[9, 7, 5], true), page_of(&[8, 2], false)], 10);
+        assert_eq!(ids(&merged), ids(&page_of(&[9, 8, 7, 5], false)));
         assert_eq!(merged.next_page_token, task(5).id);
         // Both complete: all of it, no token; a task on two shards shows once.
-        let merged = merge_pages(vec![page(&[9, 4], false), page(&[8, 4, 2], false)], 10);
-        assert_eq!(ids(&merged), ids(&page(&[9, 8, 4, 2], false)));
+        let merged = merge_pages(
+            vec![page_of(&[9, 4], false), page_of(&[8, 4, 2], false)],
+            10,
+        );
+        assert_eq!(ids(&merged), ids(&page_of(&[9, 8, 4, 2], false)));
         assert!(merged.next_page_token.is_empty());
         assert!(merge_pages(vec![], 10).tasks.is_empty());
     }

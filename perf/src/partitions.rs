@@ -21,7 +21,7 @@ use pm_proto::names::PipelineName;
 
 use crate::load::{self, Target};
 use crate::procs::Proc;
-use crate::scaling::Figures;
+use crate::scaling::{self, Figures};
 
 /// Submits a second of the dispatch-latency phase.
 const DISPATCH_RATE: f64 = 2_000.0;
@@ -67,18 +67,7 @@ pub async fn run(
         let mut procs = Vec::new();
         for i in 0..shards {
             let id = format!("s{i}");
-            let args = vec![
-                "--etcd".to_owned(),
-                e.clone(),
-                "--shard-id".into(),
-                id.clone(),
-                "--data-dir".into(),
-                dir.join(&id).display().to_string(),
-                "--max-active-tasks".into(),
-                "100000000".into(),
-                "--max-active-per-client".into(),
-                "100000000".into(),
-            ];
+            let args = scaling::shard_args(&e, &id, &dir);
             procs.push((id, Proc::start(bin, "pm-shard", &args, &dir).await?));
         }
         let cancel = CancellationToken::new();
@@ -91,19 +80,7 @@ pub async fn run(
                 .await,
             "{shards} shards not in the ring"
         );
-        let gateway = Proc::start(
-            bin,
-            "pm-gateway",
-            &[
-                "--etcd".into(),
-                e.clone(),
-                "--tenant-service".into(),
-                tenants.endpoint.clone(),
-                "--insecure-no-auth".into(),
-            ],
-            &dir,
-        )
-        .await?;
+        let gateway = scaling::gateway(bin, &e, &tenants.endpoint, &dir).await?;
         let channel = pm_proto::client::channel(&gateway.endpoint)?;
         let mut config = pm_proto::client::pipelines(channel);
         config

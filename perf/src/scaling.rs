@@ -22,6 +22,40 @@ pub struct Figures {
     pub text: String,
 }
 
+/// A cluster shard's arguments: registered in `etcd` as `id`, its disk under `dir`, and no
+/// admission limit in the way of a benchmark's backlog.
+pub fn shard_args(etcd: &str, id: &str, dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "--etcd".to_owned(),
+        etcd.to_owned(),
+        "--shard-id".into(),
+        id.into(),
+        "--data-dir".into(),
+        dir.join(id).display().to_string(),
+        "--max-active-tasks".into(),
+        "100000000".into(),
+        "--max-active-per-client".into(),
+        "100000000".into(),
+    ]
+}
+
+/// A gateway routing by the ring in `etcd`, with auth off.
+pub async fn gateway(
+    bin: &std::path::Path,
+    etcd: &str,
+    tenant_service: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<Proc> {
+    let args = [
+        "--etcd".into(),
+        etcd.to_owned(),
+        "--tenant-service".into(),
+        tenant_service.to_owned(),
+        "--insecure-no-auth".into(),
+    ];
+    Proc::start(bin, "pm-gateway", &args, dir).await
+}
+
 pub async fn run(
     bin: &std::path::Path,
     dir: &std::path::Path,
@@ -31,20 +65,7 @@ pub async fn run(
     let etcd = Etcd::start();
     let e = etcd.endpoint.clone();
     let tenants = Proc::start(bin, "pm-tenant-service", &["--etcd".into(), e.clone()], dir).await?;
-    let shard = |id: &str| {
-        vec![
-            "--etcd".to_owned(),
-            e.clone(),
-            "--shard-id".into(),
-            id.into(),
-            "--data-dir".into(),
-            dir.join(id).display().to_string(),
-            "--max-active-tasks".into(),
-            "100000000".into(),
-            "--max-active-per-client".into(),
-            "100000000".into(),
-        ]
-    };
+    let shard = |id: &str| shard_args(&e, id, dir);
     let s0 = Proc::start(bin, "pm-shard", &shard("s0"), dir).await?;
     let s1 = Proc::start(bin, "pm-shard", &shard("s1"), dir).await?;
     let view = Membership::watch(
@@ -56,19 +77,7 @@ pub async fn run(
             .await,
         "two shards not in the ring"
     );
-    let gateway = Proc::start(
-        bin,
-        "pm-gateway",
-        &[
-            "--etcd".into(),
-            e.clone(),
-            "--tenant-service".into(),
-            tenants.endpoint.clone(),
-            "--insecure-no-auth".into(),
-        ],
-        dir,
-    )
-    .await?;
+    let gateway = gateway(bin, &e, &tenants.endpoint, dir).await?;
 
     let channel = pm_proto::client::channel(&gateway.endpoint)?;
     pm_proto::client::pipelines(channel.clone())

@@ -168,6 +168,63 @@ fn tasks(gateway: &str, bearer: &Bearer) -> TaskServiceClient<AuthedChannel> {
     pm_proto::client::tasks_with(pm_proto::client::channel(gateway).unwrap(), bearer.clone())
 }
 
+/// Submits `n` tasks of `pipeline` in one batch; panics unless each is acknowledged.
+/// Their names.
+async fn submit_acknowledged(
+    client: &mut TaskServiceClient<AuthedChannel>,
+    pipeline: &str,
+    n: usize,
+) -> Vec<String> {
+    let requests = (0..n)
+        .map(|_| SubmitTaskRequest {
+            parent: pipeline.to_owned(),
+            ..SubmitTaskRequest::default()
+        })
+        .collect();
+    let results = client
+        .submit_tasks(SubmitTasksRequest { requests })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    results
+        .into_iter()
+        .map(|r| match r.outcome {
+            Some(submit_task_result::Outcome::Task(t)) => t.name,
+            other => panic!("a submit to {pipeline} failed: {other:?}"),
+        })
+        .collect()
+}
+
+/// Every task of `pipeline`, listed in pages of `page_size` (at most 10,000 pages), in the
+/// order listed.
+async fn list_all(
+    client: &mut TaskServiceClient<AuthedChannel>,
+    pipeline: &str,
+    page_size: u32,
+) -> Vec<String> {
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10_000 {
+        let page = client
+            .list_tasks(pm_proto::v1::ListTasksRequest {
+                parent: pipeline.to_owned(),
+                page_size,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.tasks.into_iter().map(|t| t.name));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    listed
+}
+
 impl Cluster {
     /// tenant-service on `etcd` (it makes the platform admin, whose secret it writes to a
     /// file before it listens) and the cluster around it; the process runs while kept.
@@ -656,24 +713,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     for (i, pipeline) in [&hot, &idle_hot, &hot, &idle_hot].into_iter().enumerate() {
         let mut client = tasks(&gateways[i % 2], &bearer);
         for _ in 0..3 {
-            let requests = (0..50)
-                .map(|_| SubmitTaskRequest {
-                    parent: pipeline.clone(),
-                    ..SubmitTaskRequest::default()
-                })
-                .collect();
-            let results = client
-                .submit_tasks(SubmitTasksRequest { requests })
-                .await
-                .unwrap()
-                .into_inner()
-                .results;
-            for r in results {
-                match r.outcome {
-                    Some(submit_task_result::Outcome::Task(t)) => spread.push(t.name),
-                    other => panic!("a submit to a partitioned pipeline failed: {other:?}"),
-                }
-            }
+            spread.extend(submit_acknowledged(&mut client, pipeline, 50).await);
         }
     }
     load.acked.lock().unwrap().extend(spread.iter().cloned());
@@ -990,25 +1030,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     // A paged list of each partitioned pipeline, merged from its partitions' owners, holds
     // every acknowledged task once.
     for pipeline in [&hot, &idle_hot] {
-        let mut listed: Vec<String> = Vec::new();
-        let mut token = String::new();
-        for _ in 0..10_000 {
-            let page = tasks
-                .list_tasks(pm_proto::v1::ListTasksRequest {
-                    parent: pipeline.clone(),
-                    page_size: 37,
-                    page_token: token.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            listed.extend(page.tasks.into_iter().map(|t| t.name));
-            token = page.next_page_token;
-            if token.is_empty() {
-                break;
-            }
-        }
+        let listed = list_all(&mut tasks, pipeline, 37).await;
         let unique: HashSet<&String> = listed.iter().collect();
         assert_eq!(
             unique.len(),
@@ -1201,26 +1223,12 @@ async fn lowering_or_raising_partitions_strands_no_task() {
     );
     // Submits through the gateway, all acknowledged: their names and partitions.
     let mut submit = async |n: usize| -> Vec<(String, u32)> {
-        let requests = (0..n)
-            .map(|_| SubmitTaskRequest {
-                parent: pipeline.clone(),
-                ..SubmitTaskRequest::default()
-            })
-            .collect();
-        let results = client
-            .submit_tasks(SubmitTasksRequest { requests })
-            .await
-            .unwrap()
-            .into_inner()
-            .results;
-        results
+        let names = submit_acknowledged(&mut client, &pipeline, n).await;
+        names
             .into_iter()
-            .map(|r| match r.outcome {
-                Some(submit_task_result::Outcome::Task(t)) => {
-                    let name = pm_proto::names::TaskName::parse(&t.name).unwrap();
-                    (t.name, name.partition())
-                }
-                other => panic!("a submit failed: {other:?}"),
+            .map(|name| {
+                let partition = pm_proto::names::TaskName::parse(&name).unwrap().partition();
+                (name, partition)
             })
             .collect()
     };
@@ -1273,25 +1281,7 @@ async fn lowering_or_raising_partitions_strands_no_task() {
     assert_eq!(runs(&log).len(), acked.len(), "each ran once");
 
     // One list, in pages merged from the owners, holds every task once.
-    let mut listed = Vec::new();
-    let mut token = String::new();
-    for _ in 0..100 {
-        let page = client
-            .list_tasks(pm_proto::v1::ListTasksRequest {
-                parent: pipeline.clone(),
-                page_size: 7,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        listed.extend(page.tasks.into_iter().map(|t| t.name));
-        token = page.next_page_token;
-        if token.is_empty() {
-            break;
-        }
-    }
+    let listed = list_all(&mut client, &pipeline, 7).await;
     let mut expected: Vec<String> = acked.into_iter().map(|(n, _)| n).collect();
     expected.sort();
     let mut sorted = listed.clone();
