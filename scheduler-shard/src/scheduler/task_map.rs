@@ -1,34 +1,36 @@
 //! The map of every task the shard holds, by key.
 //!
-//! Records live in one slab (`Vec`), found through an index of key -> slot. A hash map of the
-//! records themselves was sized in powers of two and, with its entries spread at random,
-//! touched every page of its capacity: the slab took 169 MiB off a shard holding a million
-//! READY tasks (perf/RESULTS.md). The slab holds
-//! records densely (a freed slot is reused) and the index entries are 20 bytes. The index is
-//! split over [`PARTS`] maps chosen by the key's random low bits, so growing it rehashes only
-//! 1/64 of it at a time, never a million entries under the scheduler's lock; the slab grows by
+//! Records live in one slab (`Vec`), each beside its key, found through an index of slots. A
+//! hash map of the records themselves was sized in powers of two and, with its entries spread
+//! at random, touched every page of its capacity: the slab took 169 MiB off a shard holding a
+//! million READY tasks (perf/RESULTS.md). The slab holds records densely (a freed slot is
+//! reused). The index holds only the 4-byte slot: it is hashed and compared through the key in
+//! the slab (`hashbrown`'s `HashTable`), so an entry costs 5 bytes where a map of key -> slot
+//! cost 20 (~60 MiB at a million tasks, measured with heaptrack). The index is split over
+//! [`PARTS`] tables chosen by the key's random low bits, so growing it rehashes only 1/64 of
+//! it at a time, never a million entries under the scheduler's lock; the slab grows by
 //! reallocation, which moves no pages for a large allocation. Keys are hashed with xxh3, not
 //! SipHash: keys are ours (a UUIDv7 each, with 74 random bits), so no client can aim at one
 //! bucket. Neither shrinks: slots freed by retention are reused by later tasks.
 
-use std::collections::HashMap;
-
-use xxhash_rust::xxh3::Xxh3DefaultBuilder;
+use hashbrown::HashTable;
+use xxhash_rust::xxh3::xxh3_64;
 
 use super::TaskRecord;
 use crate::key::TaskKey;
 
-/// Maps the index is spread over (a power of two).
+/// Tables the index is spread over (a power of two).
 const PARTS: usize = 64;
 
-type Part = HashMap<TaskKey, Slot, Xxh3DefaultBuilder>;
+/// Slots of records, hashed by the key each record is stored beside.
+type Part = HashTable<Slot>;
 
 /// Where a record is in the slab; valid until the record is removed.
 pub(super) type Slot = u32;
 
 pub(super) struct TaskMap {
     index: Vec<Part>,
-    slots: Vec<Option<TaskRecord>>,
+    slots: Vec<Option<(TaskKey, TaskRecord)>>,
     /// Empty slots, reused first.
     free: Vec<Slot>,
 }
@@ -38,15 +40,25 @@ fn part(key: TaskKey) -> usize {
     key.0 as usize & (PARTS - 1)
 }
 
+fn hash(key: TaskKey) -> u64 {
+    xxh3_64(&key.0.to_le_bytes())
+}
+
+/// The key stored at `slot`, which the index holds: every indexed slot holds a record.
+fn key_at(slots: &[Option<(TaskKey, TaskRecord)>], slot: Slot) -> TaskKey {
+    slots[slot as usize]
+        .as_ref()
+        .expect("indexed slots hold a record")
+        .0
+}
+
 impl TaskMap {
     /// A map with room for `tasks` (those read at start), so replaying them grows nothing.
     pub fn with_capacity(tasks: usize) -> Self {
         // Parts fill unevenly; 1/8 more than the mean keeps nearly all from growing.
         let per_part = tasks / PARTS + tasks / PARTS / 8;
         Self {
-            index: (0..PARTS)
-                .map(|_| Part::with_capacity_and_hasher(per_part, Default::default()))
-                .collect(),
+            index: (0..PARTS).map(|_| Part::with_capacity(per_part)).collect(),
             slots: Vec::with_capacity(tasks),
             free: Vec::new(),
         }
@@ -57,64 +69,146 @@ impl TaskMap {
     }
 
     fn slot(&self, key: TaskKey) -> Option<usize> {
-        self.index[part(key)].get(&key).map(|&slot| slot as usize)
+        let slots = &self.slots;
+        self.index[part(key)]
+            .find(hash(key), |&slot| key_at(slots, slot) == key)
+            .map(|&slot| slot as usize)
     }
 
     pub fn get(&self, key: TaskKey) -> Option<&TaskRecord> {
-        self.slots[self.slot(key)?].as_ref()
+        let (_, record) = self.slots[self.slot(key)?].as_ref()?;
+        Some(record)
     }
 
     pub fn get_mut(&mut self, key: TaskKey) -> Option<&mut TaskRecord> {
         let slot = self.slot(key)?;
-        self.slots[slot].as_mut()
+        let (_, record) = self.slots[slot].as_mut()?;
+        Some(record)
     }
 
     pub fn contains_key(&self, key: TaskKey) -> bool {
-        self.index[part(key)].contains_key(&key)
+        self.slot(key).is_some()
     }
 
     /// The record at `slot` (from [`TaskMap::insert`], and not removed since).
     pub fn at_mut(&mut self, slot: Slot) -> Option<&mut TaskRecord> {
-        self.slots.get_mut(slot as usize)?.as_mut()
+        let (_, record) = self.slots.get_mut(slot as usize)?.as_mut()?;
+        Some(record)
     }
 
     /// Adds or replaces the record of `key`; returns its slot.
     pub fn insert(&mut self, key: TaskKey, record: TaskRecord) -> Slot {
         if let Some(slot) = self.slot(key) {
-            self.slots[slot] = Some(record);
+            self.slots[slot] = Some((key, record));
             return slot as Slot;
         }
+        // The record goes in first: growing the index rehashes through the slab.
         let slot = match self.free.pop() {
             Some(slot) => {
-                self.slots[slot as usize] = Some(record);
+                self.slots[slot as usize] = Some((key, record));
                 slot
             }
             None => {
-                self.slots.push(Some(record));
+                self.slots.push(Some((key, record)));
                 Slot::try_from(self.slots.len() - 1).expect("fewer than 4 billion tasks")
             }
         };
-        self.index[part(key)].insert(key, slot);
+        let Self { index, slots, .. } = self;
+        index[part(key)].insert_unique(hash(key), slot, |&s| hash(key_at(slots, s)));
         slot
     }
 
     pub fn remove(&mut self, key: TaskKey) -> Option<TaskRecord> {
-        let slot = self.index[part(key)].remove(&key)?;
-        self.free.push(slot);
-        self.slots[slot as usize].take()
+        let Self { index, slots, free } = self;
+        let entry = index[part(key)]
+            .find_entry(hash(key), |&slot| key_at(slots, slot) == key)
+            .ok()?;
+        let (slot, _) = entry.remove();
+        free.push(slot);
+        slots[slot as usize].take().map(|(_, record)| record)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::scheduler::HeldSpec;
+    use crate::store::Record;
+
+    /// A READY record whose attempt tells it apart.
+    fn record(spec: &Arc<HeldSpec>, attempt: u32) -> TaskRecord {
+        let r = Record {
+            pipeline: "tenants/t/applications/a/pipelines/p".into(),
+            key: TaskKey(0),
+            flow: "t/".into(),
+            state: pm_proto::v1::TaskState::Ready,
+            attempt,
+            priority: 0,
+            client_priority: 0,
+            seq: 0,
+            spec_id: spec.id,
+            lease_id: None,
+            create_time_ms: 0,
+            update_time_ms: 0,
+            keyed: false,
+            body: Arc::from(&[][..]),
+            result: None,
+        };
+        TaskRecord::from_disk(r, spec.clone())
+    }
+
+    #[test]
+    fn keys_find_their_records_through_growth_removal_and_reuse() {
+        let spec = Arc::new(HeldSpec {
+            id: [0; 32],
+            spec: Arc::default(),
+        });
+        // Starts small, so every part grows (and rehashes through the slab) many times.
+        let mut map = TaskMap::with_capacity(0);
+        let keys: Vec<TaskKey> = (0..20_000u32)
+            .map(|i| TaskKey::generate_in(i % 3))
+            .collect();
+        for (i, &key) in keys.iter().enumerate() {
+            map.insert(key, record(&spec, i as u32));
+        }
+        for (i, &key) in keys.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+            assert_eq!(map.remove(key).map(|r| r.attempt), Some(i as u32));
+        }
+        assert_eq!(map.len(), 10_000);
+        // New tasks reuse the freed slots; a replaced record keeps its slot.
+        let newer: Vec<TaskKey> = (0..10_000).map(|_| TaskKey::generate()).collect();
+        for &key in &newer {
+            map.insert(key, record(&spec, u32::MAX));
+        }
+        assert_eq!(map.slots.len(), 20_000, "freed slots were reused");
+        let slot = map.insert(keys[1], record(&spec, 7));
+        assert_eq!(map.at_mut(slot).map(|r| r.attempt), Some(7));
+        for (i, &key) in keys.iter().enumerate() {
+            let want = match i {
+                1 => Some(7),
+                _ if i % 2 == 0 => None,
+                _ => Some(i as u32),
+            };
+            assert_eq!(map.get(key).map(|r| r.attempt), want, "task {i}");
+            assert_eq!(map.contains_key(key), want.is_some());
+        }
+        assert!(
+            newer
+                .iter()
+                .all(|&k| map.get(k).is_some_and(|r| r.attempt == u32::MAX))
+        );
+        assert_eq!(map.remove(keys[0]).map(|r| r.attempt), None, "removed once");
+        assert_eq!(map.len(), 20_000);
+    }
 
     #[test]
     fn a_slot_costs_a_record_and_no_more() {
         // `Option` uses the record's own niche (its `Arc`s are never null).
         assert_eq!(
-            std::mem::size_of::<Option<TaskRecord>>(),
-            std::mem::size_of::<TaskRecord>()
+            std::mem::size_of::<Option<(TaskKey, TaskRecord)>>(),
+            std::mem::size_of::<(TaskKey, TaskRecord)>()
         );
     }
 }
