@@ -12,6 +12,7 @@
 //! - [`ownership`]: which ring keys this shard serves; [`handoff`]: moving the others away.
 
 pub mod agent_stream;
+mod chunked;
 pub mod error;
 pub mod handoff;
 pub mod journal;

@@ -2,7 +2,9 @@
 //!
 //! Order: client priority, then task priority (smaller first), then a fair-share tag, then
 //! arrival. Each pipeline has its own ordered set, so an agent serving one pipeline finds its
-//! next task in O(log n); an agent serving every pipeline takes the best head among them.
+//! next task in O(log n); an agent serving every pipeline takes the best head among them. The
+//! sets are [`ChunkedSet`]s: a queue grows at its right edge, where std's B-tree leaves its
+//! nodes half empty.
 //!
 //! Fair share: within equal priorities, tenants and clients (each `tenant/client` is one
 //! flow) are served round-robin by start-time fair queuing. A flow's next task is tagged one
@@ -17,6 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::chunked::ChunkedSet;
 use crate::key::TaskKey;
 
 /// Dispatch order key; derives `Ord` field by field.
@@ -63,7 +66,7 @@ impl FairClock {
 
 #[derive(Default)]
 pub struct ReadyQueue {
-    by_pipeline: BTreeMap<Arc<str>, BTreeSet<(Rank, TaskKey)>>,
+    by_pipeline: BTreeMap<Arc<str>, ChunkedSet<(Rank, TaskKey)>>,
     /// READY tasks per pipeline by the second they were submitted (see the module doc).
     born: HashMap<Arc<str>, BTreeMap<u64, u32>>,
     len: usize,
@@ -129,7 +132,7 @@ impl ReadyQueue {
 
     /// READY tasks of `pipeline`.
     pub fn len_of(&self, pipeline: &str) -> usize {
-        self.by_pipeline.get(pipeline).map_or(0, BTreeSet::len)
+        self.by_pipeline.get(pipeline).map_or(0, ChunkedSet::len)
     }
 
     /// The READY task of `pipeline` an agent would get next.
