@@ -52,7 +52,7 @@ mod submit;
 mod task_map;
 mod transfer;
 
-use record::{HeldSpec, Next, TaskRecord, result_summary};
+use record::{HeldSpec, Next, Origin, TaskRecord, result_summary};
 use task_map::{Slot, TaskMap};
 
 pub use stats::{
@@ -161,6 +161,9 @@ struct Inner {
     /// Keys whose first submit is being written.
     idempotency_pending: HashSet<(Arc<str>, String)>,
     specs: HashMap<SpecId, Arc<HeldSpec>>,
+    /// The shared (pipeline, flow, spec) of tasks ([`Inner::origin`]); one no task holds is
+    /// forgotten with the unused specs ([`Scheduler::collect_specs`]).
+    origins: HashMap<(Arc<str>, Arc<str>, SpecId), Arc<Origin>>,
     /// Specs known to be on disk; others are written with the task that brings them.
     durable_specs: HashSet<SpecId>,
     queue: ReadyQueue,
@@ -313,6 +316,26 @@ impl Inner {
             .clone()
     }
 
+    /// The one shared [`Origin`] of tasks of `pipeline` and `flow` (both interned) running
+    /// `spec`.
+    fn origin(
+        &mut self,
+        pipeline: &Arc<str>,
+        flow: &Arc<str>,
+        spec: &Arc<HeldSpec>,
+    ) -> Arc<Origin> {
+        self.origins
+            .entry((pipeline.clone(), flow.clone(), spec.id))
+            .or_insert_with(|| {
+                Arc::new(Origin {
+                    pipeline: pipeline.clone(),
+                    flow: flow.clone(),
+                    spec: spec.clone(),
+                })
+            })
+            .clone()
+    }
+
     /// [`Inner::intern`] of a shared name, in place: kept as the one copy when it is the
     /// first, untouched when it is the one copy already (a restart moves a million names
     /// shared with the store's reader thread without touching their counts).
@@ -363,14 +386,15 @@ impl Inner {
         self.next_seq = self.next_seq.max(r.seq);
         let (key, seq) = (r.key, r.seq);
         let lease_id = r.lease_id.take();
-        let mut record = TaskRecord::from_disk(r, spec);
+        let origin = self.origin(&r.pipeline, &r.flow, &spec);
+        let mut record = TaskRecord::from_disk(r, origin);
         let restored = match record.state {
             TaskState::Ready => {
-                self.reserve(&record.flow);
+                self.reserve(record.flow());
                 Restored::Ready
             }
             TaskState::InProgress => {
-                self.reserve(&record.flow);
+                self.reserve(record.flow());
                 let id = LeaseId(lease_id.unwrap_or_else(|| "".into()));
                 let lease = Lease {
                     task: key,
@@ -385,7 +409,7 @@ impl Inner {
             _ => {
                 let age = (unix_ms() - record.update_time_ms).max(0) as u64;
                 let finished_at = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
-                self.finished.insert(&record.pipeline, finished_at, key);
+                self.finished.insert(record.pipeline(), finished_at, key);
                 if self.results_on_disk {
                     record.keep_summary();
                 }
@@ -405,9 +429,9 @@ impl Inner {
         let Some(record) = self.tasks.at_mut(slot) else {
             return;
         };
-        record.rank.tag = self.fair.tag(&record.flow);
+        record.rank.tag = self.fair.tag(record.flow());
         if record.state == TaskState::Ready {
-            self.queue.push(&record.pipeline, record.rank, key);
+            self.queue.push(record.pipeline(), record.rank, key);
         }
     }
 
@@ -415,16 +439,16 @@ impl Inner {
     fn unindex(&mut self, key: TaskKey) -> Option<TaskRecord> {
         let record = self.tasks.remove(key)?;
         let mut indexed = false;
-        if let Some(keys) = self.by_pipeline.get_mut(&record.pipeline) {
+        if let Some(keys) = self.by_pipeline.get_mut(record.pipeline()) {
             indexed = keys.remove(&key);
             if keys.is_empty() {
-                self.by_pipeline.remove(&record.pipeline);
+                self.by_pipeline.remove(record.pipeline());
             }
         }
         let partition = key.partition();
         if indexed
             && partition > 0
-            && let Some(counts) = self.by_partition.get_mut(&record.pipeline)
+            && let Some(counts) = self.by_partition.get_mut(record.pipeline())
         {
             if let Some(n) = counts.get_mut(&partition) {
                 *n -= 1;
@@ -433,12 +457,12 @@ impl Inner {
                 }
             }
             if counts.is_empty() {
-                self.by_partition.remove(&record.pipeline);
+                self.by_partition.remove(record.pipeline());
             }
         }
         if record.keyed {
             self.idempotency
-                .remove(&(record.pipeline.clone(), record.idempotency_key()));
+                .remove(&(record.pipeline().clone(), record.idempotency_key()));
         }
         Some(record)
     }
@@ -446,7 +470,7 @@ impl Inner {
     /// Indexes a durable record; READY ones join the queue.
     fn insert(&mut self, key: TaskKey, record: TaskRecord) {
         if record.state == TaskState::Ready {
-            self.queue.push(&record.pipeline, record.rank, key);
+            self.queue.push(record.pipeline(), record.rank, key);
         }
         self.index(key, record);
     }
@@ -454,20 +478,20 @@ impl Inner {
     /// [`Inner::insert`] without the queue.
     fn index(&mut self, key: TaskKey, record: TaskRecord) -> Slot {
         if record.keyed {
-            let idempotency = (record.pipeline.clone(), record.idempotency_key());
+            let idempotency = (record.pipeline().clone(), record.idempotency_key());
             self.idempotency.insert(idempotency, key);
         }
         let partition = key.partition();
         if self
             .by_pipeline
-            .entry(record.pipeline.clone())
+            .entry(record.pipeline().clone())
             .or_default()
             .insert(key)
             && partition > 0
         {
             *self
                 .by_partition
-                .entry(record.pipeline.clone())
+                .entry(record.pipeline().clone())
                 .or_default()
                 .entry(partition)
                 .or_default() += 1;
@@ -481,7 +505,7 @@ impl Inner {
             .filter(|(pipeline, key)| {
                 self.tasks
                     .get(*key)
-                    .is_some_and(|r| &*r.pipeline == *pipeline)
+                    .is_some_and(|r| &**r.pipeline() == *pipeline)
             })
             .map(|(_, key)| key)
             .ok_or_else(|| Error::NotFound(name.to_owned()))
@@ -581,6 +605,7 @@ impl Scheduler {
             idempotency: HashMap::new(),
             idempotency_pending: HashSet::new(),
             specs: HashMap::new(),
+            origins: HashMap::new(),
             durable_specs: HashSet::new(),
             queue: ReadyQueue::default(),
             fair: FairClock::default(),

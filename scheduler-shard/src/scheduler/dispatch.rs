@@ -131,7 +131,7 @@ impl Scheduler {
                 out.push(PendingAssign {
                     tx,
                     task: leased,
-                    spec: record.spec.spec.clone(),
+                    spec: record.spec().spec.clone(),
                     lease_id: lease_id.clone(),
                     deadline,
                     ready_since_ms,

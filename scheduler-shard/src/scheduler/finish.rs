@@ -30,7 +30,11 @@ impl Scheduler {
         // Dropping the sender ends every watch after the final event; a later watch gets
         // the finished task as its snapshot.
         record.live = None;
-        let (flow, pipeline, state) = (record.flow.clone(), record.pipeline.clone(), record.state);
+        let (flow, pipeline, state) = (
+            record.flow().clone(),
+            record.pipeline().clone(),
+            record.state,
+        );
         inner.unreserve(&flow);
         inner.count_finished(&pipeline, state);
         inner.finished.insert(&pipeline, Instant::now(), key);
@@ -59,7 +63,7 @@ impl Scheduler {
             let op = record.stored(key, &next, None);
             let lease = match state {
                 TaskState::Ready => {
-                    inner.queue.remove(&record.pipeline, record.rank, key);
+                    inner.queue.remove(record.pipeline(), record.rank, key);
                     None
                 }
                 _ => record.lease.clone().and_then(|id| {
@@ -100,7 +104,7 @@ impl Scheduler {
         record.busy = false;
         match (record.state, lease) {
             (TaskState::Ready, _) => {
-                inner.queue.push(&record.pipeline, record.rank, key);
+                inner.queue.push(record.pipeline(), record.rank, key);
                 self.dispatcher.notify_one();
             }
             (_, Some((id, lease))) => {

@@ -1,4 +1,4 @@
-//! A task as the scheduler holds it in memory: only what scheduling needs, about 150 bytes
+//! A task as the scheduler holds it in memory: only what scheduling needs, about 130 bytes
 //! plus the encoded body (the params). Its disk record is made from shared parts
 //! ([`TaskRecord::disk`]), and the public `pm.v1.Task` from that, outside the lock, when a
 //! client or an agent reads the task.
@@ -27,11 +27,17 @@ pub(super) struct Live {
     pub history: Vec<Arc<TaskEvent>>,
 }
 
-pub(super) struct TaskRecord {
+/// What the tasks of one pipeline, flow and spec share, interned by [`Inner::origin`]: one
+/// pointer in each record instead of three (32 bytes less per task).
+pub(super) struct Origin {
     pub pipeline: Arc<str>,
     /// The fair-share flow: `tenant/client`.
     pub flow: Arc<str>,
     pub spec: Arc<HeldSpec>,
+}
+
+pub(super) struct TaskRecord {
+    pub origin: Arc<Origin>,
     pub rank: Rank,
     pub lease: Option<LeaseId>,
     /// An encoded `TaskBody`: params, timeout, idempotency key. Decoded only to show the task.
@@ -95,13 +101,11 @@ pub(super) fn result_summary(result: &TaskResult) -> TaskResult {
 }
 
 impl TaskRecord {
-    /// A record of a task read from the disk or handed over (its pipeline and flow, and
-    /// `spec`, interned by the caller). Its fair-share tag is 0 until it is ranked.
-    pub fn from_disk(r: Record, spec: Arc<HeldSpec>) -> Self {
+    /// A record of a task read from the disk or handed over; `origin` holds its pipeline,
+    /// flow and spec (interned by the caller). Its fair-share tag is 0 until it is ranked.
+    pub fn from_disk(r: Record, origin: Arc<Origin>) -> Self {
         Self {
-            pipeline: r.pipeline,
-            flow: r.flow,
-            spec,
+            origin,
             rank: Rank {
                 client_priority: r.client_priority,
                 task_priority: r.priority,
@@ -121,18 +125,31 @@ impl TaskRecord {
         }
     }
 
+    pub fn pipeline(&self) -> &Arc<str> {
+        &self.origin.pipeline
+    }
+
+    /// The fair-share flow: `tenant/client`.
+    pub fn flow(&self) -> &Arc<str> {
+        &self.origin.flow
+    }
+
+    pub fn spec(&self) -> &Arc<HeldSpec> {
+        &self.origin.spec
+    }
+
     /// The disk record of this task as it is now.
     pub fn disk(&self, key: TaskKey) -> Record {
         Record {
-            pipeline: self.pipeline.clone(),
+            pipeline: self.pipeline().clone(),
             key,
-            flow: self.flow.clone(),
+            flow: self.flow().clone(),
             state: self.state,
             attempt: self.attempt,
             priority: self.rank.task_priority,
             client_priority: self.rank.client_priority,
             seq: self.rank.seq,
-            spec_id: self.spec.id,
+            spec_id: self.spec().id,
             lease_id: self.lease.as_ref().map(|l| l.0.clone()),
             create_time_ms: self.create_time_ms,
             update_time_ms: self.update_time_ms,
@@ -160,7 +177,7 @@ impl TaskRecord {
             .map(|b| b.traceparent)
             .unwrap_or_default();
         (
-            key.name(&self.pipeline),
+            key.name(self.pipeline()),
             pm_proto::trace::trace_id_of(&traceparent),
         )
     }
@@ -252,11 +269,11 @@ impl TaskRecord {
 mod tests {
     use super::*;
 
-    /// The budget behind "about 150 bytes": a change that grows the record shows here.
+    /// The budget behind "about 130 bytes": a change that grows the record shows here.
     #[test]
     fn a_record_stays_compact() {
         assert!(
-            std::mem::size_of::<TaskRecord>() <= 144,
+            std::mem::size_of::<TaskRecord>() <= 112,
             "TaskRecord is {} bytes",
             std::mem::size_of::<TaskRecord>()
         );

@@ -31,6 +31,10 @@ impl Scheduler {
     pub fn collect_specs(&self) -> usize {
         let mut guard = self.lock();
         let inner = &mut *guard;
+        // Origins no task holds go first: they hold specs.
+        inner
+            .origins
+            .retain(|_, origin| Arc::strong_count(origin) > 1);
         let mut unused = Vec::new();
         inner.specs.retain(|id, held| {
             let used = Arc::strong_count(held) > 1;

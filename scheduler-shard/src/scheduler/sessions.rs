@@ -37,7 +37,7 @@ impl Scheduler {
             let current = inner.leases.get(&lease_id).is_some_and(|l| {
                 l.attempt == held.attempt
                     && inner.tasks.get(l.task).is_some_and(|r| {
-                        session.serves(&r.pipeline) && names(l.task, &r.pipeline, &held.task)
+                        session.serves(r.pipeline()) && names(l.task, r.pipeline(), &held.task)
                     })
             });
             if current {
@@ -84,7 +84,7 @@ impl Scheduler {
         let record = inner.tasks.get(held.task)?;
         (held.session == session
             && held.attempt == lease.attempt
-            && names(held.task, &record.pipeline, &lease.task))
+            && names(held.task, record.pipeline(), &lease.task))
         .then_some(held.task)
     }
 
@@ -263,7 +263,7 @@ impl Scheduler {
             record.apply(r.next);
             record.lease = None;
             record.publish_state(&r.reason);
-            inner.queue.push(&record.pipeline, record.rank, r.key);
+            inner.queue.push(record.pipeline(), record.rank, r.key);
         }
         self.dispatcher.notify_one();
         self.reaper.notify_one();

@@ -140,7 +140,7 @@ impl Scheduler {
                 inner
                     .tasks
                     .get(*key)
-                    .is_some_and(|r| &*r.pipeline == pipeline)
+                    .is_some_and(|r| &**r.pipeline() == pipeline)
             })
             .count() as u64;
         let head_wait_ms = inner
@@ -176,7 +176,7 @@ impl Scheduler {
         let mut in_progress: HashMap<&str, u64> = HashMap::new();
         for key in inner.leases.tasks() {
             if let Some(record) = inner.tasks.get(key) {
-                *in_progress.entry(&*record.pipeline).or_default() += 1;
+                *in_progress.entry(&**record.pipeline()).or_default() += 1;
             }
         }
         // Every pipeline with tasks here or counted here (one may have ended all its tasks,

@@ -175,18 +175,18 @@ impl Scheduler {
             let mut inner = self.lock();
             for (i, key, record, task) in planned {
                 if record.keyed {
-                    let key = (record.pipeline.clone(), task.idempotency_key.clone());
+                    let key = (record.pipeline().clone(), task.idempotency_key.clone());
                     inner.idempotency_pending.remove(&key);
                 }
                 outcomes[i] = Some(match &written {
                     Ok(()) => {
-                        inner.durable_specs.insert(record.spec.id);
-                        inner.count_submitted(&record.pipeline);
+                        inner.durable_specs.insert(record.spec().id);
+                        inner.count_submitted(record.pipeline());
                         inner.insert(key, record);
                         Ok(Answer::Queued(task))
                     }
                     Err(e) => {
-                        inner.unreserve(&record.flow);
+                        inner.unreserve(record.flow());
                         Err(e.clone())
                     }
                 });
@@ -319,9 +319,7 @@ impl Scheduler {
         inner.reserve(&flow);
         let now = task.create_time_ms;
         let record = TaskRecord {
-            pipeline,
-            flow,
-            spec: held,
+            origin: inner.origin(&pipeline, &flow, &held),
             rank,
             lease: None,
             body,

@@ -134,7 +134,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::scheduler::HeldSpec;
+    use crate::scheduler::{HeldSpec, Origin};
     use crate::store::Record;
 
     /// A READY record whose attempt tells it apart.
@@ -156,7 +156,12 @@ mod tests {
             body: Arc::from(&[][..]),
             result: None,
         };
-        TaskRecord::from_disk(r, spec.clone())
+        let origin = Origin {
+            pipeline: r.pipeline.clone(),
+            flow: r.flow.clone(),
+            spec: spec.clone(),
+        };
+        TaskRecord::from_disk(r, Arc::new(origin))
     }
 
     #[test]

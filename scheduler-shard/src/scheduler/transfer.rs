@@ -165,8 +165,8 @@ impl Scheduler {
             let mut lease_remaining_ms = 0;
             match record.state {
                 TaskState::Ready => {
-                    inner.queue.remove(&record.pipeline, record.rank, key);
-                    inner.unreserve(&record.flow);
+                    inner.queue.remove(record.pipeline(), record.rank, key);
+                    inner.unreserve(record.flow());
                 }
                 TaskState::InProgress => {
                     if let Some(lease) = record
@@ -177,15 +177,15 @@ impl Scheduler {
                         lease_remaining_ms =
                             lease.deadline.saturating_duration_since(now).as_millis() as i64;
                     }
-                    inner.unreserve(&record.flow);
+                    inner.unreserve(record.flow());
                 }
                 _ => {
                     finished.insert(key);
                 }
             }
-            if specs.insert(record.spec.id) {
-                out.specs.push((*record.spec.spec).clone());
-                out.held.0.push(record.spec.clone());
+            if specs.insert(record.spec().id) {
+                out.specs.push((*record.spec().spec).clone());
+                out.held.0.push(record.spec().clone());
             }
             out.tasks.push(HandoffTask {
                 stored: Some(record.disk(key).to_stored()),
