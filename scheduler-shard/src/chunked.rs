@@ -1,4 +1,5 @@
-//! An ordered set kept as sorted chunks: the shard's ready queues, which hold every READY task.
+//! An ordered set kept as sorted chunks: the shard's ready queues, which hold every READY task,
+//! and its lists of each pipeline's tasks by id.
 //!
 //! std's `BTreeSet` splits a full node in the middle, so a set that grows at its right edge
 //! (a queue, where each new task ranks after the last) keeps its leaves about half full: a
@@ -11,6 +12,7 @@
 //! whole node to take its first entry, so this small structure is our own.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 
 /// Entries per chunk: a 40-byte entry makes a chunk 2.5 KiB, and an insert into the middle
 /// of one moves at most half of that.
@@ -74,6 +76,7 @@ impl<T: Ord + Copy> ChunkedSet<T> {
                 }
             },
         };
+        let last = self.chunks.last_key_value().map(|(&last, _)| last) == Some(bound);
         let chunk = self.chunks.get_mut(&bound).expect("the chunk found above");
         let at = match chunk.binary_search(&x) {
             Ok(_) => return false,
@@ -83,14 +86,19 @@ impl<T: Ord + Copy> ChunkedSet<T> {
         if chunk.len() < CHUNK {
             chunk.insert(at, x);
         } else {
-            // Not past the last entry (above): a full chunk splits.
-            let mut tail = chunk.split_off(CHUNK / 2);
-            if at <= CHUNK / 2 {
+            // A full chunk splits in halves; the last one where `x` goes, when that is past
+            // its middle, so entries arriving a little out of order (ids of one millisecond)
+            // leave the chunks behind the edge full.
+            let cut = if last { at.max(CHUNK / 2) } else { CHUNK / 2 };
+            let mut tail = chunk.split_off(cut);
+            if at <= cut {
                 chunk.insert(at, x);
             } else {
-                tail.insert(at - CHUNK / 2, x);
+                tail.insert(at - cut, x);
             }
-            self.chunks.insert(tail[0], tail);
+            if !tail.is_empty() {
+                self.chunks.insert(tail[0], tail);
+            }
         }
         true
     }
@@ -126,9 +134,18 @@ impl<T: Ord + Copy> ChunkedSet<T> {
     }
 
     /// The entries in order.
-    #[cfg(test)]
-    fn iter(&self) -> impl Iterator<Item = &T> {
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.chunks.values().flatten()
+    }
+
+    /// The entries below `below` (all of them for `None`), last first.
+    pub fn rev_below(&self, below: Option<T>) -> impl Iterator<Item = &T> {
+        let upper = below.map_or(Bound::Unbounded, Bound::Excluded);
+        self.chunks
+            .range((Bound::Unbounded, upper))
+            .rev()
+            .flat_map(|(_, chunk)| chunk.iter().rev())
+            .filter(move |x| below.is_none_or(|below| **x < below))
     }
 }
 
@@ -157,6 +174,8 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Insert(u16),
+        /// Near the last entry: just past it or a little before (ids of one millisecond).
+        Near(u16),
         Remove(u16),
         Pop,
     }
@@ -165,12 +184,14 @@ mod tests {
         // A narrow range of values, so inserts hit present entries and chunks fill and split.
         prop_oneof![
             4 => (0..600u16).prop_map(Op::Insert),
+            4 => (0..8u16).prop_map(Op::Near),
             2 => (0..600u16).prop_map(Op::Remove),
             1 => Just(Op::Pop),
         ]
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
         /// Every operation answers as std's `BTreeSet` does, and the chunks stay sorted,
         /// non-empty, bounded and under a lower bound.
         #[test]
@@ -179,6 +200,10 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Insert(x) => prop_assert_eq!(set.insert(x), model.insert(x)),
+                    Op::Near(back) => {
+                        let x = model.last().map_or(0, |last| last + 4).saturating_sub(back);
+                        prop_assert_eq!(set.insert(x), model.insert(x));
+                    }
                     Op::Remove(x) => prop_assert_eq!(set.remove(&x), model.remove(&x)),
                     Op::Pop => prop_assert_eq!(set.pop_first(), model.pop_first()),
                 }
@@ -186,6 +211,13 @@ mod tests {
                 prop_assert_eq!(set.first(), model.first());
             }
             prop_assert!(set.iter().eq(model.iter()));
+            for below in [None, Some(0), Some(299), Some(600)] {
+                let want = match below {
+                    Some(below) => model.range(..below).rev().collect::<Vec<_>>(),
+                    None => model.iter().rev().collect(),
+                };
+                prop_assert_eq!(set.rev_below(below).collect::<Vec<_>>(), want);
+            }
             let mut bounds = set.chunks.iter();
             for (bound, chunk) in &mut bounds {
                 prop_assert!(!chunk.is_empty() && chunk.len() <= CHUNK);

@@ -33,6 +33,7 @@ use pm_proto::v1::{
     StepResult, Task, TaskEvent, TaskResult, TaskState, server_message, task_event,
 };
 
+use crate::chunked::ChunkedSet;
 use crate::error::Error;
 use crate::journal::Journal;
 use crate::key::TaskKey;
@@ -151,8 +152,9 @@ impl Session {
 
 struct Inner {
     tasks: TaskMap,
-    /// Tasks per pipeline, ordered by id (ids are time-ordered UUIDv7).
-    by_pipeline: HashMap<Arc<str>, BTreeSet<TaskKey>>,
+    /// Tasks per pipeline, ordered by id (ids are time-ordered UUIDv7), so each set grows at
+    /// its edge: [`ChunkedSet`]s, full where std's B-tree leaves half of each node empty.
+    by_pipeline: HashMap<Arc<str>, ChunkedSet<TaskKey>>,
     /// Tasks held per partition > 0 of a partitioned pipeline (the rest of `by_pipeline` is
     /// partition 0): which ring keys this shard holds, without a scan.
     by_partition: HashMap<Arc<str>, BTreeMap<u32, usize>>,
@@ -777,13 +779,9 @@ impl Scheduler {
         let Some(keys) = inner.by_pipeline.get(pipeline) else {
             return Ok((Vec::new(), String::new()));
         };
-        let keys = match below {
-            Some(below) => keys.range(..below),
-            None => keys.range(..),
-        };
         let mut page: Vec<Record> = Vec::with_capacity(page_size);
         let mut more = false;
-        for &key in keys.rev() {
+        for &key in keys.rev_below(below) {
             if !partitions.is_empty() && !partitions.contains(&key.partition()) {
                 continue;
             }
