@@ -166,6 +166,8 @@ struct Inner {
     /// The shared (pipeline, flow, spec) of tasks ([`Inner::origin`]); one no task holds is
     /// forgotten with the unused specs ([`Scheduler::collect_specs`]).
     origins: HashMap<(Arc<str>, Arc<str>, SpecId), Arc<Origin>>,
+    /// The origin [`Inner::origin`] gave last.
+    last_origin: Option<Arc<Origin>>,
     /// Specs known to be on disk; others are written with the task that brings them.
     durable_specs: HashSet<SpecId>,
     queue: ReadyQueue,
@@ -326,7 +328,16 @@ impl Inner {
         flow: &Arc<str>,
         spec: &Arc<HeldSpec>,
     ) -> Arc<Origin> {
-        self.origins
+        // A batch, or a client's stream of submits, has one origin: no hashing of its names.
+        if let Some(last) = &self.last_origin
+            && Arc::ptr_eq(&last.pipeline, pipeline)
+            && Arc::ptr_eq(&last.flow, flow)
+            && Arc::ptr_eq(&last.spec, spec)
+        {
+            return last.clone();
+        }
+        let origin = self
+            .origins
             .entry((pipeline.clone(), flow.clone(), spec.id))
             .or_insert_with(|| {
                 Arc::new(Origin {
@@ -335,7 +346,9 @@ impl Inner {
                     spec: spec.clone(),
                 })
             })
-            .clone()
+            .clone();
+        self.last_origin = Some(origin.clone());
+        origin
     }
 
     /// [`Inner::intern`] of a shared name, in place: kept as the one copy when it is the
@@ -608,6 +621,7 @@ impl Scheduler {
             idempotency_pending: HashSet::new(),
             specs: HashMap::new(),
             origins: HashMap::new(),
+            last_origin: None,
             durable_specs: HashSet::new(),
             queue: ReadyQueue::default(),
             fair: FairClock::default(),

@@ -32,6 +32,7 @@ impl Scheduler {
         let mut guard = self.lock();
         let inner = &mut *guard;
         // Origins no task holds go first: they hold specs.
+        inner.last_origin = None;
         inner
             .origins
             .retain(|_, origin| Arc::strong_count(origin) > 1);

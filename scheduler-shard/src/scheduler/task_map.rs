@@ -4,9 +4,11 @@
 //! hash map of the records themselves was sized in powers of two and, with its entries spread
 //! at random, touched every page of its capacity: the slab took 169 MiB off a shard holding a
 //! million READY tasks (perf/RESULTS.md). The slab holds records densely (a freed slot is
-//! reused). The index holds only the 4-byte slot: it is hashed and compared through the key in
-//! the slab (`hashbrown`'s `HashTable`), so an entry costs 5 bytes where a map of key -> slot
-//! cost 20 (~60 MiB at a million tasks, measured with heaptrack). The index is split over
+//! reused). The index holds the 4-byte slot and 32 bits of the key's hash, compared through the
+//! key in the slab (`hashbrown`'s `HashTable`): an entry costs 9 bytes where a map of key ->
+//! slot cost 20 (~60 MiB at a million tasks, measured with heaptrack). The hash bits are kept
+//! so growing the index rehashes without reading the slab: rehashing through it, one cache
+//! miss per entry, took 7% of the shard's samples under batched submits. The index is split over
 //! [`PARTS`] tables chosen by the key's random low bits, so growing it rehashes only 1/64 of
 //! it at a time, never a million entries under the scheduler's lock; the slab grows by
 //! reallocation, which moves no pages for a large allocation. Keys are hashed with xxh3, not
@@ -23,7 +25,14 @@ use crate::key::TaskKey;
 const PARTS: usize = 64;
 
 /// Slots of records, hashed by the key each record is stored beside.
-type Part = HashTable<Slot>;
+type Part = HashTable<Entry>;
+
+#[derive(Clone, Copy)]
+struct Entry {
+    slot: Slot,
+    /// [`hash`] of the key at `slot`.
+    hash: u32,
+}
 
 /// Where a record is in the slab; valid until the record is removed.
 pub(super) type Slot = u32;
@@ -40,16 +49,24 @@ fn part(key: TaskKey) -> usize {
     key.0 as usize & (PARTS - 1)
 }
 
-fn hash(key: TaskKey) -> u64 {
-    xxh3_64(&key.0.to_le_bytes())
+/// 32 bits of the key's hash: what the index keeps of it.
+fn hash(key: TaskKey) -> u32 {
+    xxh3_64(&key.0.to_le_bytes()) as u32
 }
 
-/// The key stored at `slot`, which the index holds: every indexed slot holds a record.
-fn key_at(slots: &[Option<(TaskKey, TaskRecord)>], slot: Slot) -> TaskKey {
-    slots[slot as usize]
-        .as_ref()
-        .expect("indexed slots hold a record")
-        .0
+/// The table's hash of an entry: its 32 bits spread over 64 (the table takes its tag from
+/// the top bits and the bucket from the low ones).
+fn spread(hash: u32) -> u64 {
+    u64::from(hash).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Whether `entry` is the one of `key`, whose [`hash`] is `hash`: every indexed slot holds a
+/// record.
+fn is(slots: &[Option<(TaskKey, TaskRecord)>], entry: &Entry, key: TaskKey, hash: u32) -> bool {
+    entry.hash == hash
+        && slots[entry.slot as usize]
+            .as_ref()
+            .is_some_and(|(stored, _)| *stored == key)
 }
 
 impl TaskMap {
@@ -69,10 +86,10 @@ impl TaskMap {
     }
 
     fn slot(&self, key: TaskKey) -> Option<usize> {
-        let slots = &self.slots;
+        let (slots, h) = (&self.slots, hash(key));
         self.index[part(key)]
-            .find(hash(key), |&slot| key_at(slots, slot) == key)
-            .map(|&slot| slot as usize)
+            .find(spread(h), |e| is(slots, e, key, h))
+            .map(|e| e.slot as usize)
     }
 
     pub fn get(&self, key: TaskKey) -> Option<&TaskRecord> {
@@ -102,7 +119,6 @@ impl TaskMap {
             self.slots[slot] = Some((key, record));
             return slot as Slot;
         }
-        // The record goes in first: growing the index rehashes through the slab.
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some((key, record));
@@ -113,17 +129,18 @@ impl TaskMap {
                 Slot::try_from(self.slots.len() - 1).expect("fewer than 4 billion tasks")
             }
         };
-        let Self { index, slots, .. } = self;
-        index[part(key)].insert_unique(hash(key), slot, |&s| hash(key_at(slots, s)));
+        let hash = hash(key);
+        self.index[part(key)].insert_unique(spread(hash), Entry { slot, hash }, |e| spread(e.hash));
         slot
     }
 
     pub fn remove(&mut self, key: TaskKey) -> Option<TaskRecord> {
         let Self { index, slots, free } = self;
+        let h = hash(key);
         let entry = index[part(key)]
-            .find_entry(hash(key), |&slot| key_at(slots, slot) == key)
+            .find_entry(spread(h), |e| is(slots, e, key, h))
             .ok()?;
-        let (slot, _) = entry.remove();
+        let (Entry { slot, .. }, _) = entry.remove();
         free.push(slot);
         slots[slot as usize].take().map(|(_, record)| record)
     }
