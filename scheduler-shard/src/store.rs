@@ -397,10 +397,16 @@ pub struct Contents {
 /// fjall replays its journal at open (every write not yet flushed to a table), and keeps it
 /// until the memtables it covers are flushed; an idle keyspace (`specs`) holds it until this
 /// size forces a flush. fjall's default (512 MiB) took ~2 s of replay at a restart with a
-/// million tasks; this is fjall's minimum. The tasks' memtable keeps fjall's default size
-/// (64 MiB): 16 MiB saved ~135 MiB of RSS but cost ~20% more shard CPU per batched submit on
-/// a shard holding a million tasks (more flushes and compactions; perf/RESULTS.md).
+/// million tasks; this is fjall's minimum.
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The tasks' memtable: a quarter of fjall's default (64 MiB). With a million READY tasks the
+/// shard idles at 347-355 MiB instead of 416-423, and at ~2 million at 626-659 instead of
+/// 767-891; batched submits cost at most ~5% more shard CPU (more flushes and compactions) and
+/// the full cycle no measurable difference (perf/RESULTS.md, "The memtable"). An earlier
+/// build measured ~20% on batches and kept 64 MiB. fjall stores a keyspace's options when it
+/// creates it, so a data dir made before keeps 64 MiB.
+const TASKS_MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The keyspace of format-1 records (whole `StoredTask`s).
 const FORMAT_1_TASKS: &str = "tasks";
@@ -434,7 +440,9 @@ impl Store {
             .manual_journal_persist(true)
             .max_journaling_size(MAX_JOURNAL_BYTES)
             .open()?;
-        let tasks = db.keyspace("shard_tasks", KeyspaceCreateOptions::default)?;
+        let tasks = db.keyspace("shard_tasks", || {
+            KeyspaceCreateOptions::default().max_memtable_size(TASKS_MEMTABLE_BYTES)
+        })?;
         let specs = db.keyspace("specs", KeyspaceCreateOptions::default)?;
         let persist = if fsync {
             PersistMode::SyncData
