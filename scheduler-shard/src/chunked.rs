@@ -8,8 +8,9 @@
 //! under a lower bound of its entries. An entry past the end of a full last chunk starts a new
 //! chunk, so a queue filled in order keeps its chunks full; an entry into the middle of a full
 //! chunk splits it in halves, as a B-tree does. Taking the first entry is a `VecDeque`'s
-//! `pop_front`. Crates with two-level trees (`indexset`) split at the edge too and shift a
-//! whole node to take its first entry, so this small structure is our own.
+//! `pop_front`. The two-level tree crate we looked at (`indexset`) also keeps a Fenwick tree
+//! for lookups by position, which a queue does not need; this structure is small enough to
+//! be our own.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
@@ -218,8 +219,7 @@ mod tests {
                 };
                 prop_assert_eq!(set.rev_below(below).collect::<Vec<_>>(), want);
             }
-            let mut bounds = set.chunks.iter();
-            for (bound, chunk) in &mut bounds {
+            for (bound, chunk) in &set.chunks {
                 prop_assert!(!chunk.is_empty() && chunk.len() <= CHUNK);
                 prop_assert!(*bound <= chunk[0]);
             }

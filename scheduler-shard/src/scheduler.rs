@@ -164,7 +164,8 @@ struct Inner {
     idempotency_pending: HashSet<(Arc<str>, String)>,
     specs: HashMap<SpecId, Arc<HeldSpec>>,
     /// The shared (pipeline, flow, spec) of tasks ([`Inner::origin`]); one no task holds is
-    /// forgotten with the unused specs ([`Scheduler::collect_specs`]).
+    /// forgotten with the unused specs ([`Scheduler::collect_specs`]), so there are never
+    /// more than the tasks held, plus those collected since the last collection.
     origins: HashMap<(Arc<str>, Arc<str>, SpecId), Arc<Origin>>,
     /// The origin [`Inner::origin`] gave last.
     last_origin: Option<Arc<Origin>>,
