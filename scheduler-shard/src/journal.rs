@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::key::TaskKey;
-use crate::store::{Op, Store, StoreError};
+use crate::store::{Op, Store, StoreError, StoreOptions};
 use pm_proto::v1::TaskResult;
 
 /// The store the writer thread writes, shared with readers ([`Journal::read_result`]). Empty
@@ -52,7 +52,7 @@ impl Journal {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let writable = Arc::new(tokio::sync::watch::Sender::new(true));
-        let (dir, fsync) = (store.dir().to_owned(), store.fsync());
+        let (dir, options) = (store.dir().to_owned(), store.options());
         let shared: SharedStore = Arc::new(RwLock::new(Some(store)));
         let (thread_stats, thread_writable, thread_store) =
             (stats.clone(), writable.clone(), shared.clone());
@@ -61,7 +61,7 @@ impl Journal {
             .spawn(move || {
                 write_loop(
                     &thread_store,
-                    (&dir, fsync),
+                    (&dir, options),
                     rx,
                     &thread_stats,
                     &thread_writable,
@@ -165,7 +165,7 @@ impl Journal {
 
 fn write_loop(
     shared: &SharedStore,
-    (dir, fsync): (&std::path::Path, bool),
+    (dir, options): (&std::path::Path, StoreOptions),
     mut rx: mpsc::UnboundedReceiver<Request>,
     stats: &Stats,
     writable: &tokio::sync::watch::Sender<bool>,
@@ -189,7 +189,7 @@ fn write_loop(
         // Only this thread changes the store, so a look under the shared lock suffices; the
         // exclusive one (which makes readers fail fast) is taken only to open it again.
         if shared.read().expect("store lock poisoned").is_none() {
-            *lock() = open_again(dir, fsync);
+            *lock() = open_again(dir, options);
         }
         let result = match &*shared.read().expect("store lock poisoned") {
             Some(open) => open.apply(batch.iter().flat_map(|r| r.ops.iter())),
@@ -213,7 +213,7 @@ fn write_loop(
                 if let Some(failed) = store.take() {
                     // Closed first: fjall holds a lock on the directory until then.
                     drop(failed);
-                    *store = open_again(dir, fsync);
+                    *store = open_again(dir, options);
                 }
             }
         }
@@ -228,8 +228,8 @@ fn write_loop(
 }
 
 /// The store at `dir` opened again, after a failed write closed the last handle.
-fn open_again(dir: &std::path::Path, fsync: bool) -> Option<Store> {
-    match Store::open_with(dir, fsync) {
+fn open_again(dir: &std::path::Path, options: StoreOptions) -> Option<Store> {
+    match Store::open_with(dir, options) {
         Ok(store) => Some(store),
         Err(e) => {
             tracing::error!(error = %e, "cannot open the task store again; the next write tries");

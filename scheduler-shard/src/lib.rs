@@ -58,7 +58,13 @@ pub fn open(
         ));
     };
     let started = std::time::Instant::now();
-    let store = store::Store::open_with(dir, !options.unsafe_no_fsync)?;
+    let store = store::Store::open_with(
+        dir,
+        store::StoreOptions {
+            fsync: !options.unsafe_no_fsync,
+            memtable_bytes: options.memtable_mib << 20,
+        },
+    )?;
     let opened = started.elapsed();
     let salvage = options.salvage;
     let mut unreadable = Vec::new();

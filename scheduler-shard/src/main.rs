@@ -42,6 +42,12 @@ struct Args {
     /// acknowledged tasks.
     #[arg(long, hide = true)]
     unsafe_no_fsync: bool,
+    /// The task store's memtable, MiB (1-1024). Applies to a data dir created with it; an
+    /// existing one keeps its first setting. 16 holds ~65 MiB less with a million READY tasks,
+    /// at some throughput and tail latency when unary submits saturate the shard.
+    #[arg(long, env = "PM_MEMTABLE_MIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    memtable_mib: u64,
     /// Start even if stored records do not decode: drop them (each is logged and listed in
     /// `salvaged-*.txt` in --data-dir) and serve the rest. Without it such a store refuses
     /// to start, and says so.
@@ -101,6 +107,7 @@ async fn run(args: Args) -> std::process::ExitCode {
         max_finished_tasks: args.max_finished_tasks,
         max_finished_per_pipeline: args.max_finished_per_pipeline,
         unsafe_no_fsync: args.unsafe_no_fsync,
+        memtable_mib: args.memtable_mib,
         max_watches: args.max_watches,
         salvage: args.salvage,
         ..Default::default()

@@ -83,8 +83,11 @@ pub struct Options {
     /// Most finished tasks kept of one pipeline; past it its oldest are collected, so one
     /// busy pipeline cannot push the others' history out.
     pub max_finished_per_pipeline: usize,
-    /// Benchmarks only: acknowledge without fsync (see [`crate::store::Store::open_with`]).
+    /// Benchmarks only: acknowledge without fsync (see [`crate::store::StoreOptions`]).
     pub unsafe_no_fsync: bool,
+    /// The task store's memtable, MiB, for a data dir created with it
+    /// ([`crate::store::StoreOptions`]).
+    pub memtable_mib: u64,
     /// Watches (WatchTask streams) served at once; past it WatchTask answers
     /// RESOURCE_EXHAUSTED.
     pub max_watches: usize,
@@ -104,6 +107,7 @@ impl Default for Options {
             max_finished_tasks: 1_000_000,
             max_finished_per_pipeline: 100_000,
             unsafe_no_fsync: false,
+            memtable_mib: 64,
             max_watches: 10_000,
             salvage: false,
         }

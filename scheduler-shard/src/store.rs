@@ -400,13 +400,30 @@ pub struct Contents {
 /// million tasks; this is fjall's minimum.
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
-/// The tasks' memtable: a quarter of fjall's default (64 MiB). With a million READY tasks the
-/// shard idles at 347-355 MiB instead of 416-423, and at ~2 million at 626-659 instead of
-/// 767-891; batched submits cost at most ~5% more shard CPU (more flushes and compactions) and
-/// the full cycle no measurable difference (perf/RESULTS.md, "The memtable"). An earlier
-/// build measured ~20% on batches and kept 64 MiB. fjall stores a keyspace's options when it
-/// creates it, so a data dir made before keeps 64 MiB.
-const TASKS_MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+/// How a store is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// With `fsync` false, writes reach the OS but are not synced before acknowledgement: a
+    /// machine crash loses acknowledged tasks. Only for measuring what the fsync costs
+    /// (`pm-shard --unsafe-no-fsync`, like etcd's flag of the same name).
+    pub fsync: bool,
+    /// The tasks' memtable, in bytes (`pm-shard --memtable-mib`). fjall stores a keyspace's
+    /// options when it creates it: this applies to a data dir created with it, and an
+    /// existing one keeps its first setting. fjall's default, 64 MiB, is kept: 16 MiB holds
+    /// ~65 MiB less with a million READY tasks (347-366 MiB instead of 416-423), but unary
+    /// submits at saturation fall further behind and their p99.9 is higher (more flushes
+    /// competing for the same cores; perf/RESULTS.md, "A million READY tasks in less memory").
+    pub memtable_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            fsync: true,
+            memtable_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
 
 /// The keyspace of format-1 records (whole `StoredTask`s).
 const FORMAT_1_TASKS: &str = "tasks";
@@ -421,18 +438,16 @@ pub struct Store {
     specs: Keyspace,
     /// `SyncData`, except in the benchmark-only unsynced mode.
     persist: PersistMode,
+    options: StoreOptions,
     dir: std::path::PathBuf,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(dir, true)
+        Self::open_with(dir, StoreOptions::default())
     }
 
-    /// With `fsync` false, writes reach the OS but are not synced before acknowledgement:
-    /// a machine crash loses acknowledged tasks. Only for measuring what the fsync costs
-    /// (`pm-shard --unsafe-no-fsync`, like etcd's flag of the same name).
-    pub fn open_with(dir: &Path, fsync: bool) -> Result<Self, StoreError> {
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
         let db = Database::builder(dir)
@@ -441,10 +456,10 @@ impl Store {
             .max_journaling_size(MAX_JOURNAL_BYTES)
             .open()?;
         let tasks = db.keyspace("shard_tasks", || {
-            KeyspaceCreateOptions::default().max_memtable_size(TASKS_MEMTABLE_BYTES)
+            KeyspaceCreateOptions::default().max_memtable_size(options.memtable_bytes)
         })?;
         let specs = db.keyspace("specs", KeyspaceCreateOptions::default)?;
-        let persist = if fsync {
+        let persist = if options.fsync {
             PersistMode::SyncData
         } else {
             PersistMode::Buffer
@@ -454,6 +469,7 @@ impl Store {
             tasks,
             specs,
             persist,
+            options,
             dir: dir.to_owned(),
         };
         store.migrate_format_1()?;
@@ -465,9 +481,9 @@ impl Store {
         &self.dir
     }
 
-    /// Whether writes are synced before they are acknowledged.
-    pub fn fsync(&self) -> bool {
-        matches!(self.persist, PersistMode::SyncData)
+    /// How it was opened.
+    pub fn options(&self) -> StoreOptions {
+        self.options
     }
 
     /// Converts format-1 records into this format, then drops their keyspace. Idempotent:
@@ -727,6 +743,42 @@ mod tests {
             ..StoredTask::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_tasks_memtable_is_sealed_at_the_size_the_store_was_opened_with() {
+        let id = spec_id(&PipelineSpec::default());
+        // A store holding 3 MiB of tasks, written in one batch.
+        let filled = |options: StoreOptions| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open_with(dir.path(), options).unwrap();
+            let ops: Vec<Op> = (1..=48u64)
+                .map(|n| {
+                    let name = format!("tenants/t/applications/a/pipelines/p/tasks/{n:0>32}");
+                    let mut r = record(&name, n, id);
+                    r.body = vec![7u8; 64 * 1024].into();
+                    Op::PutTask(r)
+                })
+                .collect();
+            store.apply(&ops).unwrap();
+            (dir, store)
+        };
+        // Memtables of the tasks' keyspace sealed so far, flushed or not.
+        let sealed =
+            |store: &Store| store.tasks.sealed_memtable_count() + store.tasks.table_count();
+        // The write that passes the size only asks for a rotation (fjall decides it at once,
+        // so a store under its size has none coming); a worker carries it out.
+        let (_dir, large) = filled(StoreOptions::default());
+        assert_eq!(sealed(&large), 0, "3 MiB fit in 64 MiB");
+        let (_dir, small) = filled(StoreOptions {
+            memtable_bytes: 1024 * 1024,
+            ..StoreOptions::default()
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sealed(&small) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(sealed(&small) >= 1, "3 MiB do not fit in 1 MiB");
     }
 
     #[test]
