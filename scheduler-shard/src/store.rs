@@ -410,7 +410,7 @@ pub struct StoreOptions {
     /// The tasks' memtable, in bytes (`pm-shard --memtable-mib`). fjall stores a keyspace's
     /// options when it creates it: this applies to a data dir created with it, and an
     /// existing one keeps its first setting. fjall's default, 64 MiB, is kept: 16 MiB holds
-    /// ~65 MiB less with a million READY tasks (347-366 MiB instead of 416-423), but unary
+    /// ~65 MiB less with a million READY tasks (347-366 MiB instead of 416-428), but unary
     /// submits at saturation fall further behind and their p99.9 is higher (more flushes
     /// competing for the same cores; perf/RESULTS.md, "A million READY tasks in less memory").
     pub memtable_bytes: u64,
