@@ -436,8 +436,6 @@ pub struct Store {
     db: Database,
     tasks: Keyspace,
     specs: Keyspace,
-    /// `SyncData`, except in the benchmark-only unsynced mode.
-    persist: PersistMode,
     options: StoreOptions,
     dir: std::path::PathBuf,
 }
@@ -459,16 +457,10 @@ impl Store {
             KeyspaceCreateOptions::default().max_memtable_size(options.memtable_bytes)
         })?;
         let specs = db.keyspace("specs", KeyspaceCreateOptions::default)?;
-        let persist = if options.fsync {
-            PersistMode::SyncData
-        } else {
-            PersistMode::Buffer
-        };
         let store = Self {
             db,
             tasks,
             specs,
-            persist,
             options,
             dir: dir.to_owned(),
         };
@@ -555,7 +547,13 @@ impl Store {
             }
         }
         batch.commit()?;
-        self.db.persist(self.persist)?;
+        // `SyncData`, except in the benchmark-only unsynced mode.
+        let persist = if self.options.fsync {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        self.db.persist(persist)?;
         Ok(())
     }
 
