@@ -1,7 +1,10 @@
 //! The group-commit writer. One thread owns the writes: it takes every request queued while
 //! the previous sync ran, applies them as one batch, syncs once, then answers all of them.
 //! So concurrent submits share one fsync, no request is answered before its sync, and there
-//! is never one fsync per task.
+//! is never one fsync per task. Writes nobody waits for ([`Journal::append_unsynced`]: dispatch
+//! records) take no fsync of their own: a batch of only those is handed to the OS and synced
+//! by the next batch that holds a write someone waits for (fjall's journal is one file in
+//! append order, and it syncs the old file when it starts a new one).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -22,13 +25,17 @@ const MAX_OPS_PER_SYNC: usize = 16 * 1024;
 
 struct Request {
     ops: Vec<Op>,
-    done: oneshot::Sender<Result<(), Arc<StoreError>>>,
+    /// `None`: nobody waits, and the ops need no sync of their own.
+    done: Option<oneshot::Sender<Result<(), Arc<StoreError>>>>,
 }
 
 /// Counters for benchmarks and health.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Batches synced (one fdatasync each).
     pub syncs: AtomicU64,
+    /// Batches of unsynced writes only, handed to the OS without a sync.
+    pub unsynced: AtomicU64,
     pub ops: AtomicU64,
 }
 
@@ -124,12 +131,30 @@ impl Journal {
     pub fn append(&self, ops: Vec<Op>) -> Option<oneshot::Receiver<Result<(), Arc<StoreError>>>> {
         let tx = self.tx.as_ref()?;
         let (done, answer) = oneshot::channel();
-        if let Err(mpsc::error::SendError(request)) = tx.send(Request { ops, done }) {
-            let _ = request.done.send(Err(Arc::new(StoreError(
+        let request = Request {
+            ops,
+            done: Some(done),
+        };
+        if let Err(mpsc::error::SendError(request)) = tx.send(request)
+            && let Some(done) = request.done
+        {
+            let _ = done.send(Err(Arc::new(StoreError(
                 "the journal thread is gone".into(),
             ))));
         }
         Some(answer)
+    }
+
+    /// Queues `ops` like [`Journal::append`], for a caller that never waits: they reach the
+    /// OS in order with every other write, but cost no fsync of their own. They become
+    /// durable with the next write someone waits for; until then a machine crash may lose
+    /// them (a process crash does not: they are in the OS's buffers). Only for records whose
+    /// loss is allowed (a dispatch: see `scheduler/dispatch.rs`). A failure is logged.
+    pub fn append_unsynced(&self, ops: Vec<Op>) {
+        if let Some(tx) = &self.tx {
+            // A send fails only once the thread is gone, which the next awaited write reports.
+            let _ = tx.send(Request { ops, done: None });
+        }
     }
 
     pub fn stats(&self) -> &Stats {
@@ -191,8 +216,10 @@ fn write_loop(
         if shared.read().expect("store lock poisoned").is_none() {
             *lock() = open_again(dir, options);
         }
+        // Synced if anyone waits for a write of it (see the module doc).
+        let sync = batch.iter().any(|r| r.done.is_some());
         let result = match &*shared.read().expect("store lock poisoned") {
-            Some(open) => open.apply(batch.iter().flat_map(|r| r.ops.iter())),
+            Some(open) => open.apply(batch.iter().flat_map(|r| r.ops.iter()), sync),
             None => Err(StoreError("the task store cannot be opened".into())),
         }
         .map_err(Arc::new);
@@ -217,12 +244,17 @@ fn write_loop(
                 }
             }
         }
-        metrics.sync_seconds.record(started.elapsed().as_secs_f64());
-        metrics.batch_writes.record(ops as f64);
-        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        if sync {
+            metrics.sync_seconds.record(started.elapsed().as_secs_f64());
+            metrics.batch_writes.record(ops as f64);
+            stats.syncs.fetch_add(1, Ordering::Relaxed);
+        } else {
+            metrics.unsynced_batches.increment(1);
+            stats.unsynced.fetch_add(1, Ordering::Relaxed);
+        }
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
-        for request in batch {
-            let _ = request.done.send(result.clone());
+        for done in batch.into_iter().filter_map(|r| r.done) {
+            let _ = done.send(result.clone());
         }
     }
 }
@@ -263,5 +295,43 @@ mod tests {
         let syncs = journal.stats().syncs.load(Ordering::Relaxed);
         assert_eq!(journal.stats().ops.load(Ordering::Relaxed), 200);
         assert!(syncs < 200, "200 concurrent writes took {syncs} syncs");
+    }
+
+    #[tokio::test]
+    async fn unsynced_appends_take_no_sync_and_land_in_order_before_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::start(Store::open(dir.path()).unwrap());
+        let spec = |i: u8| Op::PutSpec {
+            id: [i; 32],
+            spec: Vec::new(),
+        };
+        // Written first and last: the later write of the same key wins.
+        journal.append_unsynced(vec![Op::DeleteSpec { id: [0; 32] }]);
+        for i in 1..=100u8 {
+            journal.append_unsynced(vec![spec(i)]);
+        }
+        // Applied before the awaited write is queued, so they are batches of their own.
+        let stats = journal.stats();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stats.ops.load(Ordering::Relaxed) < 101 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unsynced appends not applied"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(stats.unsynced.load(Ordering::Relaxed) >= 1);
+        journal.write(vec![spec(0)]).await.unwrap();
+        assert_eq!(
+            stats.syncs.load(Ordering::Relaxed),
+            1,
+            "only the awaited write syncs"
+        );
+        assert_eq!(stats.ops.load(Ordering::Relaxed), 102);
+        let shared = journal.store.as_ref().unwrap().read().unwrap();
+        let contents = shared.as_ref().unwrap().load().unwrap();
+        let mut ids: Vec<u8> = contents.specs.keys().map(|id| id[0]).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..=100).collect::<Vec<u8>>());
     }
 }

@@ -295,6 +295,7 @@ pub async fn serve(
     let stats = scheduler.journal().stats();
     tracing::info!(
         syncs = stats.syncs.load(std::sync::atomic::Ordering::Relaxed),
+        unsynced = stats.unsynced.load(std::sync::atomic::Ordering::Relaxed),
         writes = stats.ops.load(std::sync::atomic::Ordering::Relaxed),
         "journal totals"
     );

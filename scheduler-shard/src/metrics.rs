@@ -55,6 +55,7 @@ impl Default for SchedulerMetrics {
 pub struct JournalMetrics {
     pub sync_seconds: Histogram,
     pub batch_writes: Histogram,
+    pub unsynced_batches: Counter,
     pub store_errors: Counter,
 }
 
@@ -64,6 +65,7 @@ impl JournalMetrics {
         Self {
             sync_seconds: histogram!("pm_journal_sync_seconds", "component" => COMPONENT),
             batch_writes: histogram!("pm_journal_batch_writes", "component" => COMPONENT),
+            unsynced_batches: counter!("pm_journal_unsynced_batches_total", "component" => COMPONENT),
             store_errors: counter!("pm_store_errors_total", "component" => COMPONENT),
         }
     }
@@ -104,6 +106,10 @@ fn describe() {
         "Time of one group commit: the write and its fsync."
     );
     describe_histogram!("pm_journal_batch_writes", "Writes per group commit.");
+    describe_counter!(
+        "pm_journal_unsynced_batches_total",
+        "Batches of dispatch records only, handed to the OS without an fsync (the next group commit syncs them)."
+    );
     describe_counter!(
         "pm_store_errors_total",
         "Group commits that failed (every write in them was refused)."

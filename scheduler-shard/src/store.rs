@@ -519,8 +519,13 @@ impl Store {
         Ok(())
     }
 
-    /// Applies `ops` atomically and makes them durable (fdatasync) before returning.
-    pub fn apply<'a>(&self, ops: impl IntoIterator<Item = &'a Op>) -> Result<(), StoreError> {
+    /// Applies `ops` atomically and, with `sync`, makes them durable (fdatasync, with every
+    /// batch before them) before returning; without it they only reach the OS.
+    pub fn apply<'a>(
+        &self,
+        ops: impl IntoIterator<Item = &'a Op>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
         let ops: Vec<&Op> = ops.into_iter().collect();
         // The last write of each task and of each spec wins (see the module doc).
         let mut last: HashMap<TaskKey, usize> = HashMap::with_capacity(ops.len());
@@ -547,8 +552,8 @@ impl Store {
             }
         }
         batch.commit()?;
-        // `SyncData`, except in the benchmark-only unsynced mode.
-        let persist = if self.options.fsync {
+        // `SyncData`, except for unsynced writes and in the benchmark-only unsynced mode.
+        let persist = if sync && self.options.fsync {
             PersistMode::SyncData
         } else {
             PersistMode::Buffer
@@ -758,7 +763,7 @@ mod tests {
                     Op::PutTask(r)
                 })
                 .collect();
-            store.apply(&ops).unwrap();
+            store.apply(&ops, true).unwrap();
             (dir, store)
         };
         // Memtables of the tasks' keyspace sealed so far, flushed or not.
@@ -797,20 +802,23 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             store
-                .apply(&[
-                    Op::PutSpec {
-                        id,
-                        spec: spec.encode_to_vec(),
-                    },
-                    put("a", 1),
-                    put("b", 1),
-                ])
+                .apply(
+                    &[
+                        Op::PutSpec {
+                            id,
+                            spec: spec.encode_to_vec(),
+                        },
+                        put("a", 1),
+                        put("b", 1),
+                    ],
+                    true,
+                )
                 .unwrap();
-            store.apply(&[delete("a")]).unwrap();
+            store.apply(&[delete("a")], true).unwrap();
             // One batch that writes a task twice, then deletes and writes another: the last
             // write of each key is what stays.
             store
-                .apply(&[put("c", 1), put("c", 2), delete("b"), put("b", 1)])
+                .apply(&[put("c", 1), put("c", 2), delete("b"), put("b", 1)], true)
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -837,11 +845,11 @@ mod tests {
         let (a, b, c) = (spec("a"), spec("b"), spec("c"));
         {
             let store = Store::open(dir.path()).unwrap();
-            store.apply(&[put(&a), put(&b)]).unwrap();
-            store.apply(&[delete(&a)]).unwrap();
+            store.apply(&[put(&a), put(&b)], true).unwrap();
+            store.apply(&[delete(&a)], true).unwrap();
             // In one batch: b deleted then written again stays; c written then deleted goes.
             store
-                .apply(&[delete(&b), put(&b), put(&c), delete(&c)])
+                .apply(&[delete(&b), put(&b), put(&c), delete(&c)], true)
                 .unwrap();
         }
         let specs = Store::open(dir.path()).unwrap().read_specs(None).unwrap();

@@ -15,6 +15,12 @@
 //!   written like any other, and only a durable result is shown.
 //! - Nothing a client can observe as final depends on it: submits are acknowledged after their
 //!   own fsync, and results and cancels are visible only once written.
+//!
+//! For the same reasons the record is not synced on its own ([`Journal::append_unsynced`]):
+//! it reaches the OS at once, so a crash of the shard's process keeps it, and is synced with
+//! the next write someone waits for (a submit, a result), which every later change of the
+//! task is. Only a machine crash can lose it, and that is the case above. With few slots per
+//! agent, a dispatch record alone was an fsync per task.
 
 use super::*;
 
@@ -151,8 +157,9 @@ impl Scheduler {
             }
         }
         if !out.is_empty() {
-            // Not awaited (see the module doc); a failure is logged by the journal.
-            drop(self.journal.append(ops));
+            // Not awaited, and no fsync of its own (see the module doc); a failure is logged
+            // by the journal.
+            self.journal.append_unsynced(ops);
             self.reaper.notify_one();
         }
         out
