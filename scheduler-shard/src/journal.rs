@@ -135,8 +135,9 @@ impl Journal {
             ops,
             done: Some(done),
         };
-        if let Err(mpsc::error::SendError(request)) = tx.send(request)
-            && let Some(done) = request.done
+        if let Err(mpsc::error::SendError(Request {
+            done: Some(done), ..
+        })) = tx.send(request)
         {
             let _ = done.send(Err(Arc::new(StoreError(
                 "the journal thread is gone".into(),
