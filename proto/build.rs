@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("pm_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    std::fs::create_dir_all(out_dir.join("raw"))?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
@@ -33,5 +34,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Smaller first buffers than tonic's 8 KiB per call (src/codec.rs).
         .codec_path("crate::codec::PmCodec")
         .compile_fds(fds)?;
+    // `pm.v1.AgentService` once more, on raw bytes: the gateway forwards an agent's stream
+    // after Hello without decoding and re-encoding it (src/codec.rs `RawCodec`).
+    let connect = tonic_build::manual::Method::builder()
+        .name("connect")
+        .route_name("Connect")
+        .input_type("::bytes::Bytes")
+        .output_type("::bytes::Bytes")
+        .codec_path("crate::codec::RawCodec")
+        .client_streaming()
+        .server_streaming()
+        .build();
+    tonic_build::manual::Builder::new()
+        .build_transport(false)
+        .out_dir(out_dir.join("raw"))
+        .compile(&[tonic_build::manual::Service::builder()
+            .name("AgentService")
+            .package("pm.v1")
+            .method(connect)
+            .build()]);
     Ok(())
 }

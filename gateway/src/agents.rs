@@ -1,6 +1,8 @@
 //! Agents' streams through the gateway: the gateway reads Hello to learn which pipelines the
 //! agent serves (within its token's scope), opens the same stream to the shard that owns
-//! them, and splices the two.
+//! them, and splices the two. Past Hello the gateway changes nothing on a stream to one
+//! shard, so it forwards each message as its encoded bytes ([`pm_proto::raw`]), in both
+//! directions, without decoding or re-encoding it.
 //!
 //! **A partitioned pipeline's agent** gets work from every partition owner through its one
 //! stream: the gateway fans in. It opens one stream per owner, each with a Hello naming the
@@ -21,7 +23,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -29,8 +33,8 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use pm_cluster::Member;
 use pm_proto::names::{PipelineName, TaskName};
+use pm_proto::raw::agent_service_server::AgentService;
 use pm_proto::status::NotOwner;
-use pm_proto::v1::agent_service_server::AgentService;
 use pm_proto::v1::{
     AgentMessage, Credit, Hello, Lease, Renew, ServerMessage, Welcome, agent_message,
     server_message,
@@ -40,8 +44,8 @@ use crate::auth::Caller;
 use crate::authz::{self, Rpc};
 use crate::routing::{self, Routes};
 
-/// What the gateway streams to an agent.
-type ConnectStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
+/// What the gateway streams to an agent: encoded `ServerMessage`s.
+type ConnectStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
 /// Slots one Credit message from an agent may add (a stream holds at most 4096).
 const MAX_CREDIT_AT_ONCE: u32 = 4096;
@@ -183,7 +187,7 @@ async fn fan_in(
     routes: &Routes,
     hello: Hello,
     covered: u32,
-    agent: Streaming<AgentMessage>,
+    agent: Streaming<Bytes>,
 ) -> Result<Response<ConnectStream>, Status> {
     let pipeline = PipelineName::parse(&hello.pipelines[0])
         .map_err(|e| pm_proto::status::invalid_argument("hello.pipelines[0]", &e.to_string()))?;
@@ -261,11 +265,12 @@ type Upstream = (
 /// Joins the owners' streams to the agent's: one Welcome for all, then whatever any owner
 /// sends; the agent's messages go to the owner of their task's partition, and each slot an
 /// answer frees to the owner [`Slots`] picks. The first stream to end ends the agent's,
-/// which reconnects.
+/// which reconnects. The gateway reads every message here, so the agent's are decoded and
+/// the owners' encoded again.
 async fn splice(
     upstreams: Vec<Upstream>,
     slots: Slots,
-    mut agent: Streaming<AgentMessage>,
+    mut agent: Streaming<Bytes>,
 ) -> Result<Response<ConnectStream>, Status> {
     let mut welcome: Option<Welcome> = None;
     let mut by_partition: HashMap<u32, usize> = HashMap::new();
@@ -300,9 +305,10 @@ async fn splice(
     }
     let slots = Arc::new(Mutex::new(slots));
     let (down, rx) = mpsc::channel(FAN_CHANNEL);
-    let _ = down.try_send(Ok(ServerMessage {
+    let welcome = ServerMessage {
         message: welcome.map(server_message::Message::Welcome),
-    }));
+    };
+    let _ = down.try_send(Ok(Bytes::from(welcome.encode_to_vec())));
     // Owners to the agent, until one ends or the agent goes.
     let counted = slots.clone();
     tokio::spawn(async move {
@@ -314,7 +320,7 @@ async fn splice(
                         let lease = a.lease.as_ref().map_or("", |l| l.lease_id.as_str());
                         counted.lock().expect("slots lock").assigned(i, lease);
                     }
-                    (Ok(m), false)
+                    (Ok(Bytes::from(m.encode_to_vec())), false)
                 }
                 Some((_, Err(status))) => (Err(status), true),
                 None => (
@@ -333,7 +339,11 @@ async fn splice(
     // above then ends the agent's).
     tokio::spawn(async move {
         let to = |lease: Option<&Lease>| by_partition.get(&partition_of(lease)).copied();
-        while let Ok(Some(m)) = agent.message().await {
+        while let Ok(Some(raw)) = agent.message().await {
+            // A message that does not decode ends the stream, as it would at a shard.
+            let Ok(m) = AgentMessage::decode(raw) else {
+                return;
+            };
             let mut sends: Vec<(usize, AgentMessage)> = Vec::new();
             // The lease an answer frees the slot of.
             let mut answered = None;
@@ -436,20 +446,23 @@ impl AgentService for Agents {
 
     async fn connect(
         &self,
-        request: Request<Streaming<AgentMessage>>,
+        request: Request<Streaming<Bytes>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let caller = Caller::of(&request)?;
         authz::authorize(&caller, Rpc::Connect, None)?;
         let mut inbound = request.into_inner();
-        let mut h = pm_proto::agent::read_hello(&mut inbound).await?;
+        let mut h = pm_proto::agent::read_raw_hello(&mut inbound).await?;
         scope(&caller, &mut h.pipelines)?;
         if let Some(covered) = self.partitioned(&h).await {
             return fan_in(&self.routes, h, covered, inbound).await;
         }
         let pipelines = h.pipelines.clone();
-        let hello = AgentMessage {
-            message: Some(agent_message::Message::Hello(h)),
-        };
+        let hello = Bytes::from(
+            AgentMessage {
+                message: Some(agent_message::Message::Hello(h)),
+            }
+            .encode_to_vec(),
+        );
         // The shard reads Hello before it answers, so a shard that does not own the
         // pipelines refuses before anything else is sent: each attempt gets the Hello and a
         // fresh channel, and the agent's own stream is joined to the one that is accepted.
@@ -464,7 +477,8 @@ impl AgentService for Agents {
             })
             .await?;
         let tx = accepted.expect("a call was made");
-        // The agent's messages until its stream ends or breaks; the shard sees the end.
+        // The agent's messages, as they came, until its stream ends or breaks; the shard
+        // sees the end.
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 if tx.send(m).await.is_err() {

@@ -47,7 +47,6 @@ pub const MAX_COALESCED_BYTES: usize = 1024 * 1024;
 pub const MAX_QUEUED: usize = 16 * 1024;
 
 /// One task as the shard gets it, with the spec it names by id (sent only if asked for).
-#[derive(Clone)]
 pub struct Prepared {
     pub task: EnqueueTask,
     pub version: Option<Arc<PipelineVersion>>,
@@ -59,10 +58,11 @@ pub type Outcome = Result<Task, pm_proto::v1::Error>;
 /// Sends `items`, all of ring key `key`, to its owner in one Enqueue (following the ring);
 /// those whose spec the shard asks for are sent again with it. One outcome per item, in
 /// order.
-pub async fn enqueue(routes: &Routes, key: &RingKey, items: &[Prepared]) -> Vec<Outcome> {
-    send(routes, To::Owner(key), items)
+pub async fn enqueue(routes: &Routes, key: &RingKey, mut items: Vec<Prepared>) -> Vec<Outcome> {
+    let n = items.len();
+    send(routes, To::Owner(key), &mut items)
         .await
-        .unwrap_or_else(|status| vec![Err(Error::Upstream(status).into()); items.len()])
+        .unwrap_or_else(|status| vec![Err(Error::Upstream(status).into()); n])
 }
 
 /// Where one Enqueue goes.
@@ -75,19 +75,34 @@ enum To<'a> {
 }
 
 /// One Enqueue of `items`, then once more with their specs for those the shard asks for.
-/// Fails only if the first call does.
-async fn send(routes: &Routes, to: To<'_>, items: &[Prepared]) -> Result<Vec<Outcome>, Status> {
+/// Fails only if the first call does, leaving `items` as they were (to be sent elsewhere);
+/// otherwise their tasks are taken into the outcomes.
+async fn send(routes: &Routes, to: To<'_>, items: &mut [Prepared]) -> Result<Vec<Outcome>, Status> {
+    // The one copy of each task: the request is encoded after this returns control, and
+    // the tasks stay here to become the answers (see `outcome`).
     let tasks: Vec<EnqueueTask> = items.iter().map(|p| p.task.clone()).collect();
     let (results, spec_needed) = call(routes, to, tasks).await?;
-    let mut outcomes: Vec<Outcome> = results
-        .into_iter()
-        .zip(items)
-        .map(|(r, item)| outcome(r, &item.task))
-        .collect();
     let again: Vec<usize> = spec_needed
         .into_iter()
         .map(|i| i as usize)
         .filter(|&i| i < items.len() && items[i].version.is_some())
+        .collect();
+    let mut sent_again = vec![false; items.len()];
+    for &i in &again {
+        sent_again[i] = true;
+    }
+    let mut outcomes: Vec<Outcome> = results
+        .into_iter()
+        .zip(items.iter_mut().zip(sent_again))
+        .map(|(r, (item, again))| {
+            // A task sent again keeps its task for the second answer.
+            let task = if again {
+                item.task.clone()
+            } else {
+                std::mem::take(&mut item.task)
+            };
+            outcome(r, task)
+        })
         .collect();
     if !again.is_empty() {
         let tasks = again
@@ -104,7 +119,7 @@ async fn send(routes: &Routes, to: To<'_>, items: &[Prepared]) -> Result<Vec<Out
         match call(routes, to, tasks).await {
             Ok((retried, _)) => {
                 for (i, result) in again.into_iter().zip(retried) {
-                    outcomes[i] = outcome(result, &items[i].task);
+                    outcomes[i] = outcome(result, std::mem::take(&mut items[i].task));
                 }
             }
             Err(status) => {
@@ -148,12 +163,12 @@ async fn call(
 
 /// What the shard's `result` for the task `sent` means to the client: a task queued now is
 /// the one sent, named and READY as the shard made it (`pm_scheduler_shard`'s `Prepared`).
-fn outcome(result: EnqueueResult, sent: &EnqueueTask) -> Outcome {
+fn outcome(result: EnqueueResult, sent: EnqueueTask) -> Outcome {
     match result.outcome {
         Some(enqueue_result::Outcome::Task(task)) => Ok(task),
         Some(enqueue_result::Outcome::Error(e)) => Err(e),
         Some(enqueue_result::Outcome::Queued(Queued { id, create_time_ms })) => {
-            let mut task = sent.task.clone().unwrap_or_default();
+            let mut task = sent.task.unwrap_or_default();
             task.name = format!("{}/tasks/{id}", task.pipeline);
             task.id = id;
             task.state = TaskState::Ready as i32;
@@ -270,11 +285,11 @@ impl Coalescer {
                     coalescer: self.clone(),
                     address: address.clone(),
                 };
-                let items = [*item];
-                match send(&self.routes, To::Shard(&address), &items).await {
+                let mut items = [*item];
+                match send(&self.routes, To::Shard(&address), &mut items).await {
                     Ok(mut outcomes) => outcomes.pop().expect("one outcome"),
                     Err(status) if NotOwner::from_status(&status).is_some() => {
-                        let mut outcomes = enqueue(&self.routes, &key, &items).await;
+                        let mut outcomes = enqueue(&self.routes, &key, items.into()).await;
                         outcomes.pop().expect("one outcome")
                     }
                     Err(status) => Err(Error::Upstream(status).into()),
@@ -316,32 +331,41 @@ impl Coalescer {
                 // `_flight` ends the flight (or hands it on if a submit slipped in).
                 return;
             }
-            let items: Vec<Prepared> = batch.iter().map(|w| w.item.clone()).collect();
-            let outcomes = match send(&self.routes, To::Shard(&address), &items).await {
+            let (mut items, waiting): (Vec<Prepared>, Vec<(RingKey, oneshot::Sender<Outcome>)>) =
+                batch.into_iter().map(|w| (w.item, (w.key, w.done))).unzip();
+            let outcomes = match send(&self.routes, To::Shard(&address), &mut items).await {
                 Ok(outcomes) => outcomes,
                 Err(status) if NotOwner::from_status(&status).is_some() => {
-                    self.per_key(&batch, &items).await
+                    self.per_key(&waiting, items).await
                 }
                 Err(status) => vec![Err(Error::Upstream(status).into()); items.len()],
             };
-            for (w, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = w.done.send(outcome);
+            for ((_, done), outcome) in waiting.into_iter().zip(outcomes) {
+                let _ = done.send(outcome);
             }
         }
     }
 
     /// A batch the shard no longer owns all of: each ring key's tasks to its owner, in
     /// parallel, following the ring. Outcomes in the batch's order.
-    async fn per_key(&self, batch: &[Waiting], items: &[Prepared]) -> Vec<Outcome> {
-        let mut groups: HashMap<&RingKey, Vec<usize>> = HashMap::new();
-        for (i, w) in batch.iter().enumerate() {
-            groups.entry(&w.key).or_default().push(i);
+    async fn per_key(
+        &self,
+        batch: &[(RingKey, oneshot::Sender<Outcome>)],
+        items: Vec<Prepared>,
+    ) -> Vec<Outcome> {
+        let n = items.len();
+        let mut groups: HashMap<&RingKey, (Vec<usize>, Vec<Prepared>)> = HashMap::new();
+        for (i, ((key, _), item)) in batch.iter().zip(items).enumerate() {
+            let group = groups.entry(key).or_default();
+            group.0.push(i);
+            group.1.push(item);
         }
-        let sends = groups.into_iter().map(|(key, indexes)| async move {
-            let group: Vec<Prepared> = indexes.iter().map(|&i| items[i].clone()).collect();
-            (indexes, enqueue(&self.routes, key, &group).await)
-        });
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+        let sends = groups
+            .into_iter()
+            .map(|(key, (indexes, group))| async move {
+                (indexes, enqueue(&self.routes, key, group).await)
+            });
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
         for (indexes, answers) in futures::future::join_all(sends).await {
             for (i, outcome) in indexes.into_iter().zip(answers) {
                 outcomes[i] = Some(outcome);

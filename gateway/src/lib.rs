@@ -34,7 +34,7 @@ use tonic::service::interceptor::InterceptedService;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use pm_proto::MAX_MESSAGE_BYTES;
-use pm_proto::v1::agent_service_server::AgentServiceServer;
+use pm_proto::raw::agent_service_server::AgentServiceServer;
 use pm_proto::v1::auth_service_server::AuthServiceServer;
 use pm_proto::v1::pipeline_service_server::PipelineServiceServer;
 use pm_proto::v1::task_service_server::TaskServiceServer;

@@ -21,6 +21,7 @@ use pm_proto::internal::v1::shard_service_client::ShardServiceClient;
 use pm_proto::internal::v1::token_keys_client::TokenKeysClient;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueResponse};
 use pm_proto::names::PipelineName;
+use pm_proto::raw::agent_service_client::AgentServiceClient as RawAgentServiceClient;
 use pm_proto::status::NotOwner;
 use pm_proto::v1::agent_service_client::AgentServiceClient;
 use pm_proto::v1::auth_service_client::AuthServiceClient;
@@ -180,16 +181,17 @@ impl Routes {
         self.follow(Some(key), pm_proto::client::shard, f).await
     }
 
-    /// The same for an agent's stream, by the ring key of its pipelines (all must share one
+    /// The same for an agent's stream (raw: forwarded as it comes), by the ring key of its pipelines (all must share one
     /// owner; an agent serving every pipeline goes to the only shard). An agent of a
     /// partitioned pipeline is [`crate::agents`]' fan-in instead.
     pub async fn call_agents<T, F, Fut>(&self, pipelines: &[String], f: F) -> Result<T, Status>
     where
-        F: FnMut(AgentServiceClient<Channel>) -> Fut,
+        F: FnMut(RawAgentServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let key = self.agent_key(pipelines)?;
-        self.follow(key.as_ref(), pm_proto::client::agents, f).await
+        self.follow(key.as_ref(), pm_proto::client::raw_agents, f)
+            .await
     }
 
     /// The agent stream to the shard at `address`, without following "not the owner".

@@ -188,7 +188,7 @@ impl Tasks {
                 let item = items.into_iter().next().expect("one item");
                 vec![self.coalescer.submit(key, item).await]
             } else {
-                enqueue(&self.routes, &key, &items).await
+                enqueue(&self.routes, &key, items).await
             };
             (indexes, answers)
         });

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use prost::Message;
 use tonic::{Status, Streaming};
 
 use crate::status::invalid_argument;
@@ -14,9 +16,27 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads the first message of a stream, which must be Hello, within [`HELLO_TIMEOUT`].
 pub async fn read_hello(inbound: &mut Streaming<AgentMessage>) -> Result<Hello, Status> {
-    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+    hello_of(first(inbound).await?)
+}
+
+/// The same on a stream of raw messages ([`crate::raw`]): Hello decoded, the rest left as
+/// bytes.
+pub async fn read_raw_hello(inbound: &mut Streaming<Bytes>) -> Result<Hello, Status> {
+    let first = first(inbound)
+        .await?
+        .map(AgentMessage::decode)
+        .transpose()
+        .map_err(|e| invalid_argument("message", &format!("not an AgentMessage: {e}")))?;
+    hello_of(first)
+}
+
+async fn first<T>(inbound: &mut Streaming<T>) -> Result<Option<T>, Status> {
+    tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
         .await
-        .map_err(|_| Status::deadline_exceeded("no Hello within 10s of connecting"))??;
+        .map_err(|_| Status::deadline_exceeded("no Hello within 10s of connecting"))?
+}
+
+fn hello_of(first: Option<AgentMessage>) -> Result<Hello, Status> {
     match first.and_then(|m| m.message) {
         Some(agent_message::Message::Hello(hello)) => Ok(hello),
         None => Err(invalid_argument("message", "the stream ended before Hello")),

@@ -8,6 +8,7 @@ use crate::MAX_MESSAGE_BYTES;
 use crate::internal::v1::exec_service_client::ExecServiceClient;
 use crate::internal::v1::shard_service_client::ShardServiceClient;
 use crate::internal::v1::token_keys_client::TokenKeysClient;
+use crate::raw::agent_service_client::AgentServiceClient as RawAgentServiceClient;
 use crate::v1::agent_service_client::AgentServiceClient;
 use crate::v1::auth_service_client::AuthServiceClient;
 use crate::v1::pipeline_service_client::PipelineServiceClient;
@@ -129,6 +130,10 @@ constructor!(
 constructor!(
     /// `pm.v1.AgentService`.
     agents, agents_with, AgentServiceClient
+);
+constructor!(
+    /// `pm.v1.AgentService` on raw bytes ([`crate::raw`]): the gateway's hop to a shard.
+    raw_agents, RawAgentServiceClient
 );
 constructor!(
     /// `pm.v1.RunnerService`.

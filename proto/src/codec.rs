@@ -1,5 +1,5 @@
 //! The codec every generated client and server uses: prost's, with smaller first buffers than
-//! tonic's default.
+//! tonic's default; and [`RawCodec`], which passes encoded messages through as bytes.
 //!
 //! tonic gives every call (and every stream, for its life) an 8 KiB buffer to encode into
 //! and another to decode from. Our messages are mostly a few hundred bytes: a submit, an
@@ -11,8 +11,9 @@
 
 use std::marker::PhantomData;
 
+use bytes::{Buf, BufMut, Bytes};
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_prost::{ProstCodec, ProstDecoder};
 
 /// The first capacity of a call's encode and decode buffers.
@@ -67,6 +68,54 @@ impl<T: prost::Message> Encoder for PmEncoder<T> {
         buf.reserve(item.encoded_len());
         item.encode(buf)
             .map_err(|e| Status::internal(format!("encoding a message: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        settings()
+    }
+}
+
+/// Messages as their encoded bytes, neither decoded nor re-encoded: what the gateway forwards
+/// of an agent's stream after Hello ([`crate::raw`]). Decoding takes the message's bytes out
+/// of the receive buffer without a copy; tonic still enforces the message size limits.
+#[derive(Debug, Clone, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put(item);
+        Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        settings()
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
     }
 
     fn buffer_settings(&self) -> BufferSettings {

@@ -32,6 +32,14 @@ pub mod internal {
     }
 }
 
+/// `pm.v1.AgentService` with every message as its encoded bytes ([`codec::RawCodec`]), client
+/// and server: the same calls on the wire as [`v1`]'s, for a hop that forwards what it does
+/// not change (the gateway, after an agent's Hello).
+#[allow(clippy::default_constructed_unit_structs)] // generated: every codec by `default()`
+pub mod raw {
+    include!(concat!(env!("OUT_DIR"), "/raw/pm.v1.AgentService.rs"));
+}
+
 /// The encoded descriptor set of every proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/pm_descriptor.bin"));

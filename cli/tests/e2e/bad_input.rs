@@ -131,7 +131,8 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
     let channel = pm_proto::client::channel(&h.dev.endpoint()).unwrap();
     let mut tenants = pm_proto::client::tenants(channel.clone());
     let mut auth = pm_proto::client::auth(channel.clone());
-    let mut agents = pm_proto::client::agents(channel);
+    let mut agents = pm_proto::client::agents(channel.clone());
+    let mut raw_agents = pm_proto::client::raw_agents(channel);
     let (long, ocr) = (long(), pipeline_name("ocr"));
     use Code::{AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated};
 
@@ -663,6 +664,28 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
         let got = agents.connect(UnboundedReceiverStream::new(rx)).await;
         refused("Connect", got.map(|_| ()), InvalidArgument, field);
     }
+    // The gateway reads only the first message of an agent's stream and forwards the rest as
+    // bytes: that first message must decode, and be Hello.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(AgentMessage {
+        message: Some(agent_message::Message::Credit(Credit { slots: 1 })),
+    })
+    .unwrap();
+    let got = agents.connect(UnboundedReceiverStream::new(rx)).await;
+    refused(
+        "Connect not Hello",
+        got.map(|_| ()),
+        InvalidArgument,
+        "message",
+    );
+    let garbage = bytes::Bytes::from_static(&[0xff, 0xff, 0xff]);
+    let got = raw_agents.connect(tokio_stream::once(garbage)).await;
+    refused(
+        "Connect garbage",
+        got.map(|_| ()),
+        InvalidArgument,
+        "message",
+    );
     h.dev.stop().await;
 
     // RunnerService is served by the agent (`pm-agent --runner-listen`), not the gateway.
