@@ -55,8 +55,12 @@ fn origins(given: &[String]) -> pm_gateway::Origins {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Without tokio's LIFO slot, so many answers to one connection go out in one write.
+    pm_proto::server::block_on_without_lifo(serve())
+}
+
+async fn serve() -> std::process::ExitCode {
     let args = Args::parse();
     // Spans still queued are sent before the process exits.
     let tracing = pm_proto::server::init_tracing(args.server.log_format, "pm-gateway");
