@@ -1,5 +1,6 @@
 //! What every server of ours mounts besides its own services: reflection over our descriptor
-//! set and `grpc.health.v1`, plus the one place SIGTERM/SIGINT are turned into a shutdown.
+//! set and `grpc.health.v1`, plus the one place SIGTERM/SIGINT are turned into a shutdown,
+//! and the gateway's runtime ([`block_on_without_lifo`]).
 
 use std::time::Duration;
 
