@@ -655,29 +655,28 @@ async fn every_rpc_refuses_bad_input_with_the_code_naming_the_field() {
             },
             "hello.partitions",
         ),
-    ] {
+    ]
+    .map(|(hello, field)| (agent_message::Message::Hello(hello), field))
+    // The gateway reads only the first message of an agent's stream and forwards the rest as
+    // bytes: that first message must be Hello (and decode, below).
+    .into_iter()
+    .chain([(
+        agent_message::Message::Credit(Credit { slots: 1 }),
+        "message",
+    )]) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tx.send(AgentMessage {
-            message: Some(agent_message::Message::Hello(first)),
+            message: Some(first),
         })
         .unwrap();
         let got = agents.connect(UnboundedReceiverStream::new(rx)).await;
-        refused("Connect", got.map(|_| ()), InvalidArgument, field);
+        refused(
+            &format!("Connect {field}"),
+            got.map(|_| ()),
+            InvalidArgument,
+            field,
+        );
     }
-    // The gateway reads only the first message of an agent's stream and forwards the rest as
-    // bytes: that first message must decode, and be Hello.
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tx.send(AgentMessage {
-        message: Some(agent_message::Message::Credit(Credit { slots: 1 })),
-    })
-    .unwrap();
-    let got = agents.connect(UnboundedReceiverStream::new(rx)).await;
-    refused(
-        "Connect not Hello",
-        got.map(|_| ()),
-        InvalidArgument,
-        "message",
-    );
     let garbage = bytes::Bytes::from_static(&[0xff, 0xff, 0xff]);
     let got = raw_agents.connect(tokio_stream::once(garbage)).await;
     refused(
