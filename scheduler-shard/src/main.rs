@@ -79,8 +79,12 @@ struct Args {
     data_dir: std::path::PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Without tokio's LIFO slot, so many answers to one connection go out in one write.
+    pm_proto::server::block_on_without_lifo(serve())
+}
+
+async fn serve() -> std::process::ExitCode {
     pm_proto::server::private_files();
     let args = Args::parse();
     // Spans still queued are sent before the process exits.

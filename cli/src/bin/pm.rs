@@ -71,8 +71,12 @@ enum Command {
 /// How long `--demo` waits for its task.
 const DEMO_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // The gateway and the shard run here: the servers' runtime, without tokio's LIFO slot.
+    pm_proto::server::block_on_without_lifo(dev())
+}
+
+async fn dev() -> std::process::ExitCode {
     pm_proto::server::private_files();
     let Command::Dev {
         data_dir,
