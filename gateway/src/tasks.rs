@@ -26,7 +26,7 @@ use pm_spec::validate::{check_priority, check_timeout};
 
 use crate::auth::Caller;
 use crate::authz::{self, Rpc, tenant_of};
-use crate::enqueue::{Coalescer, Prepared, enqueue};
+use crate::enqueue::{Coalescer, Outcome, Prepared, enqueue};
 use crate::error::{Error, status_of};
 use crate::partitions;
 use crate::pipelines::PipelineVersion;
@@ -135,6 +135,32 @@ impl Tasks {
         Ok(Prepared { task, version })
     }
 
+    /// Authorizes one task of a submit and parses its parent: the pipeline it goes to.
+    fn admit(caller: &Caller, parent: &str) -> Result<PipelineName, Error> {
+        authz::authorize(caller, Rpc::SubmitTask, tenant_of(parent))?;
+        PipelineName::parse(parent).map_err(|e| Error::invalid("parent", e.to_string()))
+    }
+
+    /// A lone submit (SubmitTask): [`Self::submit`]'s checks and outcome for one task, straight
+    /// to the [`Coalescer`], without a batch's grouping by shard, its maps and its `join_all`
+    /// (4-21% of the gateway's CPU per unary submit: perf/RESULTS.md, "A lone submit skips the
+    /// batch machinery").
+    async fn submit_one(
+        &self,
+        caller: &Caller,
+        req: SubmitTaskRequest,
+        traceparent: &str,
+    ) -> Outcome {
+        let name = Self::admit(caller, &req.parent)?;
+        let version = self
+            .pipeline(&name)
+            .await
+            .map_err(|e| Error::Upstream(e.into()))?;
+        let task = Self::prepare(&version, req, caller, traceparent)?;
+        let key = RingKey::new(name, task.task.partition);
+        self.coalescer.submit(key, task).await
+    }
+
     /// Authorizes and validates a batch (each task on its own) and queues the valid ones on
     /// their shards. A lone submit joins the [`Coalescer`]; a batch goes as one Enqueue per
     /// pipeline. Every task is stored with the call's `traceparent`
@@ -152,14 +178,10 @@ impl Tasks {
         let mut by_key: HashMap<RingKey, Vec<(usize, Prepared)>> = HashMap::new();
         let alone = requests.len() == 1;
         for (i, req) in requests.into_iter().enumerate() {
-            if let Err(denied) = authz::authorize(caller, Rpc::SubmitTask, tenant_of(&req.parent)) {
-                outcomes[i] = Some(Err(Error::Upstream(denied).into()));
-                continue;
-            }
-            let name = match PipelineName::parse(&req.parent) {
+            let name = match Self::admit(caller, &req.parent) {
                 Ok(name) => name,
                 Err(e) => {
-                    outcomes[i] = Some(Err(Error::invalid("parent", e.to_string()).into()));
+                    outcomes[i] = Some(Err(e.into()));
                     continue;
                 }
             };
@@ -221,14 +243,10 @@ impl TaskService for Tasks {
     ) -> Result<Response<Task>, Status> {
         let caller = authz::check(&request, Rpc::SubmitTask, &request.get_ref().parent)?;
         let traceparent = pm_proto::trace::submit_traceparent(request.metadata().as_ref());
-        let mut results = self
-            .submit(&caller, vec![request.into_inner()], &traceparent)
-            .await;
-        match results.pop().and_then(|r| r.outcome) {
-            Some(submit_task_result::Outcome::Task(task)) => Ok(Response::new(task)),
-            Some(submit_task_result::Outcome::Error(e)) => Err(status_of(e)),
-            None => Err(Status::internal("no outcome for the task")),
-        }
+        self.submit_one(&caller, request.into_inner(), &traceparent)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
     }
 
     async fn submit_tasks(
