@@ -19,15 +19,16 @@ pub fn private_files() {
 /// tokio's default). The gateway, the shard and `pm dev` (both in one process) run on it.
 ///
 /// Why: with the LIFO slot, a task that a running task wakes runs next. When one coalesced
-/// Enqueue (in the gateway) or one group commit (in the shard) answers many calls of one
-/// HTTP/2 connection, each answered call wakes the connection's task, which then runs at once
-/// and writes that one answer: a `writev` per answer. Without the slot, the woken calls run
-/// first, in order, and the connection writes their answers together. Measured
-/// (perf/RESULTS.md, "One write for many answers" and "The shard without the LIFO slot"): in
-/// the gateway 39-67% fewer `writev` and 3-21% less CPU per unary submit, in every pair; in
-/// the shard, cycles straight to it faster in all eight pairs of one session. Through the
-/// gateway the shard's choice moved the cycles both ways. tenant-service (off the hot path,
-/// not measured alone) and `pm-null` (the floors) keep tokio's default.
+/// Enqueue answers many submits of one HTTP/2 connection, each answered call wakes the
+/// connection's task, which then runs at once and writes that one answer: a `writev` per
+/// answer. Without the slot, the woken calls run first, in order, and the connection writes
+/// their answers together. Measured (perf/RESULTS.md, "One write for many answers"): 39-67%
+/// fewer `writev` in the gateway and 3-21% less gateway CPU per unary submit, in every pair.
+/// In the shard ("The shard without the LIFO slot"): cycles straight to it faster, at less
+/// shard CPU per task, in all eight pairs of one session; through the gateway they moved both
+/// ways. Why the shard gains was not profiled (its `writev` count, taken in another scenario,
+/// did not move one way). tenant-service (off the hot path, not measured alone) and
+/// `pm-null` (the floors) keep tokio's default.
 ///
 /// Panics if the runtime cannot be built, as `#[tokio::main]` does.
 pub fn block_on_without_lifo<F: std::future::Future>(main: F) -> F::Output {
