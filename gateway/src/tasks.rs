@@ -135,23 +135,23 @@ impl Tasks {
         Ok(Prepared { task, version })
     }
 
-    /// Authorizes one task of a submit and parses its parent: the pipeline it goes to.
-    fn admit(caller: &Caller, parent: &str) -> Result<PipelineName, Error> {
-        authz::authorize(caller, Rpc::SubmitTask, tenant_of(parent))?;
+    /// The pipeline a submit's parent names.
+    fn pipeline_of(parent: &str) -> Result<PipelineName, Error> {
         PipelineName::parse(parent).map_err(|e| Error::invalid("parent", e.to_string()))
     }
 
-    /// A lone submit (SubmitTask): [`Self::submit`]'s checks and outcome for one task, straight
-    /// to the [`Coalescer`], without a batch's grouping by shard, its maps and its `join_all`
-    /// (4-21% of the gateway's CPU per unary submit: perf/RESULTS.md, "A lone submit skips the
-    /// batch machinery").
+    /// A lone submit (SubmitTask) by a caller already authorized for its parent
+    /// (`authz::check`): [`Self::submit`]'s checks and outcome for one task, straight to the
+    /// [`Coalescer`], without a batch's grouping by shard, its maps and its `join_all` (4-21%
+    /// of the gateway's CPU per unary submit: perf/RESULTS.md, "A lone submit skips the batch
+    /// machinery").
     async fn submit_one(
         &self,
         caller: &Caller,
         req: SubmitTaskRequest,
         traceparent: &str,
     ) -> Outcome {
-        let name = Self::admit(caller, &req.parent)?;
+        let name = Self::pipeline_of(&req.parent)?;
         let version = self
             .pipeline(&name)
             .await
@@ -178,7 +178,11 @@ impl Tasks {
         let mut by_key: HashMap<RingKey, Vec<(usize, Prepared)>> = HashMap::new();
         let alone = requests.len() == 1;
         for (i, req) in requests.into_iter().enumerate() {
-            let name = match Self::admit(caller, &req.parent) {
+            // Each task's tenant on its own: a batch may span tenants.
+            let admitted = authz::authorize(caller, Rpc::SubmitTask, tenant_of(&req.parent))
+                .map_err(Error::from)
+                .and_then(|()| Self::pipeline_of(&req.parent));
+            let name = match admitted {
                 Ok(name) => name,
                 Err(e) => {
                     outcomes[i] = Some(Err(e.into()));
