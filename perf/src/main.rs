@@ -883,6 +883,7 @@ impl Bench {
         // once they are (the figure a shard holding these tasks idles at).
         tokio::time::sleep(Duration::from_secs(10)).await;
         let rss_settled = shard.rss_mib();
+        let filled_log = shard.log_so_far();
         shard.crash();
         let restarted = Instant::now();
         let shard =
@@ -891,7 +892,7 @@ impl Bench {
         let rss_after = shard.rss_mib();
         let log = shard.stop();
         // A field of the shard's log line that contains `line`.
-        let logged = |line: &str, field: &str| {
+        let logged_in = |log: &str, line: &str, field: &str| {
             let prefix = format!("{field}=");
             log.lines()
                 .find(|l| l.contains(line))
@@ -902,17 +903,23 @@ impl Bench {
                 .unwrap_or("?")
                 .to_owned()
         };
+        let logged = |line: &str, field: &str| logged_in(&log, line, field);
+        // The filled shard hands freed memory back once quiet (scheduler-shard `memory`).
+        let released = "freed memory returned to the OS";
+        let release_ms = logged_in(&filled_log, released, "took_ms");
+        let released_from = logged_in(&filled_log, released, "rss_before_mib");
+        let released_to = logged_in(&filled_log, released, "rss_after_mib");
         let open_ms = logged("read the task store", "open_ms");
         let replay_ms = logged("read the task store", "read_and_index_ms");
         let indexed_ms = logged("recovered tasks from disk", "indexed_ms");
         println!(
-            "restart with {acked} READY tasks        serving again {:.2} s after SIGKILL (store open {open_ms} ms, read and indexed {replay_ms} ms, records all read at {indexed_ms} ms); rss {rss:.0} MiB right after the fill, {rss_settled:.0} MiB 10 s later, {rss_after:.0} MiB after the restart (idle {idle_rss:.0}); filled at {:.0} tasks/s in batches of 1000",
+            "restart with {acked} READY tasks        serving again {:.2} s after SIGKILL (store open {open_ms} ms, read and indexed {replay_ms} ms, records all read at {indexed_ms} ms); rss {rss:.0} MiB right after the fill, {rss_settled:.0} MiB 10 s later (released once quiet: {released_from} -> {released_to} MiB in {release_ms} ms), {rss_after:.0} MiB after the restart (idle {idle_rss:.0}); filled at {:.0} tasks/s in batches of 1000",
             serving.as_secs_f64(),
             acked as f64 / fill_secs
         );
         self.results.push(json!({"scenario": "restart", "tasks": acked, "serving_after_s": serving.as_secs_f64(),
             "store_open_ms": open_ms,
-            "replay_ms": replay_ms, "rss_mib": rss, "rss_settled_mib": rss_settled, "rss_after_restart_mib": rss_after, "idle_rss_mib": idle_rss,
+            "replay_ms": replay_ms, "rss_mib": rss, "rss_settled_mib": rss_settled, "release_ms": release_ms, "rss_after_restart_mib": rss_after, "idle_rss_mib": idle_rss,
             "fill_tasks_per_s": (acked as f64 / fill_secs).round()}));
         Ok(())
     }

@@ -106,6 +106,11 @@ impl Proc {
         rss_mib_of(&format!("/proc/{}/status", self.pid()))
     }
 
+    /// The process's log so far.
+    pub fn log_so_far(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// SIGTERM, wait; returns the process's log.
     pub fn stop(mut self) -> String {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);

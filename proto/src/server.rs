@@ -264,6 +264,7 @@ pub fn init_tracing(format: LogFormat, service: &'static str) -> crate::trace::T
 /// "The allocator"). Its background purging thread is off: it returns ~45 MiB of an idle
 /// shard that held a million tasks, but cost ~9% more CPU per task in 1-slot cycles
 /// ("jemalloc's background thread"); `_RJEM_MALLOC_CONF=background_thread:true` turns it on.
+/// A quiet shard purges once instead ([`release_free_memory`]).
 /// Elsewhere glibc's: jemalloc fixes its page size when it is built, and Raspberry Pi 5
 /// kernels use 16 KiB pages. The binary needs `tikv-jemallocator` on x86_64.
 #[macro_export]
@@ -273,4 +274,83 @@ macro_rules! server_allocator {
         #[global_allocator]
         static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
     };
+}
+
+/// Hands the pages the allocator holds free back to the OS, and returns the resident memory
+/// (MiB) before and after. jemalloc purges freed pages only as it is called (its background
+/// thread is off, see [`server_allocator!`]), so a server that freed much and then went quiet
+/// keeps them resident until its next burst: a shard that has just filled with a million
+/// tasks held ~50 MiB of flushed memtables that way (perf/RESULTS.md, "Freed memory back to
+/// the OS when the shard goes quiet"). Takes milliseconds: call it off the async workers, and
+/// only when idle (`pm_scheduler_shard::memory`). In a binary with another global allocator
+/// (the tests') it purges jemalloc's own empty arenas, which changes nothing.
+pub fn release_free_memory() -> (Option<f64>, Option<f64>) {
+    let before = resident_mib();
+    #[cfg(target_arch = "x86_64")]
+    {
+        // MALLCTL_ARENAS_ALL: every arena.
+        const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";
+        // SAFETY: `arena.<i>.purge` reads and writes nothing: every pointer is null and the
+        // length 0, as jemalloc's manual gives it; the name is a NUL-terminated C string.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                PURGE_ALL.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(errno = rc, "jemalloc refused to purge its arenas");
+        }
+    }
+    #[cfg(all(not(target_arch = "x86_64"), target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only walks glibc's own arenas; 0 keeps no padding.
+        #[allow(unsafe_code)]
+        unsafe {
+            nix::libc::malloc_trim(0);
+        }
+    }
+    (before, resident_mib())
+}
+
+/// This process's resident memory in MiB, from `/proc/self/status` (`None` where there is none).
+pub fn resident_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    // The servers' allocator, so that the test below frees what a server would.
+    crate::server_allocator!();
+
+    #[test]
+    fn releasing_hands_freed_pages_back() {
+        // 64 MiB in 1 MiB pieces, every page touched, then freed: jemalloc keeps them
+        // resident (dirty) until it decays them, which takes seconds and calls.
+        let pieces: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8 | 1; 1 << 20]).collect();
+        assert!(pieces.iter().all(|p| p[4096] != 0));
+        drop(pieces);
+        let (before, after) = super::release_free_memory();
+        let (before, after) = (before.expect("VmRSS"), after.expect("VmRSS"));
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            before - after >= 32.0,
+            "resident {before:.1} MiB before the release, {after:.1} after"
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        assert!(after > 0.0);
+    }
 }

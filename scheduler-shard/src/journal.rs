@@ -162,6 +162,17 @@ impl Journal {
         &self.stats
     }
 
+    /// Whether the store is flushing a memtable (false for a journal that keeps nothing, and
+    /// while the store is being opened again).
+    pub fn flushing(&self) -> bool {
+        let Some(shared) = &self.store else {
+            return false;
+        };
+        shared
+            .try_read()
+            .is_ok_and(|store| store.as_ref().is_some_and(Store::flushing))
+    }
+
     /// Whether written records can be read back ([`Journal::read_result`]); false for a
     /// journal that keeps nothing.
     pub fn keeps_records(&self) -> bool {

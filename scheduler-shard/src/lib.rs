@@ -18,6 +18,7 @@ pub mod handoff;
 pub mod journal;
 pub mod key;
 pub mod lease;
+mod memory;
 pub mod metrics;
 pub mod ownership;
 pub mod queue;
@@ -222,6 +223,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let cancel = CancellationToken::new();
     let reaper = tokio::spawn(scheduler.clone().run(cancel.clone()));
+    let release = memory::spawn(scheduler.journal(), cancel.clone());
     let (health, health_service) = pm_proto::server::health();
     // The plaintext health-only and metrics ports, if any, for as long as this server runs.
     let stop_health = tokio_util::sync::CancellationToken::new();
@@ -292,6 +294,7 @@ pub async fn serve(
     let served = pm_proto::server::with_stop_grace(served, &stopping).await;
     cancel.cancel();
     let _ = reaper.await;
+    let _ = release.await;
     let stats = scheduler.journal().stats();
     tracing::info!(
         syncs = stats.syncs.load(std::sync::atomic::Ordering::Relaxed),

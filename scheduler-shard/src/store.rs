@@ -478,6 +478,12 @@ impl Store {
         self.options
     }
 
+    /// Whether a sealed memtable of the tasks is still being flushed to a table (its memory
+    /// is freed once it is).
+    pub fn flushing(&self) -> bool {
+        self.tasks.sealed_memtable_count() > 0
+    }
+
     /// Converts format-1 records into this format, then drops their keyspace. Idempotent:
     /// the old keyspace goes only after every converted record is synced.
     fn migrate_format_1(&self) -> Result<(), StoreError> {
