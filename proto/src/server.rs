@@ -280,8 +280,8 @@ macro_rules! server_allocator {
 /// (MiB) before and after. jemalloc purges freed pages only as it is called (its background
 /// thread is off, see [`server_allocator!`]), so a server that freed much and then went quiet
 /// keeps them resident until its next burst: a shard that has just filled with a million
-/// tasks held ~50 MiB of flushed memtables that way (perf/RESULTS.md, "Freed memory back to
-/// the OS when the shard goes quiet"). Takes milliseconds: call it off the async workers, and
+/// tasks held ~50 MiB of flushed memtables that way (perf/RESULTS.md, "A quiet shard gives
+/// memory back"). Takes milliseconds: call it off the async workers, and
 /// only when idle (`pm_scheduler_shard::memory`). In a binary with another global allocator
 /// (the tests') it purges jemalloc's own empty arenas, which changes nothing.
 pub fn release_free_memory() -> (Option<f64>, Option<f64>) {

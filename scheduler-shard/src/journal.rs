@@ -173,6 +173,21 @@ impl Journal {
             .is_ok_and(|store| store.as_ref().is_some_and(Store::flushing))
     }
 
+    /// Has the store flush its memtables ([`Store::flush_memtables`]); nothing for a journal
+    /// that keeps nothing. Fails at once while the store is being opened again.
+    pub fn flush_memtables(&self) -> Result<(), StoreError> {
+        let Some(shared) = &self.store else {
+            return Ok(());
+        };
+        let guard = shared
+            .try_read()
+            .map_err(|_| StoreError("the task store is being opened again".into()))?;
+        match &*guard {
+            Some(store) => store.flush_memtables(),
+            None => Err(StoreError("the task store cannot be opened".into())),
+        }
+    }
+
     /// Whether written records can be read back ([`Journal::read_result`]); false for a
     /// journal that keeps nothing.
     pub fn keeps_records(&self) -> bool {

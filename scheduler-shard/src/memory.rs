@@ -1,14 +1,15 @@
-//! Freed memory back to the OS once the shard goes quiet.
+//! A quiet shard's memory: its memtables flushed and its freed pages handed back to the OS.
 //!
-//! A burst of writes (a million tasks submitted) frees much memory as it ends: fjall's
-//! memtables, once flushed, and the buffers of the calls. jemalloc hands freed pages back only
-//! as it is called, so a shard that goes quiet right after keeps them resident until its next
-//! burst (~50 MiB after a million READY tasks: perf/RESULTS.md, "Freed memory back to the OS
-//! when the shard goes quiet"). A busy shard needs nothing: its own allocations drive
-//! jemalloc's decay. So this purges only after a quiet second that follows many writes, and
-//! never while a memtable is still being flushed, whose memory is freed only when it is done.
-//! jemalloc's background thread would purge a busy shard too, and cost ~9% more CPU per task
-//! in 1-slot cycles (perf/RESULTS.md, "jemalloc's background thread").
+//! A burst of writes (a million tasks submitted) leaves memory behind when it ends: the
+//! memtable of the newest writes, which fjall flushes only once it is full, and freed memory
+//! (the memtables flushed during the burst, the calls' buffers) that jemalloc hands back only
+//! as it is called. A shard that goes quiet right after would keep both until its next burst
+//! (perf/RESULTS.md, "A quiet shard gives memory back"). So after a quiet second that follows
+//! many writes, the shard has its memtables flushed, waits for fjall to finish, and purges
+//! its allocator once. A busy shard needs none of it: its memtables fill and flush, and its
+//! own allocations drive jemalloc's decay. jemalloc's background thread would purge a busy
+//! shard too, at ~9% more CPU per task in 1-slot cycles (perf/RESULTS.md, "jemalloc's
+//! background thread").
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,65 +21,101 @@ use crate::journal::Journal;
 /// How often the shard looks at its writes; also how long "quiet" is.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// Writes since the last release past which a quiet shard releases again: one memtable holds
-/// a few hundred thousand; a few thousand writes free too little to be worth a purge.
+/// Writes since the last release past which a quiet shard gives memory back again: a
+/// memtable holds a few hundred thousand; a few thousand free too little to be worth a
+/// purge, and each flush makes a table that compaction merges later.
 pub const RELEASE_AFTER_WRITES: u64 = 50_000;
 
-/// When to release, from the journal's count of writes: a pure policy, checked by the tests.
+/// What to do at a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Nothing,
+    /// Seal the memtables, for fjall to flush.
+    Flush,
+    /// Purge the allocator: the flush is done.
+    Release,
+}
+
+/// When to flush and release, from the journal's count of writes: a pure policy, checked by
+/// the tests.
 #[derive(Debug, Default)]
-pub struct IdleRelease {
+pub struct QuietPolicy {
     /// The count at the last check.
     seen: u64,
+    /// The count when the memtables were last sealed.
+    flushed_at: Option<u64>,
     /// The count at the last release.
     released_at: u64,
 }
 
-impl IdleRelease {
-    /// Whether to release now, given the writes so far and whether a memtable is being
-    /// flushed. Call once per [`CHECK_EVERY`].
-    pub fn check(&mut self, writes: u64, flushing: bool) -> bool {
+impl QuietPolicy {
+    /// The step now, given the writes so far and whether a memtable is being flushed. Call
+    /// once per [`CHECK_EVERY`].
+    pub fn check(&mut self, writes: u64, flushing: bool) -> Step {
         let quiet = writes == self.seen;
         self.seen = writes;
-        if !quiet || flushing || writes - self.released_at < RELEASE_AFTER_WRITES {
-            return false;
+        if !quiet || writes - self.released_at < RELEASE_AFTER_WRITES {
+            return Step::Nothing;
+        }
+        if self.flushed_at != Some(writes) {
+            self.flushed_at = Some(writes);
+            return Step::Flush;
+        }
+        if flushing {
+            return Step::Nothing;
         }
         self.released_at = writes;
-        true
+        Step::Release
     }
 }
 
-/// Releases freed memory after each quiet second that follows [`RELEASE_AFTER_WRITES`]
+/// Flushes and releases after each quiet second that follows [`RELEASE_AFTER_WRITES`]
 /// writes, until `cancel`.
 pub async fn run(journal: Journal, cancel: CancellationToken) {
     if !journal.keeps_records() {
         return;
     }
-    let mut policy = IdleRelease::default();
+    let mut policy = QuietPolicy::default();
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet_since = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
         let writes = journal.stats().ops.load(Ordering::Relaxed);
-        if !policy.check(writes, journal.flushing()) {
-            continue;
+        match policy.check(writes, journal.flushing()) {
+            Step::Nothing => {}
+            Step::Flush => {
+                quiet_since = Some(std::time::Instant::now());
+                let sealing = journal.clone();
+                // Sealing takes fjall's journal lock: off the async workers.
+                match tokio::task::spawn_blocking(move || sealing.flush_memtables()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the memtables"),
+                    Err(e) => tracing::warn!(error = %e, "cannot flush the memtables"),
+                }
+            }
+            Step::Release => {
+                let started = std::time::Instant::now();
+                // A purge of a few hundred MiB takes milliseconds of madvise.
+                let Ok((before, after)) =
+                    tokio::task::spawn_blocking(pm_proto::server::release_free_memory).await
+                else {
+                    continue;
+                };
+                tracing::info!(
+                    rss_before_mib = before.map(|m| m.round()),
+                    rss_after_mib = after.map(|m| m.round()),
+                    purge_ms = started.elapsed().as_millis() as u64,
+                    flushed_and_purged_ms =
+                        quiet_since.take().map(|t| t.elapsed().as_millis() as u64),
+                    writes,
+                    "quiet after writes: memtables flushed, freed memory returned to the OS"
+                );
+            }
         }
-        let started = std::time::Instant::now();
-        // A purge of a few hundred MiB takes milliseconds of madvise: off the async workers.
-        let Ok((before, after)) =
-            tokio::task::spawn_blocking(pm_proto::server::release_free_memory).await
-        else {
-            continue;
-        };
-        tracing::info!(
-            rss_before_mib = before.map(|m| m.round()),
-            rss_after_mib = after.map(|m| m.round()),
-            took_ms = started.elapsed().as_millis() as u64,
-            writes,
-            "quiet after writes: freed memory returned to the OS"
-        );
     }
 }
 
@@ -92,29 +129,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn releases_once_per_quiet_period_after_enough_writes() {
-        let mut p = IdleRelease::default();
-        // Writes keep coming: never.
-        assert!(!p.check(10_000, false));
-        assert!(!p.check(60_000, false));
-        // Quiet, but a memtable is being flushed: wait for it.
-        assert!(!p.check(60_000, true));
-        // Quiet and flushed: once.
-        assert!(p.check(60_000, false));
-        assert!(!p.check(60_000, false));
+    fn flushes_then_releases_once_per_quiet_period_after_enough_writes() {
+        let mut p = QuietPolicy::default();
+        // Writes keep coming: nothing.
+        assert_eq!(p.check(10_000, false), Step::Nothing);
+        assert_eq!(p.check(60_000, false), Step::Nothing);
+        // Quiet: flush first, once.
+        assert_eq!(p.check(60_000, false), Step::Flush);
+        // Still flushing: wait for it.
+        assert_eq!(p.check(60_000, true), Step::Nothing);
+        assert_eq!(p.check(60_000, true), Step::Nothing);
+        // Flushed: release, once.
+        assert_eq!(p.check(60_000, false), Step::Release);
+        assert_eq!(p.check(60_000, false), Step::Nothing);
         // A few writes more, then quiet: not worth it.
-        assert!(!p.check(61_000, false));
-        assert!(!p.check(61_000, false));
+        assert_eq!(p.check(61_000, false), Step::Nothing);
+        assert_eq!(p.check(61_000, false), Step::Nothing);
         // Many more, then quiet: again.
-        assert!(!p.check(200_000, false));
-        assert!(p.check(200_000, false));
+        assert_eq!(p.check(200_000, false), Step::Nothing);
+        assert_eq!(p.check(200_000, false), Step::Flush);
+        assert_eq!(p.check(200_000, false), Step::Release);
     }
 
     #[test]
-    fn a_shard_that_wrote_little_never_releases() {
-        let mut p = IdleRelease::default();
+    fn writes_between_the_flush_and_the_release_start_over() {
+        let mut p = QuietPolicy::default();
+        assert_eq!(p.check(60_000, false), Step::Nothing);
+        assert_eq!(p.check(60_000, false), Step::Flush);
+        // A burst resumes before the release: wait until it is quiet again, then flush what
+        // it wrote before releasing.
+        assert_eq!(p.check(90_000, true), Step::Nothing);
+        assert_eq!(p.check(90_000, false), Step::Flush);
+        assert_eq!(p.check(90_000, false), Step::Release);
+    }
+
+    #[test]
+    fn a_shard_that_wrote_little_never_flushes_or_releases() {
+        let mut p = QuietPolicy::default();
         for _ in 0..10 {
-            assert!(!p.check(RELEASE_AFTER_WRITES - 1, false));
+            assert_eq!(p.check(RELEASE_AFTER_WRITES - 1, false), Step::Nothing);
         }
     }
 }
