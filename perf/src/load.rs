@@ -72,6 +72,8 @@ pub enum Target {
         client: ShardServiceClient<Channel>,
         pipeline: String,
         spec: PipelineSpec,
+        /// `spec`'s id, hashed once, not per request.
+        spec_id: Arc<[u8]>,
     },
     /// Through the gateway's public TaskService, round-robin over `pipelines`.
     Gateway {
@@ -119,6 +121,7 @@ impl Target {
             Target::Shard {
                 client: pm_proto::client::shard(channel),
                 pipeline: pipeline.to_owned(),
+                spec_id: pm_spec::spec_id(&noop_spec()).to_vec().into(),
                 spec: noop_spec(),
             }
         })
@@ -133,9 +136,9 @@ impl Target {
                 client,
                 pipeline,
                 spec,
+                spec_id,
             } => {
                 let every = SPEC_EVERY_TASK.load(Ordering::Relaxed);
-                let id = pm_spec::spec_id(spec).to_vec();
                 let mut tasks: Vec<EnqueueTask> = (0..n)
                     .map(|_| EnqueueTask {
                         task: Some(Task {
@@ -145,7 +148,7 @@ impl Target {
                             ..Task::default()
                         }),
                         spec: every.then(|| spec.clone()),
-                        spec_id: id.clone(),
+                        spec_id: spec_id.to_vec(),
                         client_priority: 10,
                         tenant_max_queued_tasks: 0,
                         partition: 0,

@@ -1010,6 +1010,11 @@ fn pick(results: &[serde_json::Value], scenario: &str, key: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+// jemalloc on x86_64, as in the servers: the generator shares the machine's two cores with
+// them, and glibc's malloc was ~21% of its samples in open loop, its arena lock contended
+// (perf/RESULTS.md, "A lighter closed-loop generator").
+pm_proto::server_allocator!();
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
