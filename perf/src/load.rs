@@ -118,11 +118,12 @@ impl Target {
                 next: 0,
             }
         } else {
+            let spec = noop_spec();
             Target::Shard {
                 client: pm_proto::client::shard(channel),
                 pipeline: pipeline.to_owned(),
-                spec_id: pm_spec::spec_id(&noop_spec()).to_vec().into(),
-                spec: noop_spec(),
+                spec_id: pm_spec::spec_id(&spec).to_vec().into(),
+                spec,
             }
         })
     }
