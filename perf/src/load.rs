@@ -4,7 +4,7 @@
 //! that speaks the real stream protocol and answers every Assign at once (a no-op run).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,10 @@ use pm_proto::v1::{
 
 /// Tasks acknowledged so far by any run, for the live progress line.
 pub static ACKED: AtomicU64 = AtomicU64::new(0);
+
+/// `pm-perf --slowest N`: every closed-loop run keeps its N slowest requests with the
+/// wall-clock time each was sent, to be matched against the servers' logs. 0: none kept.
+pub static SLOWEST: AtomicUsize = AtomicUsize::new(0);
 
 /// Send the spec with every task straight to a shard, as shards before specs by reference
 /// required (`--spec-every-task`, to measure older binaries); otherwise tasks name it by id.
@@ -250,6 +254,59 @@ pub struct Measured {
     /// Latency in microseconds.
     pub latency: Option<Histogram<u64>>,
     pub errors: BTreeMap<String, u64>,
+    /// The slowest requests, slowest first (see [`SLOWEST`]).
+    pub slowest: Vec<Slow>,
+}
+
+/// One of a run's slowest requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Slow {
+    pub us: u64,
+    pub sent: std::time::SystemTime,
+}
+
+/// Keeps the `n` slowest of the requests offered; cheap while a request is faster than all
+/// of them, which is almost every request.
+struct Slowest {
+    n: usize,
+    kept: Vec<Slow>,
+    /// The fastest kept, once `n` are kept: a request must beat it to be kept.
+    floor: u64,
+}
+
+impl Slowest {
+    fn new() -> Self {
+        Self {
+            n: SLOWEST.load(Ordering::Relaxed),
+            kept: Vec::new(),
+            floor: 0,
+        }
+    }
+
+    fn offer(&mut self, us: u64, sent: Instant) {
+        if self.n == 0 || (self.kept.len() == self.n && us <= self.floor) {
+            return;
+        }
+        let slow = Slow {
+            us,
+            sent: std::time::SystemTime::now() - sent.elapsed(),
+        };
+        if self.kept.len() < self.n {
+            self.kept.push(slow);
+        } else if let Some(fastest) = self.kept.iter_mut().min_by_key(|s| s.us) {
+            *fastest = slow;
+        }
+        if self.kept.len() == self.n {
+            self.floor = self.kept.iter().map(|s| s.us).min().unwrap_or(0);
+        }
+    }
+
+    /// Slowest first, at most `n` of `all`.
+    fn merge(n: usize, mut all: Vec<Slow>) -> Vec<Slow> {
+        all.sort_by_key(|s| std::cmp::Reverse(s.us));
+        all.truncate(n);
+        all
+    }
 }
 
 impl Measured {
@@ -296,6 +353,7 @@ pub async fn closed_loop(
                     latency: Some(histogram()),
                     ..Measured::default()
                 };
+                let mut slowest = Slowest::new();
                 while Instant::now() < end {
                     let sent = Instant::now();
                     let result = target.submit(batch, ns_of(sent)).await;
@@ -308,10 +366,12 @@ pub async fn closed_loop(
                             m.tasks += n as u64;
                             let us = sent.elapsed().as_micros() as u64;
                             let _ = m.latency.as_mut().expect("set").record(us.max(1));
+                            slowest.offer(us, sent);
                         }
                         Err(code) => *m.errors.entry(code).or_default() += 1,
                     }
                 }
+                m.slowest = slowest.kept;
                 m
             })
         })
@@ -330,7 +390,9 @@ pub async fn closed_loop(
         for (k, v) in m.errors {
             *total.errors.entry(k).or_default() += v;
         }
+        total.slowest.extend(m.slowest);
     }
+    total.slowest = Slowest::merge(SLOWEST.load(Ordering::Relaxed), total.slowest);
     total
 }
 

@@ -87,6 +87,12 @@ struct Args {
     /// `soak`: seconds between SIGKILLs of the agent (started again at once).
     #[arg(long, default_value_t = 60)]
     soak_kill_every: u64,
+    /// Print the N slowest requests of every closed-loop run with the time each was sent,
+    /// and the slow group commits of the shards of `submit` and `gateway` (their log lines;
+    /// a shard logs those slower than `PM_SLOW_COMMIT_MS`, 100 by default): to match the
+    /// tail against the commits behind it.
+    #[arg(long, default_value_t = 0)]
+    slowest: usize,
     /// `soak`: the agent's slots.
     #[arg(long, default_value_t = 32)]
     soak_slots: u32,
@@ -102,8 +108,21 @@ struct Stack {
 impl Stack {
     fn stop(self) {
         self.gateway.stop();
-        self.shard.stop();
+        slow_commits(&self.shard.stop());
         self.tenants.stop();
+    }
+}
+
+/// With `--slowest`: prints the slow group commits a shard logged (see `Args::slowest`).
+fn slow_commits(shard_log: &str) {
+    if load::SLOWEST.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    for commit in shard_log
+        .lines()
+        .filter(|l| l.contains("slow group commit"))
+    {
+        println!("  shard: {commit}");
     }
 }
 
@@ -160,6 +179,13 @@ fn line(name: &str, m: &Measured, extra: &str) {
         m.ms(0.999),
         m.max_ms()
     );
+    for slow in &m.slowest {
+        println!(
+            "  slow: sent {} took {:.2} ms",
+            humantime::format_rfc3339_micros(slow.sent),
+            slow.us as f64 / 1000.0
+        );
+    }
 }
 
 fn figures(name: &str, m: &Measured) -> serde_json::Value {
@@ -259,6 +285,7 @@ impl Bench {
         let rss = shard.rss_mib();
         let elapsed = started.elapsed();
         let log = shard.stop();
+        slow_commits(&log);
         if which.contains(&"submit") {
             // The same unary load on a shard that does not fsync: what durability costs.
             self.settle()?;
@@ -419,6 +446,7 @@ impl Bench {
             window: self.duration,
             latency,
             errors: submitted.errors,
+            ..Measured::default()
         })
     }
 
@@ -459,6 +487,7 @@ impl Bench {
                 window: self.duration,
                 latency: submitted.latency,
                 errors: submitted.errors,
+                ..Measured::default()
             },
             tps,
             cpu,
@@ -842,7 +871,7 @@ impl Bench {
         self.results
             .push(figures("submit_via_gateway_100_pipelines", &m));
         gateway.stop();
-        shard.stop();
+        slow_commits(&shard.stop());
         tenants.stop();
         Ok(())
     }
@@ -1018,6 +1047,7 @@ pm_proto::server_allocator!();
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    load::SLOWEST.store(args.slowest, Ordering::Relaxed);
     let (warmup, duration) = if args.quick {
         (Duration::from_millis(500), Duration::from_secs(3))
     } else {

@@ -27,6 +27,8 @@ struct Request {
     ops: Vec<Op>,
     /// `None`: nobody waits, and the ops need no sync of their own.
     done: Option<oneshot::Sender<Result<(), Arc<StoreError>>>>,
+    /// When it was queued: a slow group commit says how long its oldest write waited.
+    queued: std::time::Instant,
 }
 
 /// Counters for benchmarks and health.
@@ -37,6 +39,8 @@ pub struct Stats {
     /// Batches of unsynced writes only, handed to the OS without a sync.
     pub unsynced: AtomicU64,
     pub ops: AtomicU64,
+    /// Group commits logged as slow ([`StoreOptions::slow_commit`]).
+    pub slow: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -134,6 +138,7 @@ impl Journal {
         let request = Request {
             ops,
             done: Some(done),
+            queued: std::time::Instant::now(),
         };
         if let Err(mpsc::error::SendError(Request {
             done: Some(done), ..
@@ -154,7 +159,11 @@ impl Journal {
     pub fn append_unsynced(&self, ops: Vec<Op>) {
         if let Some(tx) = &self.tx {
             // A send fails only once the thread is gone, which the next awaited write reports.
-            let _ = tx.send(Request { ops, done: None });
+            let _ = tx.send(Request {
+                ops,
+                done: None,
+                queued: std::time::Instant::now(),
+            });
         }
     }
 
@@ -245,13 +254,32 @@ fn write_loop(
         }
         // Synced if anyone waits for a write of it (see the module doc).
         let sync = batch.iter().any(|r| r.done.is_some());
-        let result = match &*shared.read().expect("store lock poisoned") {
+        let applied = match &*shared.read().expect("store lock poisoned") {
             Some(open) => open.apply(batch.iter().flat_map(|r| r.ops.iter()), sync),
             None => Err(StoreError("the task store cannot be opened".into())),
         }
         .map_err(Arc::new);
-        match &result {
-            Ok(()) => {
+        let result = applied.as_ref().map(|_| ()).map_err(Arc::clone);
+        match &applied {
+            Ok(applied) => {
+                if sync {
+                    metrics.fsync_seconds.record(applied.sync.as_secs_f64());
+                }
+                // Requests queue in order, so the first one waited longest.
+                let waited = batch[0].queued.elapsed();
+                if waited >= options.slow_commit {
+                    stats.slow.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        waited_ms = ms(waited),
+                        queued_ms = ms(started - batch[0].queued),
+                        write_ms = ms(applied.write),
+                        sync_ms = ms(applied.sync),
+                        synced = sync,
+                        requests = batch.len(),
+                        ops,
+                        "slow group commit"
+                    );
+                }
                 if writable.send_if_modified(|w| !std::mem::replace(w, true)) {
                     tracing::info!("the task store writes again");
                 }
@@ -284,6 +312,11 @@ fn write_loop(
             let _ = done.send(result.clone());
         }
     }
+}
+
+/// Milliseconds to the microsecond, for logs.
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 /// The store at `dir` opened again, after a failed write closed the last handle.
@@ -360,5 +393,36 @@ mod tests {
         let mut ids: Vec<u8> = contents.specs.keys().map(|id| id[0]).collect();
         ids.sort_unstable();
         assert_eq!(ids, (0..=100).collect::<Vec<u8>>());
+    }
+
+    #[tokio::test]
+    async fn a_commit_slower_than_the_threshold_is_logged_and_counted() {
+        let write = |journal: Journal, i: u128| async move {
+            journal
+                .write(vec![Op::DeleteTask {
+                    pipeline: "tenants/t/applications/a/pipelines/p".into(),
+                    key: crate::key::TaskKey(i),
+                }])
+                .await
+                .unwrap();
+        };
+        let open = |slow_commit| {
+            let dir = tempfile::tempdir().unwrap();
+            let options = StoreOptions {
+                slow_commit,
+                ..StoreOptions::default()
+            };
+            let journal = Journal::start(Store::open_with(dir.path(), options).unwrap());
+            (dir, journal)
+        };
+        // Every commit takes longer than nothing; none takes an hour.
+        let (_dir, always) = open(std::time::Duration::ZERO);
+        let (_dir2, never) = open(std::time::Duration::from_secs(3600));
+        for i in 0..3 {
+            write(always.clone(), i).await;
+            write(never.clone(), i).await;
+        }
+        assert_eq!(always.stats().slow.load(Ordering::Relaxed), 3);
+        assert_eq!(never.stats().slow.load(Ordering::Relaxed), 0);
     }
 }

@@ -64,6 +64,7 @@ pub fn open(
         store::StoreOptions {
             fsync: !options.unsafe_no_fsync,
             memtable_bytes: options.memtable_mib << 20,
+            slow_commit: options.slow_commit,
         },
     )?;
     let opened = started.elapsed();

@@ -48,6 +48,11 @@ struct Args {
     #[arg(long, env = "PM_MEMTABLE_MIB", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     memtable_mib: u64,
+    /// Log a warning for every group commit whose oldest write waited longer than this
+    /// (milliseconds, from its request to its answer), with where the time went: queued,
+    /// written, synced. Disk stalls show up here.
+    #[arg(long, env = "PM_SLOW_COMMIT_MS", default_value_t = 100)]
+    slow_commit_ms: u64,
     /// Start even if stored records do not decode: drop them (each is logged and listed in
     /// `salvaged-*.txt` in --data-dir) and serve the rest. Without it such a store refuses
     /// to start, and says so.
@@ -112,6 +117,7 @@ async fn run(args: Args) -> std::process::ExitCode {
         max_finished_per_pipeline: args.max_finished_per_pipeline,
         unsafe_no_fsync: args.unsafe_no_fsync,
         memtable_mib: args.memtable_mib,
+        slow_commit: Duration::from_millis(args.slow_commit_ms),
         max_watches: args.max_watches,
         salvage: args.salvage,
         ..Default::default()

@@ -54,6 +54,7 @@ impl Default for SchedulerMetrics {
 /// What the group-commit writer updates, on its own thread.
 pub struct JournalMetrics {
     pub sync_seconds: Histogram,
+    pub fsync_seconds: Histogram,
     pub batch_writes: Histogram,
     pub unsynced_batches: Counter,
     pub store_errors: Counter,
@@ -64,6 +65,7 @@ impl JournalMetrics {
         describe();
         Self {
             sync_seconds: histogram!("pm_journal_sync_seconds", "component" => COMPONENT),
+            fsync_seconds: histogram!("pm_journal_fsync_seconds", "component" => COMPONENT),
             batch_writes: histogram!("pm_journal_batch_writes", "component" => COMPONENT),
             unsynced_batches: counter!("pm_journal_unsynced_batches_total", "component" => COMPONENT),
             store_errors: counter!("pm_store_errors_total", "component" => COMPONENT),
@@ -104,6 +106,11 @@ fn describe() {
         "pm_journal_sync_seconds",
         ::metrics::Unit::Seconds,
         "Time of one group commit: the write and its fsync."
+    );
+    describe_histogram!(
+        "pm_journal_fsync_seconds",
+        ::metrics::Unit::Seconds,
+        "The fdatasync of one group commit alone."
     );
     describe_histogram!("pm_journal_batch_writes", "Writes per group commit.");
     describe_counter!(

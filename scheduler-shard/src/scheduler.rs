@@ -88,6 +88,9 @@ pub struct Options {
     /// The task store's memtable, MiB, for a data dir created with it
     /// ([`crate::store::StoreOptions`]).
     pub memtable_mib: u64,
+    /// A group commit slower than this is logged as a warning
+    /// ([`crate::store::StoreOptions::slow_commit`]).
+    pub slow_commit: Duration,
     /// Watches (WatchTask streams) served at once; past it WatchTask answers
     /// RESOURCE_EXHAUSTED.
     pub max_watches: usize,
@@ -108,6 +111,7 @@ impl Default for Options {
             max_finished_per_pipeline: 100_000,
             unsafe_no_fsync: false,
             memtable_mib: 64,
+            slow_commit: Duration::from_millis(100),
             max_watches: 10_000,
             salvage: false,
         }

@@ -401,6 +401,15 @@ pub struct Contents {
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How a store is opened.
+/// Where one [`Store::apply`] spent its time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Applied {
+    /// Into fjall's journal and memtables (and, when a memtable is full, sealing it).
+    pub write: std::time::Duration,
+    /// The fdatasync (or, unsynced, the hand-off to the OS).
+    pub sync: std::time::Duration,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct StoreOptions {
     /// With `fsync` false, writes reach the OS but are not synced before acknowledgement: a
@@ -414,6 +423,10 @@ pub struct StoreOptions {
     /// submits at saturation fall further behind and their p99.9 is higher (more flushes
     /// competing for the same cores; perf/RESULTS.md, "A million READY tasks in less memory").
     pub memtable_bytes: u64,
+    /// A group commit whose oldest write waited longer than this, from its request to its
+    /// answer, is logged as a warning with where the time went (`pm-shard --slow-commit-ms`;
+    /// like etcd's warning for a slow apply). fsync stalls of a disk show up here first.
+    pub slow_commit: std::time::Duration,
 }
 
 impl Default for StoreOptions {
@@ -421,6 +434,7 @@ impl Default for StoreOptions {
         Self {
             fsync: true,
             memtable_bytes: 64 * 1024 * 1024,
+            slow_commit: std::time::Duration::from_millis(100),
         }
     }
 }
@@ -537,12 +551,14 @@ impl Store {
     }
 
     /// Applies `ops` atomically and, with `sync`, makes them durable (fdatasync, with every
-    /// batch before them) before returning; without it they only reach the OS.
+    /// batch before them) before returning; without it they only reach the OS. Returns how
+    /// long each part took.
     pub fn apply<'a>(
         &self,
         ops: impl IntoIterator<Item = &'a Op>,
         sync: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Applied, StoreError> {
+        let started = std::time::Instant::now();
         let ops: Vec<&Op> = ops.into_iter().collect();
         // The last write of each task and of each spec wins (see the module doc).
         let mut last: HashMap<TaskKey, usize> = HashMap::with_capacity(ops.len());
@@ -569,6 +585,7 @@ impl Store {
             }
         }
         batch.commit()?;
+        let written = std::time::Instant::now();
         // `SyncData`, except for unsynced writes and in the benchmark-only unsynced mode.
         let persist = if sync && self.options.fsync {
             PersistMode::SyncData
@@ -576,7 +593,10 @@ impl Store {
             PersistMode::Buffer
         };
         self.db.persist(persist)?;
-        Ok(())
+        Ok(Applied {
+            write: written - started,
+            sync: written.elapsed(),
+        })
     }
 
     /// Reads every task and spec.

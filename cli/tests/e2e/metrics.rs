@@ -276,6 +276,7 @@ async fn a_live_pm_dev_serves_metrics_and_queue_stats_that_follow_its_tasks() {
     );
     assert_eq!(value(&s, "pm_task_duration_seconds_count", &[]), Some(3.0));
     assert!(value(&s, "pm_journal_sync_seconds_count", &[]).unwrap() >= 5.0);
+    assert!(value(&s, "pm_journal_fsync_seconds_count", &[]).unwrap() >= 5.0);
     assert!(value(&s, "pm_journal_batch_writes_sum", &[]).unwrap() >= 5.0);
     assert!(value(&s, "pm_journal_sync_seconds_bucket", &[("le", "+Inf")]).unwrap() >= 5.0);
     for zero in [
