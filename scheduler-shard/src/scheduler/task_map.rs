@@ -1,6 +1,6 @@
 //! The map of every task the shard holds, by key.
 //!
-//! Records live in one slab (`Vec`), each beside its key, found through an index of slots. A
+//! Records live in one slab, each beside its key, found through an index of slots. A
 //! hash map of the records themselves was sized in powers of two and, with its entries spread
 //! at random, touched every page of its capacity: the slab took 169 MiB off a shard holding a
 //! million READY tasks (perf/RESULTS.md). The slab holds records densely (a freed slot is
@@ -10,10 +10,15 @@
 //! so growing the index rehashes without reading the slab: rehashing through it, one cache
 //! miss per entry, took 7% of the shard's samples under batched submits. The index is split over
 //! [`PARTS`] tables chosen by the key's random low bits, so growing it rehashes only 1/64 of
-//! it at a time, never a million entries under the scheduler's lock; the slab grows by
-//! reallocation, which moves no pages for a large allocation. Keys are hashed with xxh3, not
-//! SipHash: keys are ours (a UUIDv7 each, with 74 random bits), so no client can aim at one
-//! bucket. Neither shrinks: slots freed by retention are reused by later tasks.
+//! it at a time, never a million entries under the scheduler's lock. The slab is chunks of
+//! [`CHUNK`] slots that never move: growing it adds a chunk. As one `Vec` it doubled, and
+//! jemalloc's realloc of a large block copies it (glibc's remaps pages; jemalloc's does not):
+//! 32 MiB at 262,144 tasks, 128 MiB at a million, copied and faulted in under the scheduler's
+//! lock, stalled every submit for 17-25 ms and more, the longest acks at saturation, and left
+//! the old copy behind as freed memory (perf/RESULTS.md, "The stall behind the longest acks").
+//! Keys are hashed with xxh3, not SipHash: keys are ours (a UUIDv7 each, with 74 random
+//! bits), so no client can aim at one bucket. Neither shrinks: slots freed by retention are
+//! reused by later tasks.
 
 use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64;
@@ -23,6 +28,73 @@ use crate::key::TaskKey;
 
 /// Tables the index is spread over (a power of two).
 const PARTS: usize = 64;
+
+/// Slots per chunk of the slab (2^[`CHUNK_BITS`]): 512 KiB of 128-byte slots, so a chunk is
+/// made in microseconds and the last one, partly filled, has untouched pages only.
+const CHUNK_BITS: u32 = 12;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+/// A slot of the slab: a record beside its key, or free.
+type SlabSlot = Option<(TaskKey, TaskRecord)>;
+
+/// The records, in chunks of [`CHUNK`] slots, each made full-size and never moved: a record
+/// stays where it was put until it is removed, however many come after it.
+#[derive(Default)]
+struct Slab {
+    chunks: Vec<Vec<SlabSlot>>,
+    len: usize,
+}
+
+impl Slab {
+    fn with_capacity(slots: usize) -> Self {
+        Self {
+            chunks: Vec::with_capacity(slots.div_ceil(CHUNK)),
+            len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, slot: usize) -> Option<&SlabSlot> {
+        self.chunks.get(slot >> CHUNK_BITS)?.get(slot & (CHUNK - 1))
+    }
+
+    fn get_mut(&mut self, slot: usize) -> Option<&mut SlabSlot> {
+        self.chunks
+            .get_mut(slot >> CHUNK_BITS)?
+            .get_mut(slot & (CHUNK - 1))
+    }
+
+    /// Appends a slot; returns its index.
+    fn push(&mut self, x: SlabSlot) -> usize {
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < CHUNK => last.push(x),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(x);
+                self.chunks.push(chunk);
+            }
+        }
+        self.len += 1;
+        self.len - 1
+    }
+}
+
+impl std::ops::Index<usize> for Slab {
+    type Output = SlabSlot;
+
+    fn index(&self, slot: usize) -> &SlabSlot {
+        self.get(slot).expect("a slot of the slab")
+    }
+}
+
+impl std::ops::IndexMut<usize> for Slab {
+    fn index_mut(&mut self, slot: usize) -> &mut SlabSlot {
+        self.get_mut(slot).expect("a slot of the slab")
+    }
+}
 
 /// Slots of records, hashed by the key each record is stored beside.
 type Part = HashTable<Entry>;
@@ -39,7 +111,7 @@ pub(super) type Slot = u32;
 
 pub(super) struct TaskMap {
     index: Vec<Part>,
-    slots: Vec<Option<(TaskKey, TaskRecord)>>,
+    slots: Slab,
     /// Empty slots, reused first.
     free: Vec<Slot>,
 }
@@ -62,7 +134,7 @@ fn spread(hash: u32) -> u64 {
 
 /// Whether `entry` is the one of `key`, whose [`hash`] is `hash`: every indexed slot holds a
 /// record.
-fn is(slots: &[Option<(TaskKey, TaskRecord)>], entry: &Entry, key: TaskKey, hash: u32) -> bool {
+fn is(slots: &Slab, entry: &Entry, key: TaskKey, hash: u32) -> bool {
     entry.hash == hash
         && slots[entry.slot as usize]
             .as_ref()
@@ -76,7 +148,7 @@ impl TaskMap {
         let per_part = tasks / PARTS + tasks / PARTS / 8;
         Self {
             index: (0..PARTS).map(|_| Part::with_capacity(per_part)).collect(),
-            slots: Vec::with_capacity(tasks),
+            slots: Slab::with_capacity(tasks),
             free: Vec::new(),
         }
     }
@@ -125,8 +197,8 @@ impl TaskMap {
                 slot
             }
             None => {
-                self.slots.push(Some((key, record)));
-                Slot::try_from(self.slots.len() - 1).expect("fewer than 4 billion tasks")
+                let slot = self.slots.push(Some((key, record)));
+                Slot::try_from(slot).expect("fewer than 4 billion tasks")
             }
         };
         let hash = hash(key);
@@ -223,6 +295,26 @@ mod tests {
         );
         assert_eq!(map.remove(keys[0]).map(|r| r.attempt), None, "removed once");
         assert_eq!(map.len(), 20_000);
+    }
+
+    #[test]
+    fn a_record_stays_where_it_was_put_while_the_slab_grows() {
+        let spec = Arc::new(HeldSpec {
+            id: [0; 32],
+            spec: Arc::default(),
+        });
+        let mut map = TaskMap::with_capacity(0);
+        let first = TaskKey::generate();
+        let slot = map.insert(first, record(&spec, 1));
+        let at = |map: &mut TaskMap| map.at_mut(slot).map(|r| r as *const TaskRecord);
+        let before = at(&mut map);
+        // Several chunks' worth: a `Vec` would have moved its records each time it doubled.
+        for i in 0..(3 * CHUNK + 1) {
+            map.insert(TaskKey::generate(), record(&spec, i as u32));
+        }
+        assert_eq!(map.slots.chunks.len(), 4);
+        assert_eq!(at(&mut map), before, "the first record moved");
+        assert_eq!(map.get(first).map(|r| r.attempt), Some(1));
     }
 
     #[test]
