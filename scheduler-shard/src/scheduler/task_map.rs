@@ -253,12 +253,16 @@ mod tests {
         TaskRecord::from_disk(r, Arc::new(origin))
     }
 
-    #[test]
-    fn keys_find_their_records_through_growth_removal_and_reuse() {
-        let spec = Arc::new(HeldSpec {
+    fn spec() -> Arc<HeldSpec> {
+        Arc::new(HeldSpec {
             id: [0; 32],
             spec: Arc::default(),
-        });
+        })
+    }
+
+    #[test]
+    fn keys_find_their_records_through_growth_removal_and_reuse() {
+        let spec = spec();
         // Starts small, so every part grows (and rehashes through the slab) many times.
         let mut map = TaskMap::with_capacity(0);
         let keys: Vec<TaskKey> = (0..20_000u32)
@@ -299,10 +303,7 @@ mod tests {
 
     #[test]
     fn a_record_stays_where_it_was_put_while_the_slab_grows() {
-        let spec = Arc::new(HeldSpec {
-            id: [0; 32],
-            spec: Arc::default(),
-        });
+        let spec = spec();
         let mut map = TaskMap::with_capacity(0);
         let first = TaskKey::generate();
         let slot = map.insert(first, record(&spec, 1));
