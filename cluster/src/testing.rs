@@ -1,4 +1,5 @@
-//! A real etcd for tests: started on free loopback ports in a temp dir, killed on drop.
+//! A real etcd for tests: started on free loopback ports in a temp dir (again on fresh ones
+//! if another process took them first), killed on drop.
 //! The binary is `PM_ETCD_BIN`, else `/usr/bin/etcd` (Debian's etcd-server, which
 //! `scripts/setup.sh --test` installs).
 
@@ -34,18 +35,41 @@ pub fn etcd_binary() -> PathBuf {
 pub const MEMBER: &str = "test";
 
 impl Etcd {
-    /// Starts etcd in a temp dir and waits until it answers (at most 20 s).
+    /// Starts etcd in a temp dir and waits until it answers (at most 20 s). Ports picked
+    /// free can be taken by another test before etcd binds them (etcd then exits): it
+    /// starts again on fresh ones, at most 5 times.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = dir.path().join("etcd");
-        let mut etcd = Self::start_on(&data_dir, free_port(), free_port());
-        etcd._dir = Some(dir);
-        etcd
+        for _ in 0..5 {
+            match Self::try_start_on(&data_dir, free_port(), free_port()) {
+                Ok(mut etcd) => {
+                    etcd._dir = Some(dir);
+                    return etcd;
+                }
+                Err(exited) => {
+                    eprintln!("etcd exited at start ({exited}), likely a port taken: again");
+                    // What it wrote belongs to a member on the old peer URL.
+                    let _ = std::fs::remove_dir_all(&data_dir);
+                }
+            }
+        }
+        panic!("etcd exited at start 5 times");
     }
 
     /// Starts etcd on `data_dir` (made if missing, kept after), member [`MEMBER`] with the
     /// peer URL `http://127.0.0.1:{peer}`, and waits until it answers (at most 20 s).
     pub fn start_on(data_dir: &Path, client: u16, peer: u16) -> Self {
+        Self::try_start_on(data_dir, client, peer)
+            .unwrap_or_else(|exited| panic!("etcd exited at start: {exited}"))
+    }
+
+    /// [`Etcd::start_on`], or how etcd exited before it answered.
+    fn try_start_on(
+        data_dir: &Path,
+        client: u16,
+        peer: u16,
+    ) -> Result<Self, std::process::ExitStatus> {
         let bin = etcd_binary();
         assert!(
             bin.exists(),
@@ -67,7 +91,7 @@ impl Etcd {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let etcd = Self {
+        let mut etcd = Self {
             child,
             endpoint,
             data_dir: data_dir.to_owned(),
@@ -76,8 +100,11 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         let health = format!("127.0.0.1:{client}");
         loop {
-            if std::net::TcpStream::connect(&health).is_ok() && etcd.healthy() {
-                return etcd;
+            if let Ok(Some(exited)) = etcd.child.try_wait() {
+                return Err(exited);
+            }
+            if std::net::TcpStream::connect(&health).is_ok() && etcd.answers_as(&peer_url) {
+                return Ok(etcd);
             }
             assert!(Instant::now() < deadline, "etcd did not start in 20 s");
             std::thread::sleep(Duration::from_millis(50));
@@ -94,19 +121,28 @@ impl Etcd {
         let _ = self.child.wait();
     }
 
-    /// Asks etcd for its status on a thread of its own, so callers may be async.
-    fn healthy(&self) -> bool {
+    /// Whether the etcd at the endpoint is this one, the member on `peer_url` (not another
+    /// test's that took the port first). Asks on a thread of its own, so callers may be async.
+    fn answers_as(&self, peer_url: &str) -> bool {
         let endpoint = self.endpoint.clone();
+        let peer_url = peer_url.to_owned();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                match crate::etcd::connect(&[endpoint]).await {
-                    Ok(mut c) => c.status().await.is_ok(),
-                    Err(_) => false,
+                let Ok(mut c) = crate::etcd::connect(&[endpoint]).await else {
+                    return false;
+                };
+                if c.status().await.is_err() {
+                    return false;
                 }
+                c.member_list().await.is_ok_and(|list| {
+                    list.members()
+                        .iter()
+                        .any(|m| m.peer_urls().contains(&peer_url))
+                })
             })
         })
         .join()
@@ -171,4 +207,20 @@ pub async fn check_store_contract(store: &dyn MetadataStore) -> u64 {
     assert!(!store.delete("/a/2", Expect::Any).await.unwrap());
     assert!(store.get("/a/2").await.unwrap().is_none());
     r2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port someone else holds: the etcd given it exits, and that is reported (for
+    /// [`Etcd::start`] to try fresh ports), not taken for this etcd answering.
+    #[test]
+    fn an_etcd_whose_port_is_taken_is_reported_as_exited() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let started = Etcd::try_start_on(&dir.path().join("etcd"), port, free_port());
+        assert!(started.is_err(), "took the held port for a started etcd");
+    }
 }

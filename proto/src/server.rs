@@ -120,11 +120,14 @@ impl ServerArgs {
         if let Some(addr) = &self.health_listen {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            // The bound address: with port 0 the kernel picks it, and this line says which.
+            tracing::info!(addr = ?listener.local_addr().ok(), "health port listening");
             set_health_listener(listener);
         }
         if let Some(addr) = &self.metrics_listen {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
             crate::metrics::set_listener(listener);
         }
         Ok(())

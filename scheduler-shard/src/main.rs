@@ -67,7 +67,8 @@ struct Args {
     #[arg(long, env = "PM_SHARD_ID")]
     shard_id: Option<String>,
     /// Where gateways and other shards reach this shard, `http://host:port`.
-    /// Default: http:// and --listen.
+    /// Default: http:// and the address --listen bound (with port 0, the port the kernel
+    /// picked).
     #[arg(long, env = "PM_ADVERTISE")]
     advertise: Option<String>,
     /// Seconds the shard's membership lease lasts unless renewed: how long a crashed
@@ -156,7 +157,10 @@ async fn run(args: Args) -> std::process::ExitCode {
             address: args
                 .advertise
                 .clone()
-                .unwrap_or_else(|| format!("http://{}", args.listen)),
+                .unwrap_or_else(|| match listener.local_addr() {
+                    Ok(bound) => format!("http://{bound}"),
+                    Err(_) => format!("http://{}", args.listen),
+                }),
             started_at: pm_proto::unix_ms(),
         };
         match pm_scheduler_shard::Cluster::join(

@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 mod common;
-use common::free_port;
 
 /// TLS and mTLS between the same processes.
 #[path = "cluster/tls.rs"]
@@ -90,6 +89,20 @@ impl Proc {
             .spawn()
             .unwrap();
         Proc(child)
+    }
+
+    /// Spawns a server given a port-0 address and waits for the line of its log that says
+    /// `message`: the address it bound.
+    async fn spawn_serving(
+        bin_name: &str,
+        args: &[String],
+        log: &Path,
+        message: &str,
+    ) -> (Self, std::net::SocketAddr) {
+        let from = common::log_end(log);
+        let mut p = Self::spawn(bin_name, args, log);
+        let addr = common::logged_addr(log, from, message, &mut p.0).await;
+        (p, addr)
     }
 
     fn kill(mut self) {
@@ -229,20 +242,21 @@ impl Cluster {
     /// tenant-service on `etcd` (it makes the platform admin, whose secret it writes to a
     /// file before it listens) and the cluster around it; the process runs while kept.
     async fn boot(dir: &Path, etcd: &Etcd) -> (Cluster, Proc) {
-        let tenant_port = free_port();
         let admin_file = dir.join("admin.client");
-        let tenant = Proc::spawn(
+        let (tenant, tenant_addr) = Proc::spawn_serving(
             "pm-tenant-service",
             &[
                 "--etcd".into(),
                 etcd.endpoint.clone(),
                 "--listen".into(),
-                format!("127.0.0.1:{tenant_port}"),
+                "127.0.0.1:0".into(),
                 "--bootstrap-admin-file".into(),
                 admin_file.display().to_string(),
             ],
             &dir.join("tenant.log"),
-        );
+            "tenant-service serving",
+        )
+        .await;
         let mut saved = None;
         until(
             "the platform admin is made",
@@ -258,7 +272,7 @@ impl Cluster {
         let cluster = Cluster {
             dir: dir.to_path_buf(),
             etcd: etcd.endpoint.clone(),
-            tenant_service: format!("http://127.0.0.1:{tenant_port}"),
+            tenant_service: format!("http://{tenant_addr}"),
             admin: (id.to_owned(), secret.to_owned()),
             metrics: Mutex::default(),
         };
@@ -333,28 +347,23 @@ impl Cluster {
 
     /// Shard `id`, whose handoff on leaving is bounded at 20 s (this test's changes come
     /// one after another; an unbounded one is [`Cluster::shard_with`]).
-    fn shard(&self, id: &str) -> Proc {
-        self.shard_with(id, &["--handoff-seconds", "20"])
+    async fn shard(&self, id: &str) -> Proc {
+        self.shard_with(id, &["--handoff-seconds", "20"]).await
     }
 
-    fn shard_with(&self, id: &str, extra: &[&str]) -> Proc {
-        // A fresh port even for a restart: the identity is the id and the disk, and the
-        // port just freed may already serve someone else's connection.
-        let port = free_port();
-        let metrics = format!("127.0.0.1:{}", free_port());
-        self.metrics
-            .lock()
-            .unwrap()
-            .insert(id.to_owned(), metrics.clone());
+    /// Shard `id`, once it listens for metrics (it logs that before it opens its store).
+    async fn shard_with(&self, id: &str, extra: &[&str]) -> Proc {
+        // Ports the kernel picks, even for a restart: the identity is the id and the disk,
+        // and the shard advertises in the ring the address it bound.
         let args: Vec<String> = [
             "--metrics-listen",
-            &metrics,
+            "127.0.0.1:0",
             "--etcd",
             &self.etcd,
             "--shard-id",
             id,
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--data-dir",
             &self.dir.join(id).display().to_string(),
             "--membership-ttl-seconds",
@@ -366,21 +375,27 @@ impl Cluster {
         .chain(extra.iter().copied())
         .map(String::from)
         .collect();
-        Proc::spawn("pm-shard", &args, &self.dir.join(format!("{id}.log")))
+        let log = self.dir.join(format!("{id}.log"));
+        let (p, metrics) = Proc::spawn_serving("pm-shard", &args, &log, "metrics listening").await;
+        self.metrics
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), metrics.to_string());
+        p
     }
 
-    fn gateway(&self, n: usize) -> (Proc, String) {
-        let port = free_port();
+    async fn gateway(&self, n: usize) -> (Proc, String) {
         let args = [
             "--etcd".to_owned(),
             self.etcd.clone(),
             "--tenant-service".to_owned(),
             self.tenant_service.clone(),
             "--listen".to_owned(),
-            format!("127.0.0.1:{port}"),
+            "127.0.0.1:0".to_owned(),
         ];
-        let p = Proc::spawn("pm-gateway", &args, &self.dir.join(format!("gw{n}.log")));
-        (p, format!("http://127.0.0.1:{port}"))
+        let log = self.dir.join(format!("gw{n}.log"));
+        let (p, addr) = Proc::spawn_serving("pm-gateway", &args, &log, "gateway serving").await;
+        (p, format!("http://{addr}"))
     }
 
     fn agent(&self, n: usize, gateway: &str, pipeline: &str) -> Proc {
@@ -630,15 +645,15 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
 
     let mut shards: HashMap<&str, Proc> = HashMap::new();
     for id in ["s0", "s1", "s2"] {
-        shards.insert(id, cluster.shard(id));
+        shards.insert(id, cluster.shard(id).await);
     }
     assert!(
         view.wait_for(wait_ring, ring_is(&["s0", "s1", "s2"])).await,
         "{}",
         cluster.ring_failure(&view, &["s0", "s1", "s2"])
     );
-    let (_gw0, gw0) = cluster.gateway(0);
-    let (_gw1, gw1) = cluster.gateway(1);
+    let (_gw0, gw0) = cluster.gateway(0).await;
+    let (_gw1, gw1) = cluster.gateway(1).await;
     let gateways = [gw0.clone(), gw1.clone()];
 
     // Configuration through a gateway, stored in etcd by tenant-service.
@@ -843,7 +858,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
 
     // 1. A shard joins.
     let before = view.ring();
-    shards.insert("s3", cluster.shard("s3"));
+    shards.insert("s3", cluster.shard("s3").await);
     assert!(
         view.wait_for(wait_ring, ring_is(&["s0", "s1", "s2", "s3"]))
             .await,
@@ -885,7 +900,7 @@ async fn shards_join_leave_and_crash_under_load_and_no_acknowledged_task_is_lost
     progress(active_logs, "runs while s1 is down").await;
     // ...and it comes back with the same identity and disk, and serves its backlog.
     let before = view.ring();
-    shards.insert("s1", cluster.shard("s1"));
+    shards.insert("s1", cluster.shard("s1").await);
     assert!(
         view.wait_for(wait_ring, ring_is(&["s1", "s2", "s3"])).await,
         "{}",
@@ -1080,8 +1095,8 @@ async fn a_leaving_shard_hands_off_its_whole_backlog_before_it_exits() {
     };
     let cancel = CancellationToken::new();
     let view = ring_view(&etcd.endpoint, &cancel).await;
-    let leaver = cluster.shard_with("s0", &[]);
-    let _stayer = cluster.shard_with("s1", &[]);
+    let leaver = cluster.shard_with("s0", &[]).await;
+    let _stayer = cluster.shard_with("s1", &[]).await;
     assert!(
         view.wait_for(Duration::from_secs(20), |r| ids(r) == ["s0", "s1"])
             .await,
@@ -1160,7 +1175,7 @@ async fn a_leaving_shard_hands_off_its_whole_backlog_before_it_exits() {
     // And nothing is left on s0's disk: started again, it replays no task (it logs what it
     // recovered, before it serves).
     let before = log.len();
-    let back = cluster.shard_with("s0", &[]);
+    let back = cluster.shard_with("s0", &[]).await;
     let mut restarted = String::new();
     until("s0 serves again", Duration::from_secs(30), async || {
         let log = std::fs::read_to_string(dir.join("s0.log")).unwrap_or_default();
@@ -1187,14 +1202,17 @@ async fn lowering_or_raising_partitions_strands_no_task() {
     let (cluster, _tenant) = Cluster::boot(&dir, &etcd).await;
     let cancel = CancellationToken::new();
     let view = ring_view(&etcd.endpoint, &cancel).await;
-    let _shards: Vec<Proc> = ["s0", "s1", "s2"].map(|id| cluster.shard(id)).into();
+    let mut _shards = Vec::new();
+    for id in ["s0", "s1", "s2"] {
+        _shards.push(cluster.shard(id).await);
+    }
     assert!(
         view.wait_for(Duration::from_secs(20), |r| r.len() == 3)
             .await,
         "{}",
         cluster.ring_failure(&view, &["s0", "s1", "s2"])
     );
-    let (_gw, gw) = cluster.gateway(0);
+    let (_gw, gw) = cluster.gateway(0).await;
     let bearer = cluster.login(&gw).await;
     let mut config = cluster.application(&gw, &bearer).await;
     let log = log_of(&dir, "shift");

@@ -15,7 +15,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{Forwarder, free_port};
+use common::Forwarder;
 
 use pm_proto::internal::v1::enqueue_result;
 use pm_proto::internal::v1::{EnqueueRequest, EnqueueTask};
@@ -32,17 +32,23 @@ struct Shard {
 
 impl Shard {
     /// With short leases: after a kill, a lease no agent reclaims is delivered again soon.
-    fn start(dir: &Path, front: &Forwarder, run: usize) -> Shard {
-        Self::start_with_ttl(dir, front, run, 2)
+    async fn start(dir: &Path, front: &Forwarder, run: usize) -> Shard {
+        Self::start_with_ttl(dir, front, run, 2).await
     }
 
-    /// Starts the shard on a fresh port, behind `front`.
-    fn start_with_ttl(dir: &Path, front: &Forwarder, run: usize, lease_ttl_seconds: u32) -> Shard {
-        let port = free_port();
-        front.forward_to(port);
-        let log = std::fs::File::create(dir.join(format!("shard-{run}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pm-shard"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+    /// Starts the shard on a port the kernel picks, and once it serves, puts it behind
+    /// `front` (until then `front` refuses connections, as a Service with no ready pod).
+    async fn start_with_ttl(
+        dir: &Path,
+        front: &Forwarder,
+        run: usize,
+        lease_ttl_seconds: u32,
+    ) -> Shard {
+        front.forward_to(0);
+        let log_path = dir.join(format!("shard-{run}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pm-shard"))
+            .args(["--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--lease-ttl-seconds", &lease_ttl_seconds.to_string()])
@@ -51,6 +57,8 @@ impl Shard {
             .stderr(log)
             .spawn()
             .unwrap();
+        let addr = common::logged_addr(&log_path, 0, "shard serving", &mut child).await;
+        front.forward_to(addr.port());
         Shard { child }
     }
 
@@ -247,7 +255,7 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
     let spec = spec(&log);
 
     let mut run = 0;
-    let mut shard = Shard::start(&dir_path, &front, run);
+    let mut shard = Shard::start(&dir_path, &front, run).await;
     wait_ready(&endpoint).await;
 
     let acked = Arc::new(Mutex::new(HashSet::new()));
@@ -269,7 +277,7 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         shard.kill();
         run += 1;
-        shard = Shard::start(&dir_path, &front, run);
+        shard = Shard::start(&dir_path, &front, run).await;
         wait_ready(&endpoint).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -303,7 +311,7 @@ async fn no_acknowledged_task_is_lost_when_the_shard_is_killed() {
     }
     shard.kill();
     run += 1;
-    let _shard = Shard::start(&dir_path, &front, run);
+    let _shard = Shard::start(&dir_path, &front, run).await;
     wait_ready(&endpoint).await;
 
     let (mut done, mut missing) = count_done(&endpoint, &acked).await;
@@ -353,7 +361,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     // The lease must outlast the restart plus the agent's jittered reconnect backoff
     // (0.1, 0.2, 0.4... s, ±50%) on a loaded machine: a reclaim, not a race against the TTL.
     const TTL_SECONDS: u32 = 15;
-    let shard = Shard::start_with_ttl(&dir_path, &front, 0, TTL_SECONDS);
+    let shard = Shard::start_with_ttl(&dir_path, &front, 0, TTL_SECONDS).await;
     wait_ready(&endpoint).await;
 
     // One task that runs for a while; every execution leaves a line.
@@ -377,7 +385,7 @@ async fn an_agent_reclaims_its_lease_from_a_restarted_shard() {
     // The shard dies mid-run and comes back on the same disk; the agent reconnects holding
     // the lease, and the shard (which replayed it) lets it keep the task.
     shard.kill();
-    let _shard = Shard::start_with_ttl(&dir_path, &front, 1, TTL_SECONDS);
+    let _shard = Shard::start_with_ttl(&dir_path, &front, 1, TTL_SECONDS).await;
     assert_private(&dir_path.join("data"));
     wait_ready(&endpoint).await;
     let mut client = pm_proto::client::shard(pm_proto::client::channel(&endpoint).unwrap());
@@ -581,7 +589,7 @@ async fn what_finished_tasks_printed_stays_on_disk_not_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let front = Forwarder::start().await;
     let endpoint = front.endpoint.clone();
-    let shard = Shard::start_with_ttl(dir.path(), &front, 0, 300);
+    let shard = Shard::start_with_ttl(dir.path(), &front, 0, 300).await;
     wait_ready(&endpoint).await;
 
     let spec = common::spec(vec!["print".into()]);

@@ -15,7 +15,7 @@ use tonic::transport::Endpoint;
 use pm_proto::tls::{Tls, TlsFiles};
 use pm_proto::v1::*;
 
-use super::{Proc, free_port};
+use super::Proc;
 
 struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -115,38 +115,54 @@ async fn services_speak_mtls_refuse_strangers_and_reload_certificates() {
     std::fs::write(dir.join("rogue-ca.pem"), &rogue.pem).unwrap();
     rogue.leaf(dir, "rogue", &names);
 
-    let (tenant_port, shard_port, gateway_port) = (free_port(), free_port(), free_port());
-    let health_port = free_port();
+    // Every port is the kernel's pick, read back from the logs.
     let mut args = vec![
         "--listen".to_owned(),
-        format!("127.0.0.1:{tenant_port}"),
+        "127.0.0.1:0".to_owned(),
         "--data-dir".into(),
         dir.join("meta").display().to_string(),
     ];
     args.extend(tls_args(dir, "tenants"));
-    let _tenants = Proc::spawn("pm-tenant-service", &args, &dir.join("tenants.log"));
+    let tenants_log = dir.join("tenants.log");
+    let (_tenants, tenants) = Proc::spawn_serving(
+        "pm-tenant-service",
+        &args,
+        &tenants_log,
+        "tenant-service serving",
+    )
+    .await;
     let mut args = vec![
         "--listen".to_owned(),
-        format!("127.0.0.1:{shard_port}"),
+        "127.0.0.1:0".to_owned(),
         "--data-dir".into(),
         dir.join("shard-data").display().to_string(),
         "--health-listen".into(),
-        format!("127.0.0.1:{health_port}"),
+        "127.0.0.1:0".into(),
     ];
     args.extend(tls_args(dir, "shard"));
-    let _shard = Proc::spawn("pm-shard", &args, &dir.join("shard.log"));
+    let shard_log = dir.join("shard.log");
+    let (mut shard, shard_addr) =
+        Proc::spawn_serving("pm-shard", &args, &shard_log, "shard serving").await;
+    let health_port =
+        super::common::logged_addr(&shard_log, 0, "health port listening", &mut shard.0)
+            .await
+            .port();
+    let shard_port = shard_addr.port();
     let mut args = vec![
         "--listen".to_owned(),
-        format!("127.0.0.1:{gateway_port}"),
+        "127.0.0.1:0".to_owned(),
         "--tenant-service".into(),
-        format!("https://127.0.0.1:{tenant_port}"),
+        format!("https://{tenants}"),
         "--shard".into(),
-        format!("https://127.0.0.1:{shard_port}"),
+        format!("https://{shard_addr}"),
         // Tokens are tested elsewhere; here the transport.
         "--insecure-no-auth".into(),
     ];
     args.extend(tls_args(dir, "gateway"));
-    let _gateway = Proc::spawn("pm-gateway", &args, &dir.join("gateway.log"));
+    let gateway_log = dir.join("gateway.log");
+    let (_gateway, gateway) =
+        Proc::spawn_serving("pm-gateway", &args, &gateway_log, "gateway serving").await;
+    let gateway_port = gateway.port();
 
     // A client that trusts the CA and has no certificate: the public port lets it in, and
     // the gateway reaches tenant-service and the shard over mTLS.

@@ -1,4 +1,4 @@
-//! What the shard's process-level tests share: a free loopback port, a stable address in
+//! What the shard's process-level tests share: the address a server bound, a stable address in
 //! front of a shard that restarts, a one-job spec, one acknowledged submit, a wait for a task
 //! to be DONE, and an agent stream opened with a Hello.
 #![allow(dead_code)]
@@ -10,12 +10,52 @@ use pm_proto::v1::{AgentMessage, Hello, Job, PipelineSpec, Stage, Task, agent_me
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Where a server given a port-0 address listens: the `addr` of the first line past byte
+/// `from` of its `log` (its stderr) that says `message` (`shard serving`, `metrics listening`,
+/// ...). The kernel picks the port at the bind, so nothing can take it first, as another
+/// test once did between a free port's pick and its bind (a CI flake). Waits at most 60 s,
+/// and panics with the log's end if `child` exits meanwhile.
+pub async fn logged_addr(
+    log: &std::path::Path,
+    from: u64,
+    message: &str,
+    child: &mut std::process::Child,
+) -> std::net::SocketAddr {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = std::fs::read(log).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+        if let Some(addr) = text.lines().find_map(|line| addr_in(line, message)) {
+            return addr;
+        }
+        let tail: Vec<&str> = text.lines().rev().take(10).collect();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("exited ({status}) before `{message}`; its log ends: {tail:#?}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no `{message}` in {} in 60 s; it ends: {tail:#?}",
+            log.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The address of a log line `... {message} addr=Some(127.0.0.1:PORT) ...`.
+fn addr_in(line: &str, message: &str) -> Option<std::net::SocketAddr> {
+    let fields = &line[line.find(message)? + message.len()..];
+    let value = fields
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("addr="))?;
+    let value = value
+        .strip_prefix("Some(")
+        .map_or(value, |v| v.trim_end_matches(')'));
+    value.parse().ok()
+}
+
+/// The length of `log` now (0 if there is none): where the next process's lines begin.
+pub fn log_end(log: &std::path::Path) -> u64 {
+    std::fs::metadata(log).map_or(0, |m| m.len())
 }
 
 /// A fixed loopback address that forwards each connection to the shard of the moment, the
@@ -45,6 +85,9 @@ impl Forwarder {
                 let port = to.load(Ordering::SeqCst);
                 connections.spawn(async move {
                     // No shard up: the client sees the connection close, as with a dead pod.
+                    if port == 0 {
+                        return;
+                    }
                     if let Ok(mut outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", port)).await
                     {
@@ -61,7 +104,7 @@ impl Forwarder {
         }
     }
 
-    /// New connections go to the shard on `port` from now on.
+    /// New connections go to the shard on `port` from now on; with 0, to none (they close).
     pub fn forward_to(&self, port: u16) {
         self.target.store(port, std::sync::atomic::Ordering::SeqCst);
     }
