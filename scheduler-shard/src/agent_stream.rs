@@ -164,7 +164,7 @@ async fn place(in_flight: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit
 }
 
 /// Runs `write` (a result or a reject) on its own task, holding its place until it is done.
-fn spawn_holding(permit: OwnedSemaphorePermit, write: impl Future<Output = ()> + Send + 'static) {
+fn spawn_holding<T>(permit: OwnedSemaphorePermit, write: impl Future<Output = T> + Send + 'static) {
     tokio::spawn(async move {
         write.await;
         drop(permit);
@@ -273,20 +273,17 @@ async fn read_stream(
             Message::Result(r) => {
                 let bytes = r.encoded_len();
                 if let Some(lease) = r.lease {
-                    let scheduler = scheduler.clone();
-                    let result = r.result.unwrap_or_default();
-                    spawn_holding(place(in_flight, bytes).await, async move {
-                        scheduler.complete(session, &lease, result).await;
-                    });
+                    let permit = place(in_flight, bytes).await;
+                    // The slot comes back here, at once; only the write is a task of its own.
+                    let write = scheduler.complete(session, &lease, r.result.unwrap_or_default());
+                    spawn_holding(permit, write);
                 }
             }
             Message::ResultPart(part) => match add_part(&mut assembling, in_flight, part).await {
                 Ok(None) => {}
                 Ok(Some((lease, result, permit))) => {
-                    let scheduler = scheduler.clone();
-                    spawn_holding(permit, async move {
-                        scheduler.complete(session, &lease, result).await;
-                    });
+                    let write = scheduler.complete(session, &lease, result);
+                    spawn_holding(permit, write);
                 }
                 Err(status) => {
                     tracing::debug!(session, %status, "agent stream broke the protocol");

@@ -1,4 +1,6 @@
-//! The dispatcher loop: READY tasks to sessions with credit.
+//! The dispatcher loop: READY tasks to sessions with credit. Submits wake it; a slot that
+//! comes back (a result, a Credit) is leased again on the task that reported it
+//! ([`Scheduler::dispatch_now`]).
 //!
 //! An Assign does not wait for its dispatch record to be durable. The record is appended to
 //! the journal under the scheduler's lock, so it lands before any later change of the same
@@ -56,39 +58,53 @@ fn queued_span(task: &Task, ready_since_ms: i64) {
 impl Scheduler {
     pub(super) async fn run_dispatcher(self: Arc<Self>, cancel: CancellationToken) {
         loop {
-            let assigns = self.dispatch_ready();
-            if assigns.is_empty() {
+            if !self.dispatch_now() {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = self.dispatcher.notified() => continue,
                 }
             }
-            for a in assigns {
-                let task = a.task.to_task();
-                if !task.traceparent.is_empty() && pm_proto::trace::enabled() {
-                    queued_span(&task, a.ready_since_ms);
-                }
-                let assign = ServerMessage {
-                    message: Some(server_message::Message::Assign(Assign {
-                        task: Some(task),
-                        spec: Some((*a.spec).clone()),
-                        lease: Some(wire_lease(
-                            &a.lease_id,
-                            a.task.name(),
-                            a.task.attempt,
-                            a.deadline,
-                        )),
-                    })),
-                };
-                if a.tx.send(Ok(assign)).is_err() {
-                    // The stream went away meanwhile; the lease expires and the task is
-                    // delivered again.
-                    tracing::debug!("assign to a closed stream");
-                }
-            }
             // Let submits and results in before the next round.
             tokio::task::yield_now().await;
         }
+    }
+
+    /// One round of dispatch on the caller's task: leases what it can (at most
+    /// [`DISPATCH_BATCH`]) and sends the Assigns. Returns whether it sent any. A result
+    /// calls it for the slot it gave back, so the next Assign goes out without waking the
+    /// dispatcher (a wakeup waits its turn behind every ready task of a busy runtime).
+    pub(super) fn dispatch_now(&self) -> bool {
+        let assigns = self.dispatch_ready();
+        if assigns.len() >= DISPATCH_BATCH {
+            // Perhaps more to lease: the dispatcher's loop goes on (called from the loop,
+            // this costs it one empty round later).
+            self.dispatcher.notify_one();
+        }
+        let sent = !assigns.is_empty();
+        for a in assigns {
+            let task = a.task.to_task();
+            if !task.traceparent.is_empty() && pm_proto::trace::enabled() {
+                queued_span(&task, a.ready_since_ms);
+            }
+            let assign = ServerMessage {
+                message: Some(server_message::Message::Assign(Assign {
+                    task: Some(task),
+                    spec: Some((*a.spec).clone()),
+                    lease: Some(wire_lease(
+                        &a.lease_id,
+                        a.task.name(),
+                        a.task.attempt,
+                        a.deadline,
+                    )),
+                })),
+            };
+            if a.tx.send(Ok(assign)).is_err() {
+                // The stream went away meanwhile; the lease expires and the task is
+                // delivered again.
+                tracing::debug!("assign to a closed stream");
+            }
+        }
+        sent
     }
 
     /// Leases READY tasks to sessions with credit, appends their dispatch records to the

@@ -8,6 +8,10 @@ fn names(key: TaskKey, pipeline: &str, name: &str) -> bool {
     TaskKey::parse_name(name) == Some((pipeline, key))
 }
 
+/// A result planned under the lock, to be written: the task, its next state, the write, and
+/// the lease it ends (given back if the write fails).
+type PlannedResult = (TaskKey, Next, Op, (LeaseId, Lease));
+
 impl Scheduler {
     /// Registers an agent stream; returns its session id. Leases the agent still holds from
     /// an earlier stream (or from before a restart of this shard) move to this one, so running
@@ -63,7 +67,7 @@ impl Scheduler {
 
     pub fn credit(&self, session: u64, slots: u32) {
         self.lock().credit(session, slots);
-        self.dispatcher.notify_one();
+        self.dispatch_now();
     }
 
     /// Renews leases held by `session`; unknown ones are ignored (their results will be
@@ -115,8 +119,14 @@ impl Scheduler {
     /// An attempt's end. Only the current lease, held by `session`, counts (the lease table
     /// keeps the holder after its stream closed, so a result read just before the close
     /// still lands); the first such result wins. Anything else is stale, repeated or forged
-    /// and changes nothing. Returns whether it was applied.
-    pub async fn complete(&self, session: u64, lease: &WireLease, result: TaskResult) -> bool {
+    /// and changes nothing. The lease is released, and the slot's next Assign sent, at the
+    /// call; the future writes the result and says whether it was applied.
+    pub fn complete(
+        self: &Arc<Self>,
+        session: u64,
+        lease: &WireLease,
+        result: TaskResult,
+    ) -> impl Future<Output = bool> + Send + 'static {
         let planned = {
             let mut guard = self.lock();
             let inner = &mut *guard;
@@ -144,7 +154,14 @@ impl Scheduler {
             planned
         };
         // The slot came back either way.
-        self.dispatcher.notify_one();
+        self.dispatch_now();
+        let this = self.clone();
+        async move { this.write_result(planned).await }
+    }
+
+    /// The second half of [`Scheduler::complete`]: the result's write, then the task final
+    /// (or, if the write failed, leased again with its lease expiring).
+    async fn write_result(&self, planned: Option<PlannedResult>) -> bool {
         let Some((key, next, op, lease)) = planned else {
             return false;
         };
