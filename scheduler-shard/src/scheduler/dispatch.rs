@@ -58,7 +58,7 @@ fn queued_span(task: &Task, ready_since_ms: i64) {
 impl Scheduler {
     pub(super) async fn run_dispatcher(self: Arc<Self>, cancel: CancellationToken) {
         loop {
-            if !self.dispatch_now() {
+            if Self::send_assigns(self.dispatch_ready()) == 0 {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = self.dispatcher.notified() => continue,
@@ -70,17 +70,19 @@ impl Scheduler {
     }
 
     /// One round of dispatch on the caller's task: leases what it can (at most
-    /// [`DISPATCH_BATCH`]) and sends the Assigns. Returns whether it sent any. A result
-    /// calls it for the slot it gave back, so the next Assign goes out without waking the
-    /// dispatcher (a wakeup waits its turn behind every ready task of a busy runtime).
-    pub(super) fn dispatch_now(&self) -> bool {
-        let assigns = self.dispatch_ready();
-        if assigns.len() >= DISPATCH_BATCH {
-            // Perhaps more to lease: the dispatcher's loop goes on (called from the loop,
-            // this costs it one empty round later).
+    /// [`DISPATCH_BATCH`]) and sends the Assigns. A result calls it for the slot it gave
+    /// back, so the next Assign goes out without waking the dispatcher (a wake-up waits its
+    /// turn behind every ready task of a busy runtime).
+    pub(super) fn dispatch_now(&self) {
+        if Self::send_assigns(self.dispatch_ready()) >= DISPATCH_BATCH {
+            // Perhaps more to lease: the dispatcher's loop goes on.
             self.dispatcher.notify_one();
         }
-        let sent = !assigns.is_empty();
+    }
+
+    /// Sends `assigns` down their streams; returns how many there were.
+    fn send_assigns(assigns: Vec<PendingAssign>) -> usize {
+        let sent = assigns.len();
         for a in assigns {
             let task = a.task.to_task();
             if !task.traceparent.is_empty() && pm_proto::trace::enabled() {
