@@ -37,7 +37,7 @@ impl Shard {
     }
 
     /// Starts the shard on a port the kernel picks, and once it serves, puts it behind
-    /// `front` (until then `front` refuses connections, as a Service with no ready pod).
+    /// `front` (until then `front` closes every connection, as a Service with no ready pod).
     async fn start_with_ttl(
         dir: &Path,
         front: &Forwarder,
@@ -47,7 +47,7 @@ impl Shard {
         front.forward_to(0);
         let log_path = dir.join(format!("shard-{run}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pm-shard"))
+        let child = Command::new(env!("CARGO_BIN_EXE_pm-shard"))
             .args(["--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.join("data"))
@@ -57,9 +57,11 @@ impl Shard {
             .stderr(log)
             .spawn()
             .unwrap();
-        let addr = common::logged_addr(&log_path, 0, "shard serving", &mut child).await;
+        // Owned first, so a failed wait kills it on the way out.
+        let mut shard = Shard { child };
+        let addr = common::logged_addr(&log_path, 0, "shard serving", &mut shard.child).await;
         front.forward_to(addr.port());
-        Shard { child }
+        shard
     }
 
     /// SIGKILL, and wait for the process to be gone.
