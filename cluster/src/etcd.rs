@@ -142,6 +142,8 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn put_all(&self, writes: Vec<(String, Vec<u8>, Expect)>) -> Result<u64> {
+        // etcd would refuse it too, but as INVALID_ARGUMENT, which reads as unavailable here.
+        crate::metadata::check_put_all(&writes)?;
         let compares = writes
             .iter()
             .filter_map(|(key, _, expect)| Self::compare(key, *expect))

@@ -27,6 +27,25 @@ pub enum Error {
     /// The local file of the embedded store failed.
     #[error("metadata store i/o on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// More writes in one [`MetadataStore::put_all`] than one transaction holds: a caller's
+    /// bug, refused before anything is written.
+    #[error("{writes} writes in one transaction; at most {MAX_PUT_ALL}")]
+    TooManyWrites { writes: usize },
+}
+
+/// Most writes in one [`MetadataStore::put_all`]: etcd's default `--max-txn-ops`, which
+/// bounds each branch of a transaction (the compares, the writes, the reads on failure).
+/// The embedded store keeps the same limit, so `pm dev` refuses what a cluster would.
+pub const MAX_PUT_ALL: usize = 128;
+
+/// [`Error::TooManyWrites`] past [`MAX_PUT_ALL`].
+pub fn check_put_all<T>(writes: &[T]) -> Result<()> {
+    if writes.len() > MAX_PUT_ALL {
+        return Err(Error::TooManyWrites {
+            writes: writes.len(),
+        });
+    }
+    Ok(())
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -58,6 +77,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn put(&self, key: &str, value: Vec<u8>, expect: Expect) -> Result<u64>;
     /// Writes every `(key, value, expect)` if every `expect` holds, all or none, in one
     /// revision; returns it. A failed expectation is the first one's [`Error::Conflict`].
+    /// At most [`MAX_PUT_ALL`] writes.
     async fn put_all(&self, writes: Vec<(String, Vec<u8>, Expect)>) -> Result<u64>;
     /// Deletes the key if `expect` holds; `Ok(false)` when it did not exist.
     async fn delete(&self, key: &str, expect: Expect) -> Result<bool>;
@@ -351,6 +371,7 @@ impl MetadataStore for EmbeddedStore {
     }
 
     async fn put_all(&self, writes: Vec<(String, Vec<u8>, Expect)>) -> Result<u64> {
+        check_put_all(&writes)?;
         self.mutate(|store, state, next| {
             for (key, _, expect) in &writes {
                 check(key, *expect, store.read(Some(state), key)?.map(|e| e.0))?;

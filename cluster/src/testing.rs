@@ -194,6 +194,25 @@ pub async fn check_store_contract(store: &dyn MetadataStore) -> u64 {
     assert_eq!(store.count("/a/").await.unwrap(), 2);
     assert_eq!(store.count("/").await.unwrap(), 3);
     assert_eq!(store.count("/c/").await.unwrap(), 0);
+    // A transaction's limit, each write with its compare, is taken (etcd's own limit is
+    // the same); one write past it is refused as such, and nothing of it written.
+    let many = |n: usize| {
+        (0..n)
+            .map(|i| (format!("/many/{i}"), Vec::new(), Expect::Absent))
+            .collect::<Vec<_>>()
+    };
+    store
+        .put_all(many(crate::metadata::MAX_PUT_ALL))
+        .await
+        .unwrap();
+    for (key, _, _) in many(crate::metadata::MAX_PUT_ALL) {
+        assert!(store.delete(&key, Expect::Any).await.unwrap());
+    }
+    assert!(matches!(
+        store.put_all(many(crate::metadata::MAX_PUT_ALL + 1)).await,
+        Err(Error::TooManyWrites { writes }) if writes == crate::metadata::MAX_PUT_ALL + 1
+    ));
+    assert_eq!(store.count("/many/").await.unwrap(), 0);
     let kv = store.get("/a/1").await.unwrap().unwrap();
     assert_eq!(
         (kv.value.as_slice(), kv.mod_revision),

@@ -52,6 +52,11 @@ impl From<Error> for Status {
             Error::Store(e @ pm_cluster::Error::Unavailable(_)) => {
                 pm_proto::status::unavailable(e.to_string(), std::time::Duration::from_secs(1))
             }
+            // A bug of ours, not the caller's: no request makes more than a few writes.
+            Error::Store(e @ pm_cluster::Error::TooManyWrites { .. }) => {
+                tracing::error!(error = %e, "metadata transaction too large");
+                Status::internal(e.to_string())
+            }
             Error::Store(e @ pm_cluster::Error::Io { .. }) => {
                 tracing::error!(error = %e, "metadata store failed");
                 Status::internal(e.to_string())
