@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, stream};
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use xxhash_rust::xxh3::xxh3_64;
@@ -464,28 +464,30 @@ impl AgentService for Agents {
             .encode_to_vec(),
         );
         // The shard reads Hello before it answers, so a shard that does not own the
-        // pipelines refuses before anything else is sent: each attempt gets the Hello and a
-        // fresh channel, and the agent's own stream is joined to the one that is accepted.
+        // pipelines refuses before anything else is sent: each attempt's stream is the Hello,
+        // then the agent's own messages once that attempt is the one accepted. The accepted
+        // stream reads the agent's stream itself, as it comes, until it ends or breaks (the
+        // shard sees the end): no task and no channel between the two, so a result reaches
+        // the shard's connection one wake-up sooner.
         let mut accepted = None;
         let response = self
             .routes
             .call_agents(&pipelines, |mut shard| {
-                let (tx, rx) = mpsc::channel(64);
-                let _ = tx.try_send(hello.clone());
-                accepted = Some(tx);
-                async move { shard.connect(ReceiverStream::new(rx)).await }
+                let (gate, opened) = oneshot::channel::<Streaming<Bytes>>();
+                accepted = Some(gate);
+                let agent = stream::once(opened)
+                    .filter_map(|inbound| std::future::ready(inbound.ok()))
+                    .flatten()
+                    .take_while(|m| std::future::ready(m.is_ok()))
+                    .filter_map(|m| std::future::ready(m.ok()));
+                let outbound = stream::once(std::future::ready(hello.clone())).chain(agent);
+                async move { shard.connect(outbound).await }
             })
             .await?;
-        let tx = accepted.expect("a call was made");
-        // The agent's messages, as they came, until its stream ends or breaks; the shard
-        // sees the end.
-        tokio::spawn(async move {
-            while let Ok(Some(m)) = inbound.message().await {
-                if tx.send(m).await.is_err() {
-                    return;
-                }
-            }
-        });
+        // A refused attempt's gate was dropped with it, which ended its stream after Hello.
+        // This one fails only if the shard has already ended the stream: the agent sees
+        // that end on the response.
+        let _ = accepted.expect("a call was made").send(inbound);
         Ok(Response::new(Box::pin(response.into_inner())))
     }
 }
