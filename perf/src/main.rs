@@ -96,6 +96,10 @@ struct Args {
     /// `soak`: the agent's slots.
     #[arg(long, default_value_t = 32)]
     soak_slots: u32,
+    /// `peers`: run only the legs whose figure name contains this (e.g. `cycle_gateway_8x1`
+    /// or `dispatch_shard`), to alternate builds on one leg many times.
+    #[arg(long, default_value = "")]
+    peers_only: String,
 }
 
 /// The services a client talks to, each its own process.
@@ -541,6 +545,10 @@ impl Bench {
         for gateway in [true, false] {
             let path = if gateway { "gateway" } else { "shard" };
             for slots in [1u32, 16] {
+                let scenario = format!("peers_cycle_{path}_8x{slots}");
+                if !scenario.contains(&self.args.peers_only) {
+                    continue;
+                }
                 self.settle()?;
                 let stack = self.stack(&format!("peers-{path}-{slots}")).await?;
                 let endpoint = if gateway {
@@ -557,13 +565,17 @@ impl Bench {
                     &m,
                     &format!("  (submitted {submitted_tps:.0}/s; cpu s/1k {cpu})"),
                 );
-                let mut f = figures(&format!("peers_cycle_{path}_8x{slots}"), &m);
+                let mut f = figures(&scenario, &m);
                 f["submitted_per_s"] = json!(submitted_tps.round());
                 f["cpu_s_per_1k"] = cpu;
                 self.results.push(f);
                 stack.stop();
             }
             for rate in [1_000.0, 5_000.0, 10_000.0] {
+                let scenario = format!("peers_dispatch_{path}_{rate:.0}");
+                if !scenario.contains(&self.args.peers_only) {
+                    continue;
+                }
                 self.settle()?;
                 let stack = self.stack(&format!("peers-{path}-{rate}")).await?;
                 let endpoint = if gateway {
@@ -576,7 +588,7 @@ impl Bench {
                     .await?;
                 self.record_open_loop(
                     &format!("dispatch via {path}, open loop {rate:.0}/s"),
-                    &format!("peers_dispatch_{path}_{rate:.0}"),
+                    &scenario,
                     &m,
                     "  (submit -> Assign, 8 agents x 16)",
                     rate,
