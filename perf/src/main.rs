@@ -56,11 +56,12 @@ struct Args {
     /// gRPC connections the load is spread over (HTTP/2 multiplexes the clients on them).
     #[arg(long, default_value_t = 8)]
     connections: usize,
-    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, null, peers,
+    /// Scenarios to run: submit, batch, latency, dispatch, cycle, gateway, null, peers, drain,
     /// restart, scaling (default all; scaling needs an etcd, /usr/bin/etcd or PM_ETCD_BIN).
     /// `submit` includes an unsynced baseline; `gateway` the direct baseline and a run over 10
     /// tenants x 10 pipelines; `null` the null-gRPC floors (pm-null); `peers` the shape the
     /// peers were measured in (8 agents x 1 and x 16 slots, dispatch at 1k/5k/10k per s);
+    /// `drain` the same agents alone on a queue filled first (no producers);
     /// `auth` submits through a gateway with auth off and on, and the token check's cost;
     /// `streams` many idle agent streams, each on its own connection, held by one gateway
     /// and one shard (their memory, and dispatch p99 at 1,000/s without and with them);
@@ -110,6 +111,15 @@ struct Stack {
 }
 
 impl Stack {
+    /// The gateway's endpoint, or the shard's to go straight to it.
+    fn endpoint(&self, gateway: bool) -> &str {
+        if gateway {
+            &self.gateway.endpoint
+        } else {
+            &self.shard.endpoint
+        }
+    }
+
     fn stop(self) {
         self.gateway.stop();
         slow_commits(&self.shard.stop());
@@ -551,11 +561,7 @@ impl Bench {
                 }
                 self.settle()?;
                 let stack = self.stack(&format!("peers-{path}-{slots}")).await?;
-                let endpoint = if gateway {
-                    &stack.gateway.endpoint
-                } else {
-                    &stack.shard.endpoint
-                };
+                let endpoint = stack.endpoint(gateway);
                 let procs = [&stack.gateway, &stack.shard];
                 let (m, submitted_tps, cpu) = self
                     .cycle(endpoint, gateway, endpoint, 8, slots, &procs)
@@ -578,11 +584,7 @@ impl Bench {
                 }
                 self.settle()?;
                 let stack = self.stack(&format!("peers-{path}-{rate}")).await?;
-                let endpoint = if gateway {
-                    &stack.gateway.endpoint
-                } else {
-                    &stack.shard.endpoint
-                };
+                let endpoint = stack.endpoint(gateway);
                 let m = self
                     .open_dispatch(endpoint, gateway, endpoint, 8, 16, rate)
                     .await?;
@@ -593,6 +595,63 @@ impl Bench {
                     "  (submit -> Assign, 8 agents x 16)",
                     rate,
                 );
+                stack.stop();
+            }
+        }
+        Ok(())
+    }
+
+    /// The agents' loop alone: the queue filled first (batches of 100 for 3 s, 8 s for 16
+    /// slots, through the same path), then 8 agents x 1 and x 16 slots finish every task at once with no
+    /// producer running, through the gateway and straight to the shard. Against `peers`, whose
+    /// cycles share the cores with 64 producers, it tells the loop's own rate from the cost of
+    /// sharing.
+    async fn drain(&mut self) -> anyhow::Result<()> {
+        for gateway in [true, false] {
+            let path = if gateway { "gateway" } else { "shard" };
+            for slots in [1u32, 16] {
+                self.settle()?;
+                let stack = self.stack(&format!("drain-{path}-{slots}")).await?;
+                let endpoint = stack.endpoint(gateway);
+                let targets = Self::targets(endpoint, gateway, self.args.connections)?;
+                // Enough for the window at the rates measured here (x16 drains ~3x faster).
+                let fill = Duration::from_secs(if slots == 1 { 3 } else { 8 });
+                let filled = load::closed_loop(&targets, 64, 100, Duration::ZERO, fill).await;
+                let procs = [&stack.gateway, &stack.shard];
+                let before: Vec<f64> = procs.iter().map(|p| p.cpu_seconds()).collect();
+                let own0 = procs::own_cpu_seconds();
+                let (stats, handles) = Self::agents(endpoint, 8, slots);
+                tokio::time::sleep(self.warmup).await;
+                let start = stats.received.load(Ordering::Relaxed);
+                tokio::time::sleep(self.duration).await;
+                let end = stats.received.load(Ordering::Relaxed);
+                for h in handles {
+                    h.abort();
+                }
+                let cycled = end - start;
+                let cpu = cpu_per_k(&procs, &before, own0, cycled);
+                // A queue that ran dry before the window closed understates the rate.
+                let dry = end >= filled.tasks;
+                let refused: u64 = filled.errors.values().sum();
+                let m = Measured {
+                    tasks: cycled,
+                    window: self.duration,
+                    ..Measured::default()
+                };
+                line(
+                    &format!("drain via {path}, 8 agents x {slots}, no producers"),
+                    &m,
+                    &format!(
+                        "  ({} queued first, {refused} batches refused{}; cpu s/1k {cpu})",
+                        filled.tasks,
+                        if dry { ", RAN DRY: a lower bound" } else { "" }
+                    ),
+                );
+                let mut f = figures(&format!("drain_{path}_8x{slots}"), &m);
+                f["queued_first"] = json!(filled.tasks);
+                f["ran_dry"] = json!(dry);
+                f["cpu_s_per_1k"] = cpu;
+                self.results.push(f);
                 stack.stop();
             }
         }
@@ -1074,6 +1133,7 @@ async fn main() -> anyhow::Result<()> {
         "gateway",
         "null",
         "peers",
+        "drain",
         "restart",
         "scaling",
         "partitions",
@@ -1149,6 +1209,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if which.contains(&"peers") {
         bench.peers().await?;
+    }
+    if which.contains(&"drain") {
+        bench.drain().await?;
     }
     if which.contains(&"restart") {
         bench.restart().await?;
