@@ -5,11 +5,20 @@
 //! records) take no fsync of their own: a batch of only those is handed to the OS and synced
 //! by the next batch that holds a write someone waits for (fjall's journal is one file in
 //! append order, and it syncs the old file when it starts a new one).
+//!
+//! A write that must be durable but that no caller is blocked on ([`Journal::write_soon`]:
+//! an agent's result, whose slot was given back already) waits at most [`SOON`] for its
+//! sync: a batch of only those, and unsynced ones, is handed to the OS at once and synced with
+//! the next batch someone waits for, or when its oldest has waited [`SOON`]. With one slot
+//! per agent, results come one at a time, and the fdatasync of each small batch of them was
+//! the largest item in the shard's profile of that cycle (perf/RESULTS.md, "Results synced
+//! within a millisecond").
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, mpsc};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::key::TaskKey;
 use crate::store::{Op, Store, StoreError, StoreOptions};
@@ -23,12 +32,30 @@ type SharedStore = Arc<RwLock<Option<Store>>>;
 /// Ops of one batch, past which the writer syncs before taking more (bounds batch memory).
 const MAX_OPS_PER_SYNC: usize = 16 * 1024;
 
+/// How long a [`Journal::write_soon`] waits for a sync at most (its write reaches the OS at
+/// once).
+pub const SOON: Duration = Duration::from_millis(1);
+
+type Done = oneshot::Sender<Result<(), Arc<StoreError>>>;
+
+/// When a request's ops must be synced.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SyncBy {
+    /// Before the next request is taken: someone waits.
+    Now,
+    /// Within [`SOON`] of being queued.
+    Soon,
+    /// Never on its own account (a dispatch record).
+    Never,
+}
+
 struct Request {
     ops: Vec<Op>,
-    /// `None`: nobody waits, and the ops need no sync of their own.
-    done: Option<oneshot::Sender<Result<(), Arc<StoreError>>>>,
+    /// Answered once synced (or failed); `None` when nobody waits.
+    done: Option<Done>,
+    sync: SyncBy,
     /// When it was queued: a slow group commit says how long its oldest write waited.
-    queued: std::time::Instant,
+    queued: Instant,
 }
 
 /// Counters for benchmarks and health.
@@ -36,7 +63,8 @@ struct Request {
 pub struct Stats {
     /// Batches synced (one fdatasync each).
     pub syncs: AtomicU64,
-    /// Batches of unsynced writes only, handed to the OS without a sync.
+    /// Batches handed to the OS without a sync (unsynced writes, and writes to be synced
+    /// soon).
     pub unsynced: AtomicU64,
     pub ops: AtomicU64,
     /// Group commits logged as slow ([`StoreOptions::slow_commit`]).
@@ -45,7 +73,7 @@ pub struct Stats {
 
 #[derive(Clone)]
 pub struct Journal {
-    tx: Option<mpsc::UnboundedSender<Request>>,
+    tx: Option<mpsc::Sender<Request>>,
     /// `None` for a journal that keeps nothing.
     store: Option<SharedStore>,
     stats: Arc<Stats>,
@@ -60,7 +88,7 @@ pub struct Journal {
 impl Journal {
     /// Starts the writer thread over `store`. It ends when every `Journal` clone is dropped.
     pub fn start(store: Store) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let writable = Arc::new(tokio::sync::watch::Sender::new(true));
         let (dir, options) = (store.dir().to_owned(), store.options());
@@ -114,7 +142,20 @@ impl Journal {
 
     /// Makes `ops` durable; returns once they are synced.
     pub async fn write(&self, ops: Vec<Op>) -> Result<(), Arc<StoreError>> {
-        let Some(answer) = self.append(ops) else {
+        self.wait(self.queue(ops, SyncBy::Now)).await
+    }
+
+    /// Makes `ops` durable like [`Journal::write`], but their sync may wait up to [`SOON`]
+    /// for other writes to share it: for a caller nobody is blocked on.
+    pub async fn write_soon(&self, ops: Vec<Op>) -> Result<(), Arc<StoreError>> {
+        self.wait(self.queue(ops, SyncBy::Soon)).await
+    }
+
+    async fn wait(
+        &self,
+        answer: Option<oneshot::Receiver<Result<(), Arc<StoreError>>>>,
+    ) -> Result<(), Arc<StoreError>> {
+        let Some(answer) = answer else {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(Arc::new(StoreError(
                     "injected: no space left on device".into(),
@@ -133,14 +174,23 @@ impl Journal {
     /// their order against every later change of the same task. A failure is logged here
     /// too, for callers that do not wait.
     pub fn append(&self, ops: Vec<Op>) -> Option<oneshot::Receiver<Result<(), Arc<StoreError>>>> {
+        self.queue(ops, SyncBy::Now)
+    }
+
+    fn queue(
+        &self,
+        ops: Vec<Op>,
+        sync: SyncBy,
+    ) -> Option<oneshot::Receiver<Result<(), Arc<StoreError>>>> {
         let tx = self.tx.as_ref()?;
         let (done, answer) = oneshot::channel();
         let request = Request {
             ops,
             done: Some(done),
-            queued: std::time::Instant::now(),
+            sync,
+            queued: Instant::now(),
         };
-        if let Err(mpsc::error::SendError(Request {
+        if let Err(mpsc::SendError(Request {
             done: Some(done), ..
         })) = tx.send(request)
         {
@@ -162,7 +212,8 @@ impl Journal {
             let _ = tx.send(Request {
                 ops,
                 done: None,
-                queued: std::time::Instant::now(),
+                sync: SyncBy::Never,
+                queued: Instant::now(),
             });
         }
     }
@@ -227,18 +278,39 @@ impl Journal {
 fn write_loop(
     shared: &SharedStore,
     (dir, options): (&std::path::Path, StoreOptions),
-    mut rx: mpsc::UnboundedReceiver<Request>,
+    rx: mpsc::Receiver<Request>,
     stats: &Stats,
     writable: &tokio::sync::watch::Sender<bool>,
 ) {
     // The store is `None` after opening it again failed: the next batch tries first.
     let lock = || shared.write().expect("store lock poisoned");
     let metrics = crate::metrics::JournalMetrics::new();
-    while let Some(first) = rx.blocking_recv() {
-        let started = std::time::Instant::now();
-        let mut batch = vec![first];
-        let mut ops = batch[0].ops.len();
-        while ops < MAX_OPS_PER_SYNC {
+    // Writes to be synced soon, already handed to the OS: answered by the next sync, which
+    // comes by `due` at the latest.
+    let mut owed: Vec<Done> = Vec::new();
+    let mut due: Option<Instant> = None;
+    let mut closed = false;
+    while !closed || !owed.is_empty() {
+        // Nothing arriving by `due` means a batch of none: the owed sync alone.
+        let first = match due {
+            _ if closed => None,
+            None => match rx.recv() {
+                Ok(request) => Some(request),
+                Err(mpsc::RecvError) => break,
+            },
+            Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(request) => Some(request),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    None
+                }
+            },
+        };
+        let started = Instant::now();
+        let mut batch: Vec<Request> = first.into_iter().collect();
+        let mut ops: usize = batch.iter().map(|r| r.ops.len()).sum();
+        while !batch.is_empty() && ops < MAX_OPS_PER_SYNC {
             match rx.try_recv() {
                 Ok(next) => {
                     ops += next.ops.len();
@@ -252,8 +324,21 @@ fn write_loop(
         if shared.read().expect("store lock poisoned").is_none() {
             *lock() = open_again(dir, options);
         }
-        // Synced if anyone waits for a write of it (see the module doc).
-        let sync = batch.iter().any(|r| r.done.is_some());
+        let soonest = batch
+            .iter()
+            .filter(|r| r.sync == SyncBy::Soon)
+            .map(|r| r.queued + SOON)
+            .min();
+        due = match (due, soonest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Synced if anyone waits for a write of it, or a write owed a sync is due (see the
+        // module doc).
+        let sync = batch.iter().any(|r| r.sync == SyncBy::Now)
+            || due.is_some_and(|due| due <= Instant::now())
+            || closed
+            || owed.len() + batch.len() >= MAX_OPS_PER_SYNC;
         let applied = match &*shared.read().expect("store lock poisoned") {
             Some(open) => open.apply(batch.iter().flat_map(|r| r.ops.iter()), sync),
             None => Err(StoreError("the task store cannot be opened".into())),
@@ -266,8 +351,8 @@ fn write_loop(
                     metrics.fsync_seconds.record(applied.sync.as_secs_f64());
                 }
                 // Requests queue in order, so the first one waited longest.
-                let waited = batch[0].queued.elapsed();
-                if waited >= options.slow_commit {
+                let waited = batch.first().map(|r| r.queued.elapsed());
+                if let Some(waited) = waited.filter(|w| *w >= options.slow_commit) {
                     stats.slow.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         waited_ms = ms(waited),
@@ -308,8 +393,16 @@ fn write_loop(
             stats.unsynced.fetch_add(1, Ordering::Relaxed);
         }
         stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
-        for done in batch.into_iter().filter_map(|r| r.done) {
-            let _ = done.send(result.clone());
+        let answered = batch.into_iter().filter_map(|r| r.done);
+        if sync || result.is_err() {
+            // A failed write fails the owed ones too: their sync would have been on the
+            // handle that failed.
+            for done in owed.drain(..).chain(answered) {
+                let _ = done.send(result.clone());
+            }
+            due = None;
+        } else {
+            owed.extend(answered);
         }
     }
 }
@@ -355,6 +448,58 @@ mod tests {
         let syncs = journal.stats().syncs.load(Ordering::Relaxed);
         assert_eq!(journal.stats().ops.load(Ordering::Relaxed), 200);
         assert!(syncs < 200, "200 concurrent writes took {syncs} syncs");
+    }
+
+    fn delete(i: u128) -> Vec<Op> {
+        vec![Op::DeleteTask {
+            pipeline: "tenants/t/applications/a/pipelines/p".into(),
+            key: crate::key::TaskKey(i),
+        }]
+    }
+
+    /// A write to be synced soon is synced with nothing else coming (its time runs out),
+    /// and many of them share syncs.
+    #[tokio::test]
+    async fn writes_synced_soon_are_synced_alone_and_share_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::start(Store::open(dir.path()).unwrap());
+        let limit = std::time::Duration::from_secs(10);
+        tokio::time::timeout(limit, journal.write_soon(delete(0)))
+            .await
+            .expect("a lone write to be synced soon is synced by its time")
+            .unwrap();
+        assert_eq!(journal.stats().syncs.load(Ordering::Relaxed), 1);
+        let writes = (1..=200).map(|i| {
+            let journal = journal.clone();
+            tokio::spawn(async move { journal.write_soon(delete(i)).await })
+        });
+        for w in tokio::time::timeout(limit, futures::future::join_all(writes))
+            .await
+            .expect("synced by their time")
+        {
+            w.unwrap().unwrap();
+        }
+        let syncs = journal.stats().syncs.load(Ordering::Relaxed) - 1;
+        assert_eq!(journal.stats().ops.load(Ordering::Relaxed), 201);
+        assert!(syncs < 200, "200 concurrent writes took {syncs} syncs");
+    }
+
+    /// The journal's last handle dropped while a write is owed its sync: the writer syncs it
+    /// before it ends, and the write is answered as done.
+    #[tokio::test]
+    async fn an_owed_sync_is_made_before_the_writer_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::start(Store::open(dir.path()).unwrap());
+        let spec = Op::PutSpec {
+            id: [7; 32],
+            spec: Vec::new(),
+        };
+        let answer = journal.queue(vec![spec], SyncBy::Soon).unwrap();
+        let shared = journal.store.clone().unwrap();
+        drop(journal);
+        answer.await.expect("answered").unwrap();
+        let contents = shared.read().unwrap().as_ref().unwrap().load().unwrap();
+        assert!(contents.specs.contains_key(&[7; 32]));
     }
 
     #[tokio::test]

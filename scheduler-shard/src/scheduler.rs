@@ -714,6 +714,12 @@ impl Scheduler {
         self.journal.write(ops).await.map_err(storage_error)
     }
 
+    /// [`Scheduler::write`] for a write nobody is blocked on (a result: its slot was given
+    /// back at once), whose sync may wait up to [`crate::journal::SOON`] to be shared.
+    async fn write_soon(&self, ops: Vec<Op>) -> Result<(), Error> {
+        self.journal.write_soon(ops).await.map_err(storage_error)
+    }
+
     /// Runs the dispatcher, the lease reaper and the retention collector until `cancel`.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         tokio::join!(

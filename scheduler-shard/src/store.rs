@@ -560,31 +560,38 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         let started = std::time::Instant::now();
         let ops: Vec<&Op> = ops.into_iter().collect();
-        // The last write of each task and of each spec wins (see the module doc).
-        let mut last: HashMap<TaskKey, usize> = HashMap::with_capacity(ops.len());
-        let mut last_spec: HashMap<SpecId, usize> = HashMap::new();
-        for (i, op) in ops.iter().enumerate() {
-            match op {
-                Op::PutTask(record) => last.insert(record.key, i),
-                Op::DeleteTask { key, .. } => last.insert(*key, i),
-                Op::PutSpec { id, .. } | Op::DeleteSpec { id } => last_spec.insert(*id, i),
-            };
-        }
-        let mut batch = self.db.batch();
-        for (i, op) in ops.iter().enumerate() {
-            match op {
-                Op::PutTask(record) if last[&record.key] != i => {}
-                Op::DeleteTask { key, .. } if last[key] != i => {}
-                Op::PutSpec { id, .. } | Op::DeleteSpec { id } if last_spec[id] != i => {}
-                Op::PutTask(record) => batch.insert(&self.tasks, record.name(), record.encode()),
-                Op::DeleteTask { pipeline, key } => batch.remove(&self.tasks, key.name(pipeline)),
-                Op::PutSpec { id, spec } => {
-                    batch.insert(&self.specs, id.as_slice(), spec.as_slice())
-                }
-                Op::DeleteSpec { id } => batch.remove(&self.specs, id.as_slice()),
+        // None: a sync of what was written before (the journal's owed syncs).
+        if !ops.is_empty() {
+            // The last write of each task and of each spec wins (see the module doc).
+            let mut last: HashMap<TaskKey, usize> = HashMap::with_capacity(ops.len());
+            let mut last_spec: HashMap<SpecId, usize> = HashMap::new();
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    Op::PutTask(record) => last.insert(record.key, i),
+                    Op::DeleteTask { key, .. } => last.insert(*key, i),
+                    Op::PutSpec { id, .. } | Op::DeleteSpec { id } => last_spec.insert(*id, i),
+                };
             }
+            let mut batch = self.db.batch();
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    Op::PutTask(record) if last[&record.key] != i => {}
+                    Op::DeleteTask { key, .. } if last[key] != i => {}
+                    Op::PutSpec { id, .. } | Op::DeleteSpec { id } if last_spec[id] != i => {}
+                    Op::PutTask(record) => {
+                        batch.insert(&self.tasks, record.name(), record.encode())
+                    }
+                    Op::DeleteTask { pipeline, key } => {
+                        batch.remove(&self.tasks, key.name(pipeline))
+                    }
+                    Op::PutSpec { id, spec } => {
+                        batch.insert(&self.specs, id.as_slice(), spec.as_slice())
+                    }
+                    Op::DeleteSpec { id } => batch.remove(&self.specs, id.as_slice()),
+                }
+            }
+            batch.commit()?;
         }
-        batch.commit()?;
         let written = std::time::Instant::now();
         // `SyncData`, except for unsynced writes and in the benchmark-only unsynced mode.
         let persist = if sync && self.options.fsync {

@@ -165,7 +165,8 @@ impl Scheduler {
         let Some((key, next, op, lease)) = planned else {
             return false;
         };
-        let written = self.write(vec![op]).await;
+        // Visible as final only once durable, like every write; no one waits for it before.
+        let written = self.write_soon(vec![op]).await;
         let mut inner = self.lock();
         match written {
             Ok(()) => {
