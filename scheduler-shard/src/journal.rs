@@ -350,13 +350,17 @@ fn write_loop(
                 if sync {
                     metrics.fsync_seconds.record(applied.sync.as_secs_f64());
                 }
-                // Requests queue in order, so the first one waited longest.
-                let waited = batch.first().map(|r| r.queued.elapsed());
-                if let Some(waited) = waited.filter(|w| *w >= options.slow_commit) {
+                // Requests queue in order, so the first one waited longest, unless a write
+                // owed its sync is older (`due` is the oldest of those, plus SOON).
+                let oldest = [batch.first().map(|r| r.queued), due.map(|due| due - SOON)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                if let Some(oldest) = oldest.filter(|o| o.elapsed() >= options.slow_commit) {
                     stats.slow.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
-                        waited_ms = ms(waited),
-                        queued_ms = ms(started - batch[0].queued),
+                        waited_ms = ms(oldest.elapsed()),
+                        queued_ms = ms(started.saturating_duration_since(oldest)),
                         write_ms = ms(applied.write),
                         sync_ms = ms(applied.sync),
                         synced = sync,
