@@ -11,8 +11,8 @@
 //! sync: a batch of only those, and unsynced ones, is handed to the OS at once and synced with
 //! the next batch someone waits for, or when its oldest has waited [`SOON`]. With one slot
 //! per agent, results come one at a time, and the fdatasync of each small batch of them was
-//! the largest item in the shard's profile of that cycle (perf/RESULTS.md, "Results synced
-//! within a millisecond").
+//! the largest item in the shard's profile of that cycle (perf/RESULTS.md, "The agents'
+//! loop alone, and results synced within a millisecond").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
