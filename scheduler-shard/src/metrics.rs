@@ -115,7 +115,7 @@ fn describe() {
     describe_histogram!("pm_journal_batch_writes", "Writes per group commit.");
     describe_counter!(
         "pm_journal_unsynced_batches_total",
-        "Batches of dispatch records only, handed to the OS without an fsync (the next group commit syncs them)."
+        "Batches of dispatch records and results only, handed to the OS without an fsync (the next group commit syncs them, within 1 ms if a result is among them)."
     );
     describe_counter!(
         "pm_store_errors_total",
