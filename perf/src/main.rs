@@ -163,18 +163,67 @@ fn shard_args(data: &std::path::Path) -> Vec<String> {
     ]
 }
 
-/// CPU seconds per 1,000 tasks of each process over a run.
-fn cpu_per_k(procs: &[&Proc], before: &[f64], own_before: f64, tasks: u64) -> serde_json::Value {
+/// Each process's CPU seconds, and this one's, at one moment: the start of a measured
+/// window. A window starts after its warm-up, so the warm-up's CPU is not counted against the
+/// window's tasks (it was until 2026-12-04: perf/RESULTS.md, "CPU per task, read as relative").
+struct CpuMark {
+    procs: Vec<f64>,
+    own: f64,
+}
+
+impl CpuMark {
+    fn now(procs: &[&Proc]) -> Self {
+        Self {
+            procs: procs.iter().map(|p| p.cpu_seconds()).collect(),
+            own: procs::own_cpu_seconds(),
+        }
+    }
+
+    /// The mark `delay` from now: with a load that warms up for `delay`, its window's start.
+    async fn after(procs: &[&Proc], delay: Duration) -> Self {
+        tokio::time::sleep(delay).await;
+        Self::now(procs)
+    }
+
+    /// CPU seconds spent since the mark, by each process and by this one.
+    fn spent(&self, procs: &[&Proc]) -> CpuSpent {
+        CpuSpent {
+            procs: procs
+                .iter()
+                .zip(&self.procs)
+                .map(|(p, b)| p.cpu_seconds() - b)
+                .collect(),
+            own: procs::own_cpu_seconds() - self.own,
+        }
+    }
+}
+
+/// CPU seconds spent over one window or several, as [`CpuMark::spent`] gives them.
+#[derive(Default)]
+struct CpuSpent {
+    procs: Vec<f64>,
+    own: f64,
+}
+
+impl CpuSpent {
+    fn add(&mut self, other: CpuSpent) {
+        self.procs.resize(other.procs.len(), 0.0);
+        for (a, b) in self.procs.iter_mut().zip(other.procs) {
+            *a += b;
+        }
+        self.own += other.own;
+    }
+}
+
+/// CPU seconds per 1,000 tasks of each process over the windows `spent` covers.
+fn cpu_per_k(procs: &[&Proc], spent: &CpuSpent, tasks: u64) -> serde_json::Value {
     // To 0.1 µs per task: batched submits cost ~8 µs each, so 1 µs steps hid 10% changes.
     let per_k = |secs: f64| (secs / tasks.max(1) as f64 * 1000.0 * 10_000.0).round() / 10_000.0;
     let mut out = serde_json::Map::new();
-    for (p, b) in procs.iter().zip(before) {
-        out.insert(p.name.clone(), json!(per_k(p.cpu_seconds() - b)));
+    for (p, secs) in procs.iter().zip(&spent.procs) {
+        out.insert(p.name.clone(), json!(per_k(*secs)));
     }
-    out.insert(
-        "pm-perf".into(),
-        json!(per_k(procs::own_cpu_seconds() - own_before)),
-    );
+    out.insert("pm-perf".into(), json!(per_k(spent.own)));
     serde_json::Value::Object(out)
 }
 
@@ -268,23 +317,36 @@ impl Bench {
         let shard = self.shard("submit").await?;
         let targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
         let started = Instant::now();
-        let (cpu0, own0) = (shard.cpu_seconds(), procs::own_cpu_seconds());
+        let measured = [&shard];
+        let mut spent = CpuSpent::default();
         let mut total = 0;
         if which.contains(&"submit") {
-            let m = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
+            let (m, mark) = tokio::join!(
+                load::closed_loop(&targets, 64, 1, self.warmup, self.duration),
+                CpuMark::after(&measured, self.warmup)
+            );
+            spent.add(mark.spent(&measured));
             total += m.tasks;
             line("submit (64 clients, unary)", &m, "");
             self.results.push(figures("submit_unary_64", &m));
         }
         if which.contains(&"batch") {
-            let m = load::closed_loop(&targets, 8, 100, self.warmup, self.duration).await;
+            let (m, mark) = tokio::join!(
+                load::closed_loop(&targets, 8, 100, self.warmup, self.duration),
+                CpuMark::after(&measured, self.warmup)
+            );
+            spent.add(mark.spent(&measured));
             total += m.tasks;
             line("submit (8 clients, batches of 100)", &m, "");
             self.results.push(figures("submit_batch_100", &m));
         }
         if which.contains(&"latency") {
             for rate in [1_000.0, 20_000.0] {
-                let m = load::open_loop(&targets, rate, 1, self.warmup, self.duration).await;
+                let (m, mark) = tokio::join!(
+                    load::open_loop(&targets, rate, 1, self.warmup, self.duration),
+                    CpuMark::after(&measured, self.warmup)
+                );
+                spent.add(mark.spent(&measured));
                 total += m.tasks;
                 self.record_open_loop(
                     &format!("ack latency, open loop {rate:.0}/s"),
@@ -295,7 +357,7 @@ impl Bench {
                 );
             }
         }
-        let cpu = cpu_per_k(&[&shard], &[cpu0], own0, total);
+        let cpu = cpu_per_k(&measured, &spent, total);
         let rss = shard.rss_mib();
         let elapsed = started.elapsed();
         let log = shard.stop();
@@ -374,10 +436,11 @@ impl Bench {
     /// 64 unary producers against `targets`, closed loop; prints and keeps the figure with
     /// the CPU per 1,000 tasks of `procs`.
     async fn unary_64(&mut self, label: &str, scenario: &str, targets: &[Target], procs: &[&Proc]) {
-        let before: Vec<f64> = procs.iter().map(|p| p.cpu_seconds()).collect();
-        let own0 = procs::own_cpu_seconds();
-        let m = load::closed_loop(targets, 64, 1, self.warmup, self.duration).await;
-        let cpu = cpu_per_k(procs, &before, own0, m.tasks);
+        let (m, mark) = tokio::join!(
+            load::closed_loop(targets, 64, 1, self.warmup, self.duration),
+            CpuMark::after(procs, self.warmup)
+        );
+        let cpu = cpu_per_k(procs, &mark.spent(procs), m.tasks);
         line(label, &m, &format!("  cpu s/1k {cpu}"));
         let mut f = figures(scenario, &m);
         f["cpu_s_per_1k"] = cpu;
@@ -478,22 +541,22 @@ impl Bench {
     ) -> anyhow::Result<(Measured, f64, serde_json::Value)> {
         let (stats, handles) = Self::agents(agent_endpoint, agents, slots);
         let targets = Self::targets(submit_endpoint, gateway, self.args.connections)?;
-        let before: Vec<f64> = procs.iter().map(|p| p.cpu_seconds()).collect();
-        let own0 = procs::own_cpu_seconds();
         let measure = async {
             tokio::time::sleep(self.warmup).await;
+            let mark = CpuMark::now(procs);
             let before = stats.received.load(Ordering::Relaxed);
             tokio::time::sleep(self.duration).await;
-            stats.received.load(Ordering::Relaxed) - before
+            let cycled = stats.received.load(Ordering::Relaxed) - before;
+            (cycled, mark.spent(procs))
         };
-        let (submitted, cycled) = tokio::join!(
+        let (submitted, (cycled, spent)) = tokio::join!(
             load::closed_loop(&targets, 64, 1, self.warmup, self.duration),
             measure
         );
         for h in handles {
             h.abort();
         }
-        let cpu = cpu_per_k(procs, &before, own0, cycled);
+        let cpu = cpu_per_k(procs, &spent, cycled);
         let tps = submitted.tps();
         Ok((
             Measured {
@@ -618,18 +681,18 @@ impl Bench {
                 let fill = Duration::from_secs(if slots == 1 { 3 } else { 8 });
                 let filled = load::closed_loop(&targets, 64, 100, Duration::ZERO, fill).await;
                 let procs = [&stack.gateway, &stack.shard];
-                let before: Vec<f64> = procs.iter().map(|p| p.cpu_seconds()).collect();
-                let own0 = procs::own_cpu_seconds();
                 let (stats, handles) = Self::agents(endpoint, 8, slots);
                 tokio::time::sleep(self.warmup).await;
+                let mark = CpuMark::now(&procs);
                 let start = stats.received.load(Ordering::Relaxed);
                 tokio::time::sleep(self.duration).await;
                 let end = stats.received.load(Ordering::Relaxed);
+                let spent = mark.spent(&procs);
                 for h in handles {
                     h.abort();
                 }
                 let cycled = end - start;
-                let cpu = cpu_per_k(&procs, &before, own0, cycled);
+                let cpu = cpu_per_k(&procs, &spent, cycled);
                 // A queue that ran dry before the window closed understates the rate.
                 let dry = end >= filled.tasks;
                 let refused: u64 = filled.errors.values().sum();
@@ -858,21 +921,24 @@ impl Bench {
             gateway,
         } = self.stack("gateway").await?;
         let all = [&gateway, &tenants, &shard];
-        let before: Vec<f64> = all.iter().map(|p| p.cpu_seconds()).collect();
-        let own0 = procs::own_cpu_seconds();
         let targets = Self::targets(&gateway.endpoint, true, self.args.connections)?;
-        let via = load::closed_loop(&targets, 64, 1, self.warmup, self.duration).await;
-        let via_cpu = cpu_per_k(&all, &before, own0, via.tasks);
+        let (via, mark) = tokio::join!(
+            load::closed_loop(&targets, 64, 1, self.warmup, self.duration),
+            CpuMark::after(&all, self.warmup)
+        );
+        let via_cpu = cpu_per_k(&all, &mark.spent(&all), via.tasks);
         line(
             "submit through the gateway",
             &via,
             &format!("  cpu s/1k {via_cpu}"),
         );
-        let shard_before = shard.cpu_seconds();
-        let own0 = procs::own_cpu_seconds();
         let direct_targets = Self::targets(&shard.endpoint, false, self.args.connections)?;
-        let direct = load::closed_loop(&direct_targets, 64, 1, self.warmup, self.duration).await;
-        let direct_cpu = cpu_per_k(&[&shard], &[shard_before], own0, direct.tasks);
+        let measured = [&shard];
+        let (direct, mark) = tokio::join!(
+            load::closed_loop(&direct_targets, 64, 1, self.warmup, self.duration),
+            CpuMark::after(&measured, self.warmup)
+        );
+        let direct_cpu = cpu_per_k(&measured, &mark.spent(&measured), direct.tasks);
         line(
             "submit straight to the shard",
             &direct,
